@@ -1,0 +1,392 @@
+"""The Arrow body: an IPC stream whose rows are samples.
+
+A column named like a model input feeds it (primitive, nested FixedSizeList
+or ``arrow.fixed_shape_tensor``); a single-input model with no such column
+gets every numeric column stacked into ``[rows, F]``; all other columns pass
+through to the response, row-aligned.
+
+Zero copy: ``pa.BufferReader`` over the record value makes every Arrow buffer
+a slice of that value, and a single-batch, null-free column becomes a numpy
+view of it. A stream of several batches is concatenated (one copy per input).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from worker.errors import DecodeError, InferenceError, SchemaMismatch, TooLarge
+from worker.signature import Signature, TensorSpec, format_spec
+
+from .base import Bound, Headers, Limits, Request, Response, check_elements, expected_inputs
+from .base import validate_feeds as _validate
+from .headers import get_header, parse_version
+
+__all__ = [
+    "OUTPUTS_METADATA_KEY",
+    "PASSTHROUGH_METADATA_KEY",
+    "PASSTHROUGH_PREFIX",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "read_stream",
+    "write_stream",
+]
+
+OUTPUTS_METADATA_KEY = b"inference-worker.outputs"
+"""Response schema metadata: JSON list of the output column names (the rest pass through)."""
+PASSTHROUGH_METADATA_KEY = b"inference-worker.passthrough.msgpack"
+"""Response schema metadata: a msgpack request's passthrough that is not column-shaped."""
+PASSTHROUGH_PREFIX = "passthrough."
+"""Prepended to a passthrough column whose name an output already uses."""
+
+# Copy only when a buffer is too misaligned for numpy (never for IPC we wrote:
+# the format pads to 8 bytes); threads cost more than they save on one record.
+_READ_OPTIONS = pa.ipc.IpcReadOptions(
+    ensure_alignment=pa.ipc.Alignment.DataTypeSpecific, use_threads=False
+)
+
+
+def read_stream(value: bytes) -> pa.Table:
+    """Bytes -> Table (zero copy), fully validated so later reads cannot overrun."""
+    try:
+        reader = pa.ipc.open_stream(pa.BufferReader(value), options=_READ_OPTIONS)
+        table = reader.read_all()
+        table.validate(full=True)
+    except Exception as exc:  # ArrowInvalid, ArrowIOError, OSError, ...: all bad bytes
+        raise DecodeError(f"not a valid Arrow IPC stream: {type(exc).__name__}: {exc}") from exc
+    return table
+
+
+def write_stream(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+# -- decoding -----------------------------------------------------------------
+
+
+def decode_request(
+    value: bytes, headers: Headers, *, default_id: str, limits: Limits
+) -> Request:
+    table = read_stream(value)
+    if table.num_rows > limits.max_rows:
+        raise TooLarge(f"{table.num_rows} rows, over the limit of {limits.max_rows}")
+    raw_version = get_header(headers, "model-version")
+    version = None if raw_version is None else parse_version(raw_version, "header 'model-version'")
+    return Request(
+        format="arrow",
+        model=get_header(headers, "model"),
+        model_version=version,
+        request_id=get_header(headers, "request-id") or default_id,
+        headers=list(headers),
+        _binder=lambda signature: _bind(table, signature, limits),
+    )
+
+
+def _is_fixed_shape_tensor(typ: pa.DataType) -> bool:
+    return isinstance(typ, pa.BaseExtensionType) and (
+        typ.extension_name == "arrow.fixed_shape_tensor"
+    )
+
+
+def _is_numeric(typ: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(typ) or pa.types.is_floating(typ))
+
+
+def _leaf_numpy(name: str, leaf: pa.Array) -> np.ndarray:
+    typ = leaf.type
+    if _is_numeric(typ):
+        return leaf.to_numpy(zero_copy_only=True)  # honours the slice offset
+    if pa.types.is_boolean(typ):
+        return leaf.to_numpy(zero_copy_only=False)  # Arrow packs bits: one unavoidable copy
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ):
+        return leaf.to_numpy(zero_copy_only=False)  # object array of str, what ORT wants
+    raise SchemaMismatch(
+        f"input {name!r}: column values of type {typ} cannot feed a tensor; expected a number, "
+        "bool or string"
+    )
+
+
+def _no_nulls(name: str, arr: pa.Array) -> None:
+    if arr.null_count:
+        raise SchemaMismatch(f"input {name!r}: the column holds {arr.null_count} null value(s)")
+
+
+def _array_tensor(name: str, arr: pa.Array, limits: Limits) -> np.ndarray:
+    """One chunk -> ``[len(arr), *row_shape]`` numpy, a view whenever the layout allows."""
+    typ = arr.type
+    rows = len(arr)
+    _no_nulls(name, arr)
+    dims: list[int] = []
+    if _is_fixed_shape_tensor(typ):
+        dims = list(typ.shape)
+        perm = typ.permutation
+        if perm is not None and list(perm) != list(range(len(dims))):
+            check_elements(name, (rows, *dims), limits)
+            return np.ascontiguousarray(arr.to_numpy_ndarray())  # permuted layout: copy
+        leaf = arr.storage.flatten()  # storage: fixed_size_list<value>[prod(shape)]
+    elif pa.types.is_fixed_size_list(typ):
+        leaf = arr
+        while pa.types.is_fixed_size_list(leaf.type):
+            dims.append(leaf.type.list_size)
+            leaf = leaf.flatten()  # respects the parent's offset and length
+            _no_nulls(name, leaf)
+    elif pa.types.is_primitive(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        leaf = arr
+    else:
+        raise SchemaMismatch(
+            f"input {name!r}: a column of type {typ} cannot feed a tensor; expected a primitive, "
+            "fixed_size_list or arrow.fixed_shape_tensor column"
+        )
+    _no_nulls(name, leaf)
+    check_elements(name, (rows, *dims), limits)
+    return _leaf_numpy(name, leaf).reshape((rows, *dims))
+
+
+def _column_tensor(
+    name: str, column: pa.ChunkedArray, spec: TensorSpec, limits: Limits
+) -> np.ndarray:
+    chunks = column.chunks
+    if len(chunks) == 1:
+        tensor = _array_tensor(name, chunks[0], limits)
+    elif not chunks:
+        tensor = _array_tensor(name, pa.array([], type=column.type), limits)
+    else:
+        tensor = np.concatenate([_array_tensor(name, c, limits) for c in chunks])
+    shape = spec.shape
+    if tensor.ndim == 1 and shape is not None and len(shape) == 2 and shape[1] == 1:
+        tensor = tensor.reshape(-1, 1)  # a scalar column feeds a per-row shape (1,) input
+    return tensor
+
+
+def _tabular(table: pa.Table, spec: TensorSpec, limits: Limits) -> tuple[np.ndarray, set[int]]:
+    """The single-input rule: numeric columns in schema order -> ``[rows, F]`` (one copy)."""
+    picked = [i for i, f in enumerate(table.schema) if _is_numeric(f.type)]
+    if not picked:
+        raise SchemaMismatch(
+            f"missing input {spec.name!r}: no column of that name and no numeric columns to "
+            f"stack into it; expected {format_spec(spec.dtype, spec.shape)}, the message has "
+            f"columns: {_columns(table)}"
+        )
+    types = [table.schema.field(i).type.to_pandas_dtype() for i in picked]
+    rows, features = table.num_rows, len(picked)
+    if spec.dtype is not None and any(np.dtype(t) != spec.dtype for t in types):
+        if len(set(types)) == 1:
+            got = format_spec(np.dtype(types[0]), (rows, features))
+        else:
+            got = "columns of mixed types (" + _columns(table, picked) + ")"
+        raise SchemaMismatch.for_input(
+            spec.name, format_spec(spec.dtype, spec.shape), got + " stacked from numeric columns"
+        )
+    check_elements(spec.name, (rows, features), limits)
+    out = np.empty((rows, features), dtype=np.dtype(types[0]))
+    for j, i in enumerate(picked):
+        column = table.column(i)
+        if column.null_count:
+            raise SchemaMismatch(
+                f"input {spec.name!r}: column {table.schema.field(i).name!r} holds null values"
+            )
+        out[:, j] = column.to_numpy()
+    return out, set(picked)
+
+
+def _columns(table: pa.Table, indices: Iterable[int] | None = None) -> str:
+    schema = table.schema
+    picked = range(len(schema)) if indices is None else indices
+    return ", ".join(f"{schema.field(i).name}: {schema.field(i).type}" for i in picked) or "none"
+
+
+def _bind(table: pa.Table, signature: Signature, limits: Limits) -> Bound:
+    names = table.column_names
+    consumed: set[int] = set()
+    feeds: dict[str, np.ndarray] = {}
+    only = signature.inputs[0] if len(signature.inputs) == 1 else None
+    if only is not None and only.name not in names:
+        feeds[only.name], consumed = _tabular(table, only, limits)
+    else:
+        for spec in signature.inputs:
+            where = [i for i, n in enumerate(names) if n == spec.name]
+            if not where:
+                raise SchemaMismatch(
+                    f"missing input {spec.name!r}: no column of that name; the model's inputs "
+                    f"are: {expected_inputs(signature)}; the message has columns: "
+                    f"{_columns(table)}"
+                )
+            if len(where) > 1:
+                raise SchemaMismatch(f"input {spec.name!r}: {len(where)} columns carry that name")
+            feeds[spec.name] = _column_tensor(spec.name, table.column(where[0]), spec, limits)
+            consumed.add(where[0])
+    _, run_rows = _validate(signature, feeds)
+    rest = [i for i in range(len(names)) if i not in consumed]
+    passthrough = table.select(rest) if rest else None
+    return Bound(feeds=feeds, rows=table.num_rows, passthrough=passthrough, run_rows=run_rows)
+
+
+# -- encoding -----------------------------------------------------------------
+
+
+def _nested_fsl(values: pa.Array, dims: tuple[int, ...]) -> pa.Array:
+    for size in reversed(dims):
+        values = pa.FixedSizeListArray.from_arrays(values, size)
+    return values
+
+
+def _flat_values(arr: np.ndarray) -> pa.Array:
+    flat = arr.reshape(-1)
+    if arr.dtype == object or arr.dtype.kind in "US":
+        return pa.array(flat, type=pa.string())
+    return pa.array(flat)  # numeric: wraps the numpy buffer, no copy
+
+
+def tensor_array(arr: np.ndarray, form: str = "auto") -> pa.Array:
+    """numpy ``[rows, ...]`` -> one Arrow column (primitive, tensor or fixed_size_list)."""
+    if arr.ndim == 0:
+        raise ValueError("a rank-0 array has no row axis")
+    if arr.ndim == 1:
+        return _flat_values(arr)
+    is_text = arr.dtype == object or arr.dtype.kind in "US"
+    if form in ("auto", "tensor") and not is_text:
+        contiguous = np.ascontiguousarray(arr)
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(contiguous)
+    if form in ("auto", "fixed_size_list"):
+        return _nested_fsl(_flat_values(np.ascontiguousarray(arr)), tuple(arr.shape[1:]))
+    raise ValueError(f"cannot write a {arr.dtype}{list(arr.shape)} tensor in Arrow form {form!r}")
+
+
+def _map_array(rows: list[Any]) -> pa.Array:
+    """ZipMap-style list of dicts -> ``map<key, value>`` with inferred key/value types."""
+    offsets: list[int] = [0]
+    keys: list[object] = []
+    values: list[object] = []
+    for row in rows:
+        if not isinstance(row, dict):
+            raise TypeError(f"expected a dict per row, got {type(row).__name__}")
+        keys.extend(_py(k) for k in row)
+        values.extend(_py(v) for v in row.values())
+        offsets.append(len(keys))
+    key_arr = pa.array(keys) if keys else pa.array([], type=pa.string())
+    value_arr = pa.array(values) if values else pa.array([], type=pa.float32())
+    return pa.MapArray.from_arrays(pa.array(offsets, type=pa.int32()), key_arr, value_arr)
+
+
+def _py(value: object) -> object:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _output_array(name: str, value: object, rows: int) -> pa.Array:
+    try:
+        if isinstance(value, np.ndarray):
+            column = tensor_array(value if value.ndim else value.reshape(1))
+        elif isinstance(value, list) and all(isinstance(r, dict) for r in value):
+            column = _map_array(value)
+        else:
+            column = pa.array([_py(v) for v in value])  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise InferenceError(
+            f"output {name!r} cannot be written as an Arrow column: {exc}"
+        ) from exc
+    if len(column) != rows:
+        raise InferenceError(
+            f"output {name!r} has {len(column)} rows but the request has {rows}; an Arrow "
+            "response needs row-aligned outputs (use --output-format msgpack)"
+        )
+    return column
+
+
+def encode_response(
+    outputs: dict[str, object],
+    rows: int,
+    passthrough: pa.Table | None,
+    extra_metadata: dict[bytes, bytes] | None = None,
+) -> bytes:
+    arrays = [_output_array(name, value, rows) for name, value in outputs.items()]
+    names = list(outputs)
+    if passthrough is not None:
+        for name, column in zip(passthrough.column_names, passthrough.columns, strict=True):
+            names.append(PASSTHROUGH_PREFIX + name if name in outputs else name)
+            arrays.append(column.combine_chunks() if column.num_chunks != 1 else column.chunk(0))
+    metadata = {OUTPUTS_METADATA_KEY: json.dumps(list(outputs)).encode(), **(extra_metadata or {})}
+    batch = pa.RecordBatch.from_arrays(arrays, names=names, metadata=metadata)
+    return write_stream(batch)
+
+
+def encode_request(
+    inputs: dict[str, np.ndarray], *, passthrough: object, arrow_form: str
+) -> bytes:
+    if arrow_form not in ("auto", "fixed_size_list", "tensor", "primitive"):
+        raise ValueError(f"unknown arrow_form {arrow_form!r}")
+    names: list[str] = []
+    arrays: list[pa.Array] = []
+    for name, arr in inputs.items():
+        if arrow_form == "primitive" and arr.ndim == 2:
+            if arr.shape[1] == 1:
+                names.append(name)
+                arrays.append(_flat_values(np.ascontiguousarray(arr[:, 0])))
+            else:
+                # The tabular form: one column per feature, stacked back by the worker.
+                names.extend(f"{name}_{j}" for j in range(arr.shape[1]))
+                arrays.extend(_flat_values(np.ascontiguousarray(arr[:, j]))
+                              for j in range(arr.shape[1]))
+            continue
+        if arrow_form == "primitive" and arr.ndim != 1:
+            raise ValueError(f"input {name!r}: the primitive form needs rank 1 or 2")
+        names.append(name)
+        arrays.append(tensor_array(arr, arrow_form))
+    for name, column in _passthrough_columns(passthrough):
+        names.append(name)
+        arrays.append(column)
+    return write_stream(pa.RecordBatch.from_arrays(arrays, names=names))
+
+
+def _passthrough_columns(passthrough: object) -> list[tuple[str, pa.Array]]:
+    if passthrough is None:
+        return []
+    if isinstance(passthrough, (pa.Table, pa.RecordBatch)):
+        return [
+            (n, c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c)
+            for n, c in zip(passthrough.column_names, passthrough.columns, strict=True)
+        ]
+    if isinstance(passthrough, dict):
+        return [(str(n), c if isinstance(c, pa.Array) else pa.array(c))
+                for n, c in passthrough.items()]
+    raise TypeError("Arrow passthrough must be a pa.Table, pa.RecordBatch or dict of columns")
+
+
+def _response_value(column: pa.ChunkedArray) -> object:
+    typ = column.type
+    if pa.types.is_map(typ):
+        return [dict(row) if row is not None else None for row in column.to_pylist()]
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if _is_fixed_shape_tensor(typ):
+        return arr.to_numpy_ndarray()
+    if pa.types.is_fixed_size_list(typ) or pa.types.is_primitive(typ) or pa.types.is_string(typ):
+        return _array_tensor("output", arr, _UNLIMITED)
+    return column.to_pylist()
+
+
+_UNLIMITED = Limits(max_bytes=2**62, max_rows=2**62, max_elements=2**62)
+
+
+def decode_response(value: bytes, unpack: Callable[[bytes], object]) -> Response:
+    table = read_stream(value)
+    metadata = table.schema.metadata or {}
+    names = table.column_names
+    if OUTPUTS_METADATA_KEY in metadata:
+        wanted = set(json.loads(metadata[OUTPUTS_METADATA_KEY]))
+    else:
+        wanted = set(names)
+    columns = zip(names, table.columns, strict=True)
+    outputs = {n: _response_value(c) for n, c in columns if n in wanted}
+    rest = [i for i, n in enumerate(names) if n not in wanted]
+    passthrough: object = table.select(rest) if rest else None
+    if PASSTHROUGH_METADATA_KEY in metadata:
+        passthrough = unpack(metadata[PASSTHROUGH_METADATA_KEY])
+    return Response(outputs=outputs, passthrough=passthrough)
