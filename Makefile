@@ -1,0 +1,57 @@
+# One command per job; each works on a fresh clone (creates .venv, installs
+# what is missing, fetches the Kafka jars).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# onnxruntime-gpu where a GPU answers, onnxruntime otherwise: never both.
+EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(EXTRA)
+PYTEST_ARGS ?=
+
+.PHONY: install system-deps kafka-jars test test-slow demo lint bench soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRA),test,dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# Debian packages the project needs where missing (Java 17 for the broker,
+# Maven to fetch its jars); kubectl for the manifest tests.
+system-deps:
+	@missing=""; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+kafka-jars: system-deps
+	@scripts/kafka-local fetch
+
+kubectl: install
+	@VENV=$(VENV) scripts/install-kubectl
+
+test: install kafka-jars kubectl
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install kafka-jars
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+demo: install kafka-jars
+	$(PY) scripts/demo.py
+
+lint: install
+	$(VENV)/bin/ruff check worker producers tests bench scripts
+	$(VENV)/bin/mypy
+
+bench: install kafka-jars
+	$(PY) bench/run.py
+
+clean:
+	-scripts/kafka-local stop
+	rm -rf $(VENV) .kafka-local models .pytest_cache .mypy_cache .ruff_cache .hypothesis

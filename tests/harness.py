@@ -1,0 +1,119 @@
+"""Helpers for tests that run a real worker against the real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from worker.config import Settings
+from worker.loop import Worker
+from worker.observability import Metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def settings(bootstrap: str, input_topic: str, output_topic: str, repo: Path, group: str,
+             **overrides: Any) -> Settings:
+    base = Settings(
+        input_topics=(input_topic,), output_topic=output_topic, model_repository=repo,
+        bootstrap_servers=bootstrap, group_id=group, metrics_port=0, device="cpu",
+        drain_timeout_s=20.0,
+    )
+    return replace(base, **overrides)
+
+
+@contextmanager
+def worker_thread(s: Settings, metrics: Metrics | None = None) -> Iterator[Worker]:
+    """A worker serving in a background thread; stopped and joined on exit."""
+    worker = Worker(s, metrics=metrics)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="worker", daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(60)
+        if errors:
+            raise errors[0]
+        assert not thread.is_alive(), "worker did not stop within 60 s"
+
+
+def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes, list]],
+            partition: int | None = None) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 1024 * 1024,
+                             linger_ms=5)
+    try:
+        for key, value, headers in records:
+            producer.send(topic, value=value, key=key, headers=headers, partition=partition)
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def consume(bootstrap: str, topic: str, n: int, timeout: float = 60.0,
+            isolation: str = "read_uncommitted", settle: float = 0.0) -> list[Any]:
+    """Read ``n`` records from the beginning (then ``settle`` s more, to catch extras)."""
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        enable_auto_commit=False, group_id=None, isolation_level=isolation,
+        max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+    )
+    out: list[Any] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while len(out) < n and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
+        end = time.monotonic() + settle
+        while time.monotonic() < end:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
+    finally:
+        consumer.close()
+    return out
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
+    from kafka.structs import TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        return {p: consumer.committed(TopicPartition(topic, p)) for p in sorted(parts)}
+    finally:
+        consumer.close()
+
+
+def worker_process(args: list[str], env: dict[str, str] | None = None,
+                   log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    """``inference-worker run ARGS`` as a real process (for signals and kill -9)."""
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run", *args],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+    )
+
+
+def header(record: Any, name: str) -> str | None:
+    for key, value in record.headers or []:
+        if key == name:
+            return value.decode()
+    return None

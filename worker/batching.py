@@ -1,0 +1,191 @@
+"""Coalesce requests into one run, and split the results back.
+
+Requests for the same (model, version) whose inputs share dtype and per-row
+shape, on a model whose axis 0 is dynamic, are concatenated up to
+``max_rows`` rows or until the oldest has waited ``max_delay_s``. A model with
+a fixed axis 0 is never coalesced: fixed at 1 it runs row by row, fixed at k
+it runs the request as it came (the protocol layer checked it has k rows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from worker.errors import InferenceError, WorkerError
+from worker.signature import Signature
+
+__all__ = ["Batch", "Batcher", "Job", "RunMode", "run_batch", "run_mode"]
+
+Feeds = dict[str, np.ndarray]
+Outputs = dict[str, Any]
+RunFn = Callable[[Feeds], Outputs]
+
+
+class RunMode:
+    COALESCE = "coalesce"  # axis 0 dynamic: may share a run with others
+    ROWS = "rows"  # axis 0 fixed at 1: one run per row
+    WHOLE = "whole"  # axis 0 fixed at k (or no axis): the request as it came
+
+
+def run_mode(signature: Signature) -> str:
+    batch_axes = {spec.batch_axis for spec in signature.inputs if spec.shape}
+    if batch_axes == {None} and all(spec.shape for spec in signature.inputs):
+        return RunMode.COALESCE
+    if batch_axes == {1}:
+        return RunMode.ROWS
+    return RunMode.WHOLE
+
+
+@dataclass(eq=False)
+class Job:
+    """One bound request waiting for its run; ``token`` is the loop's own handle."""
+
+    token: Any
+    model: str
+    version: int
+    mode: str
+    feeds: Feeds
+    rows: int
+    arrived: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> Hashable:
+        if self.mode != RunMode.COALESCE:
+            return ("alone", id(self))
+        shapes = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in self.feeds.items()))
+        return (self.model, self.version, shapes)
+
+
+@dataclass(eq=False)
+class Batch:
+    model: str
+    version: int
+    jobs: list[Job]
+
+    @property
+    def rows(self) -> int:
+        return sum(j.rows for j in self.jobs)
+
+
+class Batcher:
+    """Groups jobs by coalescing key; hands out batches when full or due."""
+
+    def __init__(self, max_rows: int, max_delay_s: float) -> None:
+        self.max_rows = max_rows
+        self.max_delay_s = max_delay_s
+        self._groups: dict[Hashable, list[Job]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._groups.values())
+
+    def add(self, job: Job) -> list[Batch]:
+        """Queue ``job``; returns the batches it completed (full ones)."""
+        key = job.key
+        group = self._groups.setdefault(key, [])
+        full: list[Batch] = []
+        if group and sum(j.rows for j in group) + job.rows > self.max_rows:
+            full.append(Batch(job.model, job.version, self._groups.pop(key)))
+            group = self._groups.setdefault(key, [])
+        group.append(job)
+        if job.mode != RunMode.COALESCE or sum(j.rows for j in group) >= self.max_rows:
+            full.append(Batch(job.model, job.version, self._groups.pop(key)))
+        return full
+
+    def due(self, now: float | None = None, *, force: bool = False) -> list[Batch]:
+        """Batches whose oldest job has waited long enough (all of them with ``force``)."""
+        now = time.monotonic() if now is None else now
+        ready = [
+            k for k, g in self._groups.items() if force or now - g[0].arrived >= self.max_delay_s
+        ]
+        return [Batch(self._groups[k][0].model, self._groups[k][0].version, self._groups.pop(k))
+                for k in ready]
+
+    def next_deadline(self) -> float | None:
+        if not self._groups:
+            return None
+        return min(g[0].arrived for g in self._groups.values()) + self.max_delay_s
+
+
+def _concat(jobs: list[Job]) -> Feeds:
+    if len(jobs) == 1:
+        return jobs[0].feeds  # no copy: the decoder's zero-copy view goes straight to ORT
+    return {name: np.concatenate([j.feeds[name] for j in jobs]) for name in jobs[0].feeds}
+
+
+def _split(outputs: Outputs, sizes: list[int]) -> list[Outputs] | None:
+    """Cut every output along axis 0; ``None`` if some output is not row-aligned."""
+    total = sum(sizes)
+    for value in outputs.values():
+        if len(value) != total if isinstance(value, list) else (
+            np.ndim(value) == 0 or np.shape(value)[0] != total
+        ):
+            return None
+    bounds = np.cumsum([0, *sizes])
+    return [
+        {name: value[a:b] for name, value in outputs.items()}
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+def _join(parts: list[Outputs]) -> Outputs:
+    if len(parts) == 1:
+        return parts[0]
+    joined: Outputs = {}
+    for name, first in parts[0].items():
+        if isinstance(first, list):
+            joined[name] = [item for p in parts for item in p[name]]
+        else:
+            joined[name] = np.concatenate([p[name] for p in parts])
+    return joined
+
+
+def _run_sliced(run: RunFn, feeds: Feeds, rows: int, step: int) -> Outputs:
+    """Run ``feeds`` ``step`` rows at a time and reassemble (views, no input copies)."""
+    if rows <= step:
+        return run(feeds)
+    parts = [run({n: a[i : i + step] for n, a in feeds.items()}) for i in range(0, rows, step)]
+    return _join(parts)
+
+
+def _run_job(run: RunFn, job: Job, max_rows: int) -> Outputs:
+    step = 1 if job.mode == RunMode.ROWS else (max_rows if job.mode == RunMode.COALESCE else job.rows)
+    return _run_sliced(run, job.feeds, job.rows, max(step, 1))
+
+
+def run_batch(
+    run: RunFn, batch: Batch, max_rows: int, on_run: Callable[[int], None] | None = None
+) -> list[Outputs | WorkerError]:
+    """Run a batch; one result per job, in order: its outputs or the error it caused.
+
+    A coalesced run that fails, or whose outputs are not row-aligned, is
+    retried one job at a time so that one bad request does not sink its
+    neighbours.
+    """
+
+    def counted(feeds: Feeds) -> Outputs:
+        out = run(feeds)
+        if on_run is not None:
+            on_run(len(next(iter(feeds.values()))) if feeds else 0)
+        return out
+
+    if len(batch.jobs) > 1:
+        try:
+            split = _split(counted(_concat(batch.jobs)), [j.rows for j in batch.jobs])
+            if split is not None:
+                return list(split)
+        except WorkerError:
+            pass  # fall through: find out which request is to blame
+    results: list[Outputs | WorkerError] = []
+    for job in batch.jobs:
+        try:
+            results.append(_run_job(counted, job, max_rows))
+        except WorkerError as exc:
+            results.append(exc)
+        except Exception as exc:  # noqa: BLE001 - a record's failure is data, not a crash
+            results.append(InferenceError(f"{type(exc).__name__}: {exc}"))
+    return results

@@ -1,0 +1,263 @@
+"""``inference-worker``: flags <-> ``WORKER_*`` environment, exit codes; nothing else.
+
+Exit status: 0 after SIGTERM/SIGINT with everything drained; 2 for a
+configuration error (one line naming the flag); 1 for a fatal runtime error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from worker.config import ConfigError, Settings, parse_kafka_options
+
+__all__ = ["main", "parse_settings"]
+
+PROG = "inference-worker"
+log = logging.getLogger("worker")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, as every configuration error: the flag and why.
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+@dataclass(frozen=True)
+class _Flag:
+    name: str
+    help: str
+    default: Any = None
+    convert: Callable[[str], Any] = str
+    repeat: bool = False
+    switch: bool = False
+
+    @property
+    def env(self) -> str:
+        return "WORKER_" + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise ValueError(f"must be a positive integer, got {v!r}")
+    return n
+
+
+def _non_negative_int(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError(f"must be >= 0, got {v!r}")
+    return n
+
+
+def _non_negative_float(v: str) -> float:
+    x = float(v)
+    if x < 0:
+        raise ValueError(f"must be >= 0, got {v!r}")
+    return x
+
+
+def _size(v: str) -> int:
+    """Bytes, with an optional K/M/G (binary) suffix: ``512M``."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    v = v.strip()
+    mult = units.get(v[-1:].lower(), 1)
+    n = int(v[:-1] if mult != 1 else v) * mult
+    if n <= 0:
+        raise ValueError(f"must be a positive size, got {v!r}")
+    return n
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def convert(v: str) -> str:
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    return convert
+
+
+def _device(v: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+    return v
+
+
+def _preload(v: str) -> tuple[str, int | None]:
+    name, _, version = v.partition(":")
+    if not name:
+        raise ValueError(f"expected NAME[:VERSION], got {v!r}")
+    return name, (_positive_int(version) if version else None)
+
+
+def _existing_dir(v: str) -> Path:
+    p = Path(v)
+    if not p.is_dir():
+        raise ValueError(f"{v!r} is not a directory")
+    return p
+
+
+_RUN_FLAGS: tuple[_Flag, ...] = (
+    _Flag("bootstrap-servers", "Kafka bootstrap servers", "localhost:9092"),
+    _Flag("input-topic", "input topic(s), repeatable or comma-separated (required)", repeat=True),
+    _Flag("output-topic", "topic for responses (required)"),
+    _Flag("dlq-topic", "dead-letter topic (default <first input topic>.dlq)"),
+    _Flag("group-id", "consumer group", "inference-worker"),
+    _Flag("model-repository", "model repository directory (required)", convert=_existing_dir),
+    _Flag("default-model", "model for requests that name none"),
+    _Flag("device", "auto | cpu | cuda[:N]", "auto", _device),
+    _Flag("cache-max-models", "sessions kept loaded", "4", _positive_int),
+    _Flag("cache-max-bytes", "byte budget of loaded sessions (K/M/G suffix)", None, _size),
+    _Flag("preload", "NAME[:VERSION] loaded at start, never evicted (repeatable)", repeat=True,
+          convert=_preload),
+    _Flag("max-batch-rows", "rows per coalesced run", "1024", _positive_int),
+    _Flag("max-batch-delay-ms", "how long a request waits for company", "5", _non_negative_float),
+    _Flag("output-format", "same | arrow | msgpack", "same", _choice("same", "arrow", "msgpack")),
+    _Flag("exactly-once", "transactions: outputs, dead letters and offsets commit together",
+          switch=True),
+    _Flag("transactional-id", "with --exactly-once (default <group-id>-<hostname>)"),
+    _Flag("metrics-port", "port for /metrics, /healthz, /readyz (0: any free port)", "9400",
+          _non_negative_int),
+    _Flag("kafka-option", "KEY=VALUE kafka-python setting (repeatable)", repeat=True),
+    _Flag("log-format", "text | json", "text", _choice("text", "json")),
+    _Flag("log-level", "DEBUG | INFO | WARNING | ERROR", "INFO",
+          _choice("DEBUG", "INFO", "WARNING", "ERROR")),
+    _Flag("drain-timeout", "seconds to drain in-flight work after SIGTERM", "30",
+          _non_negative_float),
+    _Flag("intra-op-threads", "ONNX Runtime threads per run", "1", _positive_int),
+    _Flag("inference-threads", "runs in parallel", "1", _positive_int),
+    _Flag("max-inflight-bytes", "request bytes in flight before partitions pause", "64M", _size),
+    _Flag("max-message-bytes", "largest request/response accepted", "16M", _size),
+    _Flag("response-cache-size", "answer identical requests from memory (0: off)", "0",
+          _non_negative_int),
+)
+
+
+def _env_true(v: str) -> bool:
+    return v.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Streaming ONNX inference on Kafka.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser(
+        "run",
+        help="consume requests, run models, produce responses",
+        description="Every flag also reads the environment variable shown in brackets.",
+    )
+    for flag in _RUN_FLAGS:
+        default = "" if flag.default is None else f" (default {flag.default})"
+        helptext = f"{flag.help}{default} [{flag.env}]"
+        if flag.switch:
+            run.add_argument(f"--{flag.name}", action="store_true", default=None, help=helptext)
+        elif flag.repeat:
+            run.add_argument(f"--{flag.name}", action="append", metavar="VALUE", help=helptext)
+        else:
+            run.add_argument(f"--{flag.name}", metavar="VALUE", help=helptext)
+    return parser
+
+
+def _value(flag: _Flag, raw: Any, env: dict[str, str]) -> Any:
+    """Flag value, else environment, else default; converted and validated."""
+    if flag.switch:
+        return bool(raw) if raw is not None else _env_true(env.get(flag.env, ""))
+    if flag.repeat:
+        items = raw if raw is not None else ([env[flag.env]] if env.get(flag.env) else [])
+        parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+        try:
+            return tuple(flag.convert(p) for p in parts)
+        except ValueError as exc:
+            raise ConfigError(f"--{flag.name}", str(exc)) from None
+    text = raw if raw is not None else env.get(flag.env, flag.default)
+    if text is None:
+        return None
+    try:
+        return flag.convert(text)
+    except ValueError as exc:
+        reason = str(exc) if "got" in str(exc) else f"invalid value {text!r} ({exc})"
+        raise ConfigError(f"--{flag.name}", reason) from None
+
+
+def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Settings:
+    """Parse ``run`` flags; raises :class:`ConfigError` naming the flag."""
+    env = dict(os.environ) if env is None else env
+    args = _build_parser().parse_args(["run", *argv])
+    v = {f.dest: _value(f, getattr(args, f.dest), env) for f in _RUN_FLAGS}
+    for required in ("input_topic", "output_topic", "model_repository"):
+        if not v[required]:
+            flag = "--" + required.replace("_", "-")
+            raise ConfigError(flag, f"required (or set WORKER_{required.upper()})")
+    return Settings(
+        input_topics=v["input_topic"],
+        output_topic=v["output_topic"],
+        model_repository=v["model_repository"],
+        bootstrap_servers=v["bootstrap_servers"],
+        dlq_topic=v["dlq_topic"],
+        group_id=v["group_id"],
+        default_model=v["default_model"],
+        device=v["device"],
+        cache_max_models=v["cache_max_models"],
+        cache_max_bytes=v["cache_max_bytes"],
+        preload=v["preload"],
+        max_batch_rows=v["max_batch_rows"],
+        max_batch_delay_ms=v["max_batch_delay_ms"],
+        output_format=v["output_format"],
+        exactly_once=v["exactly_once"],
+        transactional_id=v["transactional_id"],
+        metrics_port=v["metrics_port"],
+        kafka_options=parse_kafka_options(v["kafka_option"]),
+        log_format=v["log_format"],
+        log_level=v["log_level"],
+        drain_timeout_s=v["drain_timeout"],
+        intra_op_threads=v["intra_op_threads"],
+        inference_threads=v["inference_threads"],
+        max_inflight_bytes=v["max_inflight_bytes"],
+        max_message_bytes=v["max_message_bytes"],
+        response_cache_size=v["response_cache_size"],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _build_parser().print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command != "run":
+        _build_parser().parse_args(argv)  # prints the one-line error, exits 2
+        return 2
+    try:
+        settings = parse_settings(rest)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+
+    from worker.loop import run_worker
+    from worker.observability import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return run_worker(settings)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except Exception:
+        log.exception("fatal error; offsets of unanswered records were not committed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
