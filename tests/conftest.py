@@ -7,6 +7,7 @@ else a testcontainers Kafka container when a Docker engine answers; else
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -24,9 +25,12 @@ def _docker_answers() -> bool:
     if shutil.which("docker") is None:
         return False
     try:
-        return subprocess.run(
-            ["docker", "info"], capture_output=True, timeout=10, check=False
-        ).returncode == 0
+        return (
+            subprocess.run(
+                ["docker", "info"], capture_output=True, timeout=10, check=False
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -46,7 +50,10 @@ def kafka_bootstrap() -> Iterator[str]:
         return
     out = subprocess.run(
         [str(ROOT / "scripts" / "kafka-local"), "start"],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"scripts/kafka-local start failed:\n{out.stderr}")
@@ -85,10 +92,9 @@ def new_topic(kafka_admin: object) -> Iterator[Callable[..., str]]:
         yield make
     finally:
         if created:
-            try:
+            # teardown must not mask the test's own failure
+            with contextlib.suppress(Exception):
                 kafka_admin.delete_topics(created)  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - teardown must not mask the test's own failure
-                pass
 
 
 @pytest.fixture()
@@ -117,9 +123,10 @@ def _cuda_usable() -> bool:
         import onnxruntime as ort
     except ImportError:
         return False
-    return "CUDAExecutionProvider" in ort.get_available_providers() and shutil.which(
-        "nvidia-smi"
-    ) is not None
+    return (
+        "CUDAExecutionProvider" in ort.get_available_providers()
+        and shutil.which("nvidia-smi") is not None
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,11 +22,17 @@ from worker.observability import Metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def settings(bootstrap: str, input_topic: str, output_topic: str, repo: Path, group: str,
-             **overrides: Any) -> Settings:
+def settings(
+    bootstrap: str, input_topic: str, output_topic: str, repo: Path, group: str, **overrides: Any
+) -> Settings:
     base = Settings(
-        input_topics=(input_topic,), output_topic=output_topic, model_repository=repo,
-        bootstrap_servers=bootstrap, group_id=group, metrics_port=0, device="cpu",
+        input_topics=(input_topic,),
+        output_topic=output_topic,
+        model_repository=repo,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        metrics_port=0,
+        device="cpu",
         drain_timeout_s=20.0,
     )
     return replace(base, **overrides)
@@ -41,7 +47,7 @@ def worker_thread(s: Settings, metrics: Metrics | None = None) -> Iterator[Worke
     def target() -> None:
         try:
             worker.run()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=target, name="worker", daemon=True)
@@ -56,10 +62,15 @@ def worker_thread(s: Settings, metrics: Metrics | None = None) -> Iterator[Worke
         assert not thread.is_alive(), "worker did not stop within 60 s"
 
 
-def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes, list]],
-            partition: int | None = None) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, max_request_size=16 * 1024 * 1024,
-                             linger_ms=5)
+def produce(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[tuple[bytes | None, bytes, list]],
+    partition: int | None = None,
+) -> None:
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, max_request_size=16 * 1024 * 1024, linger_ms=5
+    )
     try:
         for key, value, headers in records:
             producer.send(topic, value=value, key=key, headers=headers, partition=partition)
@@ -68,13 +79,24 @@ def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, by
         producer.close()
 
 
-def consume(bootstrap: str, topic: str, n: int, timeout: float = 60.0,
-            isolation: str = "read_uncommitted", settle: float = 0.0) -> list[Any]:
+def consume(
+    bootstrap: str,
+    topic: str,
+    n: int,
+    timeout: float = 60.0,
+    isolation: str = "read_uncommitted",
+    settle: float = 0.0,
+) -> list[Any]:
     """Read ``n`` records from the beginning (then ``settle`` s more, to catch extras)."""
     consumer = KafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None, isolation_level=isolation,
-        max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level=isolation,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
     )
     out: list[Any] = []
     try:
@@ -102,13 +124,17 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
         consumer.close()
 
 
-def worker_process(args: list[str], env: dict[str, str] | None = None,
-                   log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def worker_process(
+    args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
     """``inference-worker run ARGS`` as a real process (for signals and kill -9)."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "run", *args],
-        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
 
 

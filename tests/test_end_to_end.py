@@ -16,7 +16,9 @@ from worker.protocol import decode_response, encode_request
 pytestmark = pytest.mark.kafka
 
 
-def test_broker_accepts_produce_and_consume(kafka_bootstrap: str, new_topic: Callable[..., str]) -> None:
+def test_broker_accepts_produce_and_consume(
+    kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
     topic = new_topic()
     produce(kafka_bootstrap, topic, [(b"k", b"hello", [("h", b"v")])])
     [record] = consume(kafka_bootstrap, topic, 1, timeout=30)
@@ -32,8 +34,9 @@ def test_msgpack_requests_answered_once_each(
     batches = [rng.random((int(rng.integers(1, 9)), 784), dtype=np.float32) for _ in range(n)]
     records = []
     for i, x in enumerate(batches):
-        value, headers = encode_request({DEMO_INPUT: x}, format="msgpack", model=DEMO_MODEL,
-                                        request_id=f"req-{i}")
+        value, headers = encode_request(
+            {DEMO_INPUT: x}, format="msgpack", model=DEMO_MODEL, request_id=f"req-{i}"
+        )
         records.append((f"key-{i}".encode(), value, headers))
     produce(kafka_bootstrap, requests, records)
 

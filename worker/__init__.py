@@ -1,4 +1,4 @@
-"""inference-worker: ONNX models on a Kafka stream.
+r"""inference-worker: ONNX models on a Kafka stream.
 
 The flow, one module per stage (see README for the picture)::
 

@@ -9,6 +9,7 @@ it runs the request as it came (the protocol layer checked it has k rows).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -102,8 +103,10 @@ class Batcher:
         ready = [
             k for k, g in self._groups.items() if force or now - g[0].arrived >= self.max_delay_s
         ]
-        return [Batch(self._groups[k][0].model, self._groups[k][0].version, self._groups.pop(k))
-                for k in ready]
+        return [
+            Batch(self._groups[k][0].model, self._groups[k][0].version, self._groups.pop(k))
+            for k in ready
+        ]
 
     def next_deadline(self) -> float | None:
         if not self._groups:
@@ -121,14 +124,16 @@ def _split(outputs: Outputs, sizes: list[int]) -> list[Outputs] | None:
     """Cut every output along axis 0; ``None`` if some output is not row-aligned."""
     total = sum(sizes)
     for value in outputs.values():
-        if len(value) != total if isinstance(value, list) else (
-            np.ndim(value) == 0 or np.shape(value)[0] != total
+        if (
+            len(value) != total
+            if isinstance(value, list)
+            else (np.ndim(value) == 0 or np.shape(value)[0] != total)
         ):
             return None
     bounds = np.cumsum([0, *sizes])
     return [
         {name: value[a:b] for name, value in outputs.items()}
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        for a, b in itertools.pairwise(bounds)
     ]
 
 
@@ -153,7 +158,9 @@ def _run_sliced(run: RunFn, feeds: Feeds, rows: int, step: int) -> Outputs:
 
 
 def _run_job(run: RunFn, job: Job, max_rows: int) -> Outputs:
-    step = 1 if job.mode == RunMode.ROWS else (max_rows if job.mode == RunMode.COALESCE else job.rows)
+    step = (
+        1 if job.mode == RunMode.ROWS else (max_rows if job.mode == RunMode.COALESCE else job.rows)
+    )
     return _run_sliced(run, job.feeds, job.rows, max(step, 1))
 
 
@@ -186,6 +193,6 @@ def run_batch(
             results.append(_run_job(counted, job, max_rows))
         except WorkerError as exc:
             results.append(exc)
-        except Exception as exc:  # noqa: BLE001 - a record's failure is data, not a crash
+        except Exception as exc:
             results.append(InferenceError(f"{type(exc).__name__}: {exc}"))
     return results

@@ -113,8 +113,10 @@ def parse_kafka_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient
 
-    known = set(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaProducer.DEFAULT_CONFIG) | set(
-        KafkaAdminClient.DEFAULT_CONFIG
+    known = (
+        set(KafkaConsumer.DEFAULT_CONFIG)
+        | set(KafkaProducer.DEFAULT_CONFIG)
+        | set(KafkaAdminClient.DEFAULT_CONFIG)
     )
     options: dict[str, Any] = {}
     for pair in pairs:
@@ -179,6 +181,9 @@ def producer_config(s: Settings) -> dict[str, Any]:
 def admin_config(s: Settings) -> dict[str, Any]:
     from kafka.admin import KafkaAdminClient
 
-    base: dict[str, Any] = {"bootstrap_servers": s.bootstrap_servers, "client_id": f"{s.group_id}-admin"}
+    base: dict[str, Any] = {
+        "bootstrap_servers": s.bootstrap_servers,
+        "client_id": f"{s.group_id}-admin",
+    }
     base.update(_accepted(KafkaAdminClient.DEFAULT_CONFIG, s.kafka_options))
     return base

@@ -23,6 +23,7 @@ DEMO_OUTPUT = "probs"
 
 def build_mlp(seed: int = 7, hidden: int = 32, n_in: int = 784, n_out: int = 10) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
+
     # Glorot-uniform, as Keras would initialise the layers.
     def dense(fan_in: int, fan_out: int) -> np.ndarray:
         lim = np.sqrt(6.0 / (fan_in + fan_out))

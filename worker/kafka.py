@@ -59,7 +59,9 @@ class RevocationHandler(AsyncConsumerRebalanceListener):
                 offsets = self._settle(revoked)
                 if offsets:
                     await consumer._coordinator._commit_offsets_sync_async(offsets)
-                log.info("revoked %s: finished and committed %s", _fmt(revoked), _fmt_offsets(offsets))
+                log.info(
+                    "revoked %s: finished and committed %s", _fmt(revoked), _fmt_offsets(offsets)
+                )
             else:
                 log.warning("revoked %s: in-flight work abandoned uncommitted", _fmt(revoked))
         finally:
@@ -80,7 +82,9 @@ def _fmt(tps: Collection[TopicPartition]) -> str:
 
 
 def _fmt_offsets(offsets: dict[TopicPartition, OffsetAndMetadata]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]@{om.offset}" for tp, om in sorted(offsets.items()))
+    return ", ".join(
+        f"{tp.topic}[{tp.partition}]@{om.offset}" for tp, om in sorted(offsets.items())
+    )
 
 
 def make_consumer(settings: Settings, listener: AsyncConsumerRebalanceListener) -> KafkaConsumer:

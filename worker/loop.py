@@ -171,8 +171,12 @@ class Worker:
             self._install_signal_handlers(stack)
             log.info(
                 "serving %s -> %s (dlq %s, group %s, device %s, metrics :%s)",
-                ",".join(s.input_topics), s.output_topic, s.dead_letter_topic, s.group_id,
-                device, self.metrics_port,
+                ",".join(s.input_topics),
+                s.output_topic,
+                s.dead_letter_topic,
+                s.group_id,
+                device,
+                self.metrics_port,
             )
             self._serve(consumer, producer, count, timeout)
             return self._drain(consumer, producer)
@@ -187,7 +191,10 @@ class Worker:
     # -- the loop --------------------------------------------------------------
 
     def _serve(
-        self, consumer: KafkaConsumer, producer: KafkaProducer, count: int | None,
+        self,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        count: int | None,
         timeout: float | None,
     ) -> None:
         end = None if timeout is None else time.monotonic() + timeout
@@ -253,8 +260,10 @@ class Worker:
         except WorkerError as exc:
             slot.out = self._dead_letter(slot, exc, model)
             return
-        except Exception as exc:  # noqa: BLE001 - a record's failure is data, not a crash
-            slot.out = self._dead_letter(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
+        except Exception as exc:
+            slot.out = self._dead_letter(
+                slot, InferenceError(f"{type(exc).__name__}: {exc}"), model
+            )
             return
         slot.request, slot.bound = request, bound
         job = Job(slot, model, version, run_mode(signature), bound.feeds, bound.rows)
@@ -264,13 +273,24 @@ class Worker:
     def _dead_letter(self, slot: Slot, exc: WorkerError, model: str | None) -> Outgoing:
         r = slot.record
         log.warning(
-            "%s -> dead letter (%s): %s", slot.where, exc.error_type, exc.message,
-            extra={"topic": r.topic, "partition": r.partition, "offset": r.offset,
-                   "error_type": exc.error_type},
+            "%s -> dead letter (%s): %s",
+            slot.where,
+            exc.error_type,
+            exc.message,
+            extra={
+                "topic": r.topic,
+                "partition": r.partition,
+                "offset": r.offset,
+                "error_type": exc.error_type,
+            },
         )
         self.metrics.dlq.labels(error_type=exc.error_type).inc()
         headers = dlq_headers(
-            list(r.headers or []), exc, topic=r.topic, partition=r.partition, offset=r.offset,
+            list(r.headers or []),
+            exc,
+            topic=r.topic,
+            partition=r.partition,
+            offset=r.offset,
             model=model,
         )
         return Outgoing(self.settings.dead_letter_topic, r.key, r.value or b"", headers, ok=False)
@@ -296,11 +316,12 @@ class Worker:
                     metrics.inference_seconds.labels(model=model).observe(time.monotonic() - start)
                     return out
 
-                results = run_batch(timed, batch, self.settings.max_batch_rows,
-                                    on_run=metrics.batch_rows.observe)
+                results = run_batch(
+                    timed, batch, self.settings.max_batch_rows, on_run=metrics.batch_rows.observe
+                )
         except WorkerError as exc:
             results = [exc] * len(batch.jobs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             results = [InferenceError(f"{type(exc).__name__}: {exc}")] * len(batch.jobs)
         for job, result in zip(batch.jobs, results, strict=True):
             slot: Slot = job.token
@@ -311,8 +332,10 @@ class Worker:
                 metrics.rows.labels(model=model).inc(job.rows)
             except WorkerError as exc:
                 slot.out = self._dead_letter(slot, exc, model)
-            except Exception as exc:  # noqa: BLE001 - e.g. an output the codec can't encode
-                slot.out = self._dead_letter(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
+            except Exception as exc:
+                slot.out = self._dead_letter(
+                    slot, InferenceError(f"{type(exc).__name__}: {exc}"), model
+                )
             finally:
                 slot.request = slot.bound = None  # let the input buffers go
 
@@ -320,18 +343,29 @@ class Worker:
         assert slot.request is not None
         r = slot.record
         body, content_type = encode_response(
-            slot.request, slot.bound, outputs, model=batch.model, model_version=batch.version,
+            slot.request,
+            slot.bound,
+            outputs,
+            model=batch.model,
+            model_version=batch.version,
             output_format=self.settings.output_format,
         )
         headers = response_headers(
-            slot.request, content_type=content_type, model=batch.model,
-            model_version=batch.version, topic=r.topic, partition=r.partition, offset=r.offset,
+            slot.request,
+            content_type=content_type,
+            model=batch.model,
+            model_version=batch.version,
+            topic=r.topic,
+            partition=r.partition,
+            offset=r.offset,
         )
         return Outgoing(self.settings.output_topic, r.key, body, headers, ok=True)
 
     # -- 5/6. produce and commit (at-least-once) -------------------------------
 
-    def _produce(self, producer: KafkaProducer, tps: Collection[TopicPartition] | None = None) -> None:
+    def _produce(
+        self, producer: KafkaProducer, tps: Collection[TopicPartition] | None = None
+    ) -> None:
         for tp, line in self._lines.items():
             if tps is not None and tp not in tps:
                 continue
@@ -341,7 +375,9 @@ class Worker:
                 if slot.out is None:
                     break  # an earlier record is still running: keep offset order
                 o = slot.out
-                slot.acks.append(producer.send(o.topic, value=o.value, key=o.key, headers=o.headers))
+                slot.acks.append(
+                    producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
+                )
                 slot.sent = True
 
     def _pop_acknowledged(self, tps: Collection[TopicPartition] | None = None) -> None:
@@ -353,7 +389,9 @@ class Worker:
                 slot = line.popleft()
                 for ack in slot.acks:
                     if ack.failed():
-                        raise FatalError(f"{slot.where}: the broker refused its answer: {ack.exception}")
+                        raise FatalError(
+                            f"{slot.where}: the broker refused its answer: {ack.exception}"
+                        )
                 self._retire(slot, now)
                 self._to_commit[tp] = OffsetAndMetadata(slot.record.offset + 1, "", -1)
                 self._uncommitted[tp] = self._uncommitted.get(tp, 0) + 1
@@ -377,7 +415,9 @@ class Worker:
 
     # -- 5+6. exactly-once -----------------------------------------------------
 
-    def _transact(self, consumer: KafkaConsumer, producer: KafkaProducer, *, force: bool = False) -> None:
+    def _transact(
+        self, consumer: KafkaConsumer, producer: KafkaProducer, *, force: bool = False
+    ) -> None:
         interval = self.settings.commit_interval_ms / 1000
         if not force and time.monotonic() - self._last_commit < interval:
             return
@@ -501,7 +541,10 @@ class Worker:
             self._commit(consumer, force=True)
         left = sum(len(line) for line in self._lines.values())
         if left:
-            log.error("drain timed out: %d polled records left uncommitted (answered again after restart)", left)
+            log.error(
+                "drain timed out: %d polled records left uncommitted (answered after a restart)",
+                left,
+            )
             return 1
         log.info("drained: everything polled was answered and committed")
         return 0

@@ -23,7 +23,21 @@ __all__ = ["Health", "HealthServer", "Metrics", "configure_logging"]
 NAMESPACE = "inference_worker"
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -37,18 +51,30 @@ class Metrics:
         self.messages = Counter(
             "messages", "Input records by outcome (ok, dlq).", ["status"], namespace=ns, registry=r
         )
-        self.rows = Counter("rows", "Rows answered, per model.", ["model"], namespace=ns, registry=r)
+        self.rows = Counter(
+            "rows", "Rows answered, per model.", ["model"], namespace=ns, registry=r
+        )
         self.batch_rows = Histogram(
-            "batch_rows", "Rows per session.run call.", namespace=ns, registry=r,
+            "batch_rows",
+            "Rows per session.run call.",
+            namespace=ns,
+            registry=r,
             buckets=_ROW_BUCKETS,
         )
         self.inference_seconds = Histogram(
-            "inference_seconds", "Wall time of one session.run.", ["model"], namespace=ns,
-            registry=r, buckets=_LATENCY_BUCKETS,
+            "inference_seconds",
+            "Wall time of one session.run.",
+            ["model"],
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
         )
         self.end_to_end_seconds = Histogram(
-            "end_to_end_seconds", "Record timestamp to response acknowledged.", namespace=ns,
-            registry=r, buckets=_LATENCY_BUCKETS,
+            "end_to_end_seconds",
+            "Record timestamp to response acknowledged.",
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
         )
         self.dlq = Counter(
             "dlq", "Dead-letter records by error type.", ["error_type"], namespace=ns, registry=r
@@ -57,7 +83,9 @@ class Metrics:
             "model_cache_hits", "Session cache hits.", namespace=ns, registry=r
         )
         self.model_cache_misses = Counter(
-            "model_cache_misses", "Session cache misses (a load followed).", namespace=ns,
+            "model_cache_misses",
+            "Session cache misses (a load followed).",
+            namespace=ns,
             registry=r,
         )
         self.model_cache_evictions = Counter(
@@ -70,26 +98,38 @@ class Metrics:
             "model_cache_bytes", "Bytes charged to loaded sessions.", namespace=ns, registry=r
         )
         self.model_load_seconds = Histogram(
-            "model_load_seconds", "Time to load and warm up one session.", namespace=ns,
-            registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            "model_load_seconds",
+            "Time to load and warm up one session.",
+            namespace=ns,
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.response_cache_hits = Counter(
-            "response_cache_hits", "Requests answered from the response cache.", namespace=ns,
+            "response_cache_hits",
+            "Requests answered from the response cache.",
+            namespace=ns,
             registry=r,
         )
         self.response_cache_misses = Counter(
-            "response_cache_misses", "Response cache look-ups that missed.", namespace=ns,
+            "response_cache_misses",
+            "Response cache look-ups that missed.",
+            namespace=ns,
             registry=r,
         )
         self.consumer_lag = Gauge(
-            "consumer_lag", "High watermark minus position, per assigned partition.",
-            ["topic", "partition"], namespace=ns, registry=r,
+            "consumer_lag",
+            "High watermark minus position, per assigned partition.",
+            ["topic", "partition"],
+            namespace=ns,
+            registry=r,
         )
         self.paused_partitions = Gauge(
             "paused_partitions", "Partitions paused for backpressure.", namespace=ns, registry=r
         )
         self.inflight_bytes = Gauge(
-            "inflight_bytes", "Request bytes polled but not yet committed.", namespace=ns,
+            "inflight_bytes",
+            "Request bytes polled but not yet committed.",
+            namespace=ns,
             registry=r,
         )
 
@@ -146,7 +186,7 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # probes every few seconds would drown the real logs
 
         self._server = ThreadingHTTPServer((host, port), Handler)
