@@ -1,0 +1,95 @@
+# syntax=docker/dockerfile:1
+#
+# Two images from one file:
+#   docker build -t inference-worker:gpu .                 # default: CUDA 13 + cuDNN 9
+#   docker build -t inference-worker:cpu --target cpu .    # slim, onnxruntime (CPU)
+#
+# Each image builds a virtualenv in a builder stage and copies only that venv
+# into the runtime stage: no compilers, pip caches or sources in the final image.
+# onnxruntime-gpu 1.31 is built against CUDA 13 and cuDNN 9, so the GPU base
+# must stay on a 13.x tag (tests/test_deploy.py checks the pair).
+
+ARG PYTHON_IMAGE=python:3.12-slim
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG ONNXRUNTIME_GPU_VERSION=1.31.1
+
+# ---------------------------------------------------------------- cpu builder
+FROM ${PYTHON_IMAGE} AS cpu-builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY worker/ worker/
+COPY producers/ producers/
+RUN /opt/venv/bin/pip install ".[cpu]"
+
+# ---------------------------------------------------------------- gpu builder
+FROM ${CUDA_IMAGE} AS gpu-builder
+ARG ONNXRUNTIME_GPU_VERSION
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.12 -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY worker/ worker/
+COPY producers/ producers/
+RUN /opt/venv/bin/pip install ".[gpu]" "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"
+
+# ---------------------------------------------------------------- cpu runtime
+FROM ${PYTHON_IMAGE} AS cpu
+LABEL org.opencontainers.image.title="inference-worker (cpu)" \
+      org.opencontainers.image.description="Streaming ONNX inference on Kafka" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 worker \
+    && useradd --system --uid 10001 --gid worker --home-dir /tmp --shell /usr/sbin/nologin worker \
+    && mkdir -p /models && chown worker:worker /models
+COPY --from=cpu-builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    WORKER_MODEL_REPOSITORY=/models \
+    WORKER_METRICS_PORT=9400 \
+    WORKER_DEVICE=cpu
+WORKDIR /tmp
+EXPOSE 9400
+USER 10001:10001
+# /healthz is 200 while the poll loop makes progress; urlopen raises on 503.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('WORKER_METRICS_PORT', '9400'), timeout=4)"]
+# Exec form: the worker is PID 1 and receives SIGTERM itself, so it can drain.
+ENTRYPOINT ["inference-worker", "run"]
+
+# ---------------------------------------------------------------- gpu runtime (default)
+FROM ${CUDA_IMAGE} AS gpu
+LABEL org.opencontainers.image.title="inference-worker (gpu)" \
+      org.opencontainers.image.description="Streaming ONNX inference on Kafka, CUDA 13 + cuDNN 9" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV DEBIAN_FRONTEND=noninteractive
+# Only the interpreter: the venv from the builder already holds every package.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 worker \
+    && useradd --system --uid 10001 --gid worker --home-dir /tmp --shell /usr/sbin/nologin worker \
+    && mkdir -p /models && chown worker:worker /models
+COPY --from=gpu-builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
+    WORKER_MODEL_REPOSITORY=/models \
+    WORKER_METRICS_PORT=9400 \
+    WORKER_DEVICE=auto \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /tmp
+EXPOSE 9400
+USER 10001:10001
+HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('WORKER_METRICS_PORT', '9400'), timeout=4)"]
+ENTRYPOINT ["inference-worker", "run"]
