@@ -189,7 +189,8 @@ def main() -> int:
         if len(lat):
             print(
                 f"latency:     p50 {np.percentile(lat, 50):.1f} ms, "
-                f"p99 {np.percentile(lat, 99):.1f} ms (publish -> response record; all rows sent as one burst, so this is mostly queueing)"
+                f"p99 {np.percentile(lat, 99):.1f} ms "
+                "(publish -> response; one burst of 10,000 rows, so mostly queueing)"
             )
         print("a few predictions (request-id, row: class p):")
         for rid in sorted(answers, key=lambda r: int(r.split("-")[1]))[:3]:
