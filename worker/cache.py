@@ -4,8 +4,9 @@
 ``(name, version)``, bounded by a model count and a byte budget. Each
 :meth:`SessionCache.acquire` moves its entry to the young end, so eviction
 order follows use, not insertion. A session is never evicted while a run
-holds it (reference count) or when it was preloaded (pinned); the budget may
-then be exceeded until a holder lets go, which is when eviction runs again.
+holds it (reference count), when it was preloaded (pinned), or when it is
+the most recently used one; the budget may then be exceeded until a holder
+lets go, which is when eviction runs again.
 
 Concurrent requests for the same cold model share one load (single flight).
 A failed load is answered to every waiter and remembered for
@@ -198,7 +199,7 @@ class SessionCache:
                     if self._metrics is not None:
                         self._metrics.model_cache_misses.inc()
                     # Make room before loading: on a GPU the new session needs the memory.
-                    victims = self._evict_locked()
+                    victims = self._evict_locked(keep_newest=False)
             if leader:
                 self._close_all(victims)
                 return self._load(key, ref, flight, pin)
@@ -270,12 +271,16 @@ class SessionCache:
             return True
         return self.max_bytes is not None and self._bytes > self.max_bytes
 
-    def _evict_locked(self) -> list[_Entry]:
+    def _evict_locked(self, *, keep_newest: bool = True) -> list[_Entry]:
         """Remove least recently used idle, unpinned entries until within budget."""
         victims: list[_Entry] = []
         if not self._over_budget():
             return victims
-        for key, entry in list(self._entries.items()):  # oldest use first
+        # Oldest use first. The most recent one stays (unless a load is about to
+        # replace it as the newest), so a model larger than the byte budget is
+        # still served rather than reloaded for every use.
+        candidates = list(self._entries.items())
+        for key, entry in candidates[:-1] if keep_newest else candidates:
             if entry.refs or entry.pinned:
                 continue
             del self._entries[key]

@@ -1,0 +1,171 @@
+"""Model repository: both layouts, the name rule, containment, newest-version tracking."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ModelNotFound
+from worker.repository import ModelRef, ModelRepository, valid_name
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"onnx?")  # the repository never parses files
+    return path
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    _touch(repo / "a" / "1" / "model.onnx")
+    _touch(repo / "a" / "2" / "model.onnx")
+    _touch(repo / "a" / "10" / "model.onnx")  # numeric, not lexicographic order
+    _touch(repo / "b.onnx")
+    _touch(repo / "c.onnx")
+    _touch(repo / "c" / "3" / "model.onnx")
+    return repo
+
+
+def test_both_layouts_mixed(root: Path) -> None:
+    repo = ModelRepository(root)
+    assert repo.names() == ["a", "b", "c"]
+    assert repo.versions("a") == [1, 2, 10]
+    assert repo.versions("b") == [1]
+    assert repo.versions("c") == [1, 3]
+    assert repo.versions("nope") == []
+    ref = repo.resolve("a")
+    assert ref == ModelRef("a", 10, (root / "a" / "10" / "model.onnx").resolve())
+    assert repo.resolve("a", 2).version == 2
+    assert repo.resolve("b").path == (root / "b.onnx").resolve()
+    assert repo.resolve("c").version == 3
+    assert repo.resolve("c", 1).path == (root / "c.onnx").resolve()
+
+
+def test_directory_layout_wins_for_version_1(tmp_path: Path) -> None:
+    _touch(tmp_path / "m.onnx")
+    _touch(tmp_path / "m" / "1" / "model.onnx")
+    assert ModelRepository(tmp_path).resolve("m").path == (tmp_path / "m/1/model.onnx").resolve()
+
+
+def test_ignores_non_version_entries(tmp_path: Path) -> None:
+    _touch(tmp_path / "m" / "1" / "model.onnx")
+    _touch(tmp_path / "m" / "01" / "model.onnx")  # would alias version 1
+    _touch(tmp_path / "m" / "0" / "model.onnx")
+    _touch(tmp_path / "m" / "latest" / "model.onnx")
+    _touch(tmp_path / "m" / "7" / "other.onnx")
+    (tmp_path / "m" / "8").mkdir()
+    _touch(tmp_path / "notes.txt")
+    repo = ModelRepository(tmp_path)
+    assert repo.versions("m") == [1]
+    assert repo.names() == ["m"]
+
+
+def test_not_found_messages(root: Path) -> None:
+    repo = ModelRepository(root)
+    with pytest.raises(ModelNotFound, match=r"'zzz' not found.*zzz/<version>/model.onnx"):
+        repo.resolve("zzz")
+    with pytest.raises(ModelNotFound, match=r"no version 3 \(available: 1, 2, 10\)"):
+        repo.resolve("a", 3)
+
+
+@pytest.mark.parametrize("version", [0, -1, True, 1.0, "1"])
+def test_bad_versions(root: Path, version: object) -> None:
+    with pytest.raises(ModelNotFound, match="positive integer"):
+        ModelRepository(root).resolve("a", version)  # type: ignore[arg-type]
+
+
+def test_root_must_be_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--model-repository"):
+        ModelRepository(tmp_path / "missing")
+
+
+BAD_NAMES = [
+    "../x", "..", ".", "a/b", "a\\b", "/etc/passwd", "x\x00y", "", ".hidden", "-x", "_x",
+    " x", "x\n", "a" * 129, "ü", "a b", "a:1",
+]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_bad_names_refused_before_any_filesystem_access(
+    root: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = ModelRepository(root)
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"file system touched for a bad name: {args}")
+
+    for attr in ("scandir", "stat", "lstat", "listdir", "open", "readlink"):
+        monkeypatch.setattr(os, attr, forbidden)
+    for attr in ("realpath", "isfile", "isdir", "exists", "join"):
+        monkeypatch.setattr(os.path, attr, forbidden)
+    with pytest.raises(ModelNotFound, match="invalid model name"):
+        repo.resolve(name)
+    with pytest.raises(ModelNotFound, match="invalid model name"):
+        repo.versions(name)
+    assert not valid_name(name)
+
+
+def test_name_rule_accepts_the_documented_alphabet() -> None:
+    for name in ("a", "A9", "mnist-mlp", "iris_logreg.v2", "a" * 128, "x..y"):
+        assert valid_name(name), name
+
+
+def test_symlinks_pointing_outside_are_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    secret = _touch(outside / "secret" / "1" / "model.onnx")
+    root = tmp_path / "repo"
+    _touch(root / "ok" / "1" / "model.onnx")
+    (root / "evil").symlink_to(outside / "secret")  # whole model dir
+    (root / "evil2.onnx").symlink_to(secret)  # single-file layout
+    (root / "mixed").mkdir()
+    (root / "mixed" / "1").symlink_to(outside / "secret" / "1")  # a version dir
+    _touch(root / "mixed" / "2" / "x")
+    (root / "mixed" / "2" / "model.onnx").symlink_to(secret)  # the file itself
+    (root / "inner").symlink_to(root / "ok")  # inside: allowed
+    repo = ModelRepository(root)
+    for name in ("evil", "evil2", "mixed"):
+        with pytest.raises(ModelNotFound):
+            repo.resolve(name)
+    assert repo.names() == ["inner", "ok"]
+    assert repo.resolve("inner").path == (root / "ok" / "1" / "model.onnx").resolve()
+
+
+def test_root_given_through_a_symlink(tmp_path: Path) -> None:
+    _touch(tmp_path / "real" / "m" / "1" / "model.onnx")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert ModelRepository(tmp_path / "link").resolve("m").version == 1
+
+
+def test_new_version_picked_up_within_rescan(root: Path) -> None:
+    repo = ModelRepository(root, rescan_s=0.2)
+    assert repo.resolve("a").version == 10
+    _touch(root / "a" / "11" / "model.onnx")
+    deadline = time.monotonic() + 3
+    while repo.resolve("a").version != 11:
+        assert time.monotonic() < deadline, "new version not picked up"
+        time.sleep(0.05)
+    assert repo.resolve("a", 11).version == 11  # an explicit request sees it at once
+
+
+def test_newest_is_cached_between_rescans(root: Path) -> None:
+    repo = ModelRepository(root, rescan_s=60)
+    assert repo.resolve("a").version == 10
+    _touch(root / "a" / "11" / "model.onnx")
+    assert repo.resolve("a").version == 10  # cached: a hit costs one stat, not a scan
+
+
+def test_deleted_newest_falls_back_at_once(root: Path) -> None:
+    repo = ModelRepository(root, rescan_s=60)
+    assert repo.resolve("a").version == 10
+    shutil.rmtree(root / "a" / "10")
+    assert repo.resolve("a").version == 2
+    with pytest.raises(ModelNotFound, match="no version 10"):
+        repo.resolve("a", 10)
+    shutil.rmtree(root / "a")
+    with pytest.raises(ModelNotFound, match="not found"):
+        repo.resolve("a")
