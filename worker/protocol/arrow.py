@@ -252,12 +252,19 @@ def tensor_array(arr: np.ndarray, form: str = "auto") -> pa.Array:
         raise ValueError("a rank-0 array has no row axis")
     if arr.ndim == 1:
         return _flat_values(arr)
-    is_text = arr.dtype == object or arr.dtype.kind in "US"
-    if form in ("auto", "tensor") and not is_text:
-        contiguous = np.ascontiguousarray(arr)
-        return pa.FixedShapeTensorArray.from_numpy_ndarray(contiguous)
+    if 0 in arr.shape[1:]:
+        raise ValueError(f"Arrow cannot hold a per-row shape with a zero dimension: {arr.shape}")
+    # Arrow's tensor type (and every reader's to_numpy_ndarray) is numeric-only:
+    # bool and string tensors travel as nested FixedSizeList.
+    numeric = arr.dtype.kind in "iuf"
+    flat = _flat_values(np.ascontiguousarray(arr))
+    if form == "tensor" or (form == "auto" and numeric):
+        # from_storage, not from_numpy_ndarray: the latter refuses zero rows.
+        row_shape = tuple(arr.shape[1:])
+        storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(row_shape)))
+        return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(flat.type, row_shape), storage)
     if form in ("auto", "fixed_size_list"):
-        return _nested_fsl(_flat_values(np.ascontiguousarray(arr)), tuple(arr.shape[1:]))
+        return _nested_fsl(flat, tuple(arr.shape[1:]))
     raise ValueError(f"cannot write a {arr.dtype}{list(arr.shape)} tensor in Arrow form {form!r}")
 
 
@@ -365,11 +372,10 @@ def _response_value(column: pa.ChunkedArray) -> object:
     if pa.types.is_map(typ):
         return [dict(row) if row is not None else None for row in column.to_pylist()]
     arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if _is_fixed_shape_tensor(typ):
-        return arr.to_numpy_ndarray()
-    if pa.types.is_fixed_size_list(typ) or pa.types.is_primitive(typ) or pa.types.is_string(typ):
+    try:
         return _array_tensor("output", arr, _UNLIMITED)
-    return column.to_pylist()
+    except SchemaMismatch:  # not tensor-shaped (lists, structs...): plain Python values
+        return column.to_pylist()
 
 
 _UNLIMITED = Limits(max_bytes=2**62, max_rows=2**62, max_elements=2**62)

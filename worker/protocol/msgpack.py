@@ -141,8 +141,9 @@ def tensor_from_wire(name: str, obj: object, limits: Limits) -> np.ndarray:
             # numpy would parse "1.5" into a float; text in a numeric tensor is a producer bug.
             raise DecodeError(f"input {name!r}: data list for {dtype_name} holds text")
         try:
-            arr = np.array(flat, dtype=dtype.newbyteorder("="))
-        except (ValueError, TypeError, OverflowError) as exc:
+            with np.errstate(all="raise"):  # 1e300 into float32 is an error, not inf
+                arr = np.array(flat, dtype=dtype.newbyteorder("="))
+        except (ValueError, TypeError, OverflowError, FloatingPointError) as exc:
             raise DecodeError(
                 f"input {name!r}: data list does not fit {dtype_name}: {exc}"
             ) from exc
