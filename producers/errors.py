@@ -1,0 +1,27 @@
+"""The producer tools' exception tree; the CLI maps each class to an exit status::
+
+    ProducerError          exit 1  a runtime failure (broker unreachable, send failed)
+    └── UsageError         exit 2  a bad argument or an unreadable input file
+
+Messages are one line and say what was wrong, so the CLI prints them as they are.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ProducerError", "UsageError"]
+
+
+class ProducerError(Exception):
+    """Root of every error the producer tools raise on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(ProducerError):
+    """The user asked for something impossible; nothing was (or will be) sent."""
+
+    exit_code = 2

@@ -1,0 +1,179 @@
+"""Capture a topic into an Arrow IPC file, one row per Kafka record.
+
+The file keeps everything needed to re-publish the traffic faithfully (key,
+value, headers, timestamps) and to find where it came from (topic,
+partition, offset). Schema::
+
+    key        binary (null when the record had none)
+    value      binary
+    headers    list<struct<key: string, value: binary>>   (order and repeats kept)
+    topic      string
+    partition  int32
+    offset     int64
+    timestamp  int64   record timestamp, ms since the epoch
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from producers.clients import KafkaSettings, topic_partitions
+from producers.errors import UsageError
+
+__all__ = [
+    "RECORDING_SCHEMA",
+    "RecordingWriter",
+    "read_recording",
+    "record",
+    "request_id_of",
+]
+
+HEADER_TYPE = pa.list_(pa.struct([("key", pa.string()), ("value", pa.binary())]))
+RECORDING_SCHEMA = pa.schema([
+    ("key", pa.binary()),
+    ("value", pa.binary()),
+    ("headers", HEADER_TYPE),
+    ("topic", pa.string()),
+    ("partition", pa.int32()),
+    ("offset", pa.int64()),
+    ("timestamp", pa.int64()),
+])
+_FLUSH_ROWS = 1000
+
+
+def request_id_of(headers: list[tuple[str, bytes]] | None, topic: str, partition: int,
+                  offset: int) -> str:
+    """The id the worker answers a request with (spec §3).
+
+    Its ``request-id`` header, else ``<topic>/<partition>/<offset>``.
+    """
+    for key, value in headers or []:
+        if key == "request-id" and value is not None:
+            return value.decode("utf-8", "replace")
+    return f"{topic}/{partition}/{offset}"
+
+
+@dataclass
+class RecordingWriter:
+    """Appends records to an Arrow IPC file in batches; usable as a context manager.
+
+    Batches are flushed every 1000 records so an interrupted recording still
+    leaves a valid file with everything up to the interrupt.
+    """
+
+    path: Path
+    count: int = 0
+    _rows: dict[str, list[Any]] = field(default_factory=lambda: {n: [] for n in
+                                                                 RECORDING_SCHEMA.names})
+    _writer: Any = None
+
+    def __enter__(self) -> RecordingWriter:
+        try:
+            self._writer = ipc.new_file(str(self.path), RECORDING_SCHEMA)
+        except OSError as exc:
+            raise UsageError(f"--out {str(self.path)!r}: cannot write it: {exc.strerror}"
+                             ) from exc
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def add(self, *, key: bytes | None, value: bytes | None,
+            headers: list[tuple[str, bytes]] | None, topic: str, partition: int, offset: int,
+            timestamp: int) -> None:
+        rows = self._rows
+        rows["key"].append(key)
+        rows["value"].append(value)
+        rows["headers"].append([{"key": k, "value": v} for k, v in headers or []])
+        rows["topic"].append(topic)
+        rows["partition"].append(partition)
+        rows["offset"].append(offset)
+        rows["timestamp"].append(timestamp)
+        self.count += 1
+        if len(rows["key"]) >= _FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._rows["key"] and self._writer is not None:
+            batch = pa.RecordBatch.from_pydict(self._rows, schema=RECORDING_SCHEMA)
+            self._writer.write_batch(batch)
+            self._rows = {n: [] for n in RECORDING_SCHEMA.names}
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self.flush()
+            self._writer.close()
+            self._writer = None
+
+
+def read_recording(path: Path) -> pa.Table:
+    """Load a recording; a file that is missing or not a recording is a usage error."""
+    if path.suffix.lower() != ".arrow":
+        raise UsageError(f"{str(path)!r}: a recording is an .arrow file")
+    if not path.is_file():
+        raise UsageError(f"{str(path)!r}: no such file")
+    try:
+        with ipc.open_file(str(path)) as reader:
+            table = reader.read_all()
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{str(path)!r}: not an Arrow IPC file ({exc})") from exc
+    missing = [n for n in ("key", "value", "headers", "timestamp") if n not in table.column_names]
+    if missing:
+        raise UsageError(f"{str(path)!r}: not a recording, no column(s) {', '.join(missing)}")
+    return table
+
+
+def record(settings: KafkaSettings, topic: str, out: Path, *, max_messages: int | None = None,
+           timeout_s: float | None = None, from_beginning: bool = True) -> int:
+    """Copy records of ``topic`` into ``out`` until ``max_messages`` or ``timeout_s``.
+
+    With neither bound it runs until interrupted (Ctrl-C), then closes the file.
+    Reads with manual assignment and no group, so recording moves no offsets.
+    """
+    if max_messages is not None and max_messages <= 0:
+        raise UsageError(f"--max-messages must be positive, got {max_messages}")
+    if timeout_s is not None and timeout_s <= 0:
+        raise UsageError(f"--timeout must be positive, got {timeout_s}")
+    consumer = settings.consumer()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        with RecordingWriter(out) as writer:
+            parts = topic_partitions(consumer, topic)
+            consumer.assign(parts)
+            if from_beginning:
+                consumer.seek_to_beginning(*parts)
+            else:
+                consumer.seek_to_end(*parts)
+            for tp in parts:
+                consumer.position(tp)  # resolve now: "latest" means latest at start
+            print(f"recording {topic} ({len(parts)} partition(s)) to {out}", file=sys.stderr)
+            try:
+                while max_messages is None or writer.count < max_messages:
+                    wait_ms = 500
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        wait_ms = max(1, min(wait_ms, int(left * 1000)))
+                    want = None if max_messages is None else max_messages - writer.count
+                    polled = consumer.poll(timeout_ms=wait_ms, max_records=want)
+                    for records in polled.values():
+                        for r in records:
+                            writer.add(key=r.key, value=r.value, headers=list(r.headers or []),
+                                       topic=r.topic, partition=r.partition, offset=r.offset,
+                                       timestamp=r.timestamp)
+            except KeyboardInterrupt:
+                pass  # Ctrl-C ends an open-ended recording; the file is still closed
+        print(f"recorded {writer.count} record(s) to {out}", file=sys.stderr)
+        return writer.count
+    finally:
+        consumer.close()
