@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from producers.clients import KafkaSettings, parse_kafka_options
 from producers.errors import ProducerError, UsageError
@@ -19,6 +20,13 @@ from producers.errors import ProducerError, UsageError
 __all__ = ["build_parser", "main"]
 
 PROG = "inference-producer"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the one line the spec asks for, not the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +51,7 @@ def _sending(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Feed, record, replay, collect "
+    parser = _Parser(prog=PROG, description="Feed, record, replay, collect "
                                      "and compare inference-worker traffic.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
