@@ -212,7 +212,7 @@ def publish(settings: KafkaSettings, source: Source, topic: str, *, encode: Enco
         limit_source = sender.limit_source
     print(f"published {stats.rows} rows in {stats.messages} messages ({stats.bytes} bytes; "
           f"largest {stats.largest} of {stats.limit} allowed by {limit_source}) to {topic} "
-          f"in {stats.seconds:.2f} s: {stats.rows_per_s:.0f} rows/s", file=sys.stderr)
+          f"in {stats.seconds:.2f} s: {stats.rows_per_s:.0f} rows/s")
     return stats
 
 

@@ -173,7 +173,7 @@ def record(settings: KafkaSettings, topic: str, out: Path, *, max_messages: int 
                                        timestamp=r.timestamp)
             except KeyboardInterrupt:
                 pass  # Ctrl-C ends an open-ended recording; the file is still closed
-        print(f"recorded {writer.count} record(s) to {out}", file=sys.stderr)
+        print(f"recorded {writer.count} record(s) from {topic} to {out}")
         return writer.count
     finally:
         consumer.close()

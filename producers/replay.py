@@ -18,7 +18,6 @@ worker's end-to-end metrics and the topic's retention expect "now".
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,5 +92,5 @@ def replay(settings: KafkaSettings, recording: Path, topic: str, *, speed: float
         elapsed = time.monotonic() - start
     rate = table.num_rows / elapsed if elapsed > 0 else float("inf")
     print(f"replayed {table.num_rows} record(s) to {topic} in {elapsed:.2f} s "
-          f"({rate:.0f} records/s; recorded span {span_s:.2f} s)", file=sys.stderr)
+          f"({rate:.0f} records/s; recorded span {span_s:.2f} s)")
     return ReplayStats(table.num_rows, elapsed, span_s)
