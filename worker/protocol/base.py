@@ -144,6 +144,10 @@ def expected_inputs(signature: Signature) -> str:
     return ", ".join(f"{s.name} {format_spec(s.dtype, s.shape)}" for s in signature.inputs)
 
 
+def _mismatch(spec: TensorSpec, arr: np.ndarray) -> SchemaMismatch:
+    return SchemaMismatch.for_input(spec.name, format_spec(spec.dtype, spec.shape), describe(arr))
+
+
 def validate_feeds(signature: Signature, feeds: dict[str, np.ndarray]) -> tuple[int, int | None]:
     """Check dtype, rank and every fixed axis; return ``(rows, run_rows)``.
 
@@ -154,16 +158,15 @@ def validate_feeds(signature: Signature, feeds: dict[str, np.ndarray]) -> tuple[
     run_rows: int | None = None
     for spec in signature.inputs:
         arr = feeds[spec.name]
-        expected = format_spec(spec.dtype, spec.shape)
         if not spec.is_tensor:
             raise SchemaMismatch(
                 f"input {spec.name!r} has type {spec.onnx_type}, which the protocol cannot feed"
             )
         if not _dtype_ok(spec, arr):
-            raise SchemaMismatch.for_input(spec.name, expected, describe(arr))
+            raise _mismatch(spec, arr)
         if spec.shape is not None:
             if arr.ndim != len(spec.shape):
-                raise SchemaMismatch.for_input(spec.name, expected, describe(arr))
+                raise _mismatch(spec, arr)
             for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
                 if want is None or want == got:
                     continue
@@ -171,7 +174,7 @@ def validate_feeds(signature: Signature, feeds: dict[str, np.ndarray]) -> tuple[
                     # Fixed at 1: the loop runs the rows one at a time.
                     run_rows = 1
                     continue
-                raise SchemaMismatch.for_input(spec.name, expected, describe(arr))
+                raise _mismatch(spec, arr)
             if spec.shape and spec.shape[0] not in (None, 1):
                 run_rows = run_rows or spec.shape[0]
         n = arr.shape[0] if arr.ndim else 1
