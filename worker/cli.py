@@ -156,7 +156,11 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     _Flag("intra-op-threads", "ONNX Runtime threads per run", "1", _positive_int),
     _Flag("inference-threads", "runs in parallel", "1", _positive_int),
     _Flag("max-inflight-bytes", "request bytes in flight before partitions pause", "64M", _size),
-    _Flag("max-message-bytes", "largest request/response accepted", "16M", _size),
+    _Flag("max-message-bytes", "largest Kafka record the clients accept", "16M", _size),
+    _Flag(
+        "max-request-bytes", "largest request decoded (default: --max-message-bytes)", None, _size
+    ),
+    _Flag("max-request-rows", "most rows in one request", "1000000", _positive_int),
     _Flag(
         "response-cache-size",
         "answer identical requests from memory (0: off)",
@@ -246,6 +250,8 @@ def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Se
         inference_threads=v["inference_threads"],
         max_inflight_bytes=v["max_inflight_bytes"],
         max_message_bytes=v["max_message_bytes"],
+        max_request_bytes=v["max_request_bytes"],
+        max_request_rows=v["max_request_rows"],
         response_cache_size=v["response_cache_size"],
     )
 

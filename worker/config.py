@@ -78,7 +78,11 @@ class Settings:
     max_inflight_bytes: int = 64 * 1024 * 1024
     """Request bytes polled but not yet committed; above it partitions are paused."""
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_rows_per_message: int = 1_000_000
+    """Kafka record size the clients accept (match the broker's message.max.bytes)."""
+    max_request_bytes: int | None = None
+    """Largest request value decoded (default: max_message_bytes); larger -> too-large."""
+    max_request_rows: int = 1_000_000
+    """Most rows in one request; more -> too-large."""
     response_cache_size: int = 0
     """Entries in the response cache; 0 turns it off."""
     commit_interval_ms: float = 200.0

@@ -29,19 +29,19 @@ from collections import deque
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batching import Batch, Batcher, Job, run_batch, run_mode
 from worker.cache import SessionCache
 from worker.config import ConfigError, Settings
-from worker.errors import InferenceError, ModelNotFound, WorkerError
+from worker.errors import InferenceError, ModelNotFound, TooLarge, WorkerError
 from worker.kafka import RevocationHandler, committed_or_start, make_consumer, make_producer
 from worker.observability import Health, HealthServer, Metrics
 from worker.protocol import (
@@ -53,6 +53,7 @@ from worker.protocol import (
     encode_response,
     response_headers,
 )
+from worker.protocol.headers import get_header
 from worker.repository import ModelRepository
 from worker.runtime import RuntimeOptions, load_session, resolve_device
 
@@ -104,7 +105,8 @@ class Worker:
         self.metrics_port: int | None = None
         self._stopping = threading.Event()
         self._limits = Limits(
-            max_bytes=settings.max_message_bytes, max_rows=settings.max_rows_per_message
+            max_bytes=settings.max_request_bytes or settings.max_message_bytes,
+            max_rows=settings.max_request_rows,
         )
         self._batcher = Batcher(settings.max_batch_rows, settings.max_batch_delay_ms / 1000)
         self._lines: dict[TopicPartition, deque[Slot]] = {}
@@ -374,11 +376,33 @@ class Worker:
                     continue
                 if slot.out is None:
                     break  # an earlier record is still running: keep offset order
-                o = slot.out
-                slot.acks.append(
-                    producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
-                )
+                slot.acks.append(self._send(producer, slot))
                 slot.sent = True
+
+    def _send(self, producer: KafkaProducer, slot: Slot) -> Any:
+        """Send a slot's answer; one the producer refuses as too large becomes a dead letter."""
+        o = slot.out
+        assert o is not None
+        try:
+            return producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
+        except MessageSizeTooLargeError as exc:
+            if o.ok:  # the response is too large: dead-letter the request instead
+                slot.out = self._dead_letter(
+                    slot,
+                    TooLarge(
+                        f"the response of {len(o.value)} bytes is over the producer's "
+                        f"limit of {self.settings.max_message_bytes}: {exc}"
+                    ),
+                    get_header(o.headers, "model"),
+                )
+            else:  # even the dead letter is: keep its headers, drop the value
+                log.error("%s: dead letter too large to publish; value omitted", slot.where)
+                slot.out = replace(
+                    o,
+                    value=b"",
+                    headers=[*o.headers, ("value-omitted", str(len(o.value)).encode())],
+                )
+            return self._send(producer, slot)
 
     def _pop_acknowledged(self, tps: Collection[TopicPartition] | None = None) -> None:
         now = time.time()
@@ -433,9 +457,7 @@ class Worker:
         try:
             producer.begin_transaction()
             for _, slot in window:
-                o = slot.out
-                assert o is not None
-                producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
+                self._send(producer, slot)
             producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
             producer.commit_transaction()
         except KafkaError as exc:
