@@ -191,7 +191,7 @@ def _convert_sklearn(estimator: Any, n_features: int, **kwargs: Any) -> onnx.Mod
             estimator, initial_types=[("float_input", FloatTensorType([None, n_features]))],
             target_opset={"": _OPSET, "ai.onnx.ml": 3}, **kwargs,
         )
-    return model  # type: ignore[no-any-return]
+    return model
 
 
 def write_iris_logreg(repo: Path, name: str = "iris-logreg", version: int = 1) -> Path:

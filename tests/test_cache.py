@@ -275,8 +275,22 @@ def test_new_version_served_and_deleted_version_falls_back(tmp_path: Path) -> No
     v2.write_bytes(b"fake")
     time.sleep(0.15)
     assert _use(cache, "m").ref.version == 2
-    v2.unlink()
+    v2.unlink()  # loaded sessions are served from memory until the next rescan
+    time.sleep(0.15)
     assert _use(cache, "m").ref.version == 1
+
+
+def test_deleted_newest_not_loaded_falls_back_at_once(tmp_path: Path) -> None:
+    repo = _repo(tmp_path, "m")
+    v2 = tmp_path / "m" / "2" / "model.onnx"
+    v2.parent.mkdir()
+    v2.write_bytes(b"fake")
+    repo.rescan_s = 60
+    assert repo.resolve("m").version == 2  # "newest" is now cached for a minute
+    v2.unlink()
+    loader = FakeLoader()
+    assert _use(SessionCache(repo, loader), "m").ref.version == 1
+    assert [r.version for r in loader.calls] == [1]  # never tried the vanished file
 
 
 def test_close_closes_idle_now_and_busy_on_release(tmp_path: Path) -> None:

@@ -172,7 +172,8 @@ class SessionCache:
     # -- internals ----------------------------------------------------------
 
     def _checkout(self, name: str, version: int | None, *, pin: bool) -> _Entry:
-        ref = self.repository.resolve(name, version)
+        # Unverified first: a loaded session needs no stat of its file.
+        ref = self.repository.resolve(name, version, verify=False)
         key = (ref.name, ref.version)
         victims: list[_Entry] = []
         while True:
@@ -187,6 +188,11 @@ class SessionCache:
                     if self._metrics is not None:
                         self._metrics.model_cache_hits.inc()
                     return entry
+            verified = self.repository.resolve(name, version)
+            if verified != ref:  # the file went away: e.g. newest deleted, fall back
+                ref, key = verified, (verified.name, verified.version)
+                continue
+            with self._lock:
                 failed = self._failures.get(key)
                 if failed is not None:
                     if failed[0] > time.monotonic():
