@@ -113,6 +113,46 @@ def consume(
     return out
 
 
+def consume_ids(
+    bootstrap: str,
+    topic: str,
+    want: set[str],
+    timeout: float = 90.0,
+    isolation: str = "read_uncommitted",
+    settle: float = 0.0,
+) -> list[Any]:
+    """Read from the beginning until every request id in ``want`` has an answer."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        isolation_level=isolation,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    out: list[Any] = []
+    seen: set[str] = set()
+    try:
+        deadline = time.monotonic() + timeout
+        while not want <= seen and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
+                seen.update(header(r, "request-id") or "" for r in records)
+        end = time.monotonic() + settle
+        while time.monotonic() < end:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
+    finally:
+        consumer.close()
+    return out
+
+
+# Short enough that a killed member's partitions move on within seconds.
+FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+
+
 def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
     from kafka.structs import TopicPartition
 

@@ -18,8 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests import modelzoo
 from tests.harness import (
+    FAST_GROUP,
     committed,
     consume,
+    consume_ids,
     header,
     produce,
     settings,
@@ -252,9 +254,9 @@ def test_sigterm_mid_stream_drains_and_exits_zero(
             proc.kill()
     # What the first worker answered it also committed: a second one answers
     # the rest, and nothing is answered twice.
-    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id)
+    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id, kafka_options=FAST_GROUP)
     with worker_thread(s):
-        answers = consume(kafka_bootstrap, outputs, n, timeout=90, settle=1.0)
+        answers = consume_ids(kafka_bootstrap, outputs, {f"r-{i}" for i in range(n)}, settle=1.0)
     ids = _request_ids(answers)
     assert len(ids) == n and max(ids.values()) == 1
     ends = committed(kafka_bootstrap, group_id, requests)
@@ -308,43 +310,25 @@ def test_two_workers_share_partitions_and_survive_one_leaving(
 ) -> None:
     requests, outputs = new_topic(partitions=4), new_topic()
     n = 600
-    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id)
-    m1, m2 = Metrics(), Metrics()
-    with worker_thread(s, m1) as w1:
-        with worker_thread(s, m2):
-            # both must own partitions before the stream starts
+    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id, kafka_options=FAST_GROUP)
+    with worker_thread(s) as w1:
+        with worker_thread(s) as w2:
             deadline = time.monotonic() + 60
-            produce(kafka_bootstrap, requests, _stream(40, rows=1, prefix="warm"))
-            while time.monotonic() < deadline:
-                a = (
-                    m1.registry.get_sample_value(
-                        "inference_worker_messages_total", {"status": "ok"}
-                    )
-                    or 0
-                )
-                b = (
-                    m2.registry.get_sample_value(
-                        "inference_worker_messages_total", {"status": "ok"}
-                    )
-                    or 0
-                )
-                if a and b:
-                    break
-                produce(kafka_bootstrap, requests, _stream(8, rows=1, prefix=f"warm{deadline}"))
-                time.sleep(0.5)
-            assert a and b, f"partitions not shared: {a} / {b}"
+            while time.monotonic() < deadline and not (
+                len(w1.assignment()) == 2 and len(w2.assignment()) == 2
+            ):
+                time.sleep(0.2)
+            assert len(w1.assignment()) == len(w2.assignment()) == 2
+            assert not w1.assignment() & w2.assignment()
             produce(kafka_bootstrap, requests, _stream(n // 2, rows=2))
-            _wait_for_answers(kafka_bootstrap, outputs, 60)
-        # the second worker has left; the first takes over its partitions
+            consume_ids(kafka_bootstrap, outputs, {f"r-{i}" for i in range(n // 4)}, timeout=60)
+        # the second worker has left halfway; the first takes over its partitions
         produce(kafka_bootstrap, requests, _stream(n // 2, rows=2, seed=1, prefix="late"))
-        answers = consume(kafka_bootstrap, outputs, 10**6, timeout=20)
-        ids = _request_ids(answers)
         want = {f"r-{i}" for i in range(n // 2)} | {f"late-{i}" for i in range(n // 2)}
-        deadline = time.monotonic() + 60
-        while not want <= set(ids) and time.monotonic() < deadline:
-            ids = _request_ids(consume(kafka_bootstrap, outputs, 10**6, timeout=5))
+        ids = _request_ids(consume_ids(kafka_bootstrap, outputs, want, timeout=90))
         assert want <= set(ids)
-        assert w1.committed_records > 0
+        assert len(w1.assignment()) == 4
+        assert w1.committed_records > 0 and w2.committed_records > 0
 
 
 def test_slow_model_keeps_group_membership(

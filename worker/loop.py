@@ -120,6 +120,12 @@ class Worker:
         self.committed_records = 0
         self._cache: SessionCache | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._consumer: KafkaConsumer | None = None
+
+    def assignment(self) -> set[TopicPartition]:
+        """Partitions this worker owns now (empty before it joined its group)."""
+        consumer = self._consumer
+        return set(consumer.assignment()) if consumer is not None else set()
 
     def stop(self) -> None:
         """Stop polling, drain what is in flight, commit, leave the group."""
@@ -168,6 +174,7 @@ class Worker:
             )
             consumer = make_consumer(s, listener)
             consumer_box.append(consumer)
+            self._consumer = consumer
             stack.callback(consumer.close)
             self.health.broker_ok = True
             self._install_signal_handlers(stack)
