@@ -5,12 +5,15 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.modelzoo import ZOO, sample_feeds, write_corrupt, write_mlp
 from worker.cache import ResponseCache, SessionCache
@@ -100,6 +103,27 @@ def test_evicts_least_recently_used_not_first_inserted(tmp_path: Path) -> None:
     _use(cache, "b")  # reloaded; now A is the oldest use
     assert a.closed and cache.loaded() == [("c", 1), ("b", 1)]
     assert loader.count("b") == 2
+
+
+@pytest.fixture(scope="module")
+def six_models(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    return _repo(tmp_path_factory.mktemp("six"), *"abcdef")
+
+
+@settings(max_examples=60, deadline=None)
+@given(uses=st.lists(st.sampled_from("abcdef"), max_size=40), max_models=st.integers(1, 4))
+def test_eviction_matches_a_reference_lru(
+    six_models: ModelRepository, uses: list[str], max_models: int
+) -> None:
+    cache = SessionCache(six_models, FakeLoader(), max_models=max_models)
+    reference: OrderedDict[str, None] = OrderedDict()
+    for name in uses:
+        _use(cache, name)
+        reference[name] = None
+        reference.move_to_end(name)
+        while len(reference) > max_models:
+            reference.popitem(last=False)
+        assert cache.loaded() == [(n, 1) for n in reference]
 
 
 def test_count_budget_respected(tmp_path: Path) -> None:

@@ -269,6 +269,31 @@ def test_unusable_optimized_file_is_rebuilt(tmp_path: Path) -> None:
     assert load_session(ref, options).loaded_optimized  # rewritten
 
 
+def test_optimized_dir_problems_never_block_a_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.runtime as rt
+
+    write_mlp(tmp_path / "repo")
+    ref = ModelRepository(tmp_path / "repo").resolve("mnist-mlp")
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_bytes(b"")
+    session = load_session(ref, RuntimeOptions(device="cpu", optimized_dir=not_a_dir / "opt"))
+    assert session.warmed_up and session.optimized_path is None
+
+    real_create = rt._create
+
+    def refuse_to_save(source: str, opts: ort.SessionOptions, providers: list[Any]) -> Any:
+        if opts.optimized_model_filepath:
+            raise RuntimeError("cannot serialize a model over 2 GiB")
+        return real_create(source, opts, providers)
+
+    monkeypatch.setattr(rt, "_create", refuse_to_save)
+    session = load_session(ref, RuntimeOptions(device="cpu", optimized_dir=tmp_path / "opt"))
+    assert session.warmed_up and session.optimized_path is None
+    assert not list((tmp_path / "opt").iterdir())  # no temp file left behind
+
+
 # -- CUDA (skipped without a usable GPU) ----------------------------------------
 
 

@@ -398,7 +398,12 @@ def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
             opts = _session_options(options)
             tmp: Path | None = None
             if optimized is not None:
-                optimized.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    optimized.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    log.warning("model %s: optimized graph not saved: %s", ref, exc)
+                    optimized = None
+            if optimized is not None:
                 # Written under a unique name, then renamed: concurrent loaders
                 # never read a half-written graph.
                 tmp = optimized.with_name(f".{optimized.stem}.{uuid.uuid4().hex}.tmp.onnx")
@@ -406,17 +411,27 @@ def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
             try:
                 inner = _create(str(ref.path), opts, providers)
             except Exception as exc:  # every ORT load failure is a load error
-                if tmp is not None:
-                    tmp.unlink(missing_ok=True)
-                raise ModelLoadError(
+                error = ModelLoadError(
                     f"model {ref}: {ref.path.name} could not be loaded: {_ort_message(exc)}"
-                ) from exc
+                )
+                if tmp is None:
+                    raise error from exc
+                tmp.unlink(missing_ok=True)
+                tmp, optimized = None, None
+                # Saving the optimized graph can fail on its own (e.g. > 2 GiB);
+                # that must not make a good model unloadable.
+                try:
+                    inner = _create(str(ref.path), _session_options(options), providers)
+                except Exception:
+                    raise error from exc
+                log.warning("model %s: optimized graph not saved: %s", ref, _ort_message(exc))
             if tmp is not None and optimized is not None:
                 try:
                     os.replace(tmp, optimized)
                 except OSError as exc:
                     tmp.unlink(missing_ok=True)
-                    log.warning("model %s: could not save optimized graph: %s", ref, exc)
+                    optimized = None
+                    log.warning("model %s: optimized graph not saved: %s", ref, exc)
         session = Session(
             ref, inner, device, file_size,
             optimized_path=optimized, loaded_optimized=loaded_optimized,
