@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from producers.clients import KafkaSettings, parse_kafka_options
 from producers.errors import ProducerError, UsageError
+from worker.config import ConfigError, credentials_from_env
 
 __all__ = ["build_parser", "main"]
 
@@ -37,22 +38,35 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="broker list (env KAFKA_BOOTSTRAP_SERVERS; default localhost:9092)",
     )
     kafka.add_argument(
-        "--kafka-option", action="append", default=[], metavar="KEY=VALUE",
+        "--kafka-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="kafka-python client setting, repeatable (e.g. security_protocol=SSL); "
-             "goes to every client that accepts it",
+        "goes to every client that accepts it",
     )
 
 
 def _sending(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-message-bytes", type=int, default=None, metavar="N",
-                        help="message size limit (default: the topic's max.message.bytes)")
-    parser.add_argument("--compression", choices=["none", "lz4", "zstd", "gzip"],
-                        default="none", help="producer compression (default none)")
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="message size limit (default: the topic's max.message.bytes)",
+    )
+    parser.add_argument(
+        "--compression",
+        choices=["none", "lz4", "zstd", "gzip"],
+        default="none",
+        help="producer compression (default none)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Feed, record, replay, collect "
-                                     "and compare inference-worker traffic.")
+    parser = _Parser(
+        prog=PROG, description="Feed, record, replay, collect and compare inference-worker traffic."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("publish", help="publish rows from a file or synthetic data")
@@ -60,24 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["arrow", "msgpack"], required=True)
     p.add_argument("--model", help="model header (default: the worker's --default-model)")
     p.add_argument("--model-version", type=int, help="model-version header (default: newest)")
-    p.add_argument("--model-repository", type=Path, metavar="DIR",
-                   help="check --model exists and take the input's name, dtype and shape "
-                        "from it")
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        metavar="DIR",
+        help="check --model exists and take the input's name, dtype and shape from it",
+    )
     p.add_argument("--input", help="input name (default: the model's only input, else x)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from", dest="source", type=Path, metavar="FILE",
-                     help=".npy, .parquet, .arrow/.feather or .csv")
-    src.add_argument("--synthetic", metavar="SHAPE",
-                     help="random rows of this per-row shape (784, 1,28,28; auto: the model's)")
+    src.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="FILE",
+        help=".npy, .parquet, .arrow/.feather or .csv",
+    )
+    src.add_argument(
+        "--synthetic",
+        metavar="SHAPE",
+        help="random rows of this per-row shape (784, 1,28,28; auto: the model's)",
+    )
     p.add_argument("--rows", type=int, help="row count for --synthetic")
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
-    p.add_argument("--batch-rows", type=int, default=256,
-                   help="rows per message at most (default 256; fewer when the size limit "
-                        "requires)")
+    p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=256,
+        help="rows per message at most (default 256; fewer when the size limit requires)",
+    )
     p.add_argument("--rate", type=float, metavar="ROWS_PER_S", help="pace to this many rows/s")
     p.add_argument("--key-column", metavar="C", help="table column whose value keys each row")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: only when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: only when stderr is a terminal)",
+    )
     _sending(p)
     _common(p)
 
@@ -85,48 +117,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", required=True)
     p.add_argument("--out", required=True, type=Path, metavar="FILE.arrow")
     p.add_argument("--max-messages", type=int, metavar="N")
-    p.add_argument("--timeout", type=float, metavar="S",
-                   help="stop after S seconds (default: run until Ctrl-C or --max-messages)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="stop after S seconds (default: run until Ctrl-C or --max-messages)",
+    )
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--from-beginning", dest="from_beginning", action="store_true",
-                       default=True, help="start at the earliest offset (default)")
-    start.add_argument("--from-latest", dest="from_beginning", action="store_false",
-                       help="only records produced after start")
+    start.add_argument(
+        "--from-beginning",
+        dest="from_beginning",
+        action="store_true",
+        default=True,
+        help="start at the earliest offset (default)",
+    )
+    start.add_argument(
+        "--from-latest",
+        dest="from_beginning",
+        action="store_false",
+        help="only records produced after start",
+    )
     _common(p)
 
     p = sub.add_parser("replay", help="re-publish a recording with its original pacing")
     p.add_argument("--in", dest="recording", required=True, type=Path, metavar="FILE.arrow")
     p.add_argument("--topic", required=True)
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, default=1.0, metavar="X",
-                      help="divide inter-arrival times by X (default 1)")
+    pace.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="divide inter-arrival times by X (default 1)",
+    )
     pace.add_argument("--max-speed", action="store_true", help="send as fast as possible")
-    p.add_argument("--set-header", action="append", default=[], metavar="KEY=VALUE",
-                   help="replace this header on every record, repeatable "
-                        "(e.g. model-version=2)")
+    p.add_argument(
+        "--set-header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="replace this header on every record, repeatable (e.g. model-version=2)",
+    )
     _sending(p)
     _common(p)
 
     p = sub.add_parser("collect", help="read responses into Arrow, Parquet or .npy")
     p.add_argument("--topic", required=True)
     p.add_argument("--out", required=True, type=Path, metavar="FILE")
-    p.add_argument("--expect", type=int, metavar="N",
-                   help="stop once N rows (samples) arrived; exit 1 if the timeout comes first")
-    p.add_argument("--match-header", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep only responses with this header value, repeatable "
-                        "(e.g. model-version=2)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="give up after S seconds (default 60)")
-    p.add_argument("--idle", type=float, default=5.0, metavar="S",
-                   help="without --expect: stop S seconds after the last response (default 5)")
-    p.add_argument("--requests", type=Path, metavar="RECORDING.arrow",
-                   help="recording of the requests: latency from their timestamps")
+    p.add_argument(
+        "--expect",
+        type=int,
+        metavar="N",
+        help="stop once N rows (samples) arrived; exit 1 if the timeout comes first",
+    )
+    p.add_argument(
+        "--match-header",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep only responses with this header value, repeatable (e.g. model-version=2)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="give up after S seconds (default 60)",
+    )
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="without --expect: stop S seconds after the last response (default 5)",
+    )
+    p.add_argument(
+        "--requests",
+        type=Path,
+        metavar="RECORDING.arrow",
+        help="recording of the requests: latency from their timestamps",
+    )
     p.add_argument("--output", metavar="NAME", help="output written to .npy (default: first)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--from-beginning", dest="from_beginning", action="store_true",
-                       default=True, help="read the topic from its earliest offset (default)")
-    start.add_argument("--from-latest", dest="from_beginning", action="store_false",
-                       help="only responses produced after start")
+    start.add_argument(
+        "--from-beginning",
+        dest="from_beginning",
+        action="store_true",
+        default=True,
+        help="read the topic from its earliest offset (default)",
+    )
+    start.add_argument(
+        "--from-latest",
+        dest="from_beginning",
+        action="store_false",
+        help="only responses produced after start",
+    )
     _common(p)
 
     p = sub.add_parser("compare", help="compare two collections of the same requests")
@@ -134,14 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", type=Path, metavar="B")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram of differences")
-    p.add_argument("--top", type=int, default=10, metavar="K",
-                   help="list the K requests that disagree most (default 10)")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=10,
+        metavar="K",
+        help="list the K requests that disagree most (default 10)",
+    )
     _common(p)
     return parser
 
 
 def _settings(args: argparse.Namespace) -> KafkaSettings:
-    return KafkaSettings(args.bootstrap_servers, parse_kafka_options(args.kafka_option))
+    # credentials from KAFKA_* variables (never flags); explicit options win
+    try:
+        secrets = credentials_from_env(dict(os.environ))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return KafkaSettings(
+        args.bootstrap_servers, {**secrets, **parse_kafka_options(args.kafka_option)}
+    )
 
 
 def _compression(args: argparse.Namespace) -> str | None:
@@ -168,11 +265,20 @@ def _publish(args: argparse.Namespace) -> int:
         if args.rows is not None:
             raise UsageError("--rows goes with --synthetic")
         source = read_file(args.source, spec, args.key_column)
-    encode = make_encoder(fmt=args.format, input_name=spec.name, model=args.model,
-                          model_version=args.model_version)
-    publish(_settings(args), source, args.topic, encode=encode, batch_rows=args.batch_rows,
-            rate=args.rate, max_message_bytes=args.max_message_bytes,
-            compression=_compression(args), progress=args.progress)
+    encode = make_encoder(
+        fmt=args.format, input_name=spec.name, model=args.model, model_version=args.model_version
+    )
+    publish(
+        _settings(args),
+        source,
+        args.topic,
+        encode=encode,
+        batch_rows=args.batch_rows,
+        rate=args.rate,
+        max_message_bytes=args.max_message_bytes,
+        compression=_compression(args),
+        progress=args.progress,
+    )
     return 0
 
 
@@ -181,8 +287,14 @@ def _record(args: argparse.Namespace) -> int:
 
     if args.out.suffix.lower() != ".arrow":
         raise UsageError(f"--out {str(args.out)!r}: a recording is an .arrow file")
-    record(_settings(args), args.topic, args.out, max_messages=args.max_messages,
-           timeout_s=args.timeout, from_beginning=args.from_beginning)
+    record(
+        _settings(args),
+        args.topic,
+        args.out,
+        max_messages=args.max_messages,
+        timeout_s=args.timeout,
+        from_beginning=args.from_beginning,
+    )
     return 0
 
 
@@ -190,9 +302,15 @@ def _replay(args: argparse.Namespace) -> int:
     from producers.replay import parse_headers, replay
 
     headers = parse_headers(args.set_header)
-    replay(_settings(args), args.recording, args.topic,
-           speed=None if args.max_speed else args.speed, set_headers=headers,
-           max_message_bytes=args.max_message_bytes, compression=_compression(args))
+    replay(
+        _settings(args),
+        args.recording,
+        args.topic,
+        speed=None if args.max_speed else args.speed,
+        set_headers=headers,
+        max_message_bytes=args.max_message_bytes,
+        compression=_compression(args),
+    )
     return 0
 
 
@@ -201,10 +319,18 @@ def _collect(args: argparse.Namespace) -> int:
     from producers.replay import parse_headers
 
     match = parse_headers(args.match_header, flag="--match-header")
-    result = collect(_settings(args), args.topic, args.out, expect=args.expect,
-                     timeout_s=args.timeout, idle_s=args.idle, requests=args.requests,
-                     output=args.output, from_beginning=args.from_beginning,
-                     match_headers=match)
+    result = collect(
+        _settings(args),
+        args.topic,
+        args.out,
+        expect=args.expect,
+        timeout_s=args.timeout,
+        idle_s=args.idle,
+        requests=args.requests,
+        output=args.output,
+        from_beginning=args.from_beginning,
+        match_headers=match,
+    )
     return 0 if result.complete else 1
 
 
@@ -219,8 +345,13 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"publish": _publish, "record": _record, "replay": _replay,
-             "collect": _collect, "compare": _compare}
+_COMMANDS = {
+    "publish": _publish,
+    "record": _record,
+    "replay": _replay,
+    "collect": _collect,
+    "compare": _compare,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

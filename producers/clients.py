@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producers.errors import ProducerError, UsageError
+from worker.config import ConfigError
+from worker.config import parse_kafka_options as _parse
 
 __all__ = [
     "DEFAULT_MESSAGE_LIMIT",
@@ -27,44 +29,12 @@ DEFAULT_MESSAGE_LIMIT = 1048588
 _MAX_REQUEST_SIZE = 16 * 1024 * 1024
 
 
-def _coerce(value: str) -> Any:
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
-
-
 def parse_kafka_options(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["acks=1", "security.protocol=SSL"]`` -> ``{"acks": 1, "security_protocol": "SSL"}``.
-
-    Java-style dotted names are accepted because that is what users copy from
-    broker docs; kafka-python spells them with underscores.
-    """
-    from kafka import KafkaConsumer, KafkaProducer
-    from kafka.admin import KafkaAdminClient
-
-    known = (
-        set(KafkaProducer.DEFAULT_CONFIG)
-        | set(KafkaConsumer.DEFAULT_CONFIG)
-        | set(KafkaAdminClient.DEFAULT_CONFIG)
-    )
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace(".", "_").replace("-", "_")
-        if not sep or not key:
-            raise UsageError(f"--kafka-option {pair!r}: expected KEY=VALUE")
-        if key not in known:
-            raise UsageError(f"--kafka-option {pair!r}: no kafka-python client knows {key!r}")
-        out[key] = _coerce(value)
-    return out
+    """``["acks=1", "security.protocol=SSL"]`` -> typed settings, by the worker's rule."""
+    try:
+        return _parse(list(pairs))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -79,8 +49,9 @@ class KafkaSettings:
         base.update({k: v for k, v in self.options.items() if k in defaults})
         return base
 
-    def producer_config(self, *, batch_size: int | None = None, compression: str | None = None
-                        ) -> dict[str, Any]:
+    def producer_config(
+        self, *, batch_size: int | None = None, compression: str | None = None
+    ) -> dict[str, Any]:
         from kafka import KafkaProducer
 
         base: dict[str, Any] = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from worker.config import ConfigError, Settings, parse_kafka_options
+from worker.config import ConfigError, Settings, credentials_from_env, parse_kafka_options
 
 __all__ = ["main", "parse_settings"]
 
@@ -242,7 +242,8 @@ def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Se
         exactly_once=v["exactly_once"],
         transactional_id=v["transactional_id"],
         metrics_port=v["metrics_port"],
-        kafka_options=parse_kafka_options(v["kafka_option"]),
+        # flags win over the environment's credentials
+        kafka_options={**credentials_from_env(env), **parse_kafka_options(v["kafka_option"])},
         log_format=v["log_format"],
         log_level=v["log_level"],
         drain_timeout_s=v["drain_timeout"],

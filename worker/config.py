@@ -19,6 +19,7 @@ __all__ = [
     "Settings",
     "admin_config",
     "consumer_config",
+    "credentials_from_env",
     "parse_kafka_options",
     "producer_config",
 ]
@@ -65,7 +66,9 @@ class Settings:
     """Stable id for --exactly-once; default ``<group-id>-<hostname>`` so a restarted
     worker fences its predecessor and aborts its open transaction at once."""
     metrics_port: int = 9400
-    kafka_options: dict[str, Any] = field(default_factory=dict)
+    kafka_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    """kafka-python settings for every client that accepts them; may hold
+    credentials, so it is kept out of ``repr`` (and so out of every log line)."""
     log_format: str = "text"
     log_level: str = "INFO"
     drain_timeout_s: float = 30.0
@@ -101,6 +104,8 @@ def _coerce(value: str) -> Any:
     low = value.lower()
     if low in ("true", "false"):
         return low == "true"
+    if low in ("none", "null"):
+        return None
     if re.fullmatch(r"-?\d+", value):
         return int(value)
     if re.fullmatch(r"-?\d+\.\d*", value):
@@ -125,12 +130,48 @@ def parse_kafka_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        key = key.strip().replace(".", "_")
+        key = key.strip().replace(".", "_").replace("-", "_")
         if not sep or not key:
             raise ConfigError("--kafka-option", f"expected KEY=VALUE, got {pair!r}")
         if key not in known:
             raise ConfigError("--kafka-option", f"unknown kafka-python setting {key!r}")
         options[key] = _coerce(value)
+    return options
+
+
+# Credentials come from the environment (a Kubernetes Secret) or files, never
+# from flags, which show up in `ps` and shell history.
+_CREDENTIAL_ENV = {
+    "KAFKA_SECURITY_PROTOCOL": "security_protocol",
+    "KAFKA_SASL_MECHANISM": "sasl_mechanism",
+    "KAFKA_SASL_USERNAME": "sasl_plain_username",
+    "KAFKA_SASL_PASSWORD": "sasl_plain_password",
+    "KAFKA_SSL_CAFILE": "ssl_cafile",
+    "KAFKA_SSL_CERTFILE": "ssl_certfile",
+    "KAFKA_SSL_KEYFILE": "ssl_keyfile",
+}
+
+
+def credentials_from_env(env: dict[str, str]) -> dict[str, Any]:
+    """kafka-python security settings from ``KAFKA_*`` variables.
+
+    ``KAFKA_SASL_PASSWORD_FILE`` (a mounted Secret) is read when
+    ``KAFKA_SASL_PASSWORD`` is not set. Raises :class:`ConfigError` naming the
+    variable, never the value.
+    """
+    options = {key: env[var] for var, key in _CREDENTIAL_ENV.items() if env.get(var)}
+    path = env.get("KAFKA_SASL_PASSWORD_FILE")
+    if path and "sasl_plain_password" not in options:
+        try:
+            options["sasl_plain_password"] = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                "KAFKA_SASL_PASSWORD_FILE", f"cannot read {path}: {exc.strerror}"
+            ) from None
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        if key in options and not Path(options[key]).is_file():
+            var = next(v for v, k in _CREDENTIAL_ENV.items() if k == key)
+            raise ConfigError(var, f"no such file: {options[key]}")
     return options
 
 
