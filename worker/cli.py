@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,12 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag("max-request-rows", "most rows in one request", "1000000", _positive_int),
     _Flag(
+        "optimized-dir",
+        "cache of ONNX Runtime's optimized graphs ('' turns it off)",
+        str(Path(tempfile.gettempdir()) / "inference-worker-optimized"),
+        lambda v: Path(v) if v else None,
+    ),
+    _Flag(
         "response-cache-size",
         "answer identical requests from memory (0: off)",
         "0",
@@ -254,6 +261,7 @@ def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Se
         max_request_bytes=v["max_request_bytes"],
         max_request_rows=v["max_request_rows"],
         response_cache_size=v["response_cache_size"],
+        optimized_dir=v["optimized_dir"],
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ class Settings:
     """Largest request value decoded (default: max_message_bytes); larger -> too-large."""
     max_request_rows: int = 1_000_000
     """Most rows in one request; more -> too-large."""
+    optimized_dir: Path | None = Path(tempfile.gettempdir()) / "inference-worker-optimized"
+    """Where ONNX Runtime's optimized graphs are kept, so a reload skips optimizing
+    (None: off). The Kubernetes manifests mount an emptyDir on /tmp for it."""
     response_cache_size: int = 0
     """Entries in the response cache; 0 turns it off."""
     commit_interval_ms: float = 200.0
