@@ -1,0 +1,118 @@
+"""/metrics, /healthz, /readyz, the spec's metric names, backpressure, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import modelzoo
+from tests.harness import consume_ids, produce, settings, worker_thread
+from worker.observability import Metrics, configure_logging
+from worker.protocol import encode_request
+
+SPEC_METRICS = [
+    "inference_worker_messages_total",
+    "inference_worker_rows_total",
+    "inference_worker_batch_rows",
+    "inference_worker_inference_seconds",
+    "inference_worker_end_to_end_seconds",
+    "inference_worker_dlq_total",
+    "inference_worker_model_cache_hits_total",
+    "inference_worker_model_cache_misses_total",
+    "inference_worker_model_cache_evictions_total",
+    "inference_worker_model_cache_models",
+    "inference_worker_model_cache_bytes",
+    "inference_worker_model_load_seconds",
+    "inference_worker_consumer_lag",
+]
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+@pytest.mark.kafka
+def test_endpoints_and_every_spec_metric(
+    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, model_repo: Path
+) -> None:
+    requests, outputs = new_topic(), new_topic()
+    s = settings(
+        kafka_bootstrap, requests, outputs, model_repo, group_id, preload=(("mnist-mlp", None),)
+    )
+    with worker_thread(s) as worker:
+        deadline = time.monotonic() + 30
+        while worker.metrics_port is None or _get(worker.metrics_port, "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.1)
+        value, headers = encode_request(
+            {"x": np.ones((3, 784), np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id="m1",
+        )
+        produce(kafka_bootstrap, requests, [(None, value, headers), (None, b"junk", [])])
+        consume_ids(kafka_bootstrap, outputs, {"m1"}, timeout=60)
+        time.sleep(1.5)  # lag is sampled once a second
+        assert _get(worker.metrics_port, "/healthz")[0] == 200
+        status, body = _get(worker.metrics_port, "/metrics")
+    assert status == 200
+    for name in SPEC_METRICS:
+        assert f"# TYPE {name.removesuffix('_total')}" in body, name
+    assert 'inference_worker_rows_total{model="mnist-mlp"} 3.0' in body
+    assert f'inference_worker_consumer_lag{{partition="0",topic="{requests}"}}' in body
+    assert 'inference_worker_dlq_total{error_type="decode-error"} 1.0' in body
+
+
+@pytest.mark.kafka
+def test_slow_model_pauses_partitions_and_still_answers_everything(
+    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, tmp_path: Path
+) -> None:
+    repo = tmp_path / "models"
+    modelzoo.write_slow(repo, ms_per_run=150)
+    requests, outputs = new_topic(partitions=2), new_topic()
+    records = []
+    for i in range(12):
+        value, headers = encode_request(
+            {"x": np.ones((1, 16), np.float32)}, format="msgpack", model="slow", request_id=f"p{i}"
+        )
+        records.append((None, value, headers))
+    produce(kafka_bootstrap, requests, records)
+    metrics = Metrics()
+    s = settings(
+        kafka_bootstrap, requests, outputs, repo, group_id, max_batch_rows=1, max_inflight_bytes=256
+    )
+    paused_seen = 0.0
+    with worker_thread(s, metrics):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not paused_seen:
+            paused_seen = (
+                metrics.registry.get_sample_value("inference_worker_paused_partitions") or 0.0
+            )
+            time.sleep(0.02)
+        consume_ids(kafka_bootstrap, outputs, {f"p{i}" for i in range(12)}, timeout=90)
+    assert paused_seen > 0
+
+
+def test_json_logs_carry_partition_and_offset(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("json", "INFO")
+    try:
+        logging.getLogger("worker.loop").warning(
+            "t[0]@5 -> dead letter", extra={"topic": "t", "partition": 0, "offset": 5}
+        )
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        doc = json.loads(line)
+        assert doc["topic"] == "t" and doc["partition"] == 0 and doc["offset"] == 5
+        assert doc["level"] == "WARNING"
+    finally:
+        logging.getLogger().handlers.clear()
