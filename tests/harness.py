@@ -7,12 +7,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from worker.config import Settings
@@ -79,15 +81,15 @@ def produce(
         producer.close()
 
 
-def consume(
+def _read(
     bootstrap: str,
     topic: str,
-    n: int,
-    timeout: float = 60.0,
-    isolation: str = "read_uncommitted",
-    settle: float = 0.0,
+    done: Callable[[list[Any]], bool],
+    timeout: float,
+    isolation: str,
+    settle: float,
 ) -> list[Any]:
-    """Read ``n`` records from the beginning (then ``settle`` s more, to catch extras)."""
+    """Read ``topic`` from the beginning until ``done(records)``, then ``settle`` s more."""
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -101,7 +103,7 @@ def consume(
     out: list[Any] = []
     try:
         deadline = time.monotonic() + timeout
-        while len(out) < n and time.monotonic() < deadline:
+        while not done(out) and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=200).values():
                 out.extend(records)
         end = time.monotonic() + settle
@@ -111,6 +113,18 @@ def consume(
     finally:
         consumer.close()
     return out
+
+
+def consume(
+    bootstrap: str,
+    topic: str,
+    n: int,
+    timeout: float = 60.0,
+    isolation: str = "read_uncommitted",
+    settle: float = 0.0,
+) -> list[Any]:
+    """Read ``n`` records from the beginning (then ``settle`` s more, to catch extras)."""
+    return _read(bootstrap, topic, lambda out: len(out) >= n, timeout, isolation, settle)
 
 
 def consume_ids(
@@ -122,31 +136,24 @@ def consume_ids(
     settle: float = 0.0,
 ) -> list[Any]:
     """Read from the beginning until every request id in ``want`` has an answer."""
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        isolation_level=isolation,
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
-    )
-    out: list[Any] = []
-    seen: set[str] = set()
-    try:
-        deadline = time.monotonic() + timeout
-        while not want <= seen and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                out.extend(records)
-                seen.update(header(r, "request-id") or "" for r in records)
-        end = time.monotonic() + settle
-        while time.monotonic() < end:
-            for records in consumer.poll(timeout_ms=200).values():
-                out.extend(records)
-    finally:
-        consumer.close()
-    return out
+
+    def done(out: list[Any]) -> bool:
+        return want <= {header(r, "request-id") for r in out}
+
+    return _read(bootstrap, topic, done, timeout, isolation, settle)
+
+
+def assert_same_outputs(got: object, want: object) -> None:
+    """A decoded output equals ONNX Runtime's: tensors to 1e-5, maps key by key, strings exactly."""
+    if isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert dict(g).keys() == w.keys()
+            assert list(dict(g).values()) == pytest.approx(list(w.values()), abs=1e-5)
+    elif np.asarray(want).dtype.kind in "OUS":
+        assert np.asarray(got).astype(str).tolist() == np.asarray(want).astype(str).tolist()
+    else:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 # Short enough that a killed member's partitions move on within seconds.

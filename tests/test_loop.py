@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests import modelzoo
 from tests.harness import (
     FAST_GROUP,
+    assert_same_outputs,
     committed,
     consume,
     consume_ids,
@@ -39,17 +40,6 @@ def _direct(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, object]:
     session = ort.InferenceSession(str(path))
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds), strict=True))
-
-
-def _assert_same(got: object, want: object) -> None:
-    if isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            assert set(g) == set(w)
-            for k in w:
-                assert g[k] == pytest.approx(w[k], abs=1e-5)
-    else:
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
 def _stream(
@@ -98,7 +88,7 @@ def test_mixed_models_coalesced_equal_one_run_per_message(
         want = _direct(paths[name], feeds)
         assert set(response.outputs) == set(want)
         for key in want:
-            _assert_same(response.outputs[key], want[key])
+            assert_same_outputs(response.outputs[key], want[key])
     # messages carry at most 5 rows: a run over 8 rows proves coalescing happened
     runs = metrics.registry.get_sample_value("inference_worker_batch_rows_count")
     small = metrics.registry.get_sample_value("inference_worker_batch_rows_bucket", {"le": "8.0"})

@@ -11,25 +11,21 @@ import onnxruntime as ort
 import pytest
 
 from tests import modelzoo
-from tests.harness import consume, consume_ids, header, produce, settings, worker_thread
+from tests.harness import (
+    assert_same_outputs,
+    consume,
+    consume_ids,
+    header,
+    produce,
+    settings,
+    worker_thread,
+)
 from worker.demo import write_demo_model
 from worker.observability import Metrics
 from worker.protocol import decode_response, encode_request
 from worker.signature import Signature
 
 pytestmark = pytest.mark.kafka
-
-
-def _same(got: object, want: object) -> None:
-    if isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            assert dict(g).keys() == w.keys()
-            assert list(dict(g).values()) == pytest.approx(list(w.values()), abs=1e-5)
-    elif np.asarray(want).dtype.kind in "OUS":
-        assert np.asarray(got).astype(str).tolist() == np.asarray(want).astype(str).tolist()
-    else:
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
 def test_twelve_models_through_a_cache_of_three(
@@ -62,7 +58,7 @@ def test_twelve_models_through_a_cache_of_three(
         )
         got = decode_response(record.value, record.headers).outputs
         for key, value in want.items():
-            _same(got[key], value)
+            assert_same_outputs(got[key], value)
     evictions = metrics.registry.get_sample_value("inference_worker_model_cache_evictions_total")
     assert evictions is not None and evictions >= 9
     assert (metrics.registry.get_sample_value("inference_worker_model_cache_models") or 0) <= 3
