@@ -169,9 +169,12 @@ class Worker:
             producer = make_producer(s)
             stack.callback(producer.close)
             consumer_box: list[KafkaConsumer] = []
+            # At-least-once finishes a revoked partition's work (fewer repeats);
+            # exactly-once abandons it: its answers were never committed, so the
+            # next owner answers them inside its own transaction.
             listener = RevocationHandler(
                 lambda: consumer_box[0],
-                ready=self._answered,
+                ready=(lambda tps: False) if s.exactly_once else self._answered,
                 settle=partial(self._settle, producer),
                 forget=self._forget,
                 timeout_s=0.0 if s.exactly_once else min(s.drain_timeout_s, 10.0),
