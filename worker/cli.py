@@ -198,6 +198,11 @@ def _build_parser() -> argparse.ArgumentParser:
             run.add_argument(f"--{flag.name}", action="append", metavar="VALUE", help=helptext)
         else:
             run.add_argument(f"--{flag.name}", metavar="VALUE", help=helptext)
+    sub.add_parser(
+        "optimize",
+        help="write a faster version of a model, behind an accuracy gate (optimize --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -271,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _build_parser().print_help()
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "optimize":  # its own flags and parser: worker/optimize.py
+        from worker.optimize import main as optimize_main
+
+        return optimize_main(rest)
     if command != "run":
         _build_parser().parse_args(argv)  # prints the one-line error, exits 2
         return 2
