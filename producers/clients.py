@@ -93,24 +93,27 @@ class KafkaSettings:
     def producer(self, **kwargs: Any) -> Any:
         from kafka import KafkaProducer
 
-        return _connect(lambda: KafkaProducer(**self.producer_config(**kwargs)), self)
+        return _connect(KafkaProducer, self.producer_config(**kwargs), self)
 
     def consumer(self) -> Any:
         from kafka import KafkaConsumer
 
-        return _connect(lambda: KafkaConsumer(**self.consumer_config()), self)
+        return _connect(KafkaConsumer, self.consumer_config(), self)
 
     def admin(self) -> Any:
         from kafka.admin import KafkaAdminClient
 
-        return _connect(lambda: KafkaAdminClient(**self.admin_config()), self)
+        return _connect(KafkaAdminClient, self.admin_config(), self)
 
 
-def _connect(make: Any, settings: KafkaSettings) -> Any:
+def _connect(factory: Any, config: dict[str, Any], settings: KafkaSettings) -> Any:
     from kafka.errors import KafkaError
 
+    from worker.kafka import open_client
+
     try:
-        return make()
+        # a refused login or an untrusted certificate fails within seconds, in one line
+        return open_client(factory, config)
     except KafkaError as exc:
         raise ProducerError(f"cannot connect to {settings.bootstrap_servers}: {exc}") from exc
 

@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
 
+    from worker.kafka import BrokerAccessError
     from worker.loop import run_worker
     from worker.observability import configure_logging
 
@@ -298,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    except BrokerAccessError as exc:  # refused login / untrusted certificate: one line
+        log.error("%s", exc)
+        return 1
     except Exception:
         log.exception("fatal error; offsets of unanswered records were not committed")
         return 1

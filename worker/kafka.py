@@ -87,7 +87,7 @@ class RevocationHandler(AsyncConsumerRebalanceListener):
                 if offsets:
                     await consumer._coordinator._commit_offsets_sync_async(offsets)
                 log.info(
-                    "revoked %s: finished and committed %s", _fmt(revoked), _fmt_offsets(offsets)
+                    "revoked %s: finished and committed %s", _fmt(revoked), fmt_offsets(offsets)
                 )
             else:
                 log.warning("revoked %s: in-flight work abandoned uncommitted", _fmt(revoked))
@@ -108,7 +108,7 @@ def _fmt(tps: Collection[TopicPartition]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
 
 
-def _fmt_offsets(offsets: dict[TopicPartition, OffsetAndMetadata]) -> str:
+def fmt_offsets(offsets: dict[TopicPartition, OffsetAndMetadata]) -> str:
     return ", ".join(
         f"{tp.topic}[{tp.partition}]@{om.offset}" for tp, om in sorted(offsets.items())
     )

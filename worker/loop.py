@@ -35,14 +35,25 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RebalanceInProgressError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.batching import Batch, Batcher, Job, run_batch, run_mode
 from worker.cache import ResponseCache, SessionCache
 from worker.config import ConfigError, Settings
 from worker.errors import InferenceError, ModelNotFound, TooLarge, WorkerError
-from worker.kafka import RevocationHandler, committed_or_start, make_consumer, make_producer
+from worker.kafka import (
+    RevocationHandler,
+    committed_or_start,
+    fmt_offsets,
+    make_consumer,
+    make_producer,
+)
 from worker.observability import Health, HealthServer, Metrics
 from worker.protocol import (
     Bound,
@@ -457,7 +468,21 @@ class Worker:
         if not self._to_commit or (not force and time.monotonic() - self._last_commit < interval):
             return
         offsets, self._to_commit = self._to_commit, {}
-        consumer.commit(offsets)
+        try:
+            consumer.commit(offsets)
+        except KafkaError as exc:
+            if not (
+                exc.retriable or isinstance(exc, (RebalanceInProgressError, CommitFailedError))
+            ):
+                raise
+            # A rebalance or a coordinator move is under way: keep the offsets; the
+            # next poll() completes the rebalance, then the revocation handler or the
+            # next commit sends them.
+            log.warning("commit deferred (%s): %s", type(exc).__name__, fmt_offsets(offsets))
+            for tp, om in offsets.items():
+                if tp not in self._to_commit or self._to_commit[tp].offset < om.offset:
+                    self._to_commit[tp] = om
+            return
         self._last_commit = time.monotonic()
         self.committed_records += sum(self._uncommitted.pop(tp, 0) for tp in offsets)
 
