@@ -201,6 +201,9 @@ def consumer_config(s: Settings) -> dict[str, Any]:
         "max_partition_fetch_bytes": s.max_message_bytes,
         "fetch_max_bytes": max(s.max_message_bytes, 64 * 1024 * 1024),
         "max_poll_records": 500,
+        # An input topic created after the worker started is noticed within
+        # 30 s rather than kafka-python's default 5 minutes.
+        "metadata_max_age_ms": 30_000,
     }
     base.update(_accepted(KafkaConsumer.DEFAULT_CONFIG, s.kafka_options))
     return base
