@@ -63,14 +63,18 @@ def test_endpoints_and_every_spec_metric(
         )
         produce(kafka_bootstrap, requests, [(None, value, headers), (None, b"junk", [])])
         consume_ids(kafka_bootstrap, outputs, {"m1"}, timeout=60)
-        time.sleep(1.5)  # lag is sampled once a second
         assert _get(worker.metrics_port, "/healthz")[0] == 200
+        lag = f'inference_worker_consumer_lag{{partition="0",topic="{requests}"}}'
+        deadline = time.monotonic() + 15  # lag is sampled once a second
         status, body = _get(worker.metrics_port, "/metrics")
+        while lag not in body and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status, body = _get(worker.metrics_port, "/metrics")
     assert status == 200
     for name in SPEC_METRICS:
         assert f"# TYPE {name.removesuffix('_total')}" in body, name
     assert 'inference_worker_rows_total{model="mnist-mlp"} 3.0' in body
-    assert f'inference_worker_consumer_lag{{partition="0",topic="{requests}"}}' in body
+    assert lag in body
     assert 'inference_worker_dlq_total{error_type="decode-error"} 1.0' in body
 
 

@@ -76,9 +76,13 @@ class Batch:
 class Batcher:
     """Groups jobs by coalescing key; hands out batches when full or due."""
 
-    def __init__(self, max_rows: int, max_delay_s: float) -> None:
+    def __init__(self, max_rows: int, max_delay_s: float, alone_rows: int = 64) -> None:
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
+        # A request this large already amortizes a run's fixed cost; copying it
+        # into a bigger batch costs more than the run it saves, so it runs alone
+        # on the decoder's zero-copy view.
+        self.alone_rows = alone_rows
         self._groups: dict[Hashable, list[Job]] = {}
 
     def __len__(self) -> int:
@@ -86,6 +90,8 @@ class Batcher:
 
     def add(self, job: Job) -> list[Batch]:
         """Queue ``job``; returns the batches it completed (full ones)."""
+        if job.mode != RunMode.COALESCE or job.rows >= self.alone_rows:
+            return [Batch(job.model, job.version, [job])]
         key = job.key
         group = self._groups.setdefault(key, [])
         full: list[Batch] = []
@@ -93,7 +99,7 @@ class Batcher:
             full.append(Batch(job.model, job.version, self._groups.pop(key)))
             group = self._groups.setdefault(key, [])
         group.append(job)
-        if job.mode != RunMode.COALESCE or sum(j.rows for j in group) >= self.max_rows:
+        if sum(j.rows for j in group) >= self.max_rows:
             full.append(Batch(job.model, job.version, self._groups.pop(key)))
         return full
 
@@ -132,8 +138,7 @@ def _split(outputs: Outputs, sizes: list[int]) -> list[Outputs] | None:
             return None
     bounds = np.cumsum([0, *sizes])
     return [
-        {name: value[a:b] for name, value in outputs.items()}
-        for a, b in itertools.pairwise(bounds)
+        {name: value[a:b] for name, value in outputs.items()} for a, b in itertools.pairwise(bounds)
     ]
 
 
