@@ -122,6 +122,9 @@ class Worker:
             max_rows=settings.max_request_rows,
         )
         self._batcher = Batcher(settings.max_batch_rows, settings.max_batch_delay_ms / 1000)
+        # Lines are shared by the main thread (append, commit) and the pool
+        # threads (send answers as soon as they exist); one lock guards them.
+        self._lock = threading.Lock()
         self._lines: dict[TopicPartition, deque[Slot]] = {}  # polled, not yet committed
         self._unsent: dict[TopicPartition, deque[Slot]] = {}  # the tail of each line not yet sent
         self._inflight_bytes = 0
@@ -135,6 +138,7 @@ class Worker:
         self._cache: SessionCache | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
         self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
 
     def assignment(self) -> set[TopicPartition]:
@@ -181,6 +185,7 @@ class Worker:
             )
             producer = make_producer(s)
             stack.callback(producer.close)
+            self._producer = producer
             consumer_box: list[KafkaConsumer] = []
             # At-least-once finishes a revoked partition's work (fewer repeats);
             # exactly-once abandons it: its answers were never committed, so the
@@ -249,13 +254,18 @@ class Worker:
             if self.settings.exactly_once:
                 self._transact(consumer, producer)  # 5+6 in one transaction
             else:
-                self._produce(producer)  # 5. answered heads, in offset order
+                self._produce(producer)  # 5. dead letters; pool threads send the rest
                 self._commit(consumer)  # 6. acknowledged heads
             self._backpressure(consumer)
             self._report_lag(consumer)
 
     def _poll_wait_ms(self) -> float:
-        if self._running or any(q and q[0].out is not None for q in self._unsent.values()):
+        # At-least-once: pool threads send their own answers, so the main thread
+        # may wait in poll() for records. A transaction is driven from here, so
+        # with --exactly-once it checks back often while answers are due.
+        if self.settings.exactly_once and (
+            self._running or any(q and q[0].out is not None for q in self._unsent.values())
+        ):
             return 2
         deadline = self._batcher.next_deadline()
         if deadline is not None:
@@ -268,9 +278,10 @@ class Worker:
         value = record.value or b""
         slot = Slot(record, nbytes=len(value))
         tp = TopicPartition(record.topic, record.partition)
-        self._lines.setdefault(tp, deque()).append(slot)
-        self._unsent.setdefault(tp, deque()).append(slot)
-        self._inflight_bytes += slot.nbytes
+        with self._lock:
+            self._lines.setdefault(tp, deque()).append(slot)
+            self._unsent.setdefault(tp, deque()).append(slot)
+            self._inflight_bytes += slot.nbytes
         model: str | None = None
         assert self._cache is not None
         try:
@@ -341,7 +352,12 @@ class Worker:
         assert self._pool is not None
         future = self._pool.submit(self._infer, batch)
         self._running.add(future)
-        future.add_done_callback(self._running.discard)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, future: Future[None]) -> None:
+        self._running.discard(future)
+        if future.exception() is not None:  # answers stay unsent; the main loop retries
+            log.warning("sending from the inference pool failed: %s", future.exception())
 
     def _infer(self, batch: Batch) -> None:
         """Pool thread: run one batch and put an answer into every slot."""
@@ -380,6 +396,8 @@ class Worker:
                 )
             finally:
                 slot.request = slot.bound = None  # let the input buffers go
+        if not self.settings.exactly_once and self._producer is not None:
+            self._produce(self._producer)  # 5, from this thread: no wait for the next poll
 
     def _response(self, slot: Slot, model: str, version: int, outputs: dict[str, Any]) -> Outgoing:
         assert slot.request is not None
@@ -408,14 +426,16 @@ class Worker:
     def _produce(
         self, producer: KafkaProducer, tps: Collection[TopicPartition] | None = None
     ) -> None:
-        for tp, unsent in self._unsent.items():
-            if tps is not None and tp not in tps:
-                continue
-            # Stop at the first record still running: answers leave in offset order.
-            while unsent and unsent[0].out is not None:
-                slot = unsent.popleft()
-                slot.acks.append(self._send(producer, slot))
-                slot.sent = True
+        with self._lock:
+            for tp, unsent in self._unsent.items():
+                if tps is not None and tp not in tps:
+                    continue
+                # Stop at the first record still running: answers leave in offset order.
+                while unsent and unsent[0].out is not None:
+                    slot = unsent[0]
+                    slot.acks.append(self._send(producer, slot))  # raises: retried next loop
+                    slot.sent = True
+                    unsent.popleft()
 
     def _send(self, producer: KafkaProducer, slot: Slot) -> Any:
         """Send a slot's answer; one the producer refuses as too large becomes a dead letter."""
@@ -444,19 +464,20 @@ class Worker:
 
     def _pop_acknowledged(self, tps: Collection[TopicPartition] | None = None) -> None:
         now = time.time()
-        for tp, line in self._lines.items():
-            if tps is not None and tp not in tps:
-                continue
-            while line and line[0].sent and all(f.is_done for f in line[0].acks):
-                slot = line.popleft()
-                for ack in slot.acks:
-                    if ack.failed():
-                        raise FatalError(
-                            f"{slot.where}: the broker refused its answer: {ack.exception}"
-                        )
-                self._retire(slot, now)
-                self._to_commit[tp] = OffsetAndMetadata(slot.record.offset + 1, "", -1)
-                self._uncommitted[tp] = self._uncommitted.get(tp, 0) + 1
+        with self._lock:
+            for tp, line in self._lines.items():
+                if tps is not None and tp not in tps:
+                    continue
+                while line and line[0].sent and all(f.is_done for f in line[0].acks):
+                    slot = line.popleft()
+                    for ack in slot.acks:
+                        if ack.failed():
+                            raise FatalError(
+                                f"{slot.where}: the broker refused its answer: {ack.exception}"
+                            )
+                    self._retire(slot, now)
+                    self._to_commit[tp] = OffsetAndMetadata(slot.record.offset + 1, "", -1)
+                    self._uncommitted[tp] = self._uncommitted.get(tp, 0) + 1
 
     def _retire(self, slot: Slot, now: float) -> None:
         assert slot.out is not None
@@ -552,18 +573,20 @@ class Worker:
         self._produce(producer, tps)
         producer.flush()
         self._pop_acknowledged(tps)
-        offsets = {tp: self._to_commit.pop(tp) for tp in tps if tp in self._to_commit}
-        self.committed_records += sum(self._uncommitted.pop(tp, 0) for tp in offsets)
+        with self._lock:
+            offsets = {tp: self._to_commit.pop(tp) for tp in tps if tp in self._to_commit}
+            self.committed_records += sum(self._uncommitted.pop(tp, 0) for tp in offsets)
         return offsets
 
     def _forget(self, tps: Collection[TopicPartition]) -> None:
-        for tp in tps:
-            line = self._lines.pop(tp, deque())
-            self._unsent.pop(tp, None)
-            self._inflight_bytes -= sum(s.nbytes for s in line)
-            self._to_commit.pop(tp, None)
-            self._uncommitted.pop(tp, None)
-            self._paused.discard(tp)
+        with self._lock:
+            for tp in tps:
+                line = self._lines.pop(tp, deque())
+                self._unsent.pop(tp, None)
+                self._inflight_bytes -= sum(s.nbytes for s in line)
+                self._to_commit.pop(tp, None)
+                self._uncommitted.pop(tp, None)
+                self._paused.discard(tp)
 
     # -- backpressure and lag --------------------------------------------------
 
