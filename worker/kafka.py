@@ -209,6 +209,11 @@ def open_client(factory: Callable[..., T], config: dict[str, Any]) -> T:
 
 def make_consumer(settings: Settings, listener: AsyncConsumerRebalanceListener) -> KafkaConsumer:
     consumer = open_client(KafkaConsumer, consumer_config(settings))
+    # Learn the topics' partitions before joining: a first JoinGroup without
+    # them assigns nothing, and kafka-python's metadata-triggered rejoin that
+    # follows can leave a member without partitions for a long time.
+    for topic in settings.input_topics:
+        consumer.partitions_for_topic(topic)
     consumer.subscribe(list(settings.input_topics), listener=listener)
     return consumer
 
