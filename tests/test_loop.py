@@ -311,10 +311,14 @@ def test_two_workers_share_partitions_and_survive_one_leaving(
                 time.sleep(0.2)
             assert len(w1.assignment()) == len(w2.assignment()) == 2
             assert not w1.assignment() & w2.assignment()
-            produce(kafka_bootstrap, requests, _stream(n // 2, rows=2))
-            consume_ids(kafka_bootstrap, outputs, {f"r-{i}" for i in range(n // 4)}, timeout=60)
+            first = _stream(n // 2, rows=2)
+            for p in range(4):  # every partition, so both workers have work
+                produce(kafka_bootstrap, requests, first[p::4], partition=p)
+            consume_ids(kafka_bootstrap, outputs, {f"r-{i}" for i in range(n // 2)}, timeout=60)
         # the second worker has left halfway; the first takes over its partitions
-        produce(kafka_bootstrap, requests, _stream(n // 2, rows=2, seed=1, prefix="late"))
+        late = _stream(n // 2, rows=2, seed=1, prefix="late")
+        for p in range(4):
+            produce(kafka_bootstrap, requests, late[p::4], partition=p)
         want = {f"r-{i}" for i in range(n // 2)} | {f"late-{i}" for i in range(n // 2)}
         ids = _request_ids(consume_ids(kafka_bootstrap, outputs, want, timeout=90))
         assert want <= set(ids)

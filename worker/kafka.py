@@ -91,6 +91,10 @@ class RevocationHandler(AsyncConsumerRebalanceListener):
                 )
             else:
                 log.warning("revoked %s: in-flight work abandoned uncommitted", _fmt(revoked))
+        except Errors.KafkaError as exc:
+            # Answered but not committed: the next owner answers them again
+            # (at-least-once). Raising here would only abort the rebalance.
+            log.warning("revoked %s: commit failed (%s); answers may repeat", _fmt(revoked), exc)
         finally:
             self._forget(revoked)
 
@@ -212,8 +216,10 @@ def make_consumer(settings: Settings, listener: AsyncConsumerRebalanceListener) 
     # Learn the topics' partitions before joining: a first JoinGroup without
     # them assigns nothing, and kafka-python's metadata-triggered rejoin that
     # follows can leave a member without partitions for a long time.
+    deadline = time.monotonic() + 10
     for topic in settings.input_topics:
-        consumer.partitions_for_topic(topic)
+        while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
+            time.sleep(0.1)  # a topic created a moment ago: its metadata is on the way
     consumer.subscribe(list(settings.input_topics), listener=listener)
     return consumer
 
