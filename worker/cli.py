@@ -130,6 +130,12 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     ),
     _Flag("max-batch-rows", "rows per coalesced run", "1024", _positive_int),
     _Flag("max-batch-delay-ms", "how long a request waits for company", "5", _non_negative_float),
+    _Flag(
+        "coalesce-below-rows",
+        "requests with at least this many rows run alone, uncopied",
+        "64",
+        _positive_int,
+    ),
     _Flag("output-format", "same | arrow | msgpack", "same", _choice("same", "arrow", "msgpack")),
     _Flag(
         "exactly-once",
@@ -250,6 +256,7 @@ def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Se
         preload=v["preload"],
         max_batch_rows=v["max_batch_rows"],
         max_batch_delay_ms=v["max_batch_delay_ms"],
+        coalesce_below_rows=v["coalesce_below_rows"],
         output_format=v["output_format"],
         exactly_once=v["exactly_once"],
         transactional_id=v["transactional_id"],

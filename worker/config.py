@@ -61,6 +61,10 @@ class Settings:
     """(name, version) pairs loaded at start and never evicted."""
     max_batch_rows: int = 1024
     max_batch_delay_ms: float = 5.0
+    coalesce_below_rows: int = 64
+    """Requests with at least this many rows run alone on their zero-copy view;
+    copying them into a bigger batch costs more latency than the run it saves
+    (docs/performance.md). Set it to --max-batch-rows to coalesce everything."""
     output_format: str = "same"
     exactly_once: bool = False
     transactional_id: str | None = None

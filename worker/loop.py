@@ -121,7 +121,11 @@ class Worker:
             max_bytes=settings.max_request_bytes or settings.max_message_bytes,
             max_rows=settings.max_request_rows,
         )
-        self._batcher = Batcher(settings.max_batch_rows, settings.max_batch_delay_ms / 1000)
+        self._batcher = Batcher(
+            settings.max_batch_rows,
+            settings.max_batch_delay_ms / 1000,
+            settings.coalesce_below_rows,
+        )
         # Lines are shared by the main thread (append, commit) and the pool
         # threads (send answers as soon as they exist); one lock guards them.
         self._lock = threading.Lock()
@@ -626,19 +630,21 @@ class Worker:
     def _drain(self, consumer: KafkaConsumer, producer: KafkaProducer) -> int:
         """Answer and commit everything already polled, within --drain-timeout."""
         deadline = time.monotonic() + self.settings.drain_timeout_s
+        # No new records from here on; poll() still drives the group protocol, so
+        # a rebalance under way completes and the last commit can go through.
+        consumer.pause(*consumer.assignment())
         for batch in self._batcher.due(force=True):
             self._submit(batch)
-        while any(self._lines.values()) and time.monotonic() < deadline:
+        while self._pending() and time.monotonic() < deadline:
             if self.settings.exactly_once:
                 self._transact(consumer, producer, force=True)
             else:
                 self._produce(producer)
                 producer.flush(timeout=max(0.1, deadline - time.monotonic()))
                 self._commit(consumer, force=True)
-            time.sleep(0.002)
-        if not self.settings.exactly_once:
-            self._commit(consumer, force=True)
-        left = sum(len(line) for line in self._lines.values())
+            if self._pending():
+                consumer.poll(timeout_ms=10)
+        left = self._pending()
         if left:
             log.error(
                 "drain timed out: %d polled records left uncommitted (answered after a restart)",
@@ -647,6 +653,12 @@ class Worker:
             return 1
         log.info("drained: everything polled was answered and committed")
         return 0
+
+    def _pending(self) -> int:
+        """Polled records not yet committed."""
+        with self._lock:
+            lines = sum(len(line) for line in self._lines.values())
+            return lines + sum(self._uncommitted.values())
 
 
 def _nbytes(outputs: dict[str, Any]) -> int:
