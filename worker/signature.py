@@ -92,6 +92,11 @@ class Signature:
 
 def format_spec(dtype: np.dtype | str | None, shape: tuple[int | None, ...] | None) -> str:
     """``float32[?,784]``: the notation every schema-mismatch message uses."""
-    name = "string" if dtype is not None and np.dtype(dtype).kind in "US" else str(dtype)
+    if dtype is None:
+        name = "?"  # a non-tensor value
+    elif isinstance(dtype, str) and dtype == "string":  # the protocol's name, not numpy's
+        name = "string"
+    else:
+        name = "string" if np.dtype(dtype).kind in "USO" else str(np.dtype(dtype))
     dims = "" if shape is None else ",".join("?" if d is None else str(d) for d in shape)
     return f"{name}[{dims}]"
