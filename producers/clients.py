@@ -18,6 +18,7 @@ from worker.config import parse_kafka_options as _parse
 __all__ = [
     "DEFAULT_MESSAGE_LIMIT",
     "KafkaSettings",
+    "assign_all",
     "parse_kafka_options",
     "topic_message_limit",
     "topic_partitions",
@@ -156,3 +157,20 @@ def topic_partitions(consumer: Any, topic: str, timeout_s: float = 10.0) -> list
         if time.monotonic() >= deadline:
             raise UsageError(f"topic {topic!r} does not exist on the broker")
         time.sleep(0.2)
+
+
+def assign_all(consumer: Any, topic: str, *, from_beginning: bool) -> list[Any]:
+    """Assign every partition of ``topic`` (no group) at its start or its current end.
+
+    The positions are resolved at once, so "latest" means latest when the
+    command started, not whenever the first fetch happens to go out.
+    """
+    parts = topic_partitions(consumer, topic)
+    consumer.assign(parts)
+    if from_beginning:
+        consumer.seek_to_beginning(*parts)
+    else:
+        consumer.seek_to_end(*parts)
+    for tp in parts:
+        consumer.position(tp)
+    return parts

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from producers.clients import KafkaSettings, topic_partitions
+from producers.clients import KafkaSettings, assign_all
 from producers.errors import ProducerError, UsageError
 from producers.publish import PRODUCED_AT
 from producers.record import read_recording, request_id_of
@@ -242,14 +242,7 @@ def collect(settings: KafkaSettings, topic: str, out: Path, *, expect: int | Non
     sources: set[str] = set()
     consumer = settings.consumer()
     try:
-        parts = topic_partitions(consumer, topic)
-        consumer.assign(parts)
-        if from_beginning:
-            consumer.seek_to_beginning(*parts)
-        else:
-            consumer.seek_to_end(*parts)
-        for tp in parts:
-            consumer.position(tp)  # resolve "latest" now, before any replay starts
+        parts = assign_all(consumer, topic, from_beginning=from_beginning)
         print(f"collecting from {topic} ({len(parts)} partition(s))", file=sys.stderr)
         deadline = time.monotonic() + timeout_s
         last = None

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from producers.clients import KafkaSettings, topic_partitions
+from producers.clients import KafkaSettings, assign_all
 from producers.errors import UsageError
 
 __all__ = [
@@ -147,14 +147,7 @@ def record(settings: KafkaSettings, topic: str, out: Path, *, max_messages: int 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         with RecordingWriter(out) as writer:
-            parts = topic_partitions(consumer, topic)
-            consumer.assign(parts)
-            if from_beginning:
-                consumer.seek_to_beginning(*parts)
-            else:
-                consumer.seek_to_end(*parts)
-            for tp in parts:
-                consumer.position(tp)  # resolve now: "latest" means latest at start
+            parts = assign_all(consumer, topic, from_beginning=from_beginning)
             print(f"recording {topic} ({len(parts)} partition(s)) to {out}", file=sys.stderr)
             try:
                 while max_messages is None or writer.count < max_messages:
