@@ -114,3 +114,10 @@ def test_fixed_batch_of_one_runs_row_by_row() -> None:
 def test_run_mode_from_signature(shape: tuple[int | None, ...], mode: str) -> None:
     spec = TensorSpec("x", "tensor(float)", np.dtype("float32"), shape)
     assert run_mode(Signature(inputs=(spec,), outputs=())) == mode
+
+
+def test_clear_drops_queued_jobs() -> None:
+    b = Batcher(max_rows=100, max_delay_s=1.0)
+    b.add(_job(2))
+    b.clear()
+    assert len(b) == 0 and b.due(now=10.0, force=True) == [] and b.next_deadline() is None

@@ -114,6 +114,10 @@ class Batcher:
             for k in ready
         ]
 
+    def clear(self) -> None:
+        """Drop every queued job (their records are being re-read from Kafka)."""
+        self._groups.clear()
+
     def next_deadline(self) -> float | None:
         if not self._groups:
             return None

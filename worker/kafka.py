@@ -232,11 +232,10 @@ def make_producer(settings: Settings) -> KafkaProducer:
     return producer
 
 
-def committed_or_start(consumer: KafkaConsumer, tp: TopicPartition) -> Any:
+def committed_or_start(consumer: KafkaConsumer, tp: TopicPartition) -> None:
     """Rewind ``tp`` to its committed offset (or the beginning when none)."""
     committed = consumer.committed(tp)
     if committed is None:
         consumer.seek_to_beginning(tp)
     else:
         consumer.seek(tp, committed)
-    return committed

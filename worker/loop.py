@@ -561,7 +561,7 @@ class Worker:
             if tp in consumer.assignment():
                 committed_or_start(consumer, tp)
         self._forget(list(self._lines))
-        self._batcher.due(force=True)  # their slots are forgotten; results are dropped
+        self._batcher.clear()  # their records are re-read from the committed offsets
 
     # -- rebalance -------------------------------------------------------------
 

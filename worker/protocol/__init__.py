@@ -27,7 +27,7 @@ from . import arrow as _arrow
 from . import headers as _headers
 from . import msgpack as _msgpack
 from .base import ARROW, MSGPACK, Bound, Headers, Limits, Request, Response
-from .headers import get_header
+from .headers import dlq_headers, get_header
 
 __all__ = [
     "ARROW",
@@ -180,21 +180,6 @@ def response_headers(
         topic=topic,
         partition=partition,
         offset=offset,
-    )
-
-
-def dlq_headers(
-    headers: Headers,
-    error: WorkerError,
-    *,
-    topic: str,
-    partition: int,
-    offset: int,
-    model: str | None,
-) -> Headers:
-    """Original headers + error-type, error-message (<= 1 KiB UTF-8), source-*, model."""
-    return _headers.dlq_headers(
-        list(headers or []), error, topic=topic, partition=partition, offset=offset, model=model
     )
 
 
