@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ SPEC_METRICS = [
     "inference_worker_model_cache_bytes",
     "inference_worker_model_load_seconds",
     "inference_worker_consumer_lag",
+    "inference_worker_last_commit_age_seconds",
+    "inference_worker_build_info",
 ]
 
 
@@ -112,11 +116,35 @@ def test_json_logs_carry_partition_and_offset(capsys: pytest.CaptureFixture[str]
     configure_logging("json", "INFO")
     try:
         logging.getLogger("worker.loop").warning(
-            "t[0]@5 -> dead letter", extra={"topic": "t", "partition": 0, "offset": 5}
+            "t[0]@5 -> dead letter",
+            extra={"topic": "t", "partition": 0, "offset": 5, "error_type": "decode-error"},
         )
         line = capsys.readouterr().err.strip().splitlines()[-1]
         doc = json.loads(line)
         assert doc["topic"] == "t" and doc["partition"] == 0 and doc["offset"] == 5
+        assert doc["error_type"] == "decode-error"
         assert doc["level"] == "WARNING"
+        assert doc["logger"] == "worker.loop"
+        assert doc["msg"] == "t[0]@5 -> dead letter"
+    finally:
+        logging.getLogger().handlers.clear()
+
+
+def test_json_log_timestamps_are_iso8601_utc_with_milliseconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "INFO")
+    try:
+        record = logging.LogRecord("worker.loop", logging.INFO, __file__, 1, "at", None, None)
+        record.created, record.msecs = 1_796_138_403.123456, 123.456  # 2026-12-01T15:20:03.123Z
+        logging.getLogger().handlers[0].handle(record)
+        before = time.time()
+        logging.getLogger("worker.loop").info("now")
+        after = time.time()
+        fixed, now = (json.loads(x)["ts"] for x in capsys.readouterr().err.splitlines()[-2:])
+        assert fixed == "2026-12-01T15:20:03.123Z"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", now)
+        stamp = datetime.strptime(now, "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        assert before - 0.001 <= stamp <= after  # UTC: no hidden local-time offset
     finally:
         logging.getLogger().handlers.clear()

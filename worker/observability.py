@@ -1,26 +1,75 @@
-"""Metrics, health endpoints and logging.
+"""Metrics, the ``/metrics`` ``/healthz`` ``/readyz`` endpoints, and logging.
 
 Metrics live in an injected :class:`prometheus_client.CollectorRegistry` (no
 process-wide singleton), so tests build a fresh :class:`Metrics` and read it
-with ``registry.get_sample_value``. Names follow spec §4 with the
-``inference_worker_`` prefix.
+with ``registry.get_sample_value``. Every name carries the
+``inference_worker_`` prefix, next to the standard ``process_*``,
+``python_info`` and ``python_gc_*`` series.
+
+``/metrics`` is prometheus_client's own WSGI app (gzip, OpenMetrics
+negotiation, ``name[]`` filtering); the health endpoints share its small
+threaded server. :class:`Health` is what the loop reports to: liveness fails
+when the loop stops passing, or when records wait while commits stop
+succeeding (a group that never settles answers forever and commits nothing).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import platform
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    make_wsgi_app,
+)
 from prometheus_client.exposition import generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["Health", "HealthServer", "Metrics", "configure_logging"]
+from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = [
+    "DEFAULT_METRICS_PORT",
+    "Health",
+    "HealthServer",
+    "Metrics",
+    "configure_logging",
+]
 
 NAMESPACE = "inference_worker"
+
+# Why 8099: Prometheus' register of default exporter ports (9100-9999) has
+# been fully allocated since 2023, and the project asks software that
+# instruments itself to stay outside that range; 9400 in particular is
+# dcgm-exporter's, which runs beside GPU workers. 8099 also misses what
+# usually shares a node or a pod with an inference worker: Prometheus and its
+# Alertmanager/Pushgateway (9090-9094), Kafka (9092), node-exporter (9100),
+# Calico (9099), JMX exporter (7071, 9404), Triton and vLLM (8000-8002),
+# TorchServe/MLServer/KServe and Kafka Connect/Schema Registry (8080-8083),
+# Splunk's forwarder (8089), the OpenTelemetry Collector (4317/4318,
+# 8888/8889), Istio (15000-15090), the kubelet and kube-proxy (10249-10256);
+# and it lies below Linux's ephemeral range (32768+), so an outgoing
+# connection never holds it at start.
+DEFAULT_METRICS_PORT = 8099
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -42,12 +91,39 @@ _LATENCY_BUCKETS = (
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+def _dist_version(*names: str) -> str:
+    """The installed version of the first distribution found (e.g. onnxruntime-gpu)."""
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 class Metrics:
     """Every metric the worker exports, registered on one registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        # auto_describe: the process/platform/GC collectors have no describe(), and
+        # without it /metrics?name[]=process_... would filter them all away.
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r, ns = self.registry, NAMESPACE
+        if r is not REGISTRY:
+            # The default registry already holds these three; any other gets its own.
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.build_info = Info("build", "Versions this worker runs with.", namespace=ns, registry=r)
+        self._build: dict[str, str] = {
+            "version": _dist_version("inference-worker"),
+            "python": platform.python_version(),
+            "onnxruntime": _dist_version(
+                "onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"
+            ),
+            "kafka_client": "unknown",
+        }
+        self.build_info.info(self._build)
         self.messages = Counter(
             "messages", "Input records by outcome (ok, dlq).", ["status"], namespace=ns, registry=r
         )
@@ -78,6 +154,13 @@ class Metrics:
         )
         self.dlq = Counter(
             "dlq", "Dead-letter records by error type.", ["error_type"], namespace=ns, registry=r
+        )
+        self.retries = Counter(
+            "retries",
+            "Transient failures retried, by error type.",
+            ["error_type"],
+            namespace=ns,
+            registry=r,
         )
         self.model_cache_hits = Counter(
             "model_cache_hits", "Session cache hits.", namespace=ns, registry=r
@@ -123,6 +206,14 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.last_commit_age_seconds = Gauge(
+            "last_commit_age_seconds",
+            "Seconds since the last successful commit (or start, before the first).",
+            namespace=ns,
+            registry=r,
+        )
+        # NaN until a Health is watched: no number is better than a made-up one.
+        self.last_commit_age_seconds.set_function(lambda: float("nan"))
         self.paused_partitions = Gauge(
             "paused_partitions", "Partitions paused for backpressure.", namespace=ns, registry=r
         )
@@ -133,67 +224,199 @@ class Metrics:
             registry=r,
         )
 
+    def set_build_info(self, **labels: str) -> None:
+        """Set or override build-info labels, e.g. ``kafka_client="confluent"``."""
+        self._build.update(labels)
+        self.build_info.info(self._build)
+
+    def watch_health(self, health: Health) -> None:
+        """Compute ``last_commit_age_seconds`` from ``health`` at each scrape."""
+        self.last_commit_age_seconds.set_function(health.last_commit_age)
+
     def exposition(self) -> bytes:
+        """The text format, as ``/metrics`` serves it without content negotiation."""
         return generate_latest(self.registry)
 
 
 class Health:
-    """What /healthz and /readyz report; the loop updates it."""
+    """What ``/healthz`` and ``/readyz`` report; the loop updates it.
 
-    def __init__(self, stall_after_s: float = 60.0) -> None:
-        self._last_progress = time.monotonic()
+    Live while the loop passes (``beat``) at least every ``stall_after_s``
+    and, while records are pending, a commit succeeds (``committed``) at
+    least every ``commit_stall_after_s``, counted from when records started
+    waiting so an idle worker never looks stuck. Ready once ``broker_ok`` and
+    ``preloaded`` are both set. ``clock`` returns monotonic seconds (tests
+    inject their own).
+    """
+
+    def __init__(
+        self,
+        stall_after_s: float = 60.0,
+        *,
+        commit_stall_after_s: float = 45.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._stall_after_s = stall_after_s
+        self._commit_stall_after_s = commit_stall_after_s
+        now = clock()
+        self._last_beat = now
+        self._last_commit = now
+        self._pending = 0
+        self._pending_since = now
+        self._lock = threading.Lock()  # committed() may come from pool threads
         self.broker_ok = False
         self.preloaded = False
 
     def beat(self) -> None:
-        """The poll loop calls this once per iteration."""
-        self._last_progress = time.monotonic()
+        """The poll loop made a pass."""
+        self._last_beat = self._clock()
+
+    def committed(self) -> None:
+        """A commit (or a transaction) succeeded."""
+        with self._lock:
+            self._last_commit = self._clock()
+
+    def set_pending(self, n: int) -> None:
+        """``n`` records are polled and not yet committed."""
+        with self._lock:
+            if n > 0 and self._pending == 0:
+                self._pending_since = self._clock()
+            self._pending = n
+
+    def last_commit_age(self) -> float:
+        """Seconds since the last successful commit (since start, before the first)."""
+        return self._clock() - self._last_commit
+
+    def liveness(self) -> str | None:
+        """Why the worker is not live, in one line; ``None`` when it is."""
+        now = self._clock()
+        idle = now - self._last_beat
+        if idle >= self._stall_after_s:
+            return f"poll loop stalled: no pass for {idle:.1f} s (limit {self._stall_after_s:g} s)"
+        with self._lock:
+            pending, since = self._pending, max(self._last_commit, self._pending_since)
+        waited = now - since
+        if pending and waited >= self._commit_stall_after_s:
+            return (
+                f"commits stalled: {pending} records pending, no successful commit for "
+                f"{waited:.1f} s (limit {self._commit_stall_after_s:g} s)"
+            )
+        return None
+
+    def readiness(self) -> str | None:
+        """Why the worker is not ready, in one line; ``None`` when it is."""
+        if not self.broker_ok:
+            return "broker has not answered yet"
+        if not self.preloaded:
+            return "preloaded models are not loaded yet"
+        return None
 
     @property
     def healthy(self) -> bool:
-        return time.monotonic() - self._last_progress < self._stall_after_s
+        return self.liveness() is None
 
     @property
     def ready(self) -> bool:
-        return self.broker_ok and self.preloaded
+        return self.readiness() is None
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    # Probe threads are fire-and-forget: close never waits for a slow scraper.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # probes every few seconds would drown the real logs
+
+
+def _text(start_response: StartResponse, status: str, body: str) -> Iterable[bytes]:
+    data = body.encode() + b"\n"
+    start_response(
+        status,
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))],
+    )
+    return [data]
+
+
+def _app(metrics: Metrics, health: Health) -> WSGIApplication:
+    metrics_app = make_wsgi_app(metrics.registry)
+
+    def route(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            why = health.liveness()
+            return _text(
+                start_response, "503 Service Unavailable" if why else "200 OK", why or "ok"
+            )
+        if path == "/readyz":
+            why = health.readiness()
+            return _text(
+                start_response,
+                "503 Service Unavailable" if why else "200 OK",
+                f"not ready: {why}" if why else "ready",
+            )
+        return _text(start_response, "404 Not Found", "not found: try /metrics, /healthz, /readyz")
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return route(environ, start_response)
+        # HEAD: the GET's status and headers (Content-Length included), no body.
+        environ = {**environ, "REQUEST_METHOD": "GET"}
+        captured: list[Any] = []
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            captured[:] = [status, headers]
+            return lambda _data: None
+
+        body = b"".join(route(environ, capture))
+        status, headers = captured
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [b""]
+
+    return app
 
 
 class HealthServer:
-    """``/metrics``, ``/healthz``, ``/readyz`` on one small threaded HTTP server."""
+    """``/metrics``, ``/healthz``, ``/readyz`` on one small threaded HTTP server.
 
-    def __init__(self, port: int, metrics: Metrics, health: Health, host: str = "0.0.0.0") -> None:
-        metrics_, health_ = metrics, health
+    Port 0 takes any free port; ``.port`` says which. A port that is taken,
+    out of range or not allowed, or an address that is not this host's,
+    raises :class:`ConfigError` naming the flag, never a traceback.
+    """
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._reply(200, metrics_.exposition(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    ok = health_.healthy
-                    self._reply(200 if ok else 503, b"ok\n" if ok else b"stalled\n")
-                elif path == "/readyz":
-                    ok = health_.ready
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                else:
-                    self._reply(404, b"not found\n")
+    def __init__(
+        self, port: int, metrics: Metrics, health: Health, *, bind: str = "0.0.0.0"
+    ) -> None:
+        if not 0 <= port <= 65535:
+            raise ConfigError("--metrics-port", f"{port} is not a TCP port (0-65535)")
+        try:
+            info = socket.getaddrinfo(bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise ConfigError(
+                "--metrics-bind", f"cannot resolve {bind!r}: {exc.strerror}"
+            ) from None
 
-            def _reply(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        family, host = info[0][0], str(info[0][4][0])
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # probes every few seconds would drown the real logs
+        class Server(_ThreadingWSGIServer):
+            address_family = family  # IPv6 binds (e.g. "::") need AF_INET6
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
+        metrics.watch_health(health)
+        try:
+            self._server = make_server(
+                host, port, _app(metrics, health), Server, handler_class=_QuietHandler
+            )
+        except OSError as exc:
+            raise _bind_error(exc, bind, port) from None
+        self.port: int = self._server.server_address[1]
+        # A short poll interval: shutdown() waits up to one interval (0.5 s by default).
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="health-http", daemon=True
+            target=self._server.serve_forever, args=(0.1,), name="health-http", daemon=True
         )
 
     def __enter__(self) -> HealthServer:
@@ -201,14 +424,31 @@ class HealthServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
+
+
+def _bind_error(exc: OSError, bind: str, port: int) -> ConfigError:
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(
+            "--metrics-port", f"port {port} on {bind} is already in use; choose another port"
+        )
+    if exc.errno == errno.EACCES:
+        return ConfigError(
+            "--metrics-port", f"not allowed to listen on port {port} (below 1024 needs privileges)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ConfigError("--metrics-bind", f"{bind} is not an address of this host")
+    return ConfigError("--metrics-port", f"cannot listen on {bind}:{port}: {exc.strerror or exc}")
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # ISO-8601 UTC with milliseconds, e.g. 2026-12-01T15:20:03.123Z.
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         doc: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "ts": f"{ts}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -218,10 +458,11 @@ class _JsonFormatter(logging.Formatter):
                 doc[key] = getattr(record, key)
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
+        return json.dumps(doc, default=str)
 
 
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
+    """One stderr handler on the root logger: ``text`` for people, ``json`` for collectors."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
