@@ -88,7 +88,8 @@ def test_frozen_commits_while_records_pend_are_503(health: Health, clock: Clock,
     status, body = _get(port, "/healthz")
     assert status == 503
     assert body == (
-        "commits stalled: 12 records pending, no successful commit for 46.0 s (limit 45 s)\n"
+        "commits stalled: 12 records pending and no commit succeeded in the last 46.0 s"
+        " (limit 45 s)\n"
     )
     health.committed()  # one commit succeeds: live again although records still pend
     assert _get(port, "/healthz")[0] == 200

@@ -299,8 +299,8 @@ class Health:
         waited = now - since
         if pending and waited >= self._commit_stall_after_s:
             return (
-                f"commits stalled: {pending} records pending, no successful commit for "
-                f"{waited:.1f} s (limit {self._commit_stall_after_s:g} s)"
+                f"commits stalled: {pending} records pending and no commit succeeded in the "
+                f"last {waited:.1f} s (limit {self._commit_stall_after_s:g} s)"
             )
         return None
 
