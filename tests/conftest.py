@@ -118,21 +118,26 @@ def exit_stack() -> Iterator[ExitStack]:
         yield stack
 
 
-def _cuda_usable() -> bool:
+def _cuda_problem() -> str | None:
+    """Why GPU tests cannot run here, or None: the worker's own probe, not a provider list.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even where libcublasLt or cuDNN
+    cannot load; the probe creates and runs a Conv + MatMul session on device 0.
+    """
     try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return (
-        "CUDAExecutionProvider" in ort.get_available_providers()
-        and shutil.which("nvidia-smi") is not None
-    )
+        from worker.runtime import cuda_probe
+    except ImportError as exc:
+        return f"worker.runtime does not import: {exc}"
+    return cuda_probe(0)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _cuda_usable():
+    if not any(item.get_closest_marker("gpu") for item in items):
         return
-    skip = pytest.mark.skip(reason="no usable CUDA GPU / onnxruntime-gpu on this machine")
+    problem = _cuda_problem()
+    if problem is None:
+        return
+    skip = pytest.mark.skip(reason=f"no usable CUDA GPU: {problem}")
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)

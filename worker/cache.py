@@ -102,6 +102,7 @@ class SessionCache:
         max_bytes: int | None = None,
         metrics: Metrics | None = None,
         retry_after_s: float = 5.0,
+        on_evict: Callable[[list[Session]], None] | None = None,
     ) -> None:
         if max_models < 1:
             raise ValueError(f"--cache-max-models: must be at least 1, got {max_models}")
@@ -113,6 +114,12 @@ class SessionCache:
         self.max_bytes = max_bytes
         self._metrics = metrics
         self.retry_after_s = retry_after_s
+        self._on_evict = on_evict
+        """Called, outside the lock, with the sessions just closed by eviction: the
+        place to read device memory again (e.g. a gauge from
+        :func:`worker.runtime.device_memory`), so the release shows in a metric."""
+        self.evicted_bytes = 0
+        """Bytes charged to sessions evicted so far (what eviction should have released)."""
         self._lock = threading.Lock()
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()  # oldest use first
         self._flights: dict[_Key, _Flight] = {}
@@ -167,7 +174,7 @@ class SessionCache:
                 else:
                     idle.append(entry)
             self._update_gauges()
-        self._close_all(idle)
+        self._close_all(idle, notify=False)
 
     # -- internals ----------------------------------------------------------
 
@@ -291,6 +298,7 @@ class SessionCache:
                 continue
             del self._entries[key]
             self._bytes -= entry.session.nbytes
+            self.evicted_bytes += entry.session.nbytes
             victims.append(entry)
             if not self._over_budget():
                 break
@@ -305,12 +313,16 @@ class SessionCache:
             self._metrics.model_cache_models.set(len(self._entries))
             self._metrics.model_cache_bytes.set(self._bytes)
 
-    @staticmethod
-    def _close_all(entries: list[_Entry]) -> None:
+    def _close_all(self, entries: list[_Entry], *, notify: bool = True) -> None:
         # Outside the lock: closing a CUDA session frees device memory and can take a while.
         for entry in entries:
             log.info("model %s evicted", entry.session.ref)
             entry.session.close()
+        if entries and notify and self._on_evict is not None:
+            try:
+                self._on_evict([e.session for e in entries])
+            except Exception:  # a metrics hook must never fail a request
+                log.exception("session cache: on_evict hook failed")
 
 
 def _copy(error: WorkerError) -> WorkerError:

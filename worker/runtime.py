@@ -404,9 +404,11 @@ def memcpy_nodes(model: str | Path | Any) -> list[str]:
 
     A CUDA session inserts ``MemcpyToHost``/``MemcpyFromHost`` where the graph
     crosses between CUDA and CPU nodes, and saves them with the optimized
-    graph. No CPU kernel exists for them (NOT_IMPLEMENTED on load: upstream
-    microsoft/onnxruntime#11348, #17837) and a CUDA session may place them
-    differently, so such a graph is never cached or published.
+    graph. They encode that one session's partition: ONNX Runtime releases
+    without a CPU kernel for them refuse the graph (NOT_IMPLEMENTED, upstream
+    microsoft/onnxruntime#11348, #17837), and a CUDA session that partitions
+    differently copies twice or fails. So such a graph is never cached or
+    published.
     """
     import onnx
 
@@ -760,7 +762,7 @@ def _refuse_memcpy(ref: ModelRef, path: Path) -> bool:
     if found:
         log.warning(
             "model %s: optimized graph not saved: it holds %d Memcpy node(s) (%s), which "
-            "do not load on CPU", ref, len(found), ", ".join(found[:3]),
+            "tie it to this session's CPU/CUDA partition", ref, len(found), ", ".join(found[:3]),
         )
         return True
     return False
