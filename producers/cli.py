@@ -11,11 +11,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from producers.clients import KafkaSettings, parse_kafka_options
 from producers.errors import ProducerError, UsageError
+from producers.redrive import MAX_REDRIVES, REDRIVE_GROUP
 from worker.config import ConfigError, credentials_from_env
 
 __all__ = ["build_parser", "main"]
@@ -30,11 +32,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _version() -> str:
+    try:
+        return f"{PROG} {metadata.version('inference-worker')}"
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return f"{PROG} (not installed)"
+
+
+def _hidden_alias(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs: Any) -> None:
+    """An old spelling that still works but no longer shows in --help."""
+    parser.add_argument(flag, dest=dest, help=argparse.SUPPRESS, **kwargs)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=_version())
     kafka = parser.add_argument_group("Kafka")
     kafka.add_argument(
         "--bootstrap-servers",
+        "--bootstrap-server",
+        dest="bootstrap_servers",
         default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"),
+        metavar="HOST:PORT[,...]",
         help="broker list (env KAFKA_BOOTSTRAP_SERVERS; default localhost:9092)",
     )
     kafka.add_argument(
@@ -65,22 +83,28 @@ def _sending(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=PROG, description="Feed, record, replay, collect and compare inference-worker traffic."
+        prog=PROG,
+        description="Feed, record, replay, collect, compare and redrive inference-worker traffic.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("publish", help="publish rows from a file or synthetic data")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--format", choices=["arrow", "msgpack"], required=True)
-    p.add_argument("--model", help="model header (default: the worker's --default-model)")
-    p.add_argument("--model-version", type=int, help="model-version header (default: newest)")
+    p.add_argument("--topic", required=True, metavar="TOPIC", help="request topic")
+    p.add_argument("--format", choices=["arrow", "msgpack"], required=True,
+                   help="request encoding")
+    p.add_argument("--model", metavar="NAME",
+                   help="model header (default: the worker's --default-model)")
+    p.add_argument("--model-version", type=int, metavar="N",
+                   help="model-version header (default: newest)")
     p.add_argument(
         "--model-repository",
         type=Path,
         metavar="DIR",
         help="check --model exists and take the input's name, dtype and shape from it",
     )
-    p.add_argument("--input", help="input name (default: the model's only input, else x)")
+    p.add_argument("--input", metavar="NAME",
+                   help="input name (default: the model's only input, else x)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--from",
@@ -94,54 +118,47 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SHAPE",
         help="random rows of this per-row shape (784, 1,28,28; auto: the model's)",
     )
-    p.add_argument("--rows", type=int, help="row count for --synthetic")
-    p.add_argument("--seed", type=int, default=0, help="seed for --synthetic (default 0)")
+    p.add_argument("--rows", type=int, metavar="N", help="row count for --synthetic")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed for --synthetic (default 0)")
     p.add_argument(
         "--batch-rows",
         type=int,
         default=256,
+        metavar="N",
         help="rows per message at most (default 256; fewer when the size limit requires)",
     )
     p.add_argument("--rate", type=float, metavar="ROWS_PER_S", help="pace to this many rows/s")
     p.add_argument("--key-column", metavar="C", help="table column whose value keys each row")
-    p.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar (default: only when stderr is a terminal)",
-    )
+    _progress(p)
     _sending(p)
     _common(p)
 
     p = sub.add_parser("record", help="capture a topic into an Arrow IPC file")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--out", required=True, type=Path, metavar="FILE.arrow")
-    p.add_argument("--max-messages", type=int, metavar="N")
+    p.add_argument("--topic", required=True, metavar="TOPIC", help="topic to record")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE.arrow",
+                   help="the recording to write")
+    p.add_argument("--max-messages", type=int, metavar="N", help="stop after N records")
     p.add_argument(
         "--timeout",
         type=float,
         metavar="S",
         help="stop after S seconds (default: run until Ctrl-C or --max-messages)",
     )
-    start = p.add_mutually_exclusive_group()
-    start.add_argument(
+    p.add_argument(
         "--from-beginning",
-        dest="from_beginning",
         action="store_true",
-        default=True,
-        help="start at the earliest offset (default)",
+        help="start at the earliest offset (default: only records produced after start)",
     )
-    start.add_argument(
-        "--from-latest",
-        dest="from_beginning",
-        action="store_false",
-        help="only records produced after start",
-    )
+    _hidden_alias(p, "--from-latest", "from_beginning", action="store_false")
+    _hidden_alias(p, "--output", "out", type=Path)
     _common(p)
 
     p = sub.add_parser("replay", help="re-publish a recording with its original pacing")
-    p.add_argument("--in", dest="recording", required=True, type=Path, metavar="FILE.arrow")
-    p.add_argument("--topic", required=True)
+    p.add_argument("--in", dest="recording", required=True, type=Path, metavar="FILE.arrow",
+                   help="a recording made by record")
+    _hidden_alias(p, "--recording", "recording", type=Path)
+    p.add_argument("--topic", required=True, metavar="TOPIC", help="topic to send to")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
@@ -162,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("collect", help="read responses into Arrow, Parquet or .npy")
-    p.add_argument("--topic", required=True)
-    p.add_argument("--out", required=True, type=Path, metavar="FILE")
+    p.add_argument("--topic", required=True, metavar="TOPIC", help="response topic")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE",
+                   help="collection to write: .arrow, .parquet or .npy")
     p.add_argument(
         "--expect",
         type=int,
@@ -194,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--requests",
         type=Path,
-        metavar="RECORDING.arrow",
+        metavar="FILE.arrow",
         help="recording of the requests: latency from their timestamps",
     )
-    p.add_argument("--output", metavar="NAME", help="output written to .npy (default: first)")
+    p.add_argument("--output-name", metavar="NAME",
+                   help="model output written to .npy (default: the first)")
+    _hidden_alias(p, "--output", "output_name")
     start = p.add_mutually_exclusive_group()
     start.add_argument(
         "--from-beginning",
@@ -215,10 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("compare", help="compare two collections of the same requests")
-    p.add_argument("a", type=Path, metavar="A")
-    p.add_argument("b", type=Path, metavar="B")
+    p.add_argument("a", type=Path, metavar="A", help="collection (.arrow, .parquet or .npy)")
+    p.add_argument("b", type=Path, metavar="B", help="collection to compare with A")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="histogram of differences")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="histogram of differences (needs the plot extra)")
     p.add_argument(
         "--top",
         type=int,
@@ -227,7 +248,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the K requests that disagree most (default 10)",
     )
     _common(p)
+
+    p = sub.add_parser("redrive", help="send dead letters back to their topic")
+    p.add_argument("--dlq-topic", required=True, metavar="TOPIC",
+                   help="dead-letter topic to read (the worker's <input-topic>.dlq)")
+    p.add_argument("--to", metavar="TOPIC",
+                   help="send every record here (default: its source-topic header)")
+    p.add_argument("--error-type", action="append", default=[], metavar="TYPE",
+                   help="only dead letters of this error-type, repeatable")
+    p.add_argument("--model", metavar="NAME", help="only dead letters for this model")
+    p.add_argument("--since", metavar="TIME",
+                   help="only dead letters written at or after TIME (ISO-8601 or epoch ms)")
+    p.add_argument("--until", metavar="TIME",
+                   help="only dead letters written before TIME (ISO-8601 or epoch ms)")
+    p.add_argument("--max", type=int, metavar="N", help="send at most N records, then stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be sent (count per error type and model); send nothing")
+    p.add_argument("--force", action="store_true",
+                   help=f"also send records already redriven {MAX_REDRIVES} times")
+    p.add_argument("--group-id", default=REDRIVE_GROUP, metavar="GROUP",
+                   help=f"consumer group on the dead-letter topic (default {REDRIVE_GROUP})")
+    p.add_argument("--rate", type=float, metavar="RECORDS_PER_S",
+                   help="pace to this many records/s (each record acknowledged and "
+                   "committed before the next)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="give up when nothing can be read for S seconds before the end "
+                   "(default 30)")
+    _progress(p)
+    _common(p)
     return parser
+
+
+def _progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: only when stderr is a terminal)",
+    )
 
 
 def _settings(args: argparse.Namespace) -> KafkaSettings:
@@ -327,7 +385,7 @@ def _collect(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         idle_s=args.idle,
         requests=args.requests,
-        output=args.output,
+        output=args.output_name,
         from_beginning=args.from_beginning,
         match_headers=match,
     )
@@ -345,12 +403,38 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _redrive(args: argparse.Namespace) -> int:
+    from producers.redrive import format_table, parse_time, redrive
+
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout must be positive, got {args.timeout}")
+    stats = redrive(
+        _settings(args),
+        args.dlq_topic,
+        to=args.to,
+        error_types=args.error_type,
+        model=args.model,
+        since_ms=None if args.since is None else parse_time(args.since, "--since"),
+        until_ms=None if args.until is None else parse_time(args.until, "--until"),
+        max_records=args.max,
+        dry_run=args.dry_run,
+        force=args.force,
+        group_id=args.group_id,
+        rate=args.rate,
+        stall_s=args.timeout,
+        progress=args.progress,
+    )
+    print(format_table(stats, dry_run=args.dry_run))
+    return 0
+
+
 _COMMANDS = {
     "publish": _publish,
     "record": _record,
     "replay": _replay,
     "collect": _collect,
     "compare": _compare,
+    "redrive": _redrive,
 }
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from producers.clients import KafkaSettings, assign_all
+from producers.clients import KafkaSettings, Record
 from producers.errors import ProducerError, UsageError
 from producers.publish import PRODUCED_AT
 from producers.record import read_recording, request_id_of
@@ -240,9 +240,8 @@ def collect(settings: KafkaSettings, topic: str, out: Path, *, expect: int | Non
     undecodable = skipped = 0
     wanted = list(match_headers or [])
     sources: set[str] = set()
-    consumer = settings.consumer()
-    try:
-        parts = assign_all(consumer, topic, from_beginning=from_beginning)
+    with settings.consumer() as consumer:
+        parts = consumer.assign_all(topic, from_beginning=from_beginning)
         print(f"collecting from {topic} ({len(parts)} partition(s))", file=sys.stderr)
         deadline = time.monotonic() + timeout_s
         last = None
@@ -252,31 +251,25 @@ def collect(settings: KafkaSettings, topic: str, out: Path, *, expect: int | Non
                 if now >= deadline or (expect is None and last is not None
                                        and now - last >= idle_s):
                     break
-                wait = min(deadline - now, 0.5)
-                polled = consumer.poll(timeout_ms=max(1, int(wait * 1000)))
-                for records in polled.values():
-                    for r in records:
-                        last = time.monotonic()
-                        headers = list(r.headers or [])
-                        if any((k, v) not in headers for k, v in wanted):
-                            skipped += 1
-                            continue
-                        try:
-                            response = decode_response(r.value, headers)
-                        except Exception as exc:  # a bad record is counted, not fatal
-                            undecodable += 1
-                            print(f"skipping {r.topic}[{r.partition}]@{r.offset}: "
-                                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
-                            continue
-                        latency, source = _latency(r, response.request_id, headers,
-                                                   request_times)
-                        if source:
-                            sources.add(source)
-                        collection.add(response, r, latency)
+                for r in consumer.poll(min(deadline - now, 0.5)):
+                    last = time.monotonic()
+                    if any((k, v) not in r.headers for k, v in wanted):
+                        skipped += 1
+                        continue
+                    try:
+                        response = decode_response(r.value or b"", r.headers)
+                    except Exception as exc:  # a bad record is counted, not fatal
+                        undecodable += 1
+                        print(f"skipping {r.topic}[{r.partition}]@{r.offset}: "
+                              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                        continue
+                    latency, source = _latency(r, response.request_id, r.headers,
+                                               request_times)
+                    if source:
+                        sources.add(source)
+                    collection.add(response, r, latency)
         except KeyboardInterrupt:
             pass
-    finally:
-        consumer.close()
     _write(collection, out, output)
     rows = collection.rows
     summary = latency_summary(collection.latencies_ms)
@@ -300,12 +293,13 @@ def collect(settings: KafkaSettings, topic: str, out: Path, *, expect: int | Non
     return result
 
 
-def _latency(record: Any, request_id: str | None, headers: list[tuple[str, bytes]],
+def _latency(record: Record, request_id: str | None,
+             headers: list[tuple[str, bytes | None]],
              request_times: dict[str, int] | None) -> tuple[float | None, str]:
     if request_times is not None and request_id is not None and request_id in request_times:
         return float(record.timestamp - request_times[request_id]), "the request recording"
     for key, value in headers:
-        if key == PRODUCED_AT:
+        if key == PRODUCED_AT and value is not None:
             try:
                 return float(record.timestamp - int(value)), "produced-at headers"
             except ValueError:

@@ -22,7 +22,7 @@ from types import TracebackType
 
 import numpy as np
 
-from producers.clients import KafkaSettings, topic_message_limit
+from producers.clients import KafkaSettings, record_size, topic_message_limit
 from producers.errors import ProducerError, UsageError
 from producers.sources import Source
 
@@ -38,16 +38,14 @@ __all__ = [
 ]
 
 PRODUCED_AT = "produced-at"
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, bytes | None]]
 # (rows, request id) -> (value, headers): the codec, bound to format and model.
 Encoder = Callable[[np.ndarray, str], tuple[bytes, Headers]]
 
 
 def record_bytes(key: bytes | None, value: bytes, headers: Headers) -> int:
     """Upper bound of the record batch holding just this record: what the broker checks."""
-    from kafka.record.default_records import DefaultRecordBatchBuilder
-
-    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
+    return record_size(key, value, headers)
 
 
 @dataclass(frozen=True)
@@ -138,39 +136,22 @@ class Sender:
             self.limit, self.limit_source = max_message_bytes, "--max-message-bytes"
         self._producer = settings.producer(batch_size=min(16384, self.limit),
                                            compression=compression)
-        self._error: BaseException | None = None
 
     def __enter__(self) -> Sender:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self._producer.close(timeout=10)
-
-    def _failed(self, exc: BaseException) -> None:
-        if self._error is None:
-            self._error = exc
+        self._producer.close()
 
     def send(self, key: bytes | None, value: bytes, headers: Headers) -> None:
-        from kafka.errors import KafkaError
-
-        if self._error is not None:
-            raise ProducerError(f"sending to {self.topic} failed: {self._error}")
-        try:
-            future = self._producer.send(self.topic, value=value, key=key, headers=headers)
-        except KafkaError as exc:
-            raise ProducerError(f"sending to {self.topic} failed: {exc}") from exc
-        future.add_errback(self._failed)
+        self._producer.send(self.topic, value, key, headers)
 
     def flush(self) -> None:
-        from kafka.errors import KafkaError
-
         try:
-            self._producer.flush(timeout=60)
-        except KafkaError as exc:
-            raise ProducerError(f"flushing to {self.topic} failed: {exc}") from exc
-        if self._error is not None:
-            raise ProducerError(f"sending to {self.topic} failed: {self._error}")
+            self._producer.flush(timeout_s=60)
+        except ProducerError as exc:
+            raise ProducerError(f"sending to {self.topic} failed: {exc}") from exc
 
 
 def publish(settings: KafkaSettings, source: Source, topic: str, *, encode: Encoder,

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from producers.clients import KafkaSettings, assign_all
+from producers.clients import KafkaSettings
 from producers.errors import UsageError
 
 __all__ = [
@@ -49,7 +49,7 @@ RECORDING_SCHEMA = pa.schema([
 _FLUSH_ROWS = 1000
 
 
-def request_id_of(headers: list[tuple[str, bytes]] | None, topic: str, partition: int,
+def request_id_of(headers: list[tuple[str, bytes | None]] | None, topic: str, partition: int,
                   offset: int) -> str:
     """The id the worker answers a request with (spec §3).
 
@@ -88,7 +88,7 @@ class RecordingWriter:
         self.close()
 
     def add(self, *, key: bytes | None, value: bytes | None,
-            headers: list[tuple[str, bytes]] | None, topic: str, partition: int, offset: int,
+            headers: list[tuple[str, bytes | None]] | None, topic: str, partition: int, offset: int,
             timestamp: int) -> None:
         rows = self._rows
         rows["key"].append(key)
@@ -133,40 +133,37 @@ def read_recording(path: Path) -> pa.Table:
 
 
 def record(settings: KafkaSettings, topic: str, out: Path, *, max_messages: int | None = None,
-           timeout_s: float | None = None, from_beginning: bool = True) -> int:
+           timeout_s: float | None = None, from_beginning: bool = False) -> int:
     """Copy records of ``topic`` into ``out`` until ``max_messages`` or ``timeout_s``.
 
-    With neither bound it runs until interrupted (Ctrl-C), then closes the file.
-    Reads with manual assignment and no group, so recording moves no offsets.
+    Starts at the end of the topic (what arrives from now on) unless
+    ``from_beginning``, like kafka-console-consumer. With neither bound it runs
+    until interrupted (Ctrl-C), then closes the file. Reads with manual
+    assignment and no group, so recording moves no offsets.
     """
     if max_messages is not None and max_messages <= 0:
         raise UsageError(f"--max-messages must be positive, got {max_messages}")
     if timeout_s is not None and timeout_s <= 0:
         raise UsageError(f"--timeout must be positive, got {timeout_s}")
-    consumer = settings.consumer()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    try:
-        with RecordingWriter(out) as writer:
-            parts = assign_all(consumer, topic, from_beginning=from_beginning)
-            print(f"recording {topic} ({len(parts)} partition(s)) to {out}", file=sys.stderr)
-            try:
-                while max_messages is None or writer.count < max_messages:
-                    wait_ms = 500
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        wait_ms = max(1, min(wait_ms, int(left * 1000)))
-                    want = None if max_messages is None else max_messages - writer.count
-                    polled = consumer.poll(timeout_ms=wait_ms, max_records=want)
-                    for records in polled.values():
-                        for r in records:
-                            writer.add(key=r.key, value=r.value, headers=list(r.headers or []),
-                                       topic=r.topic, partition=r.partition, offset=r.offset,
-                                       timestamp=r.timestamp)
-            except KeyboardInterrupt:
-                pass  # Ctrl-C ends an open-ended recording; the file is still closed
-        print(f"recorded {writer.count} record(s) from {topic} to {out}")
-        return writer.count
-    finally:
-        consumer.close()
+    with settings.consumer() as consumer, RecordingWriter(out) as writer:
+        parts = consumer.assign_all(topic, from_beginning=from_beginning)
+        start = "the beginning" if from_beginning else "the end"
+        print(f"recording {topic} ({len(parts)} partition(s)) from {start} to {out}",
+              file=sys.stderr)
+        try:
+            while max_messages is None or writer.count < max_messages:
+                wait_s = 0.5
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    wait_s = min(wait_s, left)
+                want = None if max_messages is None else max_messages - writer.count
+                for r in consumer.poll(wait_s, max_records=want):
+                    writer.add(key=r.key, value=r.value, headers=r.headers, topic=r.topic,
+                               partition=r.partition, offset=r.offset, timestamp=r.timestamp)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends an open-ended recording; the file is still closed
+    print(f"recorded {writer.count} record(s) from {topic} to {out}")
+    return writer.count

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from producers.cli import main
 from producers.compare import compare
 from producers.publish import record_bytes
-from tests.harness import consume, header, settings, worker_thread
+from tests.harness import ROOT, consume, header, produce, settings, worker_thread
 from worker.demo import DEMO_MODEL, DEMO_OUTPUT, write_demo_model
 from worker.protocol import decode_request
 from worker.signature import Signature, TensorSpec
@@ -146,7 +148,7 @@ def test_record_replay_collect_compare_with_a_worker(
                  "--model-version", "1", "--synthetic", "784", "--rows", "30",
                  "--batch-rows", "3", "--rate", "20"]) == 0
     assert main(["record", *boot, "--topic", live, "--out", str(rec), "--max-messages", "10",
-                 "--timeout", "30"]) == 0
+                 "--timeout", "30", "--from-beginning"]) == 0
     recorded = ipc.open_file(str(rec)).read_all()
     assert recorded.num_rows == 10
     span = (max(recorded.column("timestamp").to_pylist())
@@ -160,7 +162,7 @@ def test_record_replay_collect_compare_with_a_worker(
     took = time.monotonic() - started
     assert span / 2 * 0.6 < took < span / 2 * 1.5 + 1.0, (span, took)
     assert main(["record", *boot, "--topic", shadow, "--out", str(rec2),
-                 "--max-messages", "10", "--timeout", "30"]) == 0
+                 "--max-messages", "10", "--timeout", "30", "--from-beginning"]) == 0
     replayed = ipc.open_file(str(rec2)).read_all()
 
     def plain(headers: list[dict[str, Any]], drop: set[str]) -> list[tuple[str, bytes]]:
@@ -221,6 +223,35 @@ def test_record_stops_at_its_timeout(
     out = tmp_path / "empty.arrow"
     started = time.monotonic()
     assert main(["record", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
-                 "--out", str(out), "--timeout", "1", "--from-latest"]) == 0
+                 "--out", str(out), "--timeout", "1"]) == 0
     assert time.monotonic() - started < 10
     assert ipc.open_file(str(out)).read_all().num_rows == 0
+
+
+def test_record_starts_at_the_end_unless_from_beginning(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Like kafka-console-consumer: only what arrives after start, or all with --from-beginning."""
+    topic = new_topic(partitions=2)
+    produce(kafka_bootstrap, topic, [(b"old", b"before-%d" % i, []) for i in range(3)])
+    late, everything = tmp_path / "late.arrow", tmp_path / "all.arrow"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producers.cli", "record", "--bootstrap-server", kafka_bootstrap,
+         "--topic", topic, "--out", str(late), "--max-messages", "2", "--timeout", "60"],
+        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        # printed once the end positions are resolved: what comes next is recorded
+        assert "from the end" in proc.stderr.readline()
+        produce(kafka_bootstrap, topic, [(b"new", b"after-%d" % i, []) for i in range(2)])
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert sorted(ipc.open_file(str(late)).read_all().column("value").to_pylist()) == [
+        b"after-0", b"after-1"]
+    assert main(["record", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+                 "--out", str(everything), "--from-beginning", "--max-messages", "5",
+                 "--timeout", "30"]) == 0
+    assert ipc.open_file(str(everything)).read_all().num_rows == 5
