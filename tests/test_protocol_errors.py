@@ -21,6 +21,10 @@ TWO = Signature(inputs=(
     TensorSpec(name="a", onnx_type="tensor(float)", dtype=np.dtype("float32"), shape=(None, 2)),
     TensorSpec(name="b", onnx_type="tensor(int64)", dtype=np.dtype("int64"), shape=(None,)),
 ), outputs=())
+# The same inputs, with axis 0 named alike: the model promises equal lengths.
+TWO_NAMED = Signature(inputs=tuple(
+    TensorSpec(s.name, s.onnx_type, s.dtype, s.shape, axis0_symbol="batch") for s in TWO.inputs
+), outputs=())
 MP = [("content-type", MSGPACK.encode())]
 
 
@@ -95,8 +99,8 @@ DECODE_CASES: list[tuple[str, bytes, list, type[WorkerError], str]] = [
      "positive integer"),
     ("non-UTF-8 header", mp({"inputs": {}}), [("model", b"\xff")], DecodeError,
      "header 'model' is not UTF-8"),
-    ("unknown content-type", mp({"inputs": {}}), [("content-type", b"application/json")],
-     DecodeError, "unsupported content-type 'application/json'"),
+    ("unknown content-type", mp({"inputs": {}}), [("content-type", b"text/csv")],
+     DecodeError, "unsupported content-type 'text/csv'"),
 ]
 
 
@@ -171,9 +175,10 @@ MISMATCH_CASES: list[tuple[str, Callable[[], object], str]] = [
      "unknown input 'y'; the model's inputs are: x float32[?,784]"),
     ("msgpack missing input", lambda: bind_mp({"a": tensor(shape=[1, 2], data=[1, 2])}, TWO),
      "missing input 'b'; the model's inputs are: a float32[?,2], b int64[?]"),
-    ("msgpack rows disagree", lambda: bind_mp({
-        "a": tensor(shape=[2, 2], data=[1, 2, 3, 4]), "b": tensor("int64", [3], [1, 2, 3])}, TWO),
-     "inputs disagree on the row count"),
+    ("msgpack rows disagree on a named axis", lambda: bind_mp({
+        "a": tensor(shape=[2, 2], data=[1, 2, 3, 4]), "b": tensor("int64", [3], [1, 2, 3])},
+        TWO_NAMED),
+     "inputs disagree on the row count (axis 0): 'b' has 3, 'a' has 2"),
     ("arrow dtype", lambda: bind_arrow({"x": fsl(np.zeros((2, 784), np.float64))}),
      "input 'x': expected float32[?,784], got float64[2,784]"),
     ("arrow per-row shape", lambda: bind_arrow({"x": fsl(np.zeros((2, 780), np.float32))}),

@@ -5,6 +5,10 @@ shape, on a model whose axis 0 is dynamic, are concatenated up to
 ``max_rows`` rows or until the oldest has waited ``max_delay_s``. A model with
 a fixed axis 0 is never coalesced: fixed at 1 it runs row by row, fixed at k
 it runs the request as it came (the protocol layer checked it has k rows).
+
+A request whose inputs share no batch axis (``Bound.alone``: a ``k``, a target
+shape, a scalar, axis-0 lengths that disagree) runs exactly as sent, in a run
+of its own, never sliced: its outputs need not have a row axis at all.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import InferenceError, WorkerError
-from worker.signature import Signature
+from worker.signature import DYNAMIC, FIXED, Signature
 
 __all__ = ["Batch", "Batcher", "Job", "RunMode", "run_batch", "run_mode"]
 
@@ -30,16 +34,24 @@ RunFn = Callable[[Feeds], Outputs]
 class RunMode:
     COALESCE = "coalesce"  # axis 0 dynamic: may share a run with others
     ROWS = "rows"  # axis 0 fixed at 1: one run per row
-    WHOLE = "whole"  # axis 0 fixed at k (or no axis): the request as it came
+    WHOLE = "whole"  # axis 0 fixed at k, or no shared axis: the request as it came, alone
 
 
-def run_mode(signature: Signature) -> str:
-    batch_axes = {spec.batch_axis for spec in signature.inputs if spec.shape}
-    if batch_axes == {None} and all(spec.shape for spec in signature.inputs):
+def run_mode(signature: Signature, *, alone: bool = False) -> str:
+    """How a request for ``signature`` runs; ``alone`` (``Bound.alone``) forces WHOLE."""
+    axis = signature.row_axis()
+    if alone or axis is None:
+        return RunMode.WHOLE
+    if axis[0] == DYNAMIC and all(spec.shape for spec in signature.inputs):
         return RunMode.COALESCE
-    if batch_axes == {1}:
+    if axis == (FIXED, 1):
         return RunMode.ROWS
     return RunMode.WHOLE
+
+
+def _share_axis0(feeds: Feeds) -> bool:
+    lengths = {a.shape[0] if a.ndim else None for a in feeds.values()}
+    return len(lengths) == 1 and None not in lengths
 
 
 @dataclass(eq=False)
@@ -53,6 +65,20 @@ class Job:
     feeds: Feeds
     rows: int
     arrived: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        # Feeds without one shared axis 0 cannot be concatenated or sliced,
+        # whatever the caller said: run them as sent.
+        if self.mode != RunMode.WHOLE and not _share_axis0(self.feeds):
+            self.mode = RunMode.WHOLE
+
+    @classmethod
+    def for_request(
+        cls, token: Any, model: str, version: int, signature: Signature, bound: Any
+    ) -> Job:
+        """The job for a bound request (``bound``: a ``worker.protocol.Bound``)."""
+        mode = run_mode(signature, alone=bool(getattr(bound, "alone", False)))
+        return cls(token, model, version, mode, bound.feeds, bound.rows)
 
     @property
     def key(self) -> Hashable:
@@ -167,9 +193,9 @@ def _run_sliced(run: RunFn, feeds: Feeds, rows: int, step: int) -> Outputs:
 
 
 def _run_job(run: RunFn, job: Job, max_rows: int) -> Outputs:
-    step = (
-        1 if job.mode == RunMode.ROWS else (max_rows if job.mode == RunMode.COALESCE else job.rows)
-    )
+    if job.mode == RunMode.WHOLE:
+        return run(job.feeds)  # as sent: never sliced
+    step = 1 if job.mode == RunMode.ROWS else max_rows
     return _run_sliced(run, job.feeds, job.rows, max(step, 1))
 
 
@@ -186,7 +212,9 @@ def run_batch(
     def counted(feeds: Feeds) -> Outputs:
         out = run(feeds)
         if on_run is not None:
-            on_run(len(next(iter(feeds.values()))) if feeds else 0)
+            first = next(iter(feeds.values()), None)
+            # A scalar feed (a request run alone) has no rows: it is one sample.
+            on_run(int(first.shape[0]) if first is not None and first.ndim else 1)
         return out
 
     if len(batch.jobs) > 1:

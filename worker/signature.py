@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Signature", "TensorSpec", "format_spec"]
+__all__ = ["DYNAMIC", "FIXED", "Signature", "TensorSpec", "format_spec"]
+
+DYNAMIC = "dynamic"
+"""``Signature.row_axis()`` kind: every input has the same dynamic axis 0."""
+FIXED = "fixed"
+"""``Signature.row_axis()`` kind: every input fixes axis 0 at the same size."""
 
 # ONNX Runtime type strings ("tensor(float)") -> numpy dtypes.
 _ORT_TENSOR_DTYPES: dict[str, Any] = {
@@ -47,6 +52,9 @@ class TensorSpec:
     onnx_type: str
     dtype: np.dtype | None
     shape: tuple[int | None, ...] | None
+    axis0_symbol: str | None = None
+    """The symbolic name of a dynamic axis 0 (``"batch"``), None when unnamed or fixed.
+    Two inputs that name the same symbol promise the same length."""
 
     @property
     def is_tensor(self) -> bool:
@@ -68,9 +76,14 @@ class TensorSpec:
         match = _TENSOR_RE.match(node.type or "")
         dtype = np.dtype(_ORT_TENSOR_DTYPES[match.group(1)]) if match else None
         shape = None
+        symbol = None
         if match and node.shape is not None:
             shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in node.shape)
-        return cls(name=node.name, onnx_type=node.type, dtype=dtype, shape=shape)
+            if node.shape and isinstance(node.shape[0], str) and node.shape[0]:
+                symbol = node.shape[0]
+        return cls(
+            name=node.name, onnx_type=node.type, dtype=dtype, shape=shape, axis0_symbol=symbol
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,30 @@ class Signature:
 
     def input(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)
+
+    def row_axis(self) -> tuple[str, int | str | None] | None:
+        """The batch axis every input shares, or None when the inputs share none.
+
+        ``(DYNAMIC, symbol)``: every input has a dynamic axis 0, all unnamed
+        (symbol None) or all named alike; ``(FIXED, k)``: every input fixes
+        axis 0 at k. None: a scalar input, a parameter-like input (a ``k``, a
+        target shape) beside batched ones, or differently named dynamic axes:
+        such a model's requests run alone, as sent. An input of unknown rank
+        counts as an unnamed dynamic axis.
+        """
+        kinds: set[tuple[str, int | str | None]] = set()
+        for spec in self.inputs:
+            if spec.shape is None:
+                kinds.add((DYNAMIC, None))
+            elif not spec.shape:
+                return None  # a scalar has no axis 0 at all
+            elif spec.shape[0] is None:
+                kinds.add((DYNAMIC, spec.axis0_symbol))
+            else:
+                kinds.add((FIXED, spec.shape[0]))
+        if len(kinds) != 1:
+            return None
+        return kinds.pop()
 
 
 def format_spec(dtype: np.dtype | str | None, shape: tuple[int | None, ...] | None) -> str:

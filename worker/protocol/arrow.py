@@ -8,6 +8,12 @@ through to the response, row-aligned.
 Zero copy: ``pa.BufferReader`` over the record value makes every Arrow buffer
 a slice of that value, and a single-batch, null-free column becomes a numpy
 view of it. A stream of several batches is concatenated (one copy per input).
+
+A model whose inputs share no batch axis (a ``k``, a target shape, a scalar)
+is fed by a one-row table whose cells are whole tensors; its answer is one row
+holding each output whole, marked by the schema metadata key
+:data:`WHOLE_METADATA_KEY`. Dictionary-encoded columns (a pandas categorical)
+feed an input with their values and pass through as dictionaries.
 """
 
 from __future__ import annotations
@@ -15,28 +21,38 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
+import msgpack as _mp
 import numpy as np
 import pyarrow as pa
 
-from worker.errors import DecodeError, InferenceError, SchemaMismatch, TooLarge
+from worker.errors import DecodeError, InferenceError, SchemaMismatch, TooLarge, WorkerError
 from worker.signature import Signature, TensorSpec, format_spec
 
-from .base import Bound, Headers, Limits, Request, Response, check_elements, expected_inputs
+from .base import (
+    ARROW,
+    Bound,
+    Envelope,
+    Headers,
+    Limits,
+    Outputs,
+    Request,
+    Response,
+    check_elements,
+    expected_inputs,
+)
 from .base import validate_feeds as _validate
-from .headers import get_header, parse_version
 
 __all__ = [
     "OUTPUTS_METADATA_KEY",
     "PASSTHROUGH_METADATA_KEY",
     "PASSTHROUGH_PREFIX",
-    "decode_request",
-    "decode_response",
-    "encode_request",
-    "encode_response",
+    "WHOLE_METADATA_KEY",
+    "ArrowCodec",
     "read_stream",
+    "tensor_array",
     "write_stream",
 ]
 
@@ -46,6 +62,8 @@ PASSTHROUGH_METADATA_KEY = b"inference-worker.passthrough.msgpack"
 """Response schema metadata: a msgpack request's passthrough that is not column-shaped."""
 PASSTHROUGH_PREFIX = "passthrough."
 """Prepended to a passthrough column whose name an output already uses."""
+WHOLE_METADATA_KEY = b"inference-worker.whole"
+"""Response schema metadata (value ``true``): one row whose cells are whole outputs."""
 
 # Copy only when a buffer is too misaligned for numpy (never for IPC we wrote:
 # the format pads to 8 bytes); threads cost more than they save on one record.
@@ -65,36 +83,21 @@ def read_stream(value: bytes) -> pa.Table:
     return table
 
 
-_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
-
-
 def write_stream(batch: pa.RecordBatch) -> bytes:
-    """One batch as an IPC stream: schema message, batch message, end-of-stream marker.
+    """One batch as an IPC stream: schema, dictionary batches, the batch, end of stream.
 
-    The same bytes ``RecordBatchStreamWriter`` writes, at half the Python overhead.
+    pyarrow's own writer: a hand-joined ``schema + batch + EOS`` is a few µs
+    faster but leaves out the dictionary batches that a dictionary column
+    (a pandas categorical) needs, and every reader then refuses the stream.
     """
-    return b"".join((batch.schema.serialize(), batch.serialize(), _END_OF_STREAM))
+    sink = pa.BufferOutputStream()
+    writer = pa.ipc.RecordBatchStreamWriter(sink, batch.schema)
+    writer.write_batch(batch)
+    writer.close()
+    return sink.getvalue().to_pybytes()
 
 
 # -- decoding -----------------------------------------------------------------
-
-
-def decode_request(
-    value: bytes, headers: Headers, *, default_id: str, limits: Limits
-) -> Request:
-    table = read_stream(value)
-    if table.num_rows > limits.max_rows:
-        raise TooLarge(f"{table.num_rows} rows, over the limit of {limits.max_rows}")
-    raw_version = get_header(headers, "model-version")
-    version = None if raw_version is None else parse_version(raw_version, "header 'model-version'")
-    return Request(
-        format="arrow",
-        model=get_header(headers, "model"),
-        model_version=version,
-        request_id=get_header(headers, "request-id") or default_id,
-        headers=list(headers),
-        _binder=lambda signature: _bind(table, signature, limits),
-    )
 
 
 def _is_fixed_shape_tensor(typ: pa.DataType) -> bool:
@@ -108,6 +111,8 @@ def _is_numeric(typ: pa.DataType) -> bool:
 
 
 def _leaf_numpy(name: str, leaf: pa.Array) -> np.ndarray:
+    if pa.types.is_dictionary(leaf.type):
+        leaf = leaf.dictionary_decode()  # a categorical feeds its values (one copy)
     typ = leaf.type
     if _is_numeric(typ):
         return leaf.to_numpy(zero_copy_only=True)  # honours the slice offset
@@ -145,7 +150,7 @@ def _array_tensor(name: str, arr: pa.Array, limits: Limits) -> np.ndarray:
             dims.append(leaf.type.list_size)
             leaf = _fsl_values(leaf)
             _no_nulls(name, leaf)
-    elif pa.types.is_primitive(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ):
+    elif _is_flat(typ):
         leaf = arr
     else:
         raise SchemaMismatch(
@@ -155,6 +160,68 @@ def _array_tensor(name: str, arr: pa.Array, limits: Limits) -> np.ndarray:
     _no_nulls(name, leaf)
     check_elements(name, (rows, *dims), limits)
     return _leaf_numpy(name, leaf).reshape((rows, *dims))
+
+
+def _is_flat(typ: pa.DataType) -> bool:
+    if pa.types.is_dictionary(typ):
+        return _is_flat(typ.value_type)
+    return bool(
+        pa.types.is_primitive(typ)
+        or pa.types.is_string(typ)
+        or pa.types.is_large_string(typ)
+        or pa.types.is_string_view(typ)
+    )
+
+
+def _is_var_list(typ: pa.DataType) -> bool:
+    return bool(pa.types.is_list(typ) or pa.types.is_large_list(typ))
+
+
+def _cell_tensor(
+    name: str, column: pa.ChunkedArray, spec: TensorSpec, limits: Limits
+) -> np.ndarray:
+    """The one cell of a one-row column, as the whole tensor it holds.
+
+    Cells may be scalars, (nested) fixed-size or variable lists, or
+    ``arrow.fixed_shape_tensor`` values; variable lists must be rectangular.
+    """
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    _no_nulls(name, arr)
+    if _is_fixed_shape_tensor(arr.type) or not _is_var_list(arr.type):
+        cell = _array_tensor(name, arr, limits)[0]
+        cell = np.asarray(cell) if not isinstance(cell, np.ndarray) else cell
+    else:
+        dims: list[int] = []
+        level = arr
+        while _is_var_list(level.type) or pa.types.is_fixed_size_list(level.type):
+            if pa.types.is_fixed_size_list(level.type):
+                size = level.type.list_size
+                values = _fsl_values(level)
+            else:
+                lengths = level.value_lengths().to_numpy(zero_copy_only=False)
+                size = int(lengths[0]) if len(lengths) else 0
+                if len(lengths) and (lengths != size).any():
+                    raise SchemaMismatch(
+                        f"input {name!r}: the cell is a ragged list (lengths "
+                        f"{sorted(set(lengths.tolist()))[:4]} at depth {len(dims)}); a tensor "
+                        "needs equal lengths"
+                    )
+                values = level.flatten()
+            if len(dims) >= 32:
+                raise SchemaMismatch(f"input {name!r}: the cell nests deeper than 32 lists")
+            dims.append(size)
+            _no_nulls(name, values)
+            level = values
+        check_elements(name, tuple(dims), limits)
+        if not _is_flat(level.type):
+            raise SchemaMismatch(
+                f"input {name!r}: cell values of type {level.type} cannot feed a tensor"
+            )
+        cell = _leaf_numpy(name, level).reshape(dims)
+    shape = spec.shape
+    if cell.ndim == 0 and shape is not None and len(shape) == 1 and shape[0] in (1, None):
+        cell = cell.reshape(1)  # a scalar cell feeds a one-element input (TopK's k)
+    return cell
 
 
 def _fsl_values(arr: pa.Array) -> pa.Array:
@@ -221,7 +288,13 @@ def _bind(table: pa.Table, signature: Signature, limits: Limits) -> Bound:
     names = table.column_names
     consumed: set[int] = set()
     feeds: dict[str, np.ndarray] = {}
-    only = signature.inputs[0] if len(signature.inputs) == 1 else None
+    cells = signature.row_axis() is None
+    if cells and table.num_rows != 1:
+        raise SchemaMismatch(
+            f"the model's inputs share no batch axis ({expected_inputs(signature)}): send a "
+            f"one-row table whose cells are whole tensors; the message has {table.num_rows} rows"
+        )
+    only = signature.inputs[0] if len(signature.inputs) == 1 and not cells else None
     if only is not None and only.name not in names:
         feeds[only.name], consumed = _tabular(table, only, limits)
     else:
@@ -235,12 +308,19 @@ def _bind(table: pa.Table, signature: Signature, limits: Limits) -> Bound:
                 )
             if len(where) > 1:
                 raise SchemaMismatch(f"input {spec.name!r}: {len(where)} columns carry that name")
-            feeds[spec.name] = _column_tensor(spec.name, table.column(where[0]), spec, limits)
+            column = table.column(where[0])
+            feeds[spec.name] = (
+                _cell_tensor(spec.name, column, spec, limits)
+                if cells
+                else _column_tensor(spec.name, column, spec, limits)
+            )
             consumed.add(where[0])
-    _, run_rows = _validate(signature, feeds)
+    bound = _validate(signature, feeds)
     rest = [i for i in range(len(names)) if i not in consumed]
-    passthrough = table.select(rest) if rest else None
-    return Bound(feeds=feeds, rows=table.num_rows, passthrough=passthrough, run_rows=run_rows)
+    bound.passthrough = table.select(rest) if rest else None
+    if not bound.alone:
+        bound.rows = table.num_rows
+    return bound
 
 
 # -- encoding -----------------------------------------------------------------
@@ -306,12 +386,17 @@ def _py(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _output_array(name: str, value: object, rows: int) -> pa.Array:
+def _output_array(name: str, value: object, rows: int, whole: bool) -> pa.Array:
     try:
         if isinstance(value, np.ndarray):
-            column = tensor_array(value if value.ndim else value.reshape(1))
-        elif isinstance(value, list) and all(isinstance(r, dict) for r in value):
+            if whole:
+                column = tensor_array(value[np.newaxis] if value.ndim else value.reshape(1))
+            else:
+                column = tensor_array(value if value.ndim else value.reshape(1))
+        elif isinstance(value, list) and all(isinstance(r, dict) for r in value) and not whole:
             column = _map_array(value)
+        elif whole:
+            column = pa.array([[_py(v) for v in value]])  # type: ignore[attr-defined]
         else:
             column = pa.array([_py(v) for v in value])  # type: ignore[attr-defined]
     except Exception as exc:
@@ -331,32 +416,53 @@ def _names_json(names: tuple[str, ...]) -> bytes:
     return json.dumps(list(names)).encode()
 
 
-def encode_response(
-    outputs: dict[str, object],
-    rows: int,
-    passthrough: pa.Table | None,
-    extra_metadata: dict[bytes, bytes] | None = None,
-) -> bytes:
-    arrays = [_output_array(name, value, rows) for name, value in outputs.items()]
+def _passthrough_table(
+    passthrough: object, rows: int
+) -> tuple[pa.Table | None, dict[bytes, bytes] | None]:
+    """A msgpack/JSON request's passthrough in an Arrow answer: columns when it is a
+    map of row-length lists, else msgpack bytes in the schema metadata."""
+    if passthrough is None or isinstance(passthrough, pa.Table):
+        return passthrough, None
+    if isinstance(passthrough, dict) and all(
+        isinstance(v, list) and len(v) == rows for v in passthrough.values()
+    ):
+        try:
+            return pa.table({str(k): v for k, v in passthrough.items()}), None
+        except (pa.ArrowException, TypeError, ValueError):
+            pass  # not column-shaped after all: fall through to metadata
+    packed = _mp.packb(passthrough, default=str, use_bin_type=True)
+    return None, {PASSTHROUGH_METADATA_KEY: packed}
+
+
+def _encode_response(outputs: Outputs, rows: int, whole: bool, passthrough: object) -> bytes:
+    table, extra_metadata = _passthrough_table(passthrough, rows)
+    arrays = [_output_array(name, value, rows, whole) for name, value in outputs.items()]
     names = list(outputs)
-    if passthrough is not None:
-        for name, column in zip(passthrough.column_names, passthrough.columns, strict=True):
+    if table is not None:
+        for name, column in zip(table.column_names, table.columns, strict=True):
             names.append(PASSTHROUGH_PREFIX + name if name in outputs else name)
             arrays.append(column.combine_chunks() if column.num_chunks != 1 else column.chunk(0))
     metadata = {OUTPUTS_METADATA_KEY: _names_json(tuple(outputs)), **(extra_metadata or {})}
-    batch = pa.RecordBatch.from_arrays(arrays, names=names, metadata=metadata)
-    return write_stream(batch)
+    if whole:
+        metadata[WHOLE_METADATA_KEY] = b"true"
+    try:
+        batch = pa.RecordBatch.from_arrays(arrays, names=names, metadata=metadata)
+        return write_stream(batch)
+    except WorkerError:
+        raise
+    except Exception as exc:  # never an unreadable record: a dead letter says why
+        raise InferenceError(
+            f"the answer cannot be written as an Arrow stream: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
-def encode_request(
-    inputs: dict[str, np.ndarray], *, passthrough: object, arrow_form: str
-) -> bytes:
-    if arrow_form not in ("auto", "fixed_size_list", "tensor", "primitive"):
-        raise ValueError(f"unknown arrow_form {arrow_form!r}")
+def _encode_request(inputs: dict[str, np.ndarray], *, passthrough: object, form: str) -> bytes:
+    if form not in ("auto", "fixed_size_list", "tensor", "primitive"):
+        raise ValueError(f"unknown arrow_form {form!r}")
     names: list[str] = []
     arrays: list[pa.Array] = []
     for name, arr in inputs.items():
-        if arrow_form == "primitive" and arr.ndim == 2:
+        if form == "primitive" and arr.ndim == 2:
             if arr.shape[1] == 1:
                 names.append(name)
                 arrays.append(_flat_values(np.ascontiguousarray(arr[:, 0])))
@@ -366,10 +472,10 @@ def encode_request(
                 arrays.extend(_flat_values(np.ascontiguousarray(arr[:, j]))
                               for j in range(arr.shape[1]))
             continue
-        if arrow_form == "primitive" and arr.ndim != 1:
+        if form == "primitive" and arr.ndim != 1:
             raise ValueError(f"input {name!r}: the primitive form needs rank 1 or 2")
         names.append(name)
-        arrays.append(tensor_array(arr, arrow_form))
+        arrays.append(tensor_array(arr, form))
     for name, column in _passthrough_columns(passthrough):
         names.append(name)
         arrays.append(column)
@@ -401,21 +507,100 @@ def _response_value(column: pa.ChunkedArray) -> object:
         return column.to_pylist()
 
 
+def _unwrap(value: object) -> object:
+    """The cell of a one-row (whole) answer column."""
+    if isinstance(value, np.ndarray):
+        return value.reshape(value.shape[1:])
+    return value[0] if isinstance(value, list) and value else value
+
+
 _UNLIMITED = Limits(max_bytes=2**62, max_rows=2**62, max_elements=2**62)
 
 
-def decode_response(value: bytes, unpack: Callable[[bytes], object]) -> Response:
-    table = read_stream(value)
-    metadata = table.schema.metadata or {}
-    names = table.column_names
-    if OUTPUTS_METADATA_KEY in metadata:
-        wanted = set(json.loads(metadata[OUTPUTS_METADATA_KEY]))
-    else:
-        wanted = set(names)
-    columns = zip(names, table.columns, strict=True)
-    outputs = {n: _response_value(c) for n, c in columns if n in wanted}
-    rest = [i for i, n in enumerate(names) if n not in wanted]
-    passthrough: object = table.select(rest) if rest else None
-    if PASSTHROUGH_METADATA_KEY in metadata:
-        passthrough = unpack(metadata[PASSTHROUGH_METADATA_KEY])
-    return Response(outputs=outputs, passthrough=passthrough)
+def _unpack_any(raw: bytes) -> object:
+    return _mp.unpackb(raw, raw=False, strict_map_key=False)
+
+
+class ArrowCodec:
+    """``application/vnd.apache.arrow.stream``: an IPC stream, one sample per row."""
+
+    name: str = "arrow"
+    content_type: str = ARROW
+    media_types: tuple[str, ...] = (ARROW,)
+
+    def sniff(self, value: bytes) -> bool:
+        return value[:4] == b"\xff\xff\xff\xff"  # the IPC continuation marker
+
+    def decode_request(self, value: bytes, envelope: Envelope, limits: Limits) -> Request:
+        table = read_stream(value)
+        if table.num_rows > limits.max_rows:
+            raise TooLarge(f"{table.num_rows} rows, over the limit of {limits.max_rows}")
+        return Request(
+            format=self.name,
+            model=envelope.model,
+            model_version=envelope.model_version,
+            request_id=envelope.request_id or envelope.default_id,
+            headers=envelope.headers,
+            _binder=lambda signature: _bind(table, signature, limits),
+        )
+
+    def encode_response(
+        self,
+        request: Request,
+        bound: Bound | None,
+        outputs: Outputs,
+        *,
+        model: str,
+        model_version: int,
+    ) -> bytes:
+        whole = bound is not None and bound.alone
+        if whole:
+            rows = 1
+        elif bound is not None:
+            rows = bound.rows
+        else:
+            rows = _rows_of(outputs)
+        passthrough = bound.passthrough if bound is not None else None
+        return _encode_response(outputs, rows, whole, passthrough)
+
+    def response_headers(self, request: Request, *, model: str, model_version: int) -> Headers:
+        return []
+
+    def encode_request(
+        self,
+        inputs: dict[str, np.ndarray],
+        *,
+        model: str | None,
+        model_version: int | None,
+        request_id: str | None,
+        passthrough: object,
+        form: str,
+    ) -> bytes:
+        return _encode_request(inputs, passthrough=passthrough, form=form)
+
+    def decode_response(self, value: bytes) -> Response:
+        table = read_stream(value)
+        metadata = table.schema.metadata or {}
+        names = table.column_names
+        if OUTPUTS_METADATA_KEY in metadata:
+            wanted = set(json.loads(metadata[OUTPUTS_METADATA_KEY]))
+        else:
+            wanted = set(names)
+        columns = zip(names, table.columns, strict=True)
+        outputs = {n: _response_value(c) for n, c in columns if n in wanted}
+        if metadata.get(WHOLE_METADATA_KEY) == b"true":
+            outputs = {n: _unwrap(v) for n, v in outputs.items()}
+        rest = [i for i, n in enumerate(names) if n not in wanted]
+        passthrough: object = table.select(rest) if rest else None
+        if PASSTHROUGH_METADATA_KEY in metadata:
+            passthrough = _unpack_any(metadata[PASSTHROUGH_METADATA_KEY])
+        return Response(outputs=outputs, passthrough=passthrough)
+
+
+def _rows_of(outputs: Outputs) -> int:
+    for value in outputs.values():
+        if isinstance(value, np.ndarray):
+            return int(value.shape[0]) if value.ndim else 1
+        if isinstance(value, list):
+            return len(value)
+    return 0

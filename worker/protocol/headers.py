@@ -4,32 +4,41 @@ Header names are matched case-insensitively (a Java producer may well write
 ``Content-Type``) and, when a name repeats, the last one wins: the DLQ appends
 its headers to the original ones unchanged, so a record that went through the
 DLQ twice still reads as its latest failure.
+
+Values are bytes or NULL (None) and are copied to answers byte for byte; only
+the headers the worker reads must be UTF-8. A name that is not a ``str`` is one
+the Kafka layer could not decode (not UTF-8): such a record is a decode error.
+MLServer's ``mlserver-model`` / ``mlserver-version`` are synonyms of ``model``
+/ ``model-version``; when both are present, ours win.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from worker.errors import DecodeError, WorkerError
 
-from .base import ARROW, MSGPACK, Headers
+from .base import Envelope, Headers
 
 __all__ = [
     "MAX_ERROR_MESSAGE_BYTES",
-    "content_format",
+    "READ_HEADERS",
+    "check_names",
     "dlq_headers",
+    "envelope",
     "get_header",
+    "media_type",
     "parse_version",
+    "readable",
     "response_headers",
 ]
 
 MAX_ERROR_MESSAGE_BYTES = 1024
+READ_HEADERS = (
+    "content-type", "model", "model-version", "request-id", "mlserver-model", "mlserver-version"
+)
+"""The headers whose values the worker interprets (so they must be UTF-8)."""
 
-# Media types accepted on requests; responses always use the canonical two.
-_FORMATS = {
-    ARROW: "arrow",
-    MSGPACK: "msgpack",
-    "application/msgpack": "msgpack",
-    "application/vnd.msgpack": "msgpack",
-}
 _RESPONSE_REPLACED = (
     "content-type",
     "request-id",
@@ -55,17 +64,56 @@ def get_header(headers: Headers, name: str) -> str | None:
         raise DecodeError(f"header {name!r} is not UTF-8 text") from exc
 
 
-def content_format(headers: Headers, value: bytes) -> str:
-    """``"arrow"`` or ``"msgpack"``: the header, else sniff the Arrow continuation marker."""
+def check_names(headers: Headers) -> None:
+    """:class:`DecodeError` when a header name is not text (the Kafka layer hands an
+    undecodable name over as bytes: a client could not even write it back)."""
+    for key, _ in headers:
+        if not isinstance(key, str):
+            raise DecodeError(f"header name {bytes(key)[:64]!r} is not UTF-8 text")
+
+
+def readable(headers: Headers) -> Headers:
+    """The headers whose names are text: all that a dead letter can carry."""
+    return [(k, v) for k, v in headers if isinstance(k, str)]
+
+
+def media_type(headers: Headers) -> str | None:
+    """The ``content-type`` header's media type, lower case, parameters dropped."""
     ctype = get_header(headers, "content-type")
-    if ctype is None:
-        return "arrow" if value[:4] == b"\xff\xff\xff\xff" else "msgpack"
-    media = ctype.split(";", 1)[0].strip().lower()
-    if media not in _FORMATS:
-        raise DecodeError(
-            f"unsupported content-type {ctype!r}; expected {ARROW!r} or {MSGPACK!r}"
-        )
-    return _FORMATS[media]
+    return None if ctype is None else ctype.split(";", 1)[0].strip().lower()
+
+
+def _mlserver_version(raw: str) -> int | None:
+    """MLServer versions are free-form labels (``v0.1.0``); ours are integers. An
+    integer, bare or after a ``v``, names a version; any other label means newest."""
+    text = raw.strip()
+    text = text[1:] if text[:1] in ("v", "V") else text
+    if text.isascii() and text.isdigit() and int(text) >= 1:
+        return int(text)
+    return None
+
+
+def envelope(headers: Headers, *, key: bytes | None, default_id: str) -> Envelope:
+    """Read every header the worker interprets, once, with the same rules for all codecs."""
+    check_names(headers)
+    for name in READ_HEADERS:
+        get_header(headers, name)  # every read header must be UTF-8, even a shadowed synonym
+    model = get_header(headers, "model") or get_header(headers, "mlserver-model")
+    raw_version = get_header(headers, "model-version")
+    version: int | None = None
+    if raw_version is not None:
+        version = parse_version(raw_version, "header 'model-version'")
+    else:
+        synonym = get_header(headers, "mlserver-version")
+        version = None if synonym is None else _mlserver_version(synonym)
+    return Envelope(
+        headers=list(headers),
+        model=model,
+        model_version=version,
+        request_id=get_header(headers, "request-id"),
+        key=bytes(key) if key is not None else None,
+        default_id=default_id,
+    )
 
 
 def parse_version(raw: object, where: str) -> int:
@@ -106,15 +154,19 @@ def response_headers(
     topic: str,
     partition: int,
     offset: int,
+    extra: Sequence[tuple[str, bytes | None]] = (),
 ) -> Headers:
-    """The request's headers minus the ones replaced, then the §3 response headers."""
+    """The request's headers minus the ones replaced, then the response headers,
+    then the format's ``extra`` ones (which also replace same-named request headers)."""
+    replaced = _RESPONSE_REPLACED + tuple(k.lower() for k, _ in extra)
     return [
-        *_without(request_headers, _RESPONSE_REPLACED),
+        *_without(request_headers, replaced),
         ("content-type", content_type.encode()),
         ("request-id", request_id.encode()),
         ("model", model.encode()),
         ("model-version", str(model_version).encode()),
         *_source(topic, partition, offset),
+        *extra,
     ]
 
 
@@ -136,7 +188,8 @@ def dlq_headers(
     offset: int,
     model: str | None,
 ) -> Headers:
-    """The original headers unchanged, plus what went wrong and where (§3 dead-letter record)."""
+    """The original headers unchanged (all whose names are text: a name the Kafka
+    layer could not decode cannot be written back), plus what went wrong and where."""
     extra: Headers = [
         ("error-type", error.error_type.encode()),
         ("error-message", cut_utf8(str(error))),
@@ -144,4 +197,4 @@ def dlq_headers(
     ]
     if model is not None:
         extra.append(("model", model.encode()))
-    return [*headers, *extra]
+    return [*readable(headers), *extra]

@@ -10,26 +10,31 @@ becomes a read-only numpy view of the unpacked ``bytes`` (no copy); list data
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import msgpack as _mp
 import numpy as np
 
-from worker.errors import DecodeError, SchemaMismatch
-from worker.signature import Signature
+from worker.errors import DecodeError, InferenceError
 
-from .base import Bound, Headers, Limits, Request, Response, check_elements, expected_inputs
-from .base import validate_feeds as _validate
-from .headers import get_header, parse_version
+from .base import (
+    MSGPACK,
+    Bound,
+    Envelope,
+    Headers,
+    Limits,
+    Outputs,
+    Request,
+    Response,
+    bind_tensors,
+    check_elements,
+)
+from .headers import parse_version
 
 __all__ = [
     "DTYPES",
     "MAX_RANK",
-    "decode_request",
-    "decode_response",
-    "encode_request",
-    "encode_response",
+    "MsgpackCodec",
     "tensor_from_wire",
     "tensor_to_wire",
 ]
@@ -203,134 +208,131 @@ def _optional_str(body: dict[Any, Any], key: str) -> str | None:
     return str(raw)
 
 
-def decode_request(
-    value: bytes, headers: Headers, *, default_id: str, limits: Limits
-) -> Request:
-    try:
-        body = _unpack(value)
-    except Exception as exc:  # every unpacker failure (ExtraData, StackError, ...) is bad bytes
-        raise DecodeError(f"not a valid msgpack body: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(body, dict):
-        raise DecodeError(
-            f"msgpack body: expected a map with 'inputs', got {type(body).__name__}"
-        )
-    raw_inputs = body.get("inputs")
-    if not isinstance(raw_inputs, dict):
-        raise DecodeError(
-            "msgpack body: expected 'inputs' to be a map of name -> tensor, got "
-            f"{type(raw_inputs).__name__}"
-        )
-    tensors: dict[str, np.ndarray] = {}
-    for name, obj in raw_inputs.items():
-        if not isinstance(name, str):
-            raise DecodeError(f"msgpack body: input names must be strings, got {name!r:.40}")
-        tensors[name] = tensor_from_wire(name, obj, limits)
-    passthrough = body.get("passthrough")
-    if passthrough is not None and not _depth_ok(passthrough, _PASSTHROUGH_DEPTH):
-        raise DecodeError(f"msgpack body: 'passthrough' nests deeper than {_PASSTHROUGH_DEPTH}")
-
-    model = get_header(headers, "model") or _optional_str(body, "model")
-    header_version = get_header(headers, "model-version")
-    if header_version is not None:
-        version: int | None = parse_version(header_version, "header 'model-version'")
-    elif body.get("model_version") is not None:
-        version = parse_version(body["model_version"], "msgpack body 'model_version'")
-    else:
-        version = None
-    request_id = get_header(headers, "request-id") or _optional_str(body, "id") or default_id
-    return Request(
-        format="msgpack",
-        model=model,
-        model_version=version,
-        request_id=request_id,
-        headers=list(headers),
-        _binder=_binder(tensors, passthrough),
-    )
-
-
-def _binder(tensors: dict[str, np.ndarray], passthrough: object) -> Callable[[Signature], Bound]:
-    def bind(signature: Signature) -> Bound:
-        wanted = {spec.name for spec in signature.inputs}
-        for name in tensors:
-            if name not in wanted:
-                raise SchemaMismatch(
-                    f"unknown input {name!r}; the model's inputs are: {expected_inputs(signature)}"
-                )
-        for spec in signature.inputs:
-            if spec.name not in tensors:
-                raise SchemaMismatch(
-                    f"missing input {spec.name!r}; the model's inputs are: "
-                    f"{expected_inputs(signature)}"
-                )
-        feeds = {spec.name: tensors[spec.name] for spec in signature.inputs}
-        rows, run_rows = _validate(signature, feeds)
-        return Bound(feeds=feeds, rows=rows, passthrough=passthrough, run_rows=run_rows)
-
-    return bind
+_RESPONSE_LIMITS = Limits(max_bytes=2**62, max_rows=2**62, max_elements=2**62)
 
 
 def _output_to_wire(value: object) -> object:
     return tensor_to_wire(value) if isinstance(value, np.ndarray) else value
 
 
-def encode_response(
-    request_id: str,
-    outputs: dict[str, object],
-    passthrough: object,
-    *,
-    model: str,
-    model_version: int,
-) -> bytes:
-    body: dict[str, object] = {
-        "outputs": {name: _output_to_wire(v) for name, v in outputs.items()},
-        "id": request_id,
-        "model": model,
-        "model_version": model_version,
-    }
-    if passthrough is not None:
-        body["passthrough"] = passthrough
-    return _mp.packb(body, default=_default, use_bin_type=True)
+def _plain(passthrough: object) -> object:
+    """An Arrow request's passthrough table becomes ``{"column": [values...]}``."""
+    to_pydict = getattr(passthrough, "to_pydict", None)
+    return to_pydict() if callable(to_pydict) else passthrough
 
 
-def encode_request(
-    inputs: dict[str, np.ndarray],
-    *,
-    model: str | None,
-    model_version: int | None,
-    request_id: str | None,
-    passthrough: object,
-) -> bytes:
-    body: dict[str, object] = {"inputs": {n: tensor_to_wire(a) for n, a in inputs.items()}}
-    if request_id is not None:
-        body["id"] = request_id
-    if model is not None:
-        body["model"] = model
-    if model_version is not None:
-        body["model_version"] = model_version
-    if passthrough is not None:
-        body["passthrough"] = passthrough
-    return _mp.packb(body, default=_default, use_bin_type=True)
+class MsgpackCodec:
+    """``application/x-msgpack``: a map of named whole tensors; the sniffing fallback."""
 
+    name: str = "msgpack"
+    content_type: str = MSGPACK
+    media_types: tuple[str, ...] = (MSGPACK, "application/msgpack", "application/vnd.msgpack")
 
-_RESPONSE_LIMITS = Limits(max_bytes=2**62, max_rows=2**62, max_elements=2**62)
+    def sniff(self, value: bytes) -> bool:
+        return True  # anything that is neither Arrow nor JSON
 
+    def decode_request(self, value: bytes, envelope: Envelope, limits: Limits) -> Request:
+        try:
+            body = _unpack(value)
+        except Exception as exc:  # every unpacker failure (ExtraData, StackError...) is bad bytes
+            raise DecodeError(f"not a valid msgpack body: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(body, dict):
+            raise DecodeError(
+                f"msgpack body: expected a map with 'inputs', got {type(body).__name__}"
+            )
+        raw_inputs = body.get("inputs")
+        if not isinstance(raw_inputs, dict):
+            raise DecodeError(
+                "msgpack body: expected 'inputs' to be a map of name -> tensor, got "
+                f"{type(raw_inputs).__name__}"
+            )
+        tensors: dict[str, np.ndarray] = {}
+        for name, obj in raw_inputs.items():
+            if not isinstance(name, str):
+                raise DecodeError(f"msgpack body: input names must be strings, got {name!r:.40}")
+            tensors[name] = tensor_from_wire(name, obj, limits)
+        passthrough = body.get("passthrough")
+        if passthrough is not None and not _depth_ok(passthrough, _PASSTHROUGH_DEPTH):
+            raise DecodeError(
+                f"msgpack body: 'passthrough' nests deeper than {_PASSTHROUGH_DEPTH}"
+            )
+        version = envelope.model_version
+        if version is None and body.get("model_version") is not None:
+            version = parse_version(body["model_version"], "msgpack body 'model_version'")
+        return Request(
+            format=self.name,
+            model=envelope.model or _optional_str(body, "model"),
+            model_version=version,
+            request_id=envelope.request_id or _optional_str(body, "id") or envelope.default_id,
+            headers=envelope.headers,
+            _binder=lambda signature: bind_tensors(tensors, signature, passthrough),
+        )
 
-def decode_response(value: bytes) -> Response:
-    try:
-        body = _unpack(value)
-    except Exception as exc:
-        raise DecodeError(f"not a valid msgpack body: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(body, dict) or not isinstance(body.get("outputs"), dict):
-        raise DecodeError("msgpack response: expected a map with 'outputs'")
-    outputs: dict[str, object] = {}
-    for name, obj in body["outputs"].items():
-        is_tensor = isinstance(obj, dict) and "dtype" in obj
-        outputs[name] = tensor_from_wire(name, obj, _RESPONSE_LIMITS) if is_tensor else obj
-    version = body.get("model_version")
-    return Response(
-        outputs=outputs,
-        request_id=_optional_str(body, "id"),
-        model=_optional_str(body, "model"),
-        model_version=version if isinstance(version, int) else None,
-        passthrough=body.get("passthrough"),
-    )
+    def encode_response(
+        self,
+        request: Request,
+        bound: Bound | None,
+        outputs: Outputs,
+        *,
+        model: str,
+        model_version: int,
+    ) -> bytes:
+        body: dict[str, object] = {
+            "outputs": {name: _output_to_wire(v) for name, v in outputs.items()},
+            "id": request.request_id,
+            "model": model,
+            "model_version": model_version,
+        }
+        passthrough = bound.passthrough if bound is not None else None
+        if passthrough is not None:
+            body["passthrough"] = _plain(passthrough)
+        try:
+            return _mp.packb(body, default=_default, use_bin_type=True)
+        except Exception as exc:  # e.g. an integer over 64 bits in a map output
+            raise InferenceError(
+                f"the answer cannot be written as msgpack: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def response_headers(self, request: Request, *, model: str, model_version: int) -> Headers:
+        return []
+
+    def encode_request(
+        self,
+        inputs: dict[str, np.ndarray],
+        *,
+        model: str | None,
+        model_version: int | None,
+        request_id: str | None,
+        passthrough: object,
+        form: str,
+    ) -> bytes:
+        body: dict[str, object] = {"inputs": {n: tensor_to_wire(a) for n, a in inputs.items()}}
+        if request_id is not None:
+            body["id"] = request_id
+        if model is not None:
+            body["model"] = model
+        if model_version is not None:
+            body["model_version"] = model_version
+        if passthrough is not None:
+            body["passthrough"] = _plain(passthrough)
+        return _mp.packb(body, default=_default, use_bin_type=True)
+
+    def decode_response(self, value: bytes) -> Response:
+        try:
+            body = _unpack(value)
+        except Exception as exc:
+            raise DecodeError(f"not a valid msgpack body: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(body, dict) or not isinstance(body.get("outputs"), dict):
+            raise DecodeError("msgpack response: expected a map with 'outputs'")
+        outputs: dict[str, object] = {}
+        for name, obj in body["outputs"].items():
+            is_tensor = isinstance(obj, dict) and "dtype" in obj
+            outputs[name] = tensor_from_wire(name, obj, _RESPONSE_LIMITS) if is_tensor else obj
+        version = body.get("model_version")
+        return Response(
+            outputs=outputs,
+            request_id=_optional_str(body, "id"),
+            model=_optional_str(body, "model"),
+            model_version=version if isinstance(version, int) else None,
+            passthrough=body.get("passthrough"),
+        )
