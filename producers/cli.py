@@ -151,13 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start at the earliest offset (default: only records produced after start)",
     )
     _hidden_alias(p, "--from-latest", "from_beginning", action="store_false")
-    _hidden_alias(p, "--output", "out", type=Path)
     _common(p)
 
     p = sub.add_parser("replay", help="re-publish a recording with its original pacing")
     p.add_argument("--in", dest="recording", required=True, type=Path, metavar="FILE.arrow",
                    help="a recording made by record")
-    _hidden_alias(p, "--recording", "recording", type=Path)
     p.add_argument("--topic", required=True, metavar="TOPIC", help="topic to send to")
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(

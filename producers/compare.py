@@ -24,7 +24,9 @@ import pyarrow as pa
 from producers.collect import META_COLUMNS, OUTPUTS_METADATA
 from producers.errors import ProducerError, UsageError
 
-__all__ = ["Loaded", "compare", "format_table", "load_collection", "plot"]
+__all__ = ["PLOT_EXTRA", "Loaded", "compare", "format_table", "load_collection", "plot"]
+
+PLOT_EXTRA = "inference-worker[plot]"
 
 
 @dataclass
@@ -196,7 +198,10 @@ def format_table(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """PNG histogram, per output, of each row's largest absolute difference."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise UsageError(f"--plot needs matplotlib: pip install '{PLOT_EXTRA}'") from None
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -190,3 +191,49 @@ def test_console_script_exits_2_with_one_line() -> None:
     assert out.returncode == 2
     expected = "inference-producer publish: error: --from 'nope.csv': no such file"
     assert out.stderr.strip() == expected
+
+
+# --- CLI conventions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["publish", "record", "replay", "collect", "compare",
+                                     "redrive"])
+def test_every_command_has_version_and_the_kafka_flags(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from importlib import metadata
+
+    assert main([command, "--version"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"inference-producer {metadata.version('inference-worker')}")
+    assert main([command, "--help"]) == 0
+    usage = capsys.readouterr().out
+    assert "--bootstrap-server HOST:PORT" in usage and "--kafka-option KEY=VALUE" in usage
+    assert "VALUE\n" not in usage.replace("KEY=VALUE", "")  # real metavars only
+
+
+def test_bootstrap_server_is_an_alias_and_old_flags_still_parse() -> None:
+    from producers.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["record", "--bootstrap-server", "h:1", "--topic", "t",
+                              "--out", "r.arrow"])
+    assert args.bootstrap_servers == "h:1" and args.from_beginning is False
+    args = parser.parse_args(["record", "--topic", "t", "--out", "r.arrow", "--from-beginning"])
+    assert args.from_beginning is True
+    args = parser.parse_args(["record", "--topic", "t", "--out", "r.arrow", "--from-latest"])
+    assert args.from_beginning is False
+    args = parser.parse_args(["collect", "--topic", "t", "--out", "c.npy", "--output", "probs"])
+    assert args.output_name == "probs"
+
+
+def test_plot_without_matplotlib_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    probs = np.random.default_rng(1).dirichlet(np.ones(3), size=4).astype(np.float32)
+    a = _collection(tmp_path / "a.arrow", probs, 1)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    err = _one_line_error(capsys, "compare", str(a), str(a), "--plot", str(tmp_path / "p.png"))
+    assert err == ("inference-producer compare: error: --plot needs matplotlib: "
+                   "pip install 'inference-worker[plot]'")
+    assert not (tmp_path / "p.png").exists()
