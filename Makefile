@@ -8,7 +8,7 @@ EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps kafka-jars test test-slow demo lint bench soak clean
+.PHONY: install system-deps kafka-jars test test-slow test-k8s demo lint bench soak clean
 
 install: $(STAMP)
 
@@ -37,7 +37,7 @@ kubectl: install
 	@VENV=$(VENV) scripts/install-kubectl
 
 test: install kafka-jars kubectl
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not k8s" $(PYTEST_ARGS)
 
 test-slow: install kafka-jars
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
@@ -59,3 +59,9 @@ soak: install kafka-jars
 clean:
 	-scripts/kafka-local stop
 	rm -rf $(VENV) .kafka-local models .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# Not in `make test`: builds kube-apiserver, controller-manager, scheduler,
+# etcd and KWOK once (~15 min cold on two cores, into ~/.cache/inference-worker-k8s),
+# runs the manifests against them (tests/test_k8s_cluster.py), stops the cluster.
+test-k8s: install kubectl
+	PYTHON=$(PY) scripts/kube-local test $(PYTEST_ARGS)

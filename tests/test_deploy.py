@@ -31,7 +31,9 @@ K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
 DASHBOARD = ROOT / "deploy" / "grafana" / "inference-worker.json"
 
-OVERLAYS = ["cpu", "gpu", "keda", "hpa", "servicemonitor"]
+OVERLAYS = ["cpu", "gpu", "keda", "keda-sasl", "keda-topics", "hpa", "servicemonitor"]
+COMPONENTS = ["hpa", "kafka-sasl", "keda", "keda-auth", "models-pvc", "nvidia-runtime",
+              "servicemonitor"]
 # Test ids never equal "gpu": conftest skips items with a `gpu` keyword off-GPU.
 _OVERLAY_PARAMS = [pytest.param(o, id=f"overlays/{o}") for o in OVERLAYS]
 # The oldest Kubernetes we support, and the newest schemas the package ships.
@@ -124,8 +126,7 @@ def _exposed_metric_names() -> set[str]:
 def test_overlay_renders(overlay: str) -> None:
     docs = _rendered(overlay)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "ServiceAccount",
-            "PersistentVolumeClaim"} <= kinds
+    assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "ServiceAccount"} <= kinds
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -179,15 +180,26 @@ def test_deployment_contract(overlay: str) -> None:
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]], "ORT needs a writable /tmp"
-    models = volumes[mounts[config["WORKER_MODEL_REPOSITORY"]]["name"]]
-    claim = models["persistentVolumeClaim"]["claimName"]
-    assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim
-               for d in docs)
+    models_mount = mounts[config["WORKER_MODEL_REPOSITORY"]]
+    assert models_mount["readOnly"] is True
+    models = volumes[models_mount["name"]]
+    # No ReadWriteMany claim by default: an init container fills an emptyDir.
+    assert "emptyDir" in models and "persistentVolumeClaim" not in models
+    (init,) = pod["initContainers"]
+    assert [m["name"] for m in init["volumeMounts"]] == [models_mount["name"]]
+    assert init["command"] == ["cp", "-R", "/models/.", init["volumeMounts"][0]["mountPath"] + "/"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    assert not any(d["kind"] == "PersistentVolumeClaim" for d in docs)
+    assert deployment["spec"]["minReadySeconds"] >= 5, "each rollout step is a rebalance"
 
     secret_refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
                    if "secretKeyRef" in e.get("valueFrom", {})}
     assert secret_refs == {"inference-worker-kafka"}
-    assert {e["name"] for e in container["env"]} >= {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"}
+    env_names = {e["name"] for e in container["env"]}
+    assert "KAFKA_SASL_USERNAME" in env_names
+    assert "KAFKA_SASL_PASSWORD" not in env_names, "the password stays a file"
+    credentials = volumes[mounts["/var/run/secrets/kafka"]["name"]]["secret"]
+    assert credentials["secretName"] == "inference-worker-kafka"
 
     for spread in pod["topologySpreadConstraints"]:
         assert spread["labelSelector"]["matchLabels"].items() <= labels.items()
@@ -228,6 +240,103 @@ def test_gpu_and_cpu_overlays_differ_where_they_should() -> None:
     assert gpu["image"].endswith("-gpu") and cpu["image"].endswith("-cpu")
     assert _config(_rendered("gpu"))["WORKER_DEVICE"].startswith("cuda")
     assert _config(_rendered("cpu"))["WORKER_DEVICE"] == "cpu"
+
+
+def _strategy(overlay: str) -> dict[str, Any]:
+    rolling: dict[str, Any] = _one(_rendered(overlay), "Deployment")["spec"]["strategy"][
+        "rollingUpdate"]
+    return rolling
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "keda", "keda-sasl", "keda-topics", "hpa"])
+def test_gpu_rollout_never_surges(overlay: str) -> None:
+    """A surge pod would need a GPU nobody has: replace one pod at a time."""
+    assert _strategy(overlay) == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_cpu_rollout_keeps_every_replica() -> None:
+    assert _strategy("cpu") == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+def test_gpu_pods_need_a_cuda13_driver() -> None:
+    """onnxruntime-gpu for CUDA 13 needs driver >= 580 (GPU feature discovery labels)."""
+    pod = _one(_rendered("gpu"), "Deployment")["spec"]["template"]["spec"]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"]
+    driver_labels = set()
+    for term in terms:
+        exprs = {e["key"]: e for e in term["matchExpressions"]}
+        assert exprs["nvidia.com/gpu.present"]["values"] == ["true"]
+        (driver,) = (e for k, e in exprs.items() if k.startswith("nvidia.com/cuda.driver"))
+        assert driver["operator"] == "Gt" and driver["values"] == ["579"]
+        driver_labels.add(driver["key"])
+    assert driver_labels == {"nvidia.com/cuda.driver-version.major", "nvidia.com/cuda.driver.major"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"]["emptyDir"]["sizeLimit"] == "8Gi", "room for optimized graphs"
+    assert "runtimeClassName" not in pod, "optional: components/nvidia-runtime"
+
+
+def _with_components(k8s_dir: Path, *components: str) -> list[dict[str, Any]]:
+    path = k8s_dir / "overlays" / "with-components"
+    path.mkdir()
+    (path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["../gpu"], "components": [f"../../components/{c}" for c in components],
+    }))
+    return _kustomize(path)
+
+
+def test_every_component_is_documented_and_renders(k8s_copy: Path) -> None:
+    assert sorted(p.name for p in (k8s_copy / "components").iterdir()) == COMPONENTS
+    docs = _with_components(k8s_copy, "models-pvc", "nvidia-runtime", "kafka-sasl")
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert "initContainers" not in pod
+    (models,) = (v for v in pod["volumes"] if v["name"] == "models")
+    assert models == {"name": "models", "persistentVolumeClaim": {
+        "claimName": "inference-worker-models", "readOnly": True}}
+    assert _one(docs, "PersistentVolumeClaim")["metadata"]["name"] == "inference-worker-models"
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    for component in COMPONENTS:
+        assert f"components/{component}" in text
+
+
+def test_sasl_password_is_a_mounted_file() -> None:
+    docs = _rendered("keda-sasl")
+    container = _container(docs)
+    env = {e["name"]: e for e in container["env"]}
+    assert "KAFKA_SASL_PASSWORD" not in env
+    path = Path(env["KAFKA_SASL_PASSWORD_FILE"]["value"])
+    (mount,) = (m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = (v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["optional"] is False, "SASL without its Secret must not start"
+    # The worker's password key is the one KEDA's TriggerAuthentication reads too.
+    auth = _one(docs, "TriggerAuthentication")
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert refs["password"]["key"] == path.name
+    assert {r["name"] for r in refs.values()} == {volume["secret"]["secretName"]}
+    assert {"sasl", "username", "password", "tls", "ca"} <= set(refs)
+    for trigger in _one(docs, "ScaledObject")["spec"]["triggers"]:
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+
+
+def test_one_keda_trigger_per_input_topic() -> None:
+    docs = _rendered("keda-topics")
+    topics = _config(docs)["WORKER_INPUT_TOPIC"].split(",")
+    spec = _one(docs, "ScaledObject")["spec"]
+    triggers = spec["triggers"]
+    assert [t["metadata"]["topic"] for t in triggers] == topics
+    config = _config(docs)
+    for trigger in triggers:
+        assert trigger["metadata"]["consumerGroup"] == config["WORKER_GROUP_ID"]
+        assert trigger["metadata"]["bootstrapServers"] == config["WORKER_BOOTSTRAP_SERVERS"]
+    # Lag adds up over the topics; the ceiling is every topic's partitions.
+    modifiers = spec["advanced"]["scalingModifiers"]
+    assert modifiers["formula"].replace(" ", "") == "+".join(t["name"] for t in triggers)
+    assert modifiers["target"] == triggers[0]["metadata"]["lagThreshold"]
+    assert modifiers["metricType"] == "AverageValue"
+    assert spec["maxReplicaCount"] == _partitions(docs) == 18
 
 
 def test_keda_scaledobject() -> None:
