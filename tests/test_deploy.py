@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from worker.observability import Metrics
+from worker.observability import DEFAULT_METRICS_PORT, Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -160,7 +160,10 @@ def test_deployment_contract(overlay: str) -> None:
     assert pod["terminationGracePeriodSeconds"] > drain_s
 
     port = int(config["WORKER_METRICS_PORT"])
+    assert port == DEFAULT_METRICS_PORT, "the worker's default, clear of dcgm-exporter's 9400"
     assert [p["containerPort"] for p in container["ports"]] == [port]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
