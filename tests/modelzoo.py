@@ -22,6 +22,7 @@ from worker.signature import Signature
 
 __all__ = [
     "STRING_VOCAB",
+    "UNBATCHED_ZOO",
     "ZOO",
     "sample_feeds",
     "write_cnn",
@@ -34,8 +35,13 @@ __all__ = [
     "write_int64",
     "write_iris_logreg",
     "write_mlp",
+    "write_pairwise",
+    "write_reshape",
+    "write_scale_by_scalar",
     "write_slow",
+    "write_split",
     "write_string_labels",
+    "write_topk",
     "write_two_io",
 ]
 
@@ -298,6 +304,71 @@ def write_corrupt(repo: Path, name: str = "corrupt", version: int = 1) -> Path:
     return path
 
 
+# -- models whose inputs share no batch axis (requests run alone, as sent) -----
+
+
+def write_reshape(repo: Path, name: str = "reshape", version: int = 1) -> Path:
+    """x float32[batch,6], shape int64[2] (a target shape) -> y float32[?,?] = reshape(x)."""
+    model = _model(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [_vi("x", TensorProto.FLOAT, ["batch", 6]), _vi("shape", TensorProto.INT64, [2])],
+        [_vi("y", TensorProto.FLOAT, [None, None])],
+    )
+    return _save(model, repo, name, version)
+
+
+def write_topk(repo: Path, name: str = "topk", version: int = 1) -> Path:
+    """x float32[batch,10], k int64[1] -> values float32[batch,k], indices int64[batch,k]."""
+    model = _model(
+        [helper.make_node("TopK", ["x", "k"], ["values", "indices"], axis=-1)],
+        [_vi("x", TensorProto.FLOAT, ["batch", 10]), _vi("k", TensorProto.INT64, [1])],
+        [_vi("values", TensorProto.FLOAT, ["batch", None]),
+         _vi("indices", TensorProto.INT64, ["batch", None])],
+    )
+    return _save(model, repo, name, version)
+
+
+def write_split(repo: Path, name: str = "split", version: int = 1) -> Path:
+    """x float32[n], split int64[2] -> head float32[split0], tail float32[split1]:
+    two outputs of different leading sizes."""
+    model = _model(
+        [helper.make_node("Split", ["x", "split"], ["head", "tail"], axis=0)],
+        [_vi("x", TensorProto.FLOAT, ["n"]), _vi("split", TensorProto.INT64, [2])],
+        [_vi("head", TensorProto.FLOAT, [None]), _vi("tail", TensorProto.FLOAT, [None])],
+    )
+    return _save(model, repo, name, version)
+
+
+def write_scale_by_scalar(repo: Path, name: str = "scale-by-scalar", version: int = 1) -> Path:
+    """x float32[batch,3], scale float32[] (a 0-d scalar) -> y float32[batch,3] = x * scale,
+    total float32[] = sum(y)."""
+    model = _model(
+        [
+            helper.make_node("Mul", ["x", "scale"], ["y"]),
+            helper.make_node("ReduceSum", ["y"], ["total"], keepdims=0),
+        ],
+        [_vi("x", TensorProto.FLOAT, ["batch", 3]), _vi("scale", TensorProto.FLOAT, [])],
+        [_vi("y", TensorProto.FLOAT, ["batch", 3]), _vi("total", TensorProto.FLOAT, [])],
+    )
+    return _save(model, repo, name, version)
+
+
+def write_pairwise(repo: Path, name: str = "pairwise", version: int = 1) -> Path:
+    """queries float32[n,4], corpus float32[m,4] (differently named dynamic axes) ->
+    scores float32[n,m] = queries @ corpus.T, centroid float32[4] = mean(corpus):
+    coalescing two requests would mix their corpora."""
+    model = _model(
+        [
+            helper.make_node("Transpose", ["corpus"], ["ct"], perm=[1, 0]),
+            helper.make_node("MatMul", ["queries", "ct"], ["scores"]),
+            helper.make_node("ReduceMean", ["corpus"], ["centroid"], axes=[0], keepdims=0),
+        ],
+        [_vi("queries", TensorProto.FLOAT, ["n", 4]), _vi("corpus", TensorProto.FLOAT, ["m", 4])],
+        [_vi("scores", TensorProto.FLOAT, ["n", "m"]), _vi("centroid", TensorProto.FLOAT, [4])],
+    )
+    return _save(model, repo, name, version)
+
+
 ZOO: dict[str, Callable[..., Path]] = {
     "mnist-mlp": write_mlp,
     "two-io": write_two_io,
@@ -312,7 +383,25 @@ ZOO: dict[str, Callable[..., Path]] = {
     "small-cnn": write_cnn,
     "slow": write_slow,
 }
-"""Default name -> builder, for every loadable model above."""
+"""Default name -> builder, for every loadable batched model above."""
+
+UNBATCHED_ZOO: dict[str, Callable[..., Path]] = {
+    "reshape": write_reshape,
+    "topk": write_topk,
+    "split": write_split,
+    "scale-by-scalar": write_scale_by_scalar,
+    "pairwise": write_pairwise,
+}
+"""Default name -> builder, for the models whose inputs share no batch axis."""
+
+
+# Parameter-like inputs of the models above: values that make a valid run.
+_PARAMETERS: dict[str, Callable[[int], np.ndarray]] = {
+    "shape": lambda rows: np.array([rows * 3, 2], np.int64),
+    "k": lambda rows: np.array([3], np.int64),
+    "split": lambda rows: np.array([1, rows - 1], np.int64),
+    "scale": lambda rows: np.array(2.0, np.float32),
+}
 
 
 def sample_feeds(signature: Signature, rows: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
@@ -325,6 +414,9 @@ def sample_feeds(signature: Signature, rows: int = 3, seed: int = 0) -> dict[str
         shape = tuple(
             (rows if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape)
         )
+        if spec.name in _PARAMETERS:
+            feeds[spec.name] = _PARAMETERS[spec.name](rows)
+            continue
         if spec.dtype.kind in "US":
             words = [*STRING_VOCAB, "unknown"]
             feeds[spec.name] = np.array(
