@@ -126,7 +126,8 @@ def test_arrow_cells_may_be_variable_lists_and_scalars(
 
 
 def test_arrow_ragged_list_cell_is_a_mismatch(sessions: dict[str, ort.InferenceSession]) -> None:
-    table = pa.table({"x": pa.array([[[1.0] * 10, [2.0] * 9]], pa.list_(pa.list_(pa.float32()))),
+    table = pa.table({"x": pa.array([[[1.0] * 10, [2.0] * 9]],
+                                    pa.list_(pa.list_(pa.float32()))),
                       "k": pa.array([1], pa.int64())})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -139,7 +140,9 @@ def test_arrow_ragged_list_cell_is_a_mismatch(sessions: dict[str, ort.InferenceS
 def test_arrow_table_of_several_rows_for_an_unbatched_model_says_what_to_send(
     sessions: dict[str, ort.InferenceSession],
 ) -> None:
-    feeds = {"x": np.zeros((2, 2, 10), np.float32), "k": np.array([[1], [1]], np.int64)}
+    feeds: dict[str, np.ndarray] = {
+        "x": np.zeros((2, 2, 10), np.float32), "k": np.array([[1], [1]], np.int64)
+    }
     value, headers = encode_request(feeds, format="arrow")
     request = decode_request(value, headers, default_id="d")
     with pytest.raises(SchemaMismatch, match="one-row table whose cells are whole tensors"):

@@ -18,7 +18,7 @@ partition.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -35,7 +35,6 @@ from .base import (
     Envelope,
     Headers,
     Limits,
-    Outputs,
     Request,
     Response,
 )
@@ -174,7 +173,7 @@ def _codec_for(request: Request, output_format: str) -> Codec:
 def encode_response(
     request: Request,
     bound: Bound | None,
-    outputs: Outputs,
+    outputs: Mapping[str, object],
     *,
     model: str,
     model_version: int,

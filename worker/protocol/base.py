@@ -13,7 +13,7 @@ Adding a wire format is one new module with one class that satisfies
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -157,10 +157,10 @@ class Request:
                     )
         return bound
 
-    def select(self, outputs: Outputs) -> Outputs:
+    def select(self, outputs: Mapping[str, object]) -> Outputs:
         """``outputs`` limited to the requested names, in the order they were asked for."""
         if self.outputs is None:
-            return outputs
+            return dict(outputs)
         return {name: outputs[name] for name in self.outputs if name in outputs}
 
 
