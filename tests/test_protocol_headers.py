@@ -1,4 +1,5 @@
-"""Headers: sniffing, precedence over body fields, response and dead-letter headers."""
+"""Headers: sniffing, precedence over body fields, response and dead-letter headers,
+byte-for-byte copies, and which headers must be UTF-8."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from worker.protocol import (
 X = np.zeros((2, 3), np.float32)
 
 
-@pytest.mark.parametrize("fmt", ["arrow", "msgpack"])
+@pytest.mark.parametrize("fmt", ["arrow", "msgpack", "json"])
 def test_format_is_sniffed_without_content_type(fmt: str) -> None:
     value, _ = encode_request({"x": X}, format=fmt)
     assert decode_request(value, [], default_id="d").format == fmt
@@ -103,3 +104,66 @@ def test_error_message_is_cut_to_1_kib_without_splitting_a_character(text: str) 
     assert len(raw) <= 1024
     decoded = raw.decode("utf-8")  # never a split character
     assert decoded == text or decoded.endswith("…")
+
+
+# -- v2 header rules: byte-for-byte copies, what must be UTF-8, names the client could not read --
+
+
+@pytest.mark.parametrize("fmt", ["arrow", "msgpack", "json"])
+def test_header_values_are_copied_byte_for_byte_null_included(fmt: str) -> None:
+    value, _ = encode_request({"x": X}, format=fmt)
+    incoming = [("bin", b"\xff\x00\xfe"), ("null", None), ("", b"empty name"),
+                ("big", b"v" * 100_000), ("dup", b"1"), ("dup", b"2")]
+    request = decode_request(value, incoming, default_id="d")
+    headers = response_headers(request, content_type=ARROW, model="m", model_version=1,
+                               topic="t", partition=0, offset=0)
+    assert headers[:6] == incoming
+
+
+@pytest.mark.parametrize("name", ["model", "model-version", "content-type", "request-id",
+                                  "mlserver-model", "mlserver-version", "Model"])
+def test_a_read_header_that_is_not_utf8_is_a_decode_error(name: str) -> None:
+    value, _ = encode_request({"x": X}, format="msgpack")
+    with pytest.raises(DecodeError, match="is not UTF-8 text"):
+        decode_request(value, [(name, b"\xff\xfe")], default_id="d")
+
+
+def test_a_null_read_header_counts_as_absent() -> None:
+    value, _ = encode_request({"x": X}, format="msgpack", model="body-model")
+    request = decode_request(value, [("model", None), ("model-version", None)], default_id="d")
+    assert (request.model, request.model_version) == ("body-model", None)
+
+
+def test_a_header_name_the_client_could_not_decode_is_a_decode_error() -> None:
+    value, _ = encode_request({"x": X}, format="msgpack")
+    headers = [("trace", b"abc"), (b"\xff\xfename", b"v"), ("", b"")]  # type: ignore[list-item]
+    with pytest.raises(DecodeError, match=r"header name b'\\xff\\xfename' is not UTF-8") as info:
+        decode_request(value, headers, default_id="d")
+    # The dead letter keeps every header that could be read, and says what went wrong.
+    dlq = dlq_headers(headers, info.value, topic="in", partition=1, offset=2, model=None)
+    assert dlq[:2] == [("trace", b"abc"), ("", b"")]
+    assert dict(dlq[2:])["error-type"] == b"decode-error"
+    assert all(isinstance(k, str) for k, _ in dlq)
+
+
+def test_hundreds_of_headers() -> None:
+    value, _ = encode_request({"x": X}, format="msgpack")
+    incoming = [(f"h{i}", str(i).encode()) for i in range(500)] + [("model", b"m")]
+    request = decode_request(value, incoming, default_id="d")
+    assert request.model == "m"
+    headers = response_headers(request, content_type=MSGPACK, model="m", model_version=1,
+                               topic="t", partition=0, offset=0)
+    assert headers[:500] == incoming[:500]
+    assert len(dlq_headers(incoming, DecodeError("x"), topic="t", partition=0, offset=0,
+                           model="m")) == 501 + 6
+
+
+def test_json_answer_adds_cloudevents_headers_only_to_json_answers() -> None:
+    value, _ = encode_request({"x": X}, format="json")
+    request = decode_request(value, [("Ce-Id", b"theirs")], default_id="d")
+    as_msgpack = response_headers(request, content_type=MSGPACK, model="m", model_version=1,
+                                  topic="t", partition=0, offset=0)
+    assert [k for k, _ in as_msgpack if k.lower().startswith("ce-")] == ["Ce-Id"]
+    as_json = response_headers(request, content_type="application/json", model="m",
+                               model_version=1, topic="t", partition=0, offset=0)
+    assert [v for k, v in as_json if k == "Ce-Id"] == [b"d"]
