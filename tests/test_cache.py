@@ -105,6 +105,24 @@ def test_evicts_least_recently_used_not_first_inserted(tmp_path: Path) -> None:
     assert loader.count("b") == 2
 
 
+def test_on_evict_sees_closed_sessions_and_counts_bytes(tmp_path: Path) -> None:
+    loader = FakeLoader({"a": 300, "b": 200, "c": 100})
+    seen: list[list[tuple[str, bool]]] = []
+
+    def hook(sessions: list[Session]) -> None:  # e.g. read device memory into a gauge
+        seen.append([(s.ref.name, s.closed) for s in sessions])  # type: ignore[attr-defined]
+        raise RuntimeError("a broken metrics hook must not fail the request")
+
+    cache = SessionCache(_repo(tmp_path, "a", "b", "c"), loader, max_models=1, on_evict=hook)
+    _use(cache, "a")
+    _use(cache, "b")
+    _use(cache, "c")
+    assert seen == [[("a", True)], [("b", True)]]  # called after close, once per eviction
+    assert cache.evicted_bytes == 500
+    cache.close()
+    assert len(seen) == 2  # shutting down is not an eviction
+
+
 @pytest.fixture(scope="module")
 def six_models(tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
     return _repo(tmp_path_factory.mktemp("six"), *"abcdef")
