@@ -225,9 +225,9 @@ def _broken(k8s_dir: Path, name: str, base: str, patch: dict[str, Any]) -> Path:
             "gpu", "Deployment",
             [{"op": "replace", "path":
               "/spec/template/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution"
-              "/nodeSelectorTerms/0/matchExpressions/1/values", "value": ["5.8"]}],
-            "Invalid value: \"5.8\"",
-            id="non-integer-gt",
+              "/nodeSelectorTerms/0/matchExpressions/1/values", "value": ["579", "600"]}],
+            "must be specified single value when `operator` is 'Lt' or 'Gt'",
+            id="gt-with-two-values",
         ),
     ],
 )
