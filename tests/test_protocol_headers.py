@@ -11,6 +11,7 @@ from worker.errors import DecodeError, SchemaMismatch
 from worker.protocol import (
     ARROW,
     MSGPACK,
+    HeadersIn,
     decode_request,
     dlq_headers,
     encode_request,
@@ -101,7 +102,7 @@ def test_error_message_is_cut_to_1_kib_without_splitting_a_character(text: str) 
     headers = dict(dlq_headers([], DecodeError(text), topic="t", partition=0, offset=0,
                                model=None))
     raw = headers["error-message"]
-    assert len(raw) <= 1024
+    assert raw is not None and len(raw) <= 1024
     decoded = raw.decode("utf-8")  # never a split character
     assert decoded == text or decoded.endswith("…")
 
@@ -136,7 +137,7 @@ def test_a_null_read_header_counts_as_absent() -> None:
 
 def test_a_header_name_the_client_could_not_decode_is_a_decode_error() -> None:
     value, _ = encode_request({"x": X}, format="msgpack")
-    headers = [("trace", b"abc"), (b"\xff\xfename", b"v"), ("", b"")]  # type: ignore[list-item]
+    headers: HeadersIn = [("trace", b"abc"), (b"\xff\xfename", b"v"), ("", b"")]
     with pytest.raises(DecodeError, match=r"header name b'\\xff\\xfename' is not UTF-8") as info:
         decode_request(value, headers, default_id="d")
     # The dead letter keeps every header that could be read, and says what went wrong.

@@ -34,6 +34,7 @@ from .base import (
     Codec,
     Envelope,
     Headers,
+    HeadersIn,
     Limits,
     Request,
     Response,
@@ -54,6 +55,7 @@ __all__ = [
     "CodecRegistry",
     "Envelope",
     "Headers",
+    "HeadersIn",
     "Limits",
     "Request",
     "Response",
@@ -101,7 +103,7 @@ class CodecRegistry:
             raise ValueError(f"no codec for content type {content_type!r}")
         return codec
 
-    def for_record(self, headers: Headers, value: bytes) -> Codec:
+    def for_record(self, headers: HeadersIn, value: bytes) -> Codec:
         """The ``content-type`` header's codec, else the first whose sniff accepts ``value``."""
         media = _headers.media_type(headers)
         if media is None:
@@ -128,7 +130,7 @@ CONTENT_TYPES = {codec.name: codec.content_type for codec in CODECS}
 
 def decode_request(
     value: bytes,
-    headers: Headers,
+    headers: HeadersIn,
     *,
     default_id: str,
     limits: Limits = DEFAULT_LIMITS,
@@ -150,9 +152,8 @@ def decode_request(
                 f"record value of {len(value)} bytes, over the limit of {limits.max_bytes}"
             )
         value = bytes(value) if not isinstance(value, bytes) else value
-        headers = list(headers or [])
-        envelope = _headers.envelope(headers, key=key, default_id=default_id)
-        return CODECS.for_record(headers, value).decode_request(value, envelope, limits)
+        envelope = _headers.envelope(list(headers or []), key=key, default_id=default_id)
+        return CODECS.for_record(envelope.headers, value).decode_request(value, envelope, limits)
     except WorkerError:
         raise
     except Exception as exc:  # a codec bug must still become a dead letter, not a crash
@@ -265,9 +266,10 @@ def encode_request(
     return value, headers
 
 
-def decode_response(value: bytes, headers: Headers) -> Response:
+def decode_response(value: bytes, headers: HeadersIn) -> Response:
     """Parse a response record; identification comes from headers first, then the body."""
     headers = list(headers or [])
+    _headers.check_names(headers)
     try:
         codec = CODECS.for_record(headers, value)
         response = codec.decode_response(value)

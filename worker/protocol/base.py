@@ -13,7 +13,7 @@ Adding a wire format is one new module with one class that satisfies
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ __all__ = [
     "Codec",
     "Envelope",
     "Headers",
+    "HeadersIn",
     "Limits",
     "Outputs",
     "Request",
@@ -47,6 +48,8 @@ JSON = "application/json"
 Headers = list[tuple[str, bytes | None]]
 """The Kafka clients' header form: ``[(name, value), ...]``; names may repeat,
 values may be NULL (None)."""
+HeadersIn = Sequence[tuple[str | bytes, bytes | None]]
+"""Headers as received: a name the Kafka layer could not decode arrives as bytes."""
 Outputs = dict[str, object]
 """Output name -> ``np.ndarray`` (a tensor) or ``list`` (e.g. ZipMap's dicts)."""
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from worker.errors import DecodeError, WorkerError
 
-from .base import Envelope, Headers
+from .base import Envelope, Headers, HeadersIn
 
 __all__ = [
     "MAX_ERROR_MESSAGE_BYTES",
@@ -50,7 +50,7 @@ _RESPONSE_REPLACED = (
 )
 
 
-def get_header(headers: Headers, name: str) -> str | None:
+def get_header(headers: HeadersIn, name: str) -> str | None:
     """UTF-8 value of the last header called ``name`` (any case); None when absent."""
     value: bytes | None = None
     for key, raw in headers:
@@ -64,7 +64,7 @@ def get_header(headers: Headers, name: str) -> str | None:
         raise DecodeError(f"header {name!r} is not UTF-8 text") from exc
 
 
-def check_names(headers: Headers) -> None:
+def check_names(headers: HeadersIn) -> None:
     """:class:`DecodeError` when a header name is not text (the Kafka layer hands an
     undecodable name over as bytes: a client could not even write it back)."""
     for key, _ in headers:
@@ -72,12 +72,12 @@ def check_names(headers: Headers) -> None:
             raise DecodeError(f"header name {bytes(key)[:64]!r} is not UTF-8 text")
 
 
-def readable(headers: Headers) -> Headers:
+def readable(headers: HeadersIn) -> Headers:
     """The headers whose names are text: all that a dead letter can carry."""
     return [(k, v) for k, v in headers if isinstance(k, str)]
 
 
-def media_type(headers: Headers) -> str | None:
+def media_type(headers: HeadersIn) -> str | None:
     """The ``content-type`` header's media type, lower case, parameters dropped."""
     ctype = get_header(headers, "content-type")
     return None if ctype is None else ctype.split(";", 1)[0].strip().lower()
@@ -93,7 +93,7 @@ def _mlserver_version(raw: str) -> int | None:
     return None
 
 
-def envelope(headers: Headers, *, key: bytes | None, default_id: str) -> Envelope:
+def envelope(headers: HeadersIn, *, key: bytes | None, default_id: str) -> Envelope:
     """Read every header the worker interprets, once, with the same rules for all codecs."""
     check_names(headers)
     for name in READ_HEADERS:
@@ -107,7 +107,7 @@ def envelope(headers: Headers, *, key: bytes | None, default_id: str) -> Envelop
         synonym = get_header(headers, "mlserver-version")
         version = None if synonym is None else _mlserver_version(synonym)
     return Envelope(
-        headers=list(headers),
+        headers=readable(headers),  # every name is a str: check_names passed
         model=model,
         model_version=version,
         request_id=get_header(headers, "request-id"),
@@ -132,8 +132,8 @@ def parse_version(raw: object, where: str) -> int:
     return version
 
 
-def _without(headers: Headers, names: tuple[str, ...]) -> Headers:
-    return [(k, v) for k, v in headers if not (isinstance(k, str) and k.lower() in names)]
+def _without(headers: HeadersIn, names: tuple[str, ...]) -> Headers:
+    return [(k, v) for k, v in headers if isinstance(k, str) and k.lower() not in names]
 
 
 def _source(topic: str, partition: int, offset: int) -> Headers:
@@ -145,7 +145,7 @@ def _source(topic: str, partition: int, offset: int) -> Headers:
 
 
 def response_headers(
-    request_headers: Headers,
+    request_headers: HeadersIn,
     *,
     request_id: str,
     content_type: str,
@@ -180,7 +180,7 @@ def cut_utf8(text: str, limit: int = MAX_ERROR_MESSAGE_BYTES) -> bytes:
 
 
 def dlq_headers(
-    headers: Headers,
+    headers: HeadersIn,
     error: WorkerError,
     *,
     topic: str,
