@@ -157,7 +157,7 @@ def assert_same_outputs(got: object, want: object) -> None:
 
 
 # Short enough that a killed member's partitions move on within seconds.
-FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+FAST_GROUP = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
 
 
 def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.kafka
 KILL_POINTS = 20
 KILL_SEED = 9
 # Short sessions so a killed member's partitions move on within seconds.
-QUICK_GROUP = ["session_timeout_ms=3000", "heartbeat_interval_ms=500"]
+QUICK_GROUP = ["session.timeout.ms=3000", "heartbeat.interval.ms=500"]
 
 
 def _requests(n: int, prefix: str, seed: int = 0) -> list[tuple[bytes, bytes, list]]:
@@ -294,7 +294,7 @@ def test_rebalance_storm_three_workers_join_and_leave(
         model_repo,
         group_id,
         max_batch_rows=16,
-        kafka_options={"session_timeout_ms": 6000, "heartbeat_interval_ms": 500},
+        kafka_properties={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"},
     )
     feeder = _Feeder(kafka_bootstrap, requests, _requests(n, "rb"), per_s=60)  # ~15 s
     # (at second, action): every member comes and goes at least once; one is always there

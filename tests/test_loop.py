@@ -245,7 +245,9 @@ def test_sigterm_mid_stream_drains_and_exits_zero(
             proc.kill()
     # What the first worker answered it also committed: a second one answers
     # the rest, and nothing is answered twice.
-    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id, kafka_options=FAST_GROUP)
+    s = settings(
+        kafka_bootstrap, requests, outputs, model_repo, group_id, kafka_properties=FAST_GROUP
+    )
     with worker_thread(s):
         answers = consume_ids(kafka_bootstrap, outputs, {f"r-{i}" for i in range(n)}, settle=1.0)
     ids = _request_ids(answers)
@@ -301,7 +303,9 @@ def test_two_workers_share_partitions_and_survive_one_leaving(
 ) -> None:
     requests, outputs = new_topic(partitions=4), new_topic()
     n = 600
-    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id, kafka_options=FAST_GROUP)
+    s = settings(
+        kafka_bootstrap, requests, outputs, model_repo, group_id, kafka_properties=FAST_GROUP
+    )
     with worker_thread(s) as w1:
         with worker_thread(s) as w2:
             deadline = time.monotonic() + 60
@@ -332,7 +336,7 @@ def test_slow_model_keeps_group_membership(
     repo = tmp_path / "models"
     modelzoo.write_slow(repo, ms_per_run=700)
     requests, outputs = new_topic(), new_topic()
-    n = 8
+    n = 12
     records = []
     for i in range(n):
         value, headers = encode_request(
@@ -343,10 +347,12 @@ def test_slow_model_keeps_group_membership(
     s = settings(kafka_bootstrap, requests, outputs, repo, group_id, max_batch_rows=1)
     s = replace(
         s,
-        kafka_options={
-            "max_poll_interval_ms": 2000,
-            "session_timeout_ms": 6000,
-            "heartbeat_interval_ms": 500,
+        kafka_properties={
+            # librdkafka wants max.poll.interval.ms >= session.timeout.ms (>= the
+            # broker's 6 s minimum); 12 runs of 0.7 s take longer than that.
+            "max.poll.interval.ms": "6000",
+            "session.timeout.ms": "6000",
+            "heartbeat.interval.ms": "500",
         },
     )
     with worker_thread(s):

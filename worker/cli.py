@@ -7,8 +7,10 @@ configuration error (one line naming the flag); 1 for a fatal runtime error.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -16,9 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from worker.config import ConfigError, Settings, credentials_from_env, parse_kafka_options
+from worker.config import Settings
+from worker.errors import ConfigError, FatalError
+from worker.kafka import BACKENDS, DEFAULT_BACKEND
+from worker.kafka.options import (
+    check_properties,
+    credentials_from_env,
+    parse_kafka_options,
+    read_properties_file,
+)
+from worker.observability import DEFAULT_METRICS_PORT
 
-__all__ = ["main", "parse_settings"]
+__all__ = ["entry", "main", "parse_settings", "version"]
 
 PROG = "inference-worker"
 log = logging.getLogger("worker")
@@ -38,6 +49,7 @@ class _Flag:
     convert: Callable[[str], Any] = str
     repeat: bool = False
     switch: bool = False
+    split: bool = True  # a repeated flag's value may hold several, comma-separated
 
     @property
     def env(self) -> str:
@@ -70,11 +82,13 @@ def _non_negative_float(v: str) -> float:
 
 
 def _size(v: str) -> int:
-    """Bytes, with an optional K/M/G (binary) suffix: ``512M``."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    v = v.strip()
-    mult = units.get(v[-1:].lower(), 1)
-    n = int(v[:-1] if mult != 1 else v) * mult
+    """Bytes, with an optional K/M/G/T suffix (binary; ``Ki``/``KiB``/``KB`` spellings
+    too) and a fraction: ``512M``, ``64Mi``, ``1.5G``."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", v, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"expected a size like 512M, 64Mi or 1.5G, got {v!r}")
+    scale = 1 << (10 * " kmgt".index(m.group(2).lower() or " "))
+    n = int(float(m.group(1)) * scale)
     if n <= 0:
         raise ValueError(f"must be a positive size, got {v!r}")
     return n
@@ -90,8 +104,6 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 def _device(v: str) -> str:
-    import re
-
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
         raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
     return v
@@ -102,6 +114,20 @@ def _preload(v: str) -> tuple[str, int | None]:
     if not name:
         raise ValueError(f"expected NAME[:VERSION], got {v!r}")
     return name, (_positive_int(version) if version else None)
+
+
+def _port(v: str) -> int:
+    n = int(v)
+    if not 0 <= n <= 65535:
+        raise ValueError(f"expected a TCP port 0-65535, got {v!r}")
+    return n
+
+
+def _file(v: str) -> Path:
+    p = Path(v)
+    if not p.is_file():
+        raise ValueError(f"no such file: {v!r}")
+    return p
 
 
 def _existing_dir(v: str) -> Path:
@@ -136,7 +162,12 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
         "64",
         _positive_int,
     ),
-    _Flag("output-format", "same | arrow | msgpack", "same", _choice("same", "arrow", "msgpack")),
+    _Flag(
+        "output-format",
+        "same | arrow | msgpack | json",
+        "same",
+        _choice("same", "arrow", "msgpack", "json"),
+    ),
     _Flag(
         "exactly-once",
         "transactions: outputs, dead letters and offsets commit together",
@@ -146,10 +177,48 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
     _Flag(
         "metrics-port",
         "port for /metrics, /healthz, /readyz (0: any free port)",
-        "9400",
-        _non_negative_int,
+        str(DEFAULT_METRICS_PORT),
+        _port,
     ),
-    _Flag("kafka-option", "KEY=VALUE kafka-python setting (repeatable)", repeat=True),
+    _Flag("metrics-bind", "address the metrics/health server listens on", "0.0.0.0"),
+    _Flag(
+        "kafka-client",
+        "confluent (librdkafka) | kafka-python (pure Python)",
+        DEFAULT_BACKEND,
+        _choice(*BACKENDS),
+    ),
+    _Flag(
+        "kafka-option",
+        "KEY=VALUE Kafka property, e.g. fetch.max.bytes=1048576 (repeatable)",
+        repeat=True,
+        split=False,
+    ),
+    _Flag("kafka-config", "Java-style .properties file of Kafka properties", convert=_file),
+    _Flag("cuda-mem-limit", "CUDA arena limit per session (K/M/G suffix)", None, _size),
+    _Flag(
+        "cudnn-conv-algo-search",
+        "EXHAUSTIVE | HEURISTIC | DEFAULT (cuDNN convolution algorithm search)",
+        None,
+        _choice("EXHAUSTIVE", "HEURISTIC", "DEFAULT"),
+    ),
+    _Flag(
+        "retry-attempts",
+        "runs of a transiently failing record before it is dead-lettered",
+        "3",
+        _positive_int,
+    ),
+    _Flag(
+        "retry-backoff-ms",
+        "first wait before a retry (doubles, capped at 5 s)",
+        "100",
+        _non_negative_float,
+    ),
+    _Flag(
+        "commit-interval-ms",
+        "how often acknowledged progress is committed",
+        "200",
+        _non_negative_float,
+    ),
     _Flag("log-format", "text | json", "text", _choice("text", "json")),
     _Flag(
         "log-level",
@@ -183,8 +252,13 @@ _RUN_FLAGS: tuple[_Flag, ...] = (
 )
 
 
-def _env_true(v: str) -> bool:
-    return v.strip().lower() in ("1", "true", "yes", "on")
+def _env_switch(name: str, v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true or false (1/0, yes/no, on/off), got {v!r}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -215,10 +289,13 @@ def _build_parser() -> argparse.ArgumentParser:
 def _value(flag: _Flag, raw: Any, env: dict[str, str]) -> Any:
     """Flag value, else environment, else default; converted and validated."""
     if flag.switch:
-        return bool(raw) if raw is not None else _env_true(env.get(flag.env, ""))
+        return bool(raw) if raw is not None else _env_switch(flag.env, env.get(flag.env, ""))
     if flag.repeat:
         items = raw if raw is not None else ([env[flag.env]] if env.get(flag.env) else [])
-        parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+        if flag.split:
+            parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+        else:
+            parts = [item for item in items if item.strip()]
         try:
             return tuple(flag.convert(p) for p in parts)
         except ValueError as exc:
@@ -242,6 +319,13 @@ def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Se
         if not v[required]:
             flag = "--" + required.replace("_", "-")
             raise ConfigError(flag, f"required (or set WORKER_{required.upper()})")
+    kafka_properties = {
+        # the file, then the environment's credentials, then flags: the last wins
+        **(read_properties_file(v["kafka_config"]) if v["kafka_config"] else {}),
+        **credentials_from_env(env),
+        **parse_kafka_options(v["kafka_option"]),
+    }
+    check_properties(kafka_properties, v["kafka_client"])
     return Settings(
         input_topics=v["input_topic"],
         output_topic=v["output_topic"],
@@ -261,8 +345,14 @@ def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Se
         exactly_once=v["exactly_once"],
         transactional_id=v["transactional_id"],
         metrics_port=v["metrics_port"],
-        # flags win over the environment's credentials
-        kafka_options={**credentials_from_env(env), **parse_kafka_options(v["kafka_option"])},
+        metrics_bind=v["metrics_bind"],
+        kafka_client=v["kafka_client"],
+        kafka_properties=kafka_properties,
+        cuda_mem_limit=v["cuda_mem_limit"],
+        cudnn_conv_algo_search=v["cudnn_conv_algo_search"],
+        retry_attempts=v["retry_attempts"],
+        retry_backoff_ms=v["retry_backoff_ms"],
+        commit_interval_ms=v["commit_interval_ms"],
         log_format=v["log_format"],
         log_level=v["log_level"],
         drain_timeout_s=v["drain_timeout"],
@@ -277,8 +367,18 @@ def parse_settings(argv: Sequence[str], env: dict[str, str] | None = None) -> Se
     )
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("inference-worker")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"] or (argv[:1] == ["run"] and "--version" in argv):
+        print(f"{PROG} {version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         _build_parser().print_help()
         return 0 if argv else 2
@@ -296,23 +396,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
 
-    from worker.kafka import BrokerAccessError
     from worker.loop import run_worker
     from worker.observability import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     try:
-        return run_worker(settings)
+        rc = run_worker(settings)
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    except BrokerAccessError as exc:  # refused login / untrusted certificate: one line
+        rc = 2
+    except FatalError as exc:  # refused login, untrusted certificate, refused answer: one line
         log.error("%s", exc)
-        return 1
+        rc = 1
     except Exception:
         log.exception("fatal error; offsets of unanswered records were not committed")
-        return 1
+        rc = 1
+    return rc
+
+
+def entry() -> None:
+    """The console script: ``main``, then leave even if a model run is stuck."""
+    sys.exit(_exit_now_if_stuck(main()))
+
+
+def _exit_now_if_stuck(rc: int) -> int:
+    """A model run that never returns holds a non-daemon thread, which the interpreter
+    would wait for at exit: leave at once instead (everything that matters is flushed)."""
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if any(t.is_alive() and not t.daemon for t in others):
+        log.error("a model run is still busy; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,42 +1,36 @@
-"""One frozen settings object for the worker, and the Kafka client dicts derived from it.
+"""One frozen settings object for the worker.
 
 Only :mod:`worker.cli` reads the environment; everything else receives a
-:class:`Settings`. Kafka options given with ``--kafka-option`` are routed to
-each client (consumer, producer, admin) that accepts the key.
+:class:`Settings`. Kafka properties (``--kafka-option``, ``--kafka-config``,
+``KAFKA_*`` credentials) keep Kafka's own names; :mod:`worker.kafka.options`
+routes and maps them per client.
 """
 
 from __future__ import annotations
 
-import re
+import os
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from worker.errors import ConfigError
+from worker.kafka import DEFAULT_BACKEND
+from worker.kafka.options import credentials_from_env, parse_kafka_options
+from worker.observability import DEFAULT_METRICS_PORT
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "ConfigError",
     "Settings",
-    "admin_config",
-    "consumer_config",
     "credentials_from_env",
     "parse_kafka_options",
-    "producer_config",
 ]
 
 # Raised together on broker (scripts/kafka-local), producer and consumer: a
 # 1024-row float32 batch of the demo MLP is 3 MiB; 16 MiB leaves room for
 # wider models without tuning.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """A bad setting; ``flag`` names it so the CLI can print one line and exit 2."""
-
-    def __init__(self, flag: str, reason: str) -> None:
-        super().__init__(f"{flag}: {reason}")
-        self.flag = flag
 
 
 @dataclass(frozen=True)
@@ -68,12 +62,22 @@ class Settings:
     output_format: str = "same"
     exactly_once: bool = False
     transactional_id: str | None = None
-    """Stable id for --exactly-once; default ``<group-id>-<hostname>`` so a restarted
-    worker fences its predecessor and aborts its open transaction at once."""
-    metrics_port: int = 9400
-    kafka_options: dict[str, Any] = field(default_factory=dict, repr=False)
-    """kafka-python settings for every client that accepts them; may hold
-    credentials, so it is kept out of ``repr`` (and so out of every log line)."""
+    """Id for --exactly-once; default ``<group-id>-<hostname>-<pid>`` (see ``txn_id``)."""
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_bind: str = "0.0.0.0"
+    kafka_client: str = DEFAULT_BACKEND
+    """confluent (librdkafka) or kafka-python."""
+    kafka_properties: dict[str, str] = field(default_factory=dict, repr=False)
+    """Kafka properties by their Kafka names, for every client that accepts them;
+    may hold credentials, so it is kept out of ``repr`` (and so out of every log line)."""
+    cuda_mem_limit: int | None = None
+    """The CUDA arena's limit per session, in bytes (None: no limit)."""
+    cudnn_conv_algo_search: str | None = None
+    """EXHAUSTIVE | HEURISTIC | DEFAULT (None: the runtime's default)."""
+    retry_attempts: int = 3
+    """Runs of a transiently failing record before it is dead-lettered."""
+    retry_backoff_ms: float = 100.0
+    """First wait before a retry; doubles each time, capped at 5 s."""
     log_format: str = "text"
     log_level: str = "INFO"
     drain_timeout_s: float = 30.0
@@ -105,141 +109,6 @@ class Settings:
 
     @property
     def txn_id(self) -> str:
-        return self.transactional_id or f"{self.group_id}-{socket.gethostname()}"
-
-
-def _coerce(value: str) -> Any:
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if re.fullmatch(r"-?\d+", value):
-        return int(value)
-    if re.fullmatch(r"-?\d+\.\d*", value):
-        return float(value)
-    return value
-
-
-def parse_kafka_options(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["max_poll_records=100", "security_protocol=SSL"]`` -> typed dict.
-
-    Keys are kafka-python's (``snake_case``); Java-style dotted keys are
-    accepted too (``max.poll.records``) because that is what people paste.
-    """
-    from kafka import KafkaConsumer, KafkaProducer
-    from kafka.admin import KafkaAdminClient
-
-    known = (
-        set(KafkaConsumer.DEFAULT_CONFIG)
-        | set(KafkaProducer.DEFAULT_CONFIG)
-        | set(KafkaAdminClient.DEFAULT_CONFIG)
-    )
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip().replace(".", "_").replace("-", "_")
-        if not sep or not key:
-            raise ConfigError("--kafka-option", f"expected KEY=VALUE, got {pair!r}")
-        if key not in known:
-            raise ConfigError("--kafka-option", f"unknown kafka-python setting {key!r}")
-        options[key] = _coerce(value)
-    return options
-
-
-# Credentials come from the environment (a Kubernetes Secret) or files, never
-# from flags, which show up in `ps` and shell history.
-_CREDENTIAL_ENV = {
-    "KAFKA_SECURITY_PROTOCOL": "security_protocol",
-    "KAFKA_SASL_MECHANISM": "sasl_mechanism",
-    "KAFKA_SASL_USERNAME": "sasl_plain_username",
-    "KAFKA_SASL_PASSWORD": "sasl_plain_password",
-    "KAFKA_SSL_CAFILE": "ssl_cafile",
-    "KAFKA_SSL_CERTFILE": "ssl_certfile",
-    "KAFKA_SSL_KEYFILE": "ssl_keyfile",
-}
-
-
-def credentials_from_env(env: dict[str, str]) -> dict[str, Any]:
-    """kafka-python security settings from ``KAFKA_*`` variables.
-
-    ``KAFKA_SASL_PASSWORD_FILE`` (a mounted Secret) is read when
-    ``KAFKA_SASL_PASSWORD`` is not set. Raises :class:`ConfigError` naming the
-    variable, never the value.
-    """
-    options = {key: env[var] for var, key in _CREDENTIAL_ENV.items() if env.get(var)}
-    path = env.get("KAFKA_SASL_PASSWORD_FILE")
-    if path and "sasl_plain_password" not in options:
-        try:
-            options["sasl_plain_password"] = Path(path).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                "KAFKA_SASL_PASSWORD_FILE", f"cannot read {path}: {exc.strerror}"
-            ) from None
-    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        if key in options and not Path(options[key]).is_file():
-            var = next(v for v, k in _CREDENTIAL_ENV.items() if k == key)
-            raise ConfigError(var, f"no such file: {options[key]}")
-    return options
-
-
-def _accepted(defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k in defaults}
-
-
-def consumer_config(s: Settings) -> dict[str, Any]:
-    from kafka import KafkaConsumer
-    from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
-
-    base: dict[str, Any] = {
-        "bootstrap_servers": s.bootstrap_servers,
-        "group_id": s.group_id,
-        "client_id": f"{s.group_id}-consumer",
-        # Offsets are committed by the loop once outputs are acknowledged.
-        "enable_auto_commit": False,
-        # Spec §3: a new group starts at the beginning, nothing is skipped.
-        "auto_offset_reset": "earliest",
-        # Inputs written transactionally upstream are read only once committed.
-        "isolation_level": "read_committed",
-        "partition_assignment_strategy": (CooperativeStickyAssignor,),
-        "max_partition_fetch_bytes": s.max_message_bytes,
-        "fetch_max_bytes": max(s.max_message_bytes, 64 * 1024 * 1024),
-        "max_poll_records": 500,
-        # An input topic created after the worker started is noticed within
-        # 30 s rather than kafka-python's default 5 minutes.
-        "metadata_max_age_ms": 30_000,
-    }
-    base.update(_accepted(KafkaConsumer.DEFAULT_CONFIG, s.kafka_options))
-    return base
-
-
-def producer_config(s: Settings) -> dict[str, Any]:
-    from kafka import KafkaProducer
-
-    base: dict[str, Any] = {
-        "bootstrap_servers": s.bootstrap_servers,
-        "client_id": f"{s.group_id}-producer",
-        "acks": "all",
-        # Idempotence keeps per-partition order across retries.
-        "enable_idempotence": True,
-        "linger_ms": 1,
-        "max_request_size": s.max_message_bytes,
-    }
-    if s.exactly_once:
-        base["transactional_id"] = s.txn_id
-        # A killed worker's open transaction blocks read_committed readers until
-        # it times out; keep that short (a restart with the same id aborts it at once).
-        base["transaction_timeout_ms"] = 10_000
-    base.update(_accepted(KafkaProducer.DEFAULT_CONFIG, s.kafka_options))
-    return base
-
-
-def admin_config(s: Settings) -> dict[str, Any]:
-    from kafka.admin import KafkaAdminClient
-
-    base: dict[str, Any] = {
-        "bootstrap_servers": s.bootstrap_servers,
-        "client_id": f"{s.group_id}-admin",
-    }
-    base.update(_accepted(KafkaAdminClient.DEFAULT_CONFIG, s.kafka_options))
-    return base
+        # Stable across restarts of one pod (its hostname; the pid is 1 in a
+        # container), never shared by two workers on one host.
+        return self.transactional_id or f"{self.group_id}-{socket.gethostname()}-{os.getpid()}"

@@ -1,15 +1,20 @@
 """The one exception tree of the worker.
 
-Every error a record can cause maps to exactly one dead-letter ``error-type``
-(spec §3), so the loop never has to guess::
+Errors a record can cause (the ``WorkerError`` branch) map to exactly one
+dead-letter ``error-type``, so the loop never has to guess; the others end
+the process with the exit status the CLI documents::
 
-    WorkerError                      (root; never raised itself)
-    ├── DecodeError                  decode-error      bytes are not a valid request
-    ├── TooLarge                     too-large         over the byte/row/element limits
-    ├── SchemaMismatch               schema-mismatch   valid bytes, wrong for this model
-    ├── ModelNotFound                model-not-found   bad name, no such model/version
-    ├── ModelLoadError               model-load-error  the file exists but won't load
-    └── InferenceError               inference-error   ONNX Runtime refused the run
+    InferenceWorkerError             (root; never raised itself)
+    ├── ConfigError                  exit 2: a bad flag, variable or Kafka property
+    ├── FatalError                   exit 1: going on could lose a record
+    │   └── BrokerAccessError        exit 1: login or certificate refused
+    └── WorkerError                  one record's failure -> dead letter
+        ├── DecodeError              decode-error      bytes are not a valid request
+        ├── TooLarge                 too-large         over the byte/row/element limits
+        ├── SchemaMismatch           schema-mismatch   valid bytes, wrong for this model
+        ├── ModelNotFound            model-not-found   bad name, no such model/version
+        ├── ModelLoadError           model-load-error  the file exists but won't load
+        └── InferenceError           inference-error   ONNX Runtime refused the run
 
 Messages are for humans reading the dead-letter topic: they say what was
 expected and what arrived. They are cut to 1 KiB when put into a header.
@@ -20,8 +25,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "BrokerAccessError",
+    "ConfigError",
     "DecodeError",
+    "FatalError",
     "InferenceError",
+    "InferenceWorkerError",
     "ModelLoadError",
     "ModelNotFound",
     "SchemaMismatch",
@@ -30,7 +39,32 @@ __all__ = [
 ]
 
 
-class WorkerError(Exception):
+class InferenceWorkerError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigError(InferenceWorkerError, ValueError):
+    """A bad setting; ``flag`` names the flag, variable or property so the CLI prints
+    one line and exits 2."""
+
+    def __init__(self, flag: str, reason: str) -> None:
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
+
+
+class FatalError(InferenceWorkerError, RuntimeError):
+    """The worker cannot go on without risking loss (e.g. the broker refused an answer)."""
+
+
+class BrokerAccessError(FatalError):
+    """The broker refused us for good (bad credentials, untrusted certificate).
+
+    The message is one line naming the broker and the reason, never a secret.
+    """
+
+
+class WorkerError(InferenceWorkerError):
     """Root of every per-record error; ``error_type`` is the DLQ header value."""
 
     error_type: ClassVar[str] = "inference-error"

@@ -3,19 +3,22 @@
 Follow one record down this file:
 
 1. ``poll()`` (main thread): the record gets a :class:`Slot` at the back of
-   its partition's line; lines keep offset order.
+   its partition's line in the :class:`~worker.offsets.OffsetTracker`; lines
+   keep offset order.
 2. ``_accept``: bytes -> Request -> model inputs. Any error turns the slot
    into a dead letter on the spot; the record is never dropped.
 3. ``Batcher``: jobs for the same model and row shape are coalesced; due
    batches go to the inference pool.
 4. ``_infer`` (pool thread; ONNX Runtime releases the GIL): one run per
    batch, outputs split per request and encoded into the slot.
-5. ``_produce``: each line sends its answered head slots, in offset order.
-6. ``_commit``: the acknowledged head of each line is committed; with
-   ``--exactly-once`` steps 5 and 6 are one transaction instead.
+5. ``committer.send``: each line sends its answered head slots, in offset
+   order (``_emit`` picks the topic, partition and size check).
+6. ``committer.commit``: the acknowledged head of each line is committed;
+   with ``--exactly-once`` steps 5 and 6 are one transaction instead
+   (:mod:`worker.commit` numbers the steps of both).
 
 Backpressure: when the bytes between steps 1 and 6 exceed
-``--max-inflight-bytes``, the partitions holding them are paused, and the
+``--max-inflight-bytes``, the partitions holding the most are paused, and the
 loop keeps polling so the consumer stays in its group.
 """
 
@@ -26,36 +29,42 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import (
-    CommitFailedError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    RebalanceInProgressError,
-)
-from kafka.structs import OffsetAndMetadata, TopicPartition
-
 from worker.batching import Batch, Batcher, Job, run_batch, run_mode
 from worker.cache import ResponseCache, SessionCache
-from worker.config import ConfigError, Settings
-from worker.errors import InferenceError, ModelNotFound, TooLarge, WorkerError
-from worker.kafka import (
-    RevocationHandler,
-    committed_or_start,
-    fmt_offsets,
-    make_consumer,
-    make_producer,
+from worker.commit import AtLeastOnce, Committer, Transactional
+from worker.config import Settings
+from worker.errors import (
+    ConfigError,
+    DecodeError,
+    FatalError,
+    InferenceError,
+    ModelNotFound,
+    TooLarge,
+    WorkerError,
 )
+from worker.kafka import (
+    Admin,
+    ClientConfig,
+    Consumer,
+    Delivery,
+    Producer,
+    Record,
+    TopicPartition,
+    fmt_tps,
+    open_admin,
+    open_consumer,
+    open_producer,
+)
+from worker.kafka.partition import output_partition
 from worker.observability import Health, HealthServer, Metrics
+from worker.offsets import Entry, OffsetTracker
 from worker.protocol import (
     Bound,
     Limits,
@@ -73,9 +82,11 @@ __all__ = ["FatalError", "Worker", "run_worker"]
 
 log = logging.getLogger("worker.loop")
 
-
-class FatalError(RuntimeError):
-    """The worker cannot go on without risking loss (e.g. the broker refused an output)."""
+# Bytes a record adds to its value inside a one-record batch (batch and record
+# headers, with room to spare), for the check against max.message.bytes.
+_RECORD_OVERHEAD = 128
+_METADATA_REFRESH_S = 30.0
+_POLL_RECORDS = 500
 
 
 @dataclass(frozen=True)
@@ -83,27 +94,25 @@ class Outgoing:
     topic: str
     key: bytes | None
     value: bytes
-    headers: list[tuple[str, bytes]]
+    headers: list[tuple[Any, bytes | None]]
     ok: bool  # a response (True) or a dead letter (False)
 
 
-@dataclass(eq=False)
-class Slot:
-    """One input record's place in its partition's line."""
+class Slot(Entry):
+    """One input record's place in its partition's line (``out``: its :class:`Outgoing`)."""
 
-    record: ConsumerRecord
-    nbytes: int
-    out: Outgoing | None = None  # set once answered, by the main or a pool thread
-    acks: list[Any] = field(default_factory=list)
-    sent: bool = False
-    request: Request | None = None
-    bound: Bound | None = None
-    cache_key: bytes | None = None  # response-cache key, when that cache is on
+    __slots__ = ("bound", "cache_key", "record", "request")
+
+    def __init__(self, record: Record) -> None:
+        super().__init__(record.offset, len(record.value or b""))
+        self.record = record
+        self.request: Request | None = None
+        self.bound: Bound | None = None
+        self.cache_key: bytes | None = None  # response-cache key, when that cache is on
 
     @property
     def where(self) -> str:
-        r = self.record
-        return f"{r.topic}[{r.partition}]@{r.offset}"
+        return self.record.where
 
 
 class Worker:
@@ -126,35 +135,51 @@ class Worker:
             settings.max_batch_delay_ms / 1000,
             settings.coalesce_below_rows,
         )
-        # Lines are shared by the main thread (append, commit) and the pool
-        # threads (send answers as soon as they exist); one lock guards them.
-        self._lock = threading.Lock()
-        self._lines: dict[TopicPartition, deque[Slot]] = {}  # polled, not yet committed
-        self._unsent: dict[TopicPartition, deque[Slot]] = {}  # the tail of each line not yet sent
-        self._inflight_bytes = 0
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._running: set[Future[None]] = set()
-        self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
-        self._uncommitted: dict[TopicPartition, int] = {}  # popped, not yet committed
-        self._last_commit = time.monotonic()
         self._paused: set[TopicPartition] = set()
         self._last_lag = 0.0
+        self._last_metadata = 0.0
+        self._partitions: dict[str, int | None] = {}  # output/DLQ topic -> partition count
+        self._size_limits: dict[str, int] = {}  # output/DLQ topic -> max.message.bytes
         self.committed_records = 0
         self._cache: SessionCache | None = None
         self._pool: ThreadPoolExecutor | None = None
-        self._consumer: KafkaConsumer | None = None
-        self._producer: KafkaProducer | None = None
+        self._consumer: Consumer | None = None
+        self._committer: Committer | None = None
+        self._admin: Admin | None = None
         self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
 
     def assignment(self) -> set[TopicPartition]:
         """Partitions this worker owns now (empty before it joined its group)."""
         consumer = self._consumer
-        return set(consumer.assignment()) if consumer is not None else set()
+        return consumer.assignment() if consumer is not None else set()
 
     def stop(self) -> None:
         """Stop polling, drain what is in flight, commit, leave the group."""
         self._stopping.set()
 
     # -- setup -----------------------------------------------------------------
+
+    def _client_config(self, role: str, **kwargs: Any) -> ClientConfig:
+        s = self.settings
+        return ClientConfig(
+            bootstrap_servers=s.bootstrap_servers,
+            backend=s.kafka_client,
+            client_id=f"{s.group_id}-{role}",
+            max_message_bytes=s.max_message_bytes,
+            properties=s.kafka_properties,
+            **kwargs,
+        )
+
+    def _open_producer(self) -> Producer:
+        s = self.settings
+        txn = s.txn_id if s.exactly_once else None
+        producer = open_producer(self._client_config("producer", transactional_id=txn))
+        if s.exactly_once:
+            # Fences any earlier producer with this id and aborts its open transaction.
+            producer.init_transactions()
+        return producer
 
     def run(self, *, count: int | None = None, timeout: float | None = None) -> int:
         """Serve until ``stop()``, or until ``count`` records are committed, or ``timeout`` s."""
@@ -164,8 +189,14 @@ class Worker:
         except ValueError as exc:
             raise ConfigError("--device", str(exc)) from None
         options = RuntimeOptions(
-            device=device, intra_op_threads=s.intra_op_threads, optimized_dir=s.optimized_dir
+            device=device,
+            intra_op_threads=s.intra_op_threads,
+            optimized_dir=s.optimized_dir,
+            cuda_mem_limit=s.cuda_mem_limit,
         )
+        if s.cudnn_conv_algo_search:
+            options = replace(options, cudnn_conv_algo_search=s.cudnn_conv_algo_search)
+        self.metrics.set_build_info(kafka_client=s.kafka_client)
         with ExitStack() as stack:
             cache = SessionCache(
                 ModelRepository(s.model_repository),
@@ -176,7 +207,9 @@ class Worker:
             )
             stack.callback(cache.close)
             self._cache = cache
-            server = stack.enter_context(HealthServer(s.metrics_port, self.metrics, self.health))
+            server = stack.enter_context(
+                HealthServer(s.metrics_port, self.metrics, self.health, bind=s.metrics_bind)
+            )
             self.metrics_port = server.port
             for name, version in s.preload:
                 try:
@@ -184,27 +217,41 @@ class Worker:
                 except WorkerError as exc:
                     raise ConfigError("--preload", f"{name}: {exc}") from None
             self.health.preloaded = True
-            self._pool = stack.enter_context(
-                ThreadPoolExecutor(s.inference_threads, thread_name_prefix="infer")
-            )
-            producer = make_producer(s)
-            stack.callback(producer.close)
-            self._producer = producer
-            consumer_box: list[KafkaConsumer] = []
-            # At-least-once finishes a revoked partition's work (fewer repeats);
-            # exactly-once abandons it: its answers were never committed, so the
-            # next owner answers them inside its own transaction.
-            listener = RevocationHandler(
-                lambda: consumer_box[0],
-                ready=(lambda tps: False) if s.exactly_once else self._answered,
-                settle=partial(self._settle, producer),
-                forget=self._forget,
-                timeout_s=0.0 if s.exactly_once else min(s.drain_timeout_s, 10.0),
-            )
-            consumer = make_consumer(s, listener)
-            consumer_box.append(consumer)
+            pool = ThreadPoolExecutor(s.inference_threads, thread_name_prefix="infer")
+            # Never wait for a stuck run on the way out (the CLI exits regardless).
+            stack.callback(pool.shutdown, wait=False, cancel_futures=True)
+            self._pool = pool
+            admin = open_admin(self._client_config("admin"))
+            stack.callback(admin.close)
+            self._admin = admin
+            producer = self._open_producer()
+            consumer = open_consumer(self._client_config("consumer", group_id=s.group_id))
             self._consumer = consumer
             stack.callback(consumer.close)
+            committer: Committer
+            if s.exactly_once:
+                committer = Transactional(
+                    self._tracker,
+                    consumer,
+                    producer,
+                    self._emit,
+                    self._retire,
+                    s.commit_interval_ms / 1000,
+                    reopen=self._open_producer,
+                )
+            else:
+                committer = AtLeastOnce(
+                    self._tracker,
+                    consumer,
+                    producer,
+                    self._emit,
+                    self._retire,
+                    s.commit_interval_ms / 1000,
+                )
+            self._committer = committer
+            stack.callback(lambda: committer.producer.close())
+            self._refresh_metadata(force=True)
+            consumer.subscribe(list(s.input_topics), self)
             self.health.broker_ok = True
             self._install_signal_handlers(stack)
             # Start-up objects (modules, sessions, clients) live as long as the
@@ -213,16 +260,17 @@ class Worker:
             gc.collect()
             gc.freeze()
             log.info(
-                "serving %s -> %s (dlq %s, group %s, device %s, metrics :%s)",
+                "serving %s -> %s (dlq %s, group %s, device %s, client %s, metrics :%s)",
                 ",".join(s.input_topics),
                 s.output_topic,
                 s.dead_letter_topic,
                 s.group_id,
                 device,
+                s.kafka_client,
                 self.metrics_port,
             )
-            self._serve(consumer, producer, count, timeout)
-            return self._drain(consumer, producer)
+            self._serve(consumer, committer, count, timeout)
+            return self._drain(consumer, committer)
 
     def _install_signal_handlers(self, stack: ExitStack) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -234,11 +282,7 @@ class Worker:
     # -- the loop --------------------------------------------------------------
 
     def _serve(
-        self,
-        consumer: KafkaConsumer,
-        producer: KafkaProducer,
-        count: int | None,
-        timeout: float | None,
+        self, consumer: Consumer, committer: Committer, count: int | None, timeout: float | None
     ) -> None:
         end = None if timeout is None else time.monotonic() + timeout
         while not self._stopping.is_set():
@@ -248,50 +292,47 @@ class Worker:
                 break
             self.health.beat()
             # 1. poll: short waits while answers are being computed
-            polled = consumer.poll(timeout_ms=self._poll_wait_ms())
-            for records in polled.values():
-                for record in records:
-                    self._accept(record)  # 2. decode, bind, batch (or dead-letter)
+            for record in consumer.poll(_POLL_RECORDS, self._poll_wait_s()):
+                self._accept(record)  # 2. decode, bind, batch (or dead-letter)
             # 3. batches whose window closed go to the inference pool
             for batch in self._batcher.due():
                 self._submit(batch)
-            if self.settings.exactly_once:
-                self._transact(consumer, producer)  # 5+6 in one transaction
-            else:
-                self._produce(producer)  # 5. dead letters; pool threads send the rest
-                self._commit(consumer)  # 6. acknowledged heads
+            committer.send()  # 5. dead letters; pool threads send the rest
+            self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
             self._backpressure(consumer)
             self._report_lag(consumer)
+            self._refresh_metadata()
 
-    def _poll_wait_ms(self) -> float:
+    def _poll_wait_s(self) -> float:
         # At-least-once: pool threads send their own answers, so the main thread
         # may wait in poll() for records. A transaction is driven from here, so
         # with --exactly-once it checks back often while answers are due.
-        if self.settings.exactly_once and (
-            self._running or any(q and q[0].out is not None for q in self._unsent.values())
-        ):
-            return 2
+        if self.settings.exactly_once and (self._running or self._tracker.has_due_answers()):
+            return 0.002
         deadline = self._batcher.next_deadline()
         if deadline is not None:
-            return max(0.0, (deadline - time.monotonic()) * 1000)
-        return 100
+            return max(0.0, deadline - time.monotonic())
+        return 0.1
+
+    def _committed(self, records: int) -> None:
+        if records:
+            self.committed_records += records
+            self.health.committed()
+        self.health.set_pending(self._tracker.pending())
 
     # -- 2. decode -------------------------------------------------------------
 
-    def _accept(self, record: ConsumerRecord) -> None:
-        value = record.value or b""
-        slot = Slot(record, nbytes=len(value))
-        tp = TopicPartition(record.topic, record.partition)
-        with self._lock:
-            self._lines.setdefault(tp, deque()).append(slot)
-            self._unsent.setdefault(tp, deque()).append(slot)
-            self._inflight_bytes += slot.nbytes
+    def _accept(self, record: Record) -> None:
+        slot = Slot(record)
+        self._tracker.add(record.tp, slot)
         model: str | None = None
         assert self._cache is not None
         try:
+            if record.header_error is not None:
+                raise DecodeError(record.header_error)
             request = decode_request(
-                value,
-                list(record.headers or []),
+                record.value,  # type: ignore[arg-type]
+                record.headers,
                 default_id=f"{record.topic}/{record.partition}/{record.offset}",
                 limits=self._limits,
             )
@@ -315,7 +356,7 @@ class Worker:
         slot.request, slot.bound = request, bound
         if self._responses.enabled:
             # A redelivered duplicate (same bytes, same model version) costs a look-up.
-            slot.cache_key = ResponseCache.key(model, version, value)
+            slot.cache_key = ResponseCache.key(model, version, record.value or b"")
             cached = self._responses.get(slot.cache_key)
             if cached is not None:
                 slot.out = self._response(slot, model, version, cached)  # type: ignore[arg-type]
@@ -341,7 +382,7 @@ class Worker:
         )
         self.metrics.dlq.labels(error_type=exc.error_type).inc()
         headers = dlq_headers(
-            list(r.headers or []),
+            list(r.headers),
             exc,
             topic=r.topic,
             partition=r.partition,
@@ -360,7 +401,8 @@ class Worker:
 
     def _finished(self, future: Future[None]) -> None:
         self._running.discard(future)
-        if future.exception() is not None:  # answers stay unsent; the main loop retries
+        if not future.cancelled() and future.exception() is not None:
+            # answers stay unsent; the main loop sends them
             log.warning("sending from the inference pool failed: %s", future.exception())
 
     def _infer(self, batch: Batch) -> None:
@@ -400,8 +442,9 @@ class Worker:
                 )
             finally:
                 slot.request = slot.bound = None  # let the input buffers go
-        if not self.settings.exactly_once and self._producer is not None:
-            self._produce(self._producer)  # 5, from this thread: no wait for the next poll
+        committer = self._committer
+        if committer is not None:
+            committer.send()  # 5, from this thread: no wait for the next poll
 
     def _response(self, slot: Slot, model: str, version: int, outputs: dict[str, Any]) -> Outgoing:
         assert slot.request is not None
@@ -425,226 +468,161 @@ class Worker:
         )
         return Outgoing(self.settings.output_topic, r.key, body, headers, ok=True)
 
-    # -- 5/6. produce and commit (at-least-once) -------------------------------
+    # -- 5. what an answer is on the wire ----------------------------------------
 
-    def _produce(
-        self, producer: KafkaProducer, tps: Collection[TopicPartition] | None = None
-    ) -> None:
-        with self._lock:
-            for tp, unsent in self._unsent.items():
-                if tps is not None and tp not in tps:
-                    continue
-                # Stop at the first record still running: answers leave in offset order.
-                while unsent and unsent[0].out is not None:
-                    slot = unsent[0]
-                    slot.acks.append(self._send(producer, slot))  # raises: retried next loop
-                    slot.sent = True
-                    unsent.popleft()
-
-    def _send(self, producer: KafkaProducer, slot: Slot) -> Any:
-        """Send a slot's answer; one the producer refuses as too large becomes a dead letter."""
-        o = slot.out
-        assert o is not None
-        try:
-            return producer.send(o.topic, value=o.value, key=o.key, headers=o.headers)
-        except MessageSizeTooLargeError as exc:
+    def _emit(self, producer: Producer, entry: Entry) -> Delivery:
+        """Send a slot's answer to its partition; one over the topic's limit becomes a
+        dead letter, a dead letter over it keeps its headers and drops its value."""
+        slot: Slot = entry  # type: ignore[assignment]
+        o: Outgoing = slot.out
+        limit = min(
+            self._size_limits.get(o.topic, self.settings.max_message_bytes),
+            self.settings.max_message_bytes,
+        )
+        size = _record_size(o)
+        if size > limit:
             if o.ok:  # the response is too large: dead-letter the request instead
-                slot.out = self._dead_letter(
+                o = slot.out = self._dead_letter(
                     slot,
                     TooLarge(
-                        f"the response of {len(o.value)} bytes is over the producer's "
-                        f"limit of {self.settings.max_message_bytes}: {exc}"
+                        f"the response of {size} bytes is over the limit of {limit} bytes "
+                        f"of topic {o.topic!r} (max.message.bytes)"
                     ),
                     get_header(o.headers, "model"),
                 )
-            else:  # even the dead letter is: keep its headers, drop the value
+            if _record_size(o) > min(self._size_limits.get(o.topic, limit), limit):
                 log.error("%s: dead letter too large to publish; value omitted", slot.where)
-                slot.out = replace(
+                o = slot.out = replace(
                     o,
                     value=b"",
                     headers=[*o.headers, ("value-omitted", str(len(o.value)).encode())],
                 )
-            return self._send(producer, slot)
+        r = slot.record
+        partition = output_partition(r.partition, o.key, self._partitions.get(o.topic))
+        return producer.send(o.topic, o.value, o.key, o.headers, partition)
 
-    def _pop_acknowledged(self, tps: Collection[TopicPartition] | None = None) -> None:
+    def _retire(self, slots: list[Entry]) -> None:
         now = time.time()
-        with self._lock:
-            for tp, line in self._lines.items():
-                if tps is not None and tp not in tps:
-                    continue
-                while line and line[0].sent and all(f.is_done for f in line[0].acks):
-                    slot = line.popleft()
-                    for ack in slot.acks:
-                        if ack.failed():
-                            raise FatalError(
-                                f"{slot.where}: the broker refused its answer: {ack.exception}"
-                            )
-                    self._retire(slot, now)
-                    self._to_commit[tp] = OffsetAndMetadata(slot.record.offset + 1, "", -1)
-                    self._uncommitted[tp] = self._uncommitted.get(tp, 0) + 1
+        for entry in slots:
+            slot: Slot = entry  # type: ignore[assignment]
+            ok = slot.out is not None and slot.out.ok
+            self.metrics.messages.labels(status="ok" if ok else "dlq").inc()
+            ts = slot.record.timestamp_ms
+            if ts and ts > 0:
+                self.metrics.end_to_end_seconds.observe(max(0.0, now - ts / 1000))
 
-    def _retire(self, slot: Slot, now: float) -> None:
-        assert slot.out is not None
-        self._inflight_bytes -= slot.nbytes
-        self.metrics.messages.labels(status="ok" if slot.out.ok else "dlq").inc()
-        if slot.record.timestamp and slot.record.timestamp > 0:
-            self.metrics.end_to_end_seconds.observe(max(0.0, now - slot.record.timestamp / 1000))
-
-    def _commit(self, consumer: KafkaConsumer, *, force: bool = False) -> None:
-        self._pop_acknowledged()
-        interval = self.settings.commit_interval_ms / 1000
-        if not self._to_commit or (not force and time.monotonic() - self._last_commit < interval):
+    def _refresh_metadata(self, *, force: bool = False) -> None:
+        """Partition counts and max.message.bytes of the output and dead-letter topics."""
+        now = time.monotonic()
+        if self._admin is None or (not force and now - self._last_metadata < _METADATA_REFRESH_S):
             return
-        offsets, self._to_commit = self._to_commit, {}
+        self._last_metadata = now
+        topics = [self.settings.output_topic, self.settings.dead_letter_topic]
+        for topic in topics:
+            count = self._admin.partitions(topic)
+            if count is not None or topic not in self._partitions:
+                self._partitions[topic] = count
+        self._size_limits.update(self._admin.max_message_bytes(topics))
+
+    # -- rebalance (RebalanceHandler; called from inside poll) --------------------
+
+    def on_assigned(self, tps: list[TopicPartition]) -> None:
+        log.info("assigned %s", fmt_tps(tps))
+
+    def on_revoked(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """At-least-once finishes a revoked partition's work (fewer repeats); exactly-once
+        abandons it: never committed, the next owner answers it in its own transaction."""
+        committer = self._committer
+        offsets: dict[TopicPartition, int] = {}
         try:
-            consumer.commit(offsets)
-        except KafkaError as exc:
-            if not (
-                exc.retriable or isinstance(exc, (RebalanceInProgressError, CommitFailedError))
-            ):
-                raise
-            # A rebalance or a coordinator move is under way: keep the offsets; the
-            # next poll() completes the rebalance, then the revocation handler or the
-            # next commit sends them.
-            log.warning("commit deferred (%s): %s", type(exc).__name__, fmt_offsets(offsets))
-            for tp, om in offsets.items():
-                if tp not in self._to_commit or self._to_commit[tp].offset < om.offset:
-                    self._to_commit[tp] = om
-            return
-        self._last_commit = time.monotonic()
-        self.committed_records += sum(self._uncommitted.pop(tp, 0) for tp in offsets)
-
-    # -- 5+6. exactly-once -----------------------------------------------------
-
-    def _transact(
-        self, consumer: KafkaConsumer, producer: KafkaProducer, *, force: bool = False
-    ) -> None:
-        interval = self.settings.commit_interval_ms / 1000
-        if not force and time.monotonic() - self._last_commit < interval:
-            return
-        window: list[tuple[TopicPartition, Slot]] = []
-        for tp, line in self._lines.items():
-            for slot in line:
-                if slot.out is None:
-                    break
-                window.append((tp, slot))
-        if not window:
-            return
-        offsets = {tp: OffsetAndMetadata(slot.record.offset + 1, "", -1) for tp, slot in window}
-        try:
-            producer.begin_transaction()
-            for _, slot in window:
-                self._send(producer, slot)
-            producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
-            producer.commit_transaction()
-        except KafkaError as exc:
-            self._abort(consumer, producer, exc)
-            return
-        now = time.time()
-        for tp, slot in window:
-            self._lines[tp].popleft()
-            self._unsent[tp].popleft()
-            self._retire(slot, now)
-        self._last_commit = time.monotonic()
-        self.committed_records += len(window)
-
-    def _abort(self, consumer: KafkaConsumer, producer: KafkaProducer, exc: KafkaError) -> None:
-        name = type(exc).__name__
-        if "Fenced" in name:
-            raise FatalError(f"producer fenced ({name}): another worker uses this transactional id")
-        log.warning("transaction aborted (%s); rewinding to the last committed offsets", exc)
-        try:
-            producer.abort_transaction()
-        except KafkaError as abort_exc:
-            raise FatalError(f"cannot abort the transaction: {abort_exc}") from exc
-        for tp in list(self._lines):
-            if tp in consumer.assignment():
-                committed_or_start(consumer, tp)
-        self._forget(list(self._lines))
-        self._batcher.clear()  # their records are re-read from the committed offsets
-
-    # -- rebalance -------------------------------------------------------------
-
-    def _answered(self, tps: Collection[TopicPartition]) -> bool:
-        """Revocation: every polled record of ``tps`` has its answer (flush their batches)."""
-        for batch in self._batcher.due(force=True):
-            self._submit(batch)
-        return all(s.out is not None for tp in tps for s in self._lines.get(tp, ()))
-
-    def _settle(
-        self, producer: KafkaProducer, tps: Collection[TopicPartition]
-    ) -> dict[TopicPartition, OffsetAndMetadata]:
-        self._produce(producer, tps)
-        producer.flush()
-        self._pop_acknowledged(tps)
-        with self._lock:
-            offsets = {tp: self._to_commit.pop(tp) for tp in tps if tp in self._to_commit}
-            self.committed_records += sum(self._uncommitted.pop(tp, 0) for tp in offsets)
+            if committer is not None and not self.settings.exactly_once:
+                deadline = time.monotonic() + min(self.settings.drain_timeout_s, 10.0)
+                for batch in self._batcher.due(force=True):
+                    self._submit(batch)
+                while not self._tracker.answered(tps) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if self._tracker.answered(tps):
+                    offsets, settled = committer.revoke(tps)
+                    self.committed_records += settled
+                else:
+                    log.warning("revoked %s: in-flight work abandoned uncommitted", fmt_tps(tps))
+        finally:
+            self._forget(tps)
         return offsets
 
+    def on_lost(self, tps: list[TopicPartition]) -> None:
+        # Evicted: a commit would be refused, and another member owns them now.
+        log.warning("lost %s: in-flight work abandoned", fmt_tps(tps))
+        self._forget(tps)
+
     def _forget(self, tps: Collection[TopicPartition]) -> None:
-        with self._lock:
-            for tp in tps:
-                line = self._lines.pop(tp, deque())
-                self._unsent.pop(tp, None)
-                self._inflight_bytes -= sum(s.nbytes for s in line)
-                self._to_commit.pop(tp, None)
-                self._uncommitted.pop(tp, None)
-                self._paused.discard(tp)
+        self._tracker.forget(tps)
+        self._paused.difference_update(tps)
 
     # -- backpressure and lag --------------------------------------------------
 
-    def _backpressure(self, consumer: KafkaConsumer) -> None:
+    def _backpressure(self, consumer: Consumer) -> None:
+        """Pause the partitions holding the most bytes while over the limit; resume each
+        as it drains below half its share."""
         limit = self.settings.max_inflight_bytes
+        held = self._tracker.bytes_by_partition()
+        total = self._tracker.inflight_bytes
         assigned = consumer.assignment()
-        if self._inflight_bytes > limit:
-            ahead = {tp for tp, line in self._lines.items() if line and tp in assigned}
-            new = ahead - self._paused
+        if total > limit:
+            over = total - limit // 2
+            pause: set[TopicPartition] = set()
+            for tp, nbytes in sorted(held.items(), key=lambda kv: -kv[1]):
+                if over <= 0:
+                    break
+                pause.add(tp)
+                over -= nbytes
+            new = (pause & assigned) - self._paused
             if new:
-                consumer.pause(*new)
+                consumer.pause(new)
                 self._paused |= new
-        elif self._paused and self._inflight_bytes < limit // 2:
-            consumer.resume(*(self._paused & assigned))
-            self._paused.clear()
+        if self._paused and total < limit:
+            share = max(1, limit // (2 * max(1, len(self._paused))))
+            drained = {tp for tp in self._paused if held.get(tp, 0) < share}
+            if total < limit // 2:
+                drained = set(self._paused)
+            if drained:
+                consumer.resume(drained & assigned)
+                self._paused -= drained
         self.metrics.paused_partitions.set(len(self._paused))
-        self.metrics.inflight_bytes.set(self._inflight_bytes)
+        self.metrics.inflight_bytes.set(total)
 
-    def _report_lag(self, consumer: KafkaConsumer) -> None:
+    def _report_lag(self, consumer: Consumer) -> None:
         now = time.monotonic()
         if now - self._last_lag < 1.0:
             return
         self._last_lag = now
         for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            try:
-                position = consumer.position(tp, timeout_ms=0)
-            except (KafkaError, AssertionError):
-                continue
-            if high is not None and position is not None:
+            lag = consumer.lag(tp)
+            if lag is not None:
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                    max(0, high - position)
+                    lag
                 )
 
     # -- shutdown --------------------------------------------------------------
 
-    def _drain(self, consumer: KafkaConsumer, producer: KafkaProducer) -> int:
+    def _drain(self, consumer: Consumer, committer: Committer) -> int:
         """Answer and commit everything already polled, within --drain-timeout."""
         deadline = time.monotonic() + self.settings.drain_timeout_s
         # No new records from here on; poll() still drives the group protocol, so
         # a rebalance under way completes and the last commit can go through.
-        consumer.pause(*consumer.assignment())
+        consumer.pause(consumer.assignment())
         for batch in self._batcher.due(force=True):
             self._submit(batch)
-        while self._pending() and time.monotonic() < deadline:
-            if self.settings.exactly_once:
-                self._transact(consumer, producer, force=True)
-            else:
-                self._produce(producer)
-                producer.flush(timeout=max(0.1, deadline - time.monotonic()))
-                self._commit(consumer, force=True)
-            if self._pending():
-                consumer.poll(timeout_ms=10)
-        left = self._pending()
+        while self._tracker.pending() and time.monotonic() < deadline:
+            committer.send()
+            committer.producer.flush(max(0.0, min(0.2, deadline - time.monotonic())))
+            self._committed(committer.commit(force=True))
+            if self._tracker.pending():
+                for record in consumer.poll(1, 0.01):
+                    # Paused: only a record fetched before the pause; it is not ours
+                    # to answer now (the next owner reads it from the committed offset).
+                    log.debug("%s: left for after the restart", record.where)
+        left = self._tracker.pending()
         if left:
             log.error(
                 "drain timed out: %d polled records left uncommitted (answered after a restart)",
@@ -654,11 +632,10 @@ class Worker:
         log.info("drained: everything polled was answered and committed")
         return 0
 
-    def _pending(self) -> int:
-        """Polled records not yet committed."""
-        with self._lock:
-            lines = sum(len(line) for line in self._lines.values())
-            return lines + sum(self._uncommitted.values())
+
+def _record_size(o: Outgoing) -> int:
+    headers = sum(len(k) + len(v or b"") + 4 for k, v in o.headers)
+    return len(o.value) + len(o.key or b"") + headers + _RECORD_OVERHEAD
 
 
 def _nbytes(outputs: dict[str, Any]) -> int:

@@ -1,122 +1,59 @@
-"""Kafka client construction, the rebalance listener, and transactions.
+"""The pure-Python backend (kafka-python), chosen with ``--kafka-client kafka-python``.
 
 kafka-python 3 runs each client's network I/O on its own thread and calls
-rebalance listeners on that thread, so the listener is the async variant:
-it may wait (heartbeats keep flowing) but must not call the consumer's
-blocking API; it commits through the coordinator's own coroutine.
+rebalance listeners on that thread, so the listener is the async variant: it
+runs the loop's (blocking) handler on a thread of its own and waits for it
+with the client's own sleep, which keeps heartbeats flowing, then commits
+through the coordinator's coroutine.
 
 kafka-python retries a refused login or an untrusted certificate like any
 other connection failure until ``bootstrap_timeout_ms`` (30 s), then raises a
-bare "Unable to bootstrap". :func:`open_client` turns those into one
+bare "Unable to bootstrap". :func:`_open` turns those into one
 :class:`BrokerAccessError` that says what was refused, within a few seconds.
+
+Known limits of this client (use the default ``confluent`` backend where they
+matter): it cannot send a header whose value is NULL (sent as an empty value
+here), and a header *name* that is not UTF-8 fails the whole fetch.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import kafka.errors as Errors
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as KTP
 
-from worker.config import Settings, consumer_config, producer_config
+from worker.errors import BrokerAccessError
+from worker.kafka import (
+    ClientConfig,
+    CommitDeferred,
+    Delivery,
+    KafkaFailure,
+    ProducerFenced,
+    RebalanceHandler,
+    Record,
+    TopicPartition,
+    TransactionFailed,
+    fmt_offsets,
+    fmt_tps,
+)
+from worker.kafka.options import kafka_python_config
 
-__all__ = [
-    "BrokerAccessError",
-    "RevocationHandler",
-    "make_consumer",
-    "make_producer",
-    "open_client",
-]
+__all__ = ["open_admin", "open_consumer", "open_producer"]
 
 log = logging.getLogger("worker.kafka")
 
 T = TypeVar("T")
-
-
-class BrokerAccessError(Errors.KafkaError):
-    """The broker refused us for good (bad credentials, untrusted certificate): retrying won't help.
-
-    The message is one line naming the broker and the reason, never a secret.
-    """
-
-    retriable = False
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else type(self).__name__
-
-
-class RevocationHandler(AsyncConsumerRebalanceListener):
-    """Finishes the in-flight work of revoked partitions before giving them up.
-
-    ``ready(tps)`` tells whether every polled record of ``tps`` has its
-    answer; ``settle(tps)`` sends those answers, waits for the broker's
-    acknowledgement and returns the offsets to commit; ``forget(tps)`` drops
-    whatever is left. If the work does not finish within ``timeout_s`` it is
-    abandoned without committing (the next owner answers it again).
-    """
-
-    def __init__(
-        self,
-        consumer_ref: Callable[[], KafkaConsumer],
-        *,
-        ready: Callable[[Collection[TopicPartition]], bool],
-        settle: Callable[[Collection[TopicPartition]], dict[TopicPartition, OffsetAndMetadata]],
-        forget: Callable[[Collection[TopicPartition]], None],
-        timeout_s: float,
-    ) -> None:
-        self._consumer_ref = consumer_ref
-        self._ready, self._settle, self._forget = ready, settle, forget
-        self._timeout_s = timeout_s
-
-    async def on_partitions_revoked(self, revoked: Collection[TopicPartition]) -> None:
-        if not revoked:
-            return
-        consumer = self._consumer_ref()
-        deadline = time.monotonic() + self._timeout_s
-        while not self._ready(revoked) and time.monotonic() < deadline:
-            await consumer._net.sleep(0.005)  # yields to heartbeats, unlike time.sleep
-        try:
-            if self._ready(revoked):
-                offsets = self._settle(revoked)
-                if offsets:
-                    await consumer._coordinator._commit_offsets_sync_async(offsets)
-                log.info(
-                    "revoked %s: finished and committed %s", _fmt(revoked), fmt_offsets(offsets)
-                )
-            else:
-                log.warning("revoked %s: in-flight work abandoned uncommitted", _fmt(revoked))
-        except Errors.KafkaError as exc:
-            # Answered but not committed: the next owner answers them again
-            # (at-least-once). Raising here would only abort the rebalance.
-            log.warning("revoked %s: commit failed (%s); answers may repeat", _fmt(revoked), exc)
-        finally:
-            self._forget(revoked)
-
-    async def on_partitions_assigned(self, assigned: Collection[TopicPartition]) -> None:
-        if assigned:
-            log.info("assigned %s", _fmt(assigned))
-
-    async def on_partitions_lost(self, lost: Collection[TopicPartition]) -> None:
-        # Evicted: a commit would be refused, and another member owns them now.
-        log.warning("lost %s: in-flight work abandoned", _fmt(lost))
-        self._forget(lost)
-
-
-def _fmt(tps: Collection[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
-
-
-def fmt_offsets(offsets: dict[TopicPartition, OffsetAndMetadata]) -> str:
-    return ", ".join(
-        f"{tp.topic}[{tp.partition}]@{om.offset}" for tp, om in sorted(offsets.items())
-    )
-
 
 # kafka-python's loggers that report a failed connection with the exception as an argument.
 _NET_LOGGERS = ("kafka.net.manager", "kafka.net.connection", "kafka.net.transport")
@@ -186,7 +123,7 @@ def _watch(config: dict[str, Any]) -> Iterator[_AccessFailures]:
             logger.removeFilter(watcher)
 
 
-def open_client(factory: Callable[..., T], config: dict[str, Any]) -> T:
+def _open(factory: Callable[..., T], config: dict[str, Any]) -> T:
     """``factory(**config)`` (KafkaProducer, KafkaConsumer, KafkaAdminClient), failing fast
     with :class:`BrokerAccessError` when the broker refuses the login or the certificate.
 
@@ -211,31 +148,304 @@ def open_client(factory: Callable[..., T], config: dict[str, Any]) -> T:
         round_s *= 2
 
 
-def make_consumer(settings: Settings, listener: AsyncConsumerRebalanceListener) -> KafkaConsumer:
-    consumer = open_client(KafkaConsumer, consumer_config(settings))
-    # Learn the topics' partitions before joining: a first JoinGroup without
-    # them assigns nothing, and kafka-python's metadata-triggered rejoin that
-    # follows can leave a member without partitions for a long time.
-    deadline = time.monotonic() + 10
-    for topic in settings.input_topics:
-        while not consumer.partitions_for_topic(topic) and time.monotonic() < deadline:
-            time.sleep(0.1)  # a topic created a moment ago: its metadata is on the way
-    consumer.subscribe(list(settings.input_topics), listener=listener)
-    return consumer
+def _failure(exc: Errors.KafkaError, kind: type[KafkaFailure] = KafkaFailure) -> KafkaFailure:
+    return kind(str(exc), retriable=bool(getattr(exc, "retriable", False)), name=type(exc).__name__)
 
 
-def make_producer(settings: Settings) -> KafkaProducer:
-    producer = open_client(KafkaProducer, producer_config(settings))
-    if settings.exactly_once:
-        # Fences any earlier producer with this id and aborts its open transaction.
-        producer.init_transactions()
-    return producer
+_DEFERRED = (
+    Errors.CommitFailedError,
+    Errors.RebalanceInProgressError,
+    Errors.IllegalGenerationError,
+    Errors.UnknownMemberIdError,
+)
+_FENCED = (
+    Errors.ProducerFencedError,
+    Errors.InvalidProducerEpochError,
+    Errors.TransactionalIdAuthorizationFailedError,
+)
 
 
-def committed_or_start(consumer: KafkaConsumer, tp: TopicPartition) -> None:
-    """Rewind ``tp`` to its committed offset (or the beginning when none)."""
-    committed = consumer.committed(tp)
-    if committed is None:
-        consumer.seek_to_beginning(tp)
-    else:
-        consumer.seek(tp, committed)
+class _Listener(AsyncConsumerRebalanceListener):
+    def __init__(self, consumer: KafkaPythonConsumer, handler: RebalanceHandler) -> None:
+        self._consumer, self._handler = consumer, handler
+
+    async def on_partitions_revoked(self, revoked: Collection[KTP]) -> None:
+        if not revoked:
+            return
+        tps = [TopicPartition(tp.topic, tp.partition) for tp in revoked]
+        box: list[Any] = []
+        worker = threading.Thread(
+            target=lambda: box.append(_call(self._handler.on_revoked, tps)),
+            name="revoke",
+            daemon=True,
+        )
+        worker.start()
+        while worker.is_alive():
+            await self._consumer._c._net.sleep(0.005)  # heartbeats keep flowing
+        result = box[0] if box else {}
+        if isinstance(result, BaseException):
+            log.warning("revoked %s: handler failed: %s", fmt_tps(tps), result)
+            return
+        if not result:
+            return
+        try:
+            await self._consumer._c._coordinator._commit_offsets_sync_async(_kafka_offsets(result))
+            log.info("revoked %s: committed %s", fmt_tps(tps), fmt_offsets(result))
+        except Errors.KafkaError as exc:
+            # Answered but not committed: the next owner answers them again.
+            log.warning("revoked %s: commit failed (%s); answers may repeat", fmt_tps(tps), exc)
+
+    async def on_partitions_assigned(self, assigned: Collection[KTP]) -> None:
+        if assigned:
+            self._handler.on_assigned([TopicPartition(tp.topic, tp.partition) for tp in assigned])
+
+    async def on_partitions_lost(self, lost: Collection[KTP]) -> None:
+        if lost:
+            self._handler.on_lost([TopicPartition(tp.topic, tp.partition) for tp in lost])
+
+
+def _call(fn: Callable[..., T], *args: Any) -> T | BaseException:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return exc
+
+
+def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> dict[KTP, OffsetAndMetadata]:
+    return {KTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+
+
+class KafkaPythonConsumer:
+    def __init__(self, config: ClientConfig, overrides: Mapping[str, str]) -> None:
+        base: dict[str, Any] = {
+            "bootstrap_servers": config.bootstrap_servers,
+            "group_id": config.group_id,
+            "client_id": config.client_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "isolation_level": "read_committed",
+            "partition_assignment_strategy": (CooperativeStickyAssignor,),
+            "max_partition_fetch_bytes": config.max_message_bytes,
+            "fetch_max_bytes": max(config.max_message_bytes, 64 * 1024 * 1024),
+            "metadata_max_age_ms": config.metadata_max_age_ms,
+        }
+        base.update(kafka_python_config({**config.properties, **overrides}, "consumer"))
+        self._c: KafkaConsumer = _open(KafkaConsumer, base)
+
+    def subscribe(self, topics: list[str], handler: RebalanceHandler) -> None:
+        # Learn the topics' partitions before joining: a first JoinGroup without
+        # them assigns nothing, and kafka-python's metadata-triggered rejoin that
+        # follows can leave a member without partitions for a long time.
+        deadline = time.monotonic() + 10
+        for topic in topics:
+            while not self._c.partitions_for_topic(topic) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        self._c.subscribe(topics, listener=_Listener(self, handler))
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        polled = self._c.poll(timeout_ms=timeout_s * 1000, max_records=max_records)
+        return [
+            Record(
+                r.topic,
+                r.partition,
+                r.offset,
+                r.key,
+                r.value,
+                list(r.headers or []),
+                r.timestamp if r.timestamp is not None and r.timestamp >= 0 else None,
+            )
+            for records in polled.values()
+            for r in records
+        ]
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(tp.topic, tp.partition) for tp in self._c.assignment()}
+
+    def pause(self, tps: Collection[TopicPartition]) -> None:
+        if tps:
+            self._c.pause(*(KTP(t, p) for t, p in tps))
+
+    def resume(self, tps: Collection[TopicPartition]) -> None:
+        if tps:
+            self._c.resume(*(KTP(t, p) for t, p in tps))
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        try:
+            self._c.commit(_kafka_offsets(offsets))
+        except _DEFERRED as exc:
+            raise _failure(exc, CommitDeferred) from None
+        except Errors.KafkaError as exc:
+            kind = CommitDeferred if getattr(exc, "retriable", False) else KafkaFailure
+            raise _failure(exc, kind) from None
+
+    def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
+        out: dict[TopicPartition, int | None] = {}
+        for t, p in tps:
+            try:
+                out[TopicPartition(t, p)] = self._c.committed(KTP(t, p))
+            except Errors.KafkaError as exc:
+                raise _failure(exc) from None
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int | None) -> None:
+        ktp = KTP(tp.topic, tp.partition)
+        if offset is None:
+            self._c.seek_to_beginning(ktp)
+        else:
+            self._c.seek(ktp, offset)
+
+    def lag(self, tp: TopicPartition) -> int | None:
+        ktp = KTP(tp.topic, tp.partition)
+        high = self._c.highwater(ktp)
+        try:
+            position = self._c.position(ktp, timeout_ms=0)
+        except (Errors.KafkaError, AssertionError):
+            return None
+        if high is None or position is None:
+            return None
+        return max(0, high - position)
+
+    def group_metadata(self) -> Any:
+        return self._c.group_metadata()
+
+    def close(self) -> None:
+        self._c.close()
+
+
+class KafkaPythonProducer:
+    def __init__(self, config: ClientConfig, overrides: Mapping[str, str]) -> None:
+        base: dict[str, Any] = {
+            "bootstrap_servers": config.bootstrap_servers,
+            "client_id": config.client_id,
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": 1,
+            "max_request_size": config.max_message_bytes,
+        }
+        if config.transactional_id:
+            base["transactional_id"] = config.transactional_id
+            base["transaction_timeout_ms"] = 10_000
+        base.update(kafka_python_config({**config.properties, **overrides}, "producer"))
+        self.transactional = bool(base.get("transactional_id"))
+        self._p: KafkaProducer = _open(KafkaProducer, base)
+
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: list[tuple[Any, bytes | None]],
+        partition: int | None = None,
+    ) -> Delivery:
+        delivery = Delivery()
+        # kafka-python refuses NULL header values and bytes names (see the module docstring).
+        clean = [
+            (k if isinstance(k, str) else k.decode("utf-8", "replace"), v or b"")
+            for k, v in headers
+        ]
+        try:
+            future = self._p.send(topic, value=value, key=key, headers=clean, partition=partition)
+        except Errors.KafkaError as exc:
+            delivery.resolve(_failure(exc))
+            return delivery
+        future.add_callback(lambda _meta: delivery.resolve(None))
+        future.add_errback(
+            lambda exc: delivery.resolve(
+                _failure(exc) if isinstance(exc, Errors.KafkaError) else KafkaFailure(str(exc))
+            )
+        )
+        return delivery
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        pass  # kafka-python resolves deliveries on its own I/O thread
+
+    def flush(self, timeout_s: float) -> int:
+        try:
+            self._p.flush(timeout=timeout_s)
+        except Errors.KafkaTimeoutError:
+            return 1
+        return 0
+
+    def _txn(self, call: Callable[..., Any], *args: Any) -> None:
+        try:
+            call(*args)
+        except _FENCED as exc:
+            raise ProducerFenced(f"transactional producer: {type(exc).__name__}: {exc}") from None
+        except Errors.KafkaError as exc:
+            raise _failure(exc, TransactionFailed) from None
+
+    def init_transactions(self) -> None:
+        self._txn(self._p.init_transactions)
+
+    def begin_transaction(self) -> None:
+        self._txn(self._p.begin_transaction)
+
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any
+    ) -> None:
+        self._txn(self._p.send_offsets_to_transaction, _kafka_offsets(offsets), group_metadata)
+
+    def commit_transaction(self) -> None:
+        self._txn(self._p.commit_transaction)
+
+    def abort_transaction(self) -> None:
+        self._txn(self._p.abort_transaction)
+
+    def close(self) -> None:
+        self._p.close(timeout=5)
+
+
+class KafkaPythonAdmin:
+    def __init__(self, config: ClientConfig) -> None:
+        base: dict[str, Any] = {
+            "bootstrap_servers": config.bootstrap_servers,
+            "client_id": config.client_id,
+        }
+        base.update(kafka_python_config(config.properties, "admin"))
+        self._a: KafkaAdminClient = _open(KafkaAdminClient, base)
+
+    def partitions(self, topic: str) -> int | None:
+        try:
+            (meta,) = self._a.describe_topics([topic])
+        except (Errors.KafkaError, ValueError):
+            return None
+        if meta.get("error_code"):
+            return None
+        return len(meta.get("partitions") or ()) or None
+
+    def max_message_bytes(self, topics: Collection[str]) -> dict[str, int]:
+        if not topics:
+            return {}
+        try:
+            responses = self._a.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+            )
+        except Errors.KafkaError as exc:
+            log.debug("max.message.bytes unknown: %s", exc)
+            return {}
+        limits: dict[str, int] = {}
+        for response in responses if isinstance(responses, list) else [responses]:
+            for resource in response.to_object().get("resources", ()):
+                name = resource.get("resource_name")
+                for entry in resource.get("configs", ()):
+                    if (
+                        entry.get("config_names") == "max.message.bytes"
+                        or entry.get("config_name") == "max.message.bytes"
+                    ):
+                        limits[name] = int(entry["config_value"])
+        return limits
+
+    def close(self) -> None:
+        self._a.close()
+
+
+def open_consumer(config: ClientConfig, overrides: Mapping[str, str]) -> KafkaPythonConsumer:
+    return KafkaPythonConsumer(config, overrides)
+
+
+def open_producer(config: ClientConfig, overrides: Mapping[str, str]) -> KafkaPythonProducer:
+    return KafkaPythonProducer(config, overrides)
+
+
+def open_admin(config: ClientConfig) -> KafkaPythonAdmin:
+    return KafkaPythonAdmin(config)

@@ -1,0 +1,189 @@
+"""Committers: the last two steps of the loop, at-least-once or in transactions.
+
+Both have the same small interface, called from the loop's thread:
+``send(tps)`` hands answered records to the producer in offset order,
+``commit(force)`` makes acknowledged progress durable and returns how many
+records it settled, ``revoke(tps)`` gives the offsets to commit before a
+partition is given up, ``pending()`` counts what is not yet committed.
+What an answer *is* (its topic, partition, headers) is the loop's business:
+it passes ``emit(producer, entry) -> Delivery``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+from worker.errors import FatalError
+from worker.kafka import (
+    CommitDeferred,
+    Consumer,
+    Delivery,
+    KafkaFailure,
+    Producer,
+    TopicPartition,
+    TransactionFailed,
+    fmt_offsets,
+)
+from worker.offsets import Entry, OffsetTracker
+
+__all__ = ["AtLeastOnce", "Committer", "Transactional"]
+
+log = logging.getLogger("worker.commit")
+
+Emit = Callable[[Producer, Entry], Delivery]
+Retire = Callable[[list[Entry]], None]
+
+
+class Committer:
+    def __init__(
+        self,
+        tracker: OffsetTracker[TopicPartition],
+        consumer: Consumer,
+        producer: Producer,
+        emit: Emit,
+        retire: Retire,
+        interval_s: float,
+    ) -> None:
+        self.tracker = tracker
+        self.consumer = consumer
+        self.producer = producer
+        self._emit = emit
+        self._retire = retire
+        self._interval_s = interval_s
+        self.last_commit = time.monotonic()
+
+    def pending(self) -> int:
+        return self.tracker.pending()
+
+    def _due(self, force: bool) -> bool:
+        return force or time.monotonic() - self.last_commit >= self._interval_s
+
+    def send(self, tps: Collection[TopicPartition] | None = None) -> None:
+        raise NotImplementedError
+
+    def commit(self, *, force: bool = False) -> int:
+        raise NotImplementedError
+
+    def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
+        """Offsets to commit before ``tps`` are given up, and how many records they settle."""
+        raise NotImplementedError
+
+
+class AtLeastOnce(Committer):
+    """Commit only offsets whose answers the broker acknowledged."""
+
+    def send(self, tps: Collection[TopicPartition] | None = None) -> None:
+        """5. Answered heads go out in offset order (inference threads call this too)."""
+        t = self.tracker
+        with t.lock:
+            for _tp, entry in t.sendable(tps):
+                entry.deliveries.append(self._emit(self.producer, entry))
+
+    def commit(self, *, force: bool = False) -> int:
+        # 1. Deliveries are reported from the producer's poll.
+        self.producer.poll(0)
+        # 2. Acknowledged heads become offsets; a refused answer stops its line.
+        acked = self.tracker.acknowledge()
+        self._retire(acked.retired)
+        if acked.error is not None:
+            assert acked.refused is not None
+            raise FatalError(
+                f"the broker refused an answer ({acked.error}); nothing at or after it is "
+                "committed, and it is answered again after a restart"
+            )
+        if not self._due(force):
+            return 0
+        # 3. Commit synchronously: the offsets are durable when this returns.
+        offsets = self.tracker.to_commit()
+        if not offsets:
+            return 0
+        try:
+            self.consumer.commit(offsets)
+        except CommitDeferred as exc:
+            # 4. A rebalance or a coordinator move is under way: keep the offsets;
+            # the revocation or the next commit sends them.
+            log.warning("commit deferred (%s): %s", exc.name or exc, fmt_offsets(offsets))
+            self.tracker.restore(offsets)
+            return 0
+        self.last_commit = time.monotonic()
+        return self.tracker.committed(offsets)
+
+    def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
+        """Send and acknowledge what ``tps`` answered; their offsets to commit."""
+        self.send(tps)
+        left = self.producer.flush(5.0)  # bounded: a slow broker must not hold the rebalance
+        if left:
+            log.warning("revocation: %d answers unacknowledged after 5 s", left)
+        acked = self.tracker.acknowledge(tps)
+        self._retire(acked.retired)
+        offsets = self.tracker.to_commit(tps)
+        return offsets, self.tracker.committed(offsets)
+
+
+class Transactional(Committer):
+    """Answers, dead letters and offsets in one Kafka transaction per batch window."""
+
+    def __init__(self, *args: Any, reopen: Callable[[], Producer], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reopen = reopen
+        self.aborted = 0
+
+    def send(self, tps: Collection[TopicPartition] | None = None) -> None:
+        """Nothing leaves outside a transaction."""
+
+    def commit(self, *, force: bool = False) -> int:
+        if not self._due(force):
+            return 0
+        # 1. The window: every answered record at the head of each line.
+        window = self.tracker.window()
+        if not window:
+            return 0
+        offsets: dict[TopicPartition, int] = {}
+        for tp, entry in window:
+            offsets[tp] = entry.offset + 1
+        p = self.producer
+        try:
+            # 2. Begin; 3. send every answer and dead letter of the window.
+            p.begin_transaction()
+            deliveries = [self._emit(p, entry) for _, entry in window]
+            # 4. The consumer's offsets join the transaction.
+            p.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            # 5. Commit (flushes); 6. it counts only if every send succeeded.
+            p.commit_transaction()
+            failed = next((d.error for d in deliveries if not d.done or d.error), None)
+            if failed is not None or not all(d.done for d in deliveries):
+                raise TransactionFailed(f"a send in the committed transaction failed: {failed}")
+        except (TransactionFailed, KafkaFailure) as exc:
+            self._abort(exc)
+            return 0
+        # 7. Settled: drop the window from the lines.
+        self.tracker.settle_window(window)
+        self._retire([entry for _, entry in window])
+        self.last_commit = time.monotonic()
+        return len(window)
+
+    def _abort(self, exc: BaseException) -> None:
+        """Abort, rewind every line to its first uncommitted record, fresh producer if needed."""
+        log.warning("transaction aborted (%s); rewinding to the first uncommitted records", exc)
+        self.aborted += 1
+        try:
+            self.producer.abort_transaction()
+        except KafkaFailure as abort_exc:
+            log.warning("abort failed (%s); starting a fresh producer", abort_exc)
+            try:
+                self.producer.close()
+            finally:
+                self.producer = self._reopen()
+        rewind = self.tracker.first_offsets()
+        assigned = self.consumer.assignment()
+        for tp, offset in rewind.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
+        self.tracker.forget(list(rewind))
+
+    def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
+        # Abandoned: never committed, so the next owner answers them in its own transaction.
+        return {}, 0
