@@ -294,3 +294,67 @@ def test_fp16_on_cuda(tmp_path: Path, images: Path) -> None:
     )
     assert session.signature.inputs[0].dtype == np.float32
     session.close()
+
+
+# -- Memcpy nodes and TF32 (the CUDA target) --------------------------------------
+
+
+def _fake_ort_optimize(memcpy_for: set[str], calls: list[str]) -> object:
+    """Stands in for ONNX Runtime's offline optimizer; for targets in ``memcpy_for`` the saved
+    graph gets a MemcpyToHost node, as a CUDA session writes where its partition meets CPU."""
+
+    def fake(source: Path, dest: Path, target: str) -> None:
+        calls.append(target)
+        model = onnx.load(str(source))
+        if target in memcpy_for:
+            first = model.graph.node[0]
+            copy = onnx.helper.make_node("MemcpyToHost", [first.input[0]], ["host"], name="m")
+            first.input[0] = "host"
+            model.graph.node.insert(0, copy)
+        onnx.save(model, str(dest))
+
+    return fake
+
+
+def test_cuda_graph_with_memcpy_is_rebuilt_portable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(opt, "_ort_optimize", _fake_ort_optimize({"cuda"}, calls))
+    dest = tmp_path / "c.onnx"
+    stages = opt.build_candidate(write_mlp(tmp_path), dest, "plain", "cuda")
+    assert calls == ["cuda", "cpu"]
+    assert stages[-1].startswith("rebuilt with CPUExecutionProvider")
+    assert not [n for n in onnx.load(str(dest)).graph.node if n.op_type.startswith("Memcpy")]
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_candidate_with_memcpy_is_never_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+) -> None:
+    monkeypatch.setattr(opt, "_ort_optimize", _fake_ort_optimize({"cpu", "cuda"}, []))
+    with pytest.raises(opt.CandidateError, match=r"holds 1 Memcpy node\(s\) \(MemcpyToHost\(m\)\)"):
+        opt.build_candidate(write_mlp(tmp_path), tmp_path / "c.onnx", "plain", target)
+    # and through the command: exit 1, no version written
+    monkeypatch.setattr(opt, "_ort_optimize", _fake_ort_optimize({"cpu"}, []))
+    assert _run(tmp_path, "--model", "mnist-mlp", "--min-speedup", "0") == 1
+    assert ModelRepository(tmp_path).versions("mnist-mlp") == [1]
+
+
+def test_gate_tolerance_is_tf32_sized_on_cuda_unless_exactness_is_asked() -> None:
+    from worker.runtime import TF32_TOLERANCE
+
+    assert opt.gate_tolerance("plain", "cpu", None) == (opt.DEFAULT_TOLERANCE["plain"], True)
+    assert opt.gate_tolerance("plain", "cuda", None) == (TF32_TOLERANCE, True)
+    assert opt.gate_tolerance("fp16", "cuda", None) == (opt.DEFAULT_TOLERANCE["fp16"], True)
+    # An explicit tolerance below TF32's error: the check runs in full fp32.
+    assert opt.gate_tolerance("plain", "cuda", 1e-4) == (1e-4, False)
+    assert opt.gate_tolerance("plain", "cuda", 1e-2) == (1e-2, True)
+    assert opt.gate_tolerance("int8", "cpu", 1e-6) == (1e-6, True)
+
+
+def test_cpu_report_has_no_tf32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_mlp(tmp_path)
+    assert _run(tmp_path, "--model", "mnist-mlp", "--min-speedup", "0", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tf32"] is None and report["tolerance"] == opt.DEFAULT_TOLERANCE["plain"]

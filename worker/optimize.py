@@ -57,7 +57,14 @@ import onnxruntime as ort
 from worker.config import ConfigError
 from worker.errors import InferenceError, ModelLoadError, ModelNotFound
 from worker.repository import ModelRef, ModelRepository
-from worker.runtime import RuntimeOptions, Session, load_session, resolve_device
+from worker.runtime import (
+    TF32_TOLERANCE,
+    RuntimeOptions,
+    Session,
+    load_session,
+    memcpy_nodes,
+    resolve_device,
+)
 from worker.signature import Signature, format_spec
 
 __all__ = [
@@ -70,6 +77,7 @@ __all__ = [
     "OutputCheck",
     "Timing",
     "build_candidate",
+    "gate_tolerance",
     "main",
     "optimize",
 ]
@@ -85,7 +93,13 @@ DEFAULT_TOLERANCE: dict[str, float] = {
     # 8-bit weights and activations: ~1-2% of the output's scale is normal.
     "int8": 5e-2,
 }
-"""Per mode; the gate allows ``tolerance * max(1, max|original|)`` per output."""
+"""Per mode; the gate allows ``tolerance * max(1, max|original|)`` per output.
+
+On ``--target cuda`` the default is at least :data:`~worker.runtime.TF32_TOLERANCE`:
+both sides run with TF32 on (the CUDA provider's default, as the worker
+serves), and two graphs that fuse differently pick different TF32 kernels. An
+explicit ``--tolerance`` below it turns TF32 off for the check, so an exact
+comparison stays exact."""
 
 MIN_ARGMAX_AGREEMENT = 0.99
 """Share of rows whose class (argmax, or the exact label) must not change."""
@@ -178,6 +192,8 @@ class OptimizeReport:
     checks: list[OutputCheck]
     timing: Timing
     accepted: bool
+    tf32: bool | None = None
+    """CUDA: whether TF32 was on for both sides; ``None`` on CPU."""
     version: int | None = None
     """The version written; ``None`` when refused."""
     path: Path | None = None
@@ -194,6 +210,7 @@ class OptimizeReport:
             "mode": self.mode,
             "target": self.target,
             "tolerance": self.tolerance,
+            "tf32": self.tf32,
             "min_argmax_agreement": MIN_ARGMAX_AGREEMENT,
             "min_speedup": self.min_speedup,
             "sample": self.sample,
@@ -211,7 +228,8 @@ class OptimizeReport:
             f"{self.source} -> {self.mode} for {self.target}: "
             + (f"ACCEPTED, written as version {self.version}" if self.accepted else "REFUSED"),
             f"sample: {self.sample}, {self.sample_rows} rows; tolerance {self.tolerance:g} "
-            f"x max(1, max|original|); class agreement >= {MIN_ARGMAX_AGREEMENT:.0%}",
+            f"x max(1, max|original|); class agreement >= {MIN_ARGMAX_AGREEMENT:.0%}"
+            + ("" if self.tf32 is None else f"; TF32 {'on' if self.tf32 else 'off'}"),
             "",
         ]
         rows = [("output", "max-abs-diff", "limit", "agreement", "ok")]
@@ -334,10 +352,22 @@ def build_candidate(source: Path, dest: Path, mode: str, target: str) -> list[st
             stages.append("quantize_dynamic (int8 weights, uint8 activations; Conv kept float)")
         _ort_optimize(current, dest, target)
         stages.append(f"onnxruntime ORT_ENABLE_EXTENDED ({_providers(target)[0]})")
+        if target != "cpu" and memcpy_nodes(dest):
+            # A CUDA session saves Memcpy nodes where its partition crosses to CPU;
+            # they tie the graph to that partition. The CPU provider's graph is
+            # portable, and the worker applies CUDA's own fusions at load anyway.
+            _ort_optimize(current, dest, "cpu")
+            stages.append("rebuilt with CPUExecutionProvider: the CUDA graph held Memcpy nodes")
     except Exception as exc:  # converters raise anything from ValueError to ORT's types
         raise CandidateError(f"{mode} candidate could not be built: {_one_line(exc)}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    found = memcpy_nodes(dest)
+    if found:  # never published: see worker.runtime.memcpy_nodes
+        raise CandidateError(
+            f"{mode} candidate holds {len(found)} Memcpy node(s) ({', '.join(found[:3])}): "
+            "a graph tied to one CUDA/CPU partition is not published"
+        )
     return stages
 
 
@@ -552,6 +582,19 @@ def _sha256(path: Path) -> str:
 # -- the command -------------------------------------------------------------------
 
 
+def gate_tolerance(mode: str, target: str, tolerance: float | None) -> tuple[float, bool]:
+    """(tolerance, TF32 on) for the gate: TF32-sized by default on CUDA, exact when asked.
+
+    ``tolerance`` is ``--tolerance`` (``None``: the mode's default). On CPU the
+    second value is meaningless and True.
+    """
+    if tolerance is None:
+        tolerance = DEFAULT_TOLERANCE[mode]
+        if target == "cuda":
+            tolerance = max(tolerance, TF32_TOLERANCE)
+    return tolerance, not (target == "cuda" and tolerance < TF32_TOLERANCE)
+
+
 def _check_request(request: OptimizeRequest) -> tuple[str, float]:
     """Device and tolerance; ConfigError naming the flag for impossible combinations."""
     if request.target not in ("cpu", "cuda"):
@@ -564,7 +607,7 @@ def _check_request(request: OptimizeRequest) -> tuple[str, float]:
     if request.mode == "int8" and request.target != "cpu":
         # MatMulInteger/ConvInteger have no fast CUDA kernels; they would fall back to the CPU.
         raise ConfigError("--int8", "needs --target cpu (dynamic int8 kernels are CPU kernels)")
-    tolerance = DEFAULT_TOLERANCE[request.mode] if request.tolerance is None else request.tolerance
+    tolerance, _ = gate_tolerance(request.mode, request.target, request.tolerance)
     if not tolerance >= 0:
         raise ConfigError("--tolerance", f"must be >= 0, got {tolerance!r}")
     try:
@@ -605,8 +648,10 @@ def optimize(request: OptimizeRequest) -> OptimizeReport:
         stages = build_candidate(source.path, candidate_path, request.mode, request.target)
 
         # 2. Load both the way the worker does (ALL-level at load, same threads).
+        _, tf32 = gate_tolerance(request.mode, request.target, tolerance)
         options = RuntimeOptions(
-            device=device, intra_op_threads=request.threads, optimized_dir=None, warmup=False
+            device=device, intra_op_threads=request.threads, optimized_dir=None, warmup=False,
+            cuda_tf32=tf32,
         )
         try:
             original, original_load_ms = _load(source, options)
@@ -650,6 +695,7 @@ def optimize(request: OptimizeRequest) -> OptimizeReport:
             min_speedup=request.min_speedup, sample=sample,
             sample_rows=sum(_rows(b) for b in batches), stages=stages, checks=checks,
             timing=timing, accepted=not reasons, reasons=reasons,
+            tf32=tf32 if device.startswith("cuda") else None,
         )
         if not report.accepted:
             return report
@@ -732,7 +778,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help=".npy (one input) or .npz (by input name); default: generated")
     p.add_argument("--tolerance", metavar="T",
                    help="allowed max abs diff x max(1, max|original|) (default: "
-                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items()) + ")")
+                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items())
+                   + f"; cuda at least {TF32_TOLERANCE:g}, TF32; below that TF32 is off)")
     p.add_argument("--rows", metavar="N", default="256", help="generated rows (default 256)")
     p.add_argument("--threads", metavar="N", default="1",
                    help="intra-op threads, both sides (default 1, as the worker)")
