@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 import pytest
 
 from worker.demo import build_mlp
-from worker.errors import SchemaMismatch
+from worker.errors import SchemaMismatch, WorkerError
 from worker.protocol import (
     ARROW,
     Request,
@@ -211,3 +213,115 @@ def test_write_stream_round_trip_of_strings() -> None:
     ), outputs=()))
     assert bound.feeds["text"].dtype == object
     assert bound.feeds["text"].tolist() == ["a", "bc"]
+
+
+# -- every Arrow type a pandas DataFrame can produce -------------------------------------------
+
+X2 = np.arange(4, dtype=np.float32).reshape(2, 2)
+# What pa.Table.from_pandas makes of each kind of pandas column (two rows).
+PANDAS_COLUMNS: dict[str, pa.Array] = {
+    "categorical": pa.array(["red", "blue"]).dictionary_encode(),
+    "ordered_categorical": pa.DictionaryArray.from_arrays(
+        pa.array([1, 0], pa.int8()), pa.array(["low", "high"]), ordered=True),
+    "int_categorical": pa.array([10, 20], pa.int64()).dictionary_encode(),
+    "nullable_int": pa.array([1, None], pa.int64()),
+    "nullable_bool": pa.array([True, None], pa.bool_()),
+    "float_nan": pa.array([1.5, float("nan")], pa.float64()),
+    "timestamp": pa.array([0, 1_700_000_000_000_000_000], pa.timestamp("ns")),
+    "timestamp_tz": pa.array([0, 1], pa.timestamp("ns", tz="Europe/Paris")),
+    "duration": pa.array([1, 2], pa.duration("ns")),
+    "date": pa.array([0, 19000], pa.date32()),
+    "string": pa.array(["a", None]),
+    "large_string": pa.array(["a", "b"], pa.large_string()),
+    "string_view": pa.array(["a", "a much longer string than twelve"], pa.string_view()),
+    "binary": pa.array([b"\x00", b"\xff"]),
+    "large_list": pa.array([[1.0], [2.0, 3.0]], pa.large_list(pa.float64())),
+    "list_of_str": pa.array([["a"], []], pa.list_(pa.string())),
+    "struct": pa.array([{"a": 1, "b": "x"}, {"a": 2, "b": None}]),
+    "decimal": pa.array([Decimal("1.25"), Decimal("-2.50")], pa.decimal128(10, 2)),
+    "float16": pa.array(np.array([0.5, 1.0], np.float16)),
+}
+
+
+@pytest.mark.parametrize("out_fmt", ["arrow", "msgpack", "json"])
+@pytest.mark.parametrize("column", sorted(PANDAS_COLUMNS))
+def test_pandas_column_types_pass_through(column: str, out_fmt: str) -> None:
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(X2.ravel()), 2),
+                      column: PANDAS_COLUMNS[column]})
+    # Both a third party's stream and our own encoder's must decode.
+    for value in (stream(*table.to_batches()),
+                  encode_request({"x": X2}, format="arrow",
+                                 passthrough={column: PANDAS_COLUMNS[column]})[0]):
+        request = decode(value)
+        bound = request.bind(Signature(inputs=(f32("x", None, 2),), outputs=()))
+        body, ctype = encode_response(request, bound, {"y": X2.sum(axis=1)}, model="m",
+                                      model_version=1, output_format=out_fmt)
+        answer = decode_response(body, [("content-type", ctype.encode())])
+        np.testing.assert_array_equal(answer.outputs["y"], X2.sum(axis=1))
+        if out_fmt == "arrow":
+            back = pa.ipc.open_stream(body).read_all()  # any reader can read it
+            assert back.column(column).type == PANDAS_COLUMNS[column].type
+            assert back.column(column).chunk(0).to_string() == PANDAS_COLUMNS[column].to_string()
+        else:
+            assert isinstance(answer.passthrough, dict)
+            assert len(answer.passthrough[column]) == 2
+
+
+def test_dictionary_columns_with_replaced_dictionaries_across_batches() -> None:
+    first = pa.record_batch({"x": pa.array([1.0], pa.float32()),
+                             "colour": pa.array(["red"]).dictionary_encode()})
+    second = pa.record_batch({"x": pa.array([2.0], pa.float32()),
+                              "colour": pa.array(["blue"]).dictionary_encode()})
+    request = decode(stream(first, second))
+    bound = request.bind(Signature(inputs=(f32("x", None),), outputs=()))
+    body, _ = encode_response(request, bound, {"y": np.array([1.0, 2.0], np.float32)},
+                              model="m", model_version=1)
+    back = pa.ipc.open_stream(body).read_all()
+    assert back.column("colour").to_pylist() == ["red", "blue"]
+
+
+STRING_INPUT = Signature(inputs=(TensorSpec("word", "tensor(string)", np.dtype(np.str_),
+                                             (None, 1)),), outputs=())
+
+
+@pytest.mark.parametrize("words", [
+    pa.array(["cat", "dog", "cat"]).dictionary_encode(),
+    pa.array(["cat", "dog", "cat"], pa.large_string()),
+    pa.array(["cat", "dog", "cat"], pa.string_view()),
+    pa.array([["cat"], ["dog"], ["cat"]], pa.list_(pa.string())),
+], ids=["dictionary", "large_string", "string_view", "list"])
+def test_string_inputs_from_every_string_form(words: pa.Array) -> None:
+    bound = decode(stream(pa.record_batch({"word": words}))).bind(STRING_INPUT)
+    assert bound.feeds["word"].tolist() == [["cat"], ["dog"], ["cat"]]
+
+
+@pytest.mark.parametrize("values", [
+    pa.array([1, 2, 3], pa.int64()),  # a pandas Int64 column without nulls
+    pa.array([1, 2, 3], pa.int64()).dictionary_encode(),
+    pa.array([[1], [2], [3]], pa.large_list(pa.int64())),
+], ids=["nullable_int", "int_dictionary", "large_list"])
+def test_integer_inputs_from_pandas_forms(values: pa.Array) -> None:
+    signature = Signature(inputs=(TensorSpec("n", "tensor(int64)", np.dtype(np.int64),
+                                             (None, 1)),), outputs=())
+    bound = decode(stream(pa.record_batch({"n": values}))).bind(signature)
+    assert bound.feeds["n"].dtype == np.int64 and bound.feeds["n"].tolist() == [[1], [2], [3]]
+
+
+def test_nullable_int_with_nulls_or_a_timestamp_cannot_feed_an_input() -> None:
+    signature = Signature(inputs=(TensorSpec("n", "tensor(int64)", np.dtype(np.int64),
+                                             (None,)),), outputs=())
+    with pytest.raises(SchemaMismatch, match="null value"):
+        decode(stream(pa.record_batch({"n": PANDAS_COLUMNS["nullable_int"]}))).bind(signature)
+    with pytest.raises(SchemaMismatch, match="timestamp"):
+        decode(stream(pa.record_batch({"n": PANDAS_COLUMNS["timestamp"]}))).bind(signature)
+
+
+def test_an_answer_arrow_cannot_hold_is_a_worker_error_not_bad_bytes() -> None:
+    value, headers = encode_request({"x": X2}, format="arrow")
+    request = decode_request(value, headers, default_id="d")
+    bound = request.bind(Signature(inputs=(f32("x", None, 2),), outputs=()))
+    for outputs in ({"y": np.zeros((2, 0), np.float32)},  # a zero-sized per-row shape
+                    {"y": [1, "mixed"]},  # no one Arrow type
+                    {"y": np.zeros(3, np.float32)}):  # not row-aligned
+        with pytest.raises(WorkerError):
+            encode_response(request, bound, outputs, model="m", model_version=1)

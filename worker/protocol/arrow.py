@@ -51,6 +51,7 @@ __all__ = [
     "PASSTHROUGH_PREFIX",
     "WHOLE_METADATA_KEY",
     "ArrowCodec",
+    "passthrough_as_python",
     "read_stream",
     "tensor_array",
     "write_stream",
@@ -132,7 +133,11 @@ def _no_nulls(name: str, arr: pa.Array) -> None:
 
 
 def _array_tensor(name: str, arr: pa.Array, limits: Limits) -> np.ndarray:
-    """One chunk -> ``[len(arr), *row_shape]`` numpy, a view whenever the layout allows."""
+    """One chunk -> ``[len(arr), *row_shape]`` numpy, a view whenever the layout allows.
+
+    Rows may be (nested) fixed-size lists, ``arrow.fixed_shape_tensor`` values,
+    or variable lists (pandas' form for a column of arrays) of equal lengths.
+    """
     typ = arr.type
     rows = len(arr)
     _no_nulls(name, arr)
@@ -144,22 +149,45 @@ def _array_tensor(name: str, arr: pa.Array, limits: Limits) -> np.ndarray:
             check_elements(name, (rows, *dims), limits)
             return np.ascontiguousarray(arr.to_numpy_ndarray())  # permuted layout: copy
         leaf = _fsl_values(arr.storage)  # storage: fixed_size_list<value>[prod(shape)]
-    elif pa.types.is_fixed_size_list(typ):
+    elif pa.types.is_fixed_size_list(typ) or _is_var_list(typ):
         leaf = arr
-        while pa.types.is_fixed_size_list(leaf.type):
-            dims.append(leaf.type.list_size)
-            leaf = _fsl_values(leaf)
+        while pa.types.is_fixed_size_list(leaf.type) or _is_var_list(leaf.type):
+            if len(dims) >= 32:
+                raise SchemaMismatch(f"input {name!r}: the column nests deeper than 32 lists")
+            if pa.types.is_fixed_size_list(leaf.type):
+                dims.append(leaf.type.list_size)
+                leaf = _fsl_values(leaf)
+            else:
+                dims.append(_equal_length(name, leaf, len(dims)))
+                leaf = leaf.flatten()  # honours the slice offset
             _no_nulls(name, leaf)
     elif _is_flat(typ):
         leaf = arr
     else:
         raise SchemaMismatch(
             f"input {name!r}: a column of type {typ} cannot feed a tensor; expected a primitive, "
-            "fixed_size_list or arrow.fixed_shape_tensor column"
+            "list, fixed_size_list or arrow.fixed_shape_tensor column"
         )
     _no_nulls(name, leaf)
     check_elements(name, (rows, *dims), limits)
+    if not _is_flat(leaf.type):
+        raise SchemaMismatch(
+            f"input {name!r}: values of type {leaf.type} cannot feed a tensor; expected a "
+            "number, bool or string"
+        )
     return _leaf_numpy(name, leaf).reshape((rows, *dims))
+
+
+def _equal_length(name: str, arr: pa.Array, depth: int) -> int:
+    """The one length of every list in ``arr``: a tensor cannot be ragged."""
+    lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
+    size = int(lengths[0]) if len(lengths) else 0
+    if len(lengths) and (lengths != size).any():
+        raise SchemaMismatch(
+            f"input {name!r}: a ragged list (lengths {sorted(set(lengths.tolist()))[:4]} at "
+            f"depth {depth + 1}); a tensor needs equal lengths"
+        )
+    return size
 
 
 def _is_flat(typ: pa.DataType) -> bool:
@@ -180,44 +208,11 @@ def _is_var_list(typ: pa.DataType) -> bool:
 def _cell_tensor(
     name: str, column: pa.ChunkedArray, spec: TensorSpec, limits: Limits
 ) -> np.ndarray:
-    """The one cell of a one-row column, as the whole tensor it holds.
-
-    Cells may be scalars, (nested) fixed-size or variable lists, or
-    ``arrow.fixed_shape_tensor`` values; variable lists must be rectangular.
-    """
+    """The one cell of a one-row column, as the whole tensor it holds (a scalar, a
+    list, a fixed-size list or an ``arrow.fixed_shape_tensor`` value)."""
     arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    _no_nulls(name, arr)
-    if _is_fixed_shape_tensor(arr.type) or not _is_var_list(arr.type):
-        cell = _array_tensor(name, arr, limits)[0]
-        cell = np.asarray(cell) if not isinstance(cell, np.ndarray) else cell
-    else:
-        dims: list[int] = []
-        level = arr
-        while _is_var_list(level.type) or pa.types.is_fixed_size_list(level.type):
-            if pa.types.is_fixed_size_list(level.type):
-                size = level.type.list_size
-                values = _fsl_values(level)
-            else:
-                lengths = level.value_lengths().to_numpy(zero_copy_only=False)
-                size = int(lengths[0]) if len(lengths) else 0
-                if len(lengths) and (lengths != size).any():
-                    raise SchemaMismatch(
-                        f"input {name!r}: the cell is a ragged list (lengths "
-                        f"{sorted(set(lengths.tolist()))[:4]} at depth {len(dims)}); a tensor "
-                        "needs equal lengths"
-                    )
-                values = level.flatten()
-            if len(dims) >= 32:
-                raise SchemaMismatch(f"input {name!r}: the cell nests deeper than 32 lists")
-            dims.append(size)
-            _no_nulls(name, values)
-            level = values
-        check_elements(name, tuple(dims), limits)
-        if not _is_flat(level.type):
-            raise SchemaMismatch(
-                f"input {name!r}: cell values of type {level.type} cannot feed a tensor"
-            )
-        cell = _leaf_numpy(name, level).reshape(dims)
+    tensor = _array_tensor(name, arr, limits)
+    cell: np.ndarray = tensor.reshape(tensor.shape[1:])  # drop the row; an ndarray even if 0-d
     shape = spec.shape
     if cell.ndim == 0 and shape is not None and len(shape) == 1 and shape[0] in (1, None):
         cell = cell.reshape(1)  # a scalar cell feeds a one-element input (TopK's k)
@@ -505,6 +500,25 @@ def _response_value(column: pa.ChunkedArray) -> object:
         return _array_tensor("output", arr, _UNLIMITED)
     except SchemaMismatch:  # not tensor-shaped (lists, structs...): plain Python values
         return column.to_pylist()
+
+
+def passthrough_as_python(passthrough: object) -> object:
+    """An Arrow request's passthrough table as ``{"column": [values...]}`` for a msgpack
+    or JSON answer; anything else unchanged.
+
+    Python has no value for a nanosecond timestamp or duration that is not a
+    whole microsecond: such a column becomes Arrow's text form of each value
+    rather than making the answer unwritable.
+    """
+    if not isinstance(passthrough, (pa.Table, pa.RecordBatch)):
+        return passthrough
+    columns: dict[str, object] = {}
+    for name, column in zip(passthrough.column_names, passthrough.columns, strict=True):
+        try:
+            columns[name] = column.to_pylist()
+        except (ValueError, OverflowError, pa.ArrowException):
+            columns[name] = column.cast(pa.string()).to_pylist()
+    return columns
 
 
 def _unwrap(value: object) -> object:

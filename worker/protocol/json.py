@@ -24,6 +24,7 @@ import orjson
 
 from worker.errors import DecodeError, InferenceError
 
+from .arrow import passthrough_as_python
 from .base import (
     JSON,
     Bound,
@@ -220,11 +221,6 @@ def _default(obj: object) -> object:
     return str(obj)
 
 
-def _plain(passthrough: object) -> object:
-    to_pydict = getattr(passthrough, "to_pydict", None)  # an Arrow request's columns
-    return to_pydict() if callable(to_pydict) else passthrough
-
-
 def _array_from_response(name: str, obj: dict[str, Any]) -> object:
     data = obj.get("data")
     if isinstance(data, list) and data and isinstance(data[0], dict):
@@ -297,7 +293,7 @@ class JsonCodec:
         }
         passthrough = bound.passthrough if bound is not None else None
         if passthrough is not None:
-            body["parameters"] = {_PASSTHROUGH_KEY: _plain(passthrough)}
+            body["parameters"] = {_PASSTHROUGH_KEY: passthrough_as_python(passthrough)}
         body["outputs"] = [_wire_output(name, value) for name, value in outputs.items()]
         try:
             return orjson.dumps(body, default=_default, option=_DUMPS_OPTIONS)
@@ -343,7 +339,7 @@ class JsonCodec:
         if request_id is not None:
             body["id"] = request_id
         if passthrough is not None:
-            body["parameters"] = {_PASSTHROUGH_KEY: _plain(passthrough)}
+            body["parameters"] = {_PASSTHROUGH_KEY: passthrough_as_python(passthrough)}
         body["inputs"] = wire
         return orjson.dumps(body, default=_default, option=_DUMPS_OPTIONS)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from worker.errors import DecodeError, InferenceError
 
+from .arrow import passthrough_as_python
 from .base import (
     MSGPACK,
     Bound,
@@ -215,12 +216,6 @@ def _output_to_wire(value: object) -> object:
     return tensor_to_wire(value) if isinstance(value, np.ndarray) else value
 
 
-def _plain(passthrough: object) -> object:
-    """An Arrow request's passthrough table becomes ``{"column": [values...]}``."""
-    to_pydict = getattr(passthrough, "to_pydict", None)
-    return to_pydict() if callable(to_pydict) else passthrough
-
-
 class MsgpackCodec:
     """``application/x-msgpack``: a map of named whole tensors; the sniffing fallback."""
 
@@ -285,7 +280,7 @@ class MsgpackCodec:
         }
         passthrough = bound.passthrough if bound is not None else None
         if passthrough is not None:
-            body["passthrough"] = _plain(passthrough)
+            body["passthrough"] = passthrough_as_python(passthrough)
         try:
             return _mp.packb(body, default=_default, use_bin_type=True)
         except Exception as exc:  # e.g. an integer over 64 bits in a map output
@@ -314,7 +309,7 @@ class MsgpackCodec:
         if model_version is not None:
             body["model_version"] = model_version
         if passthrough is not None:
-            body["passthrough"] = _plain(passthrough)
+            body["passthrough"] = passthrough_as_python(passthrough)
         return _mp.packb(body, default=_default, use_bin_type=True)
 
     def decode_response(self, value: bytes) -> Response:
