@@ -1,8 +1,10 @@
-"""Producer-side tools for the inference worker (spec §5).
+"""Producer-side tools for the inference worker.
 
 ``inference-producer`` feeds a worker (``publish``), captures and re-sends
 real traffic (``record``, ``replay``), reads the answers (``collect``) and
-checks one model version against another (``compare``). The wire format is
+checks one model version against another (``compare``), and sends dead
+letters back to their topic once their cause is fixed (``redrive``). Every
+Kafka call is in :mod:`producers.clients`. The wire format is
 the worker's own ``worker.protocol``, so the tools cannot drift from it.
 """
 

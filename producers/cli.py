@@ -26,7 +26,7 @@ PROG = "inference-producer"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is the one line the spec asks for, not the usage dump."""
+    """argparse, but a usage error is one line (and exit 2), not the usage dump."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

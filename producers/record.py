@@ -51,7 +51,7 @@ _FLUSH_ROWS = 1000
 
 def request_id_of(headers: list[tuple[str, bytes | None]] | None, topic: str, partition: int,
                   offset: int) -> str:
-    """The id the worker answers a request with (spec §3).
+    """The id the worker answers a request with (docs/protocol.md).
 
     Its ``request-id`` header, else ``<topic>/<partition>/<offset>``.
     """

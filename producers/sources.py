@@ -60,7 +60,7 @@ class Source:
 
 
 def _model_file(repository: Path, model: str, version: int | None) -> Path:
-    # Same layouts and name rule as the worker (spec §2), so a name that the
+    # Same layouts and name rule as the worker (docs/models.md), so a name that the
     # worker would refuse is refused here before anything is sent.
     if not _MODEL_NAME.match(model):
         raise UsageError(f"--model {model!r} is not a valid model name")
