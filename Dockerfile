@@ -78,13 +78,15 @@ RUN apt-get update \
     && useradd --system --uid 10001 --gid worker --home-dir /tmp --shell /usr/sbin/nologin worker \
     && mkdir -p /models && chown worker:worker /models
 COPY --from=gpu-builder /opt/venv /opt/venv
+# WORKER_DEVICE=cuda, not auto: a GPU image without a usable GPU exits 2 at
+# start (fails fast) instead of quietly serving on CPU.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
     WORKER_MODEL_REPOSITORY=/models \
     WORKER_METRICS_PORT=9400 \
-    WORKER_DEVICE=auto \
+    WORKER_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /tmp

@@ -65,3 +65,10 @@ clean:
 # runs the manifests against them (tests/test_k8s_cluster.py), stops the cluster.
 test-k8s: install kubectl
 	PYTHON=$(PY) scripts/kube-local test $(PYTEST_ARGS)
+
+# On a GPU machine without a package registry: gathers the onnxruntime-gpu
+# wheel's parts (made here by `bench/gpu_check.py pack`, one carried per call),
+# installs the wheel and prints the device check as JSON (docs/performance.md).
+.PHONY: gpu-check
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),python3) bench/gpu_check.py $(GPU_CHECK_ARGS)
