@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part-bytes", type=int, default=PART_BYTES, help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda:0", help="cpu: smoke test with small sizes")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds, install included")
-    parser.add_argument("--out", help="also write the JSON report here (e.g. $OUT/gpu-check.json)")
+    parser.add_argument("--out", help="also write the JSON report to this file")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
