@@ -54,6 +54,12 @@ class Committer:
         self._retire = retire
         self._interval_s = interval_s
         self.last_commit = time.monotonic()
+        # What the group has committed for each partition (ours, or found at assignment).
+        self.committed_offsets: dict[TopicPartition, int] = {}
+
+    def clean_offsets(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int]:
+        """The committed offsets of ``tps``, to commit again as "clean" on the way out."""
+        return {tp: o for tp, o in self.committed_offsets.items() if tp in tps}
 
     def pending(self) -> int:
         return self.tracker.pending()
@@ -64,7 +70,9 @@ class Committer:
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
         raise NotImplementedError
 
-    def commit(self, *, force: bool = False) -> int:
+    def commit(self, *, force: bool = False, metadata: str = "run") -> int:
+        """``metadata`` goes with the offsets: "run" while serving, "clean" on the way
+        out, so the next owner knows whether the last one died mid-stream."""
         raise NotImplementedError
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
@@ -82,7 +90,7 @@ class AtLeastOnce(Committer):
             for _tp, entry in t.sendable(tps):
                 entry.deliveries.append(self._emit(self.producer, entry))
 
-    def commit(self, *, force: bool = False) -> int:
+    def commit(self, *, force: bool = False, metadata: str = "run") -> int:
         # 1. Deliveries are reported from the producer's poll.
         self.producer.poll(0)
         # 2. Acknowledged heads become offsets; a refused answer stops its line.
@@ -101,7 +109,7 @@ class AtLeastOnce(Committer):
         if not offsets:
             return 0
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(offsets, metadata)
         except CommitDeferred as exc:
             # 4. A rebalance or a coordinator move is under way: keep the offsets;
             # the revocation or the next commit sends them.
@@ -109,6 +117,7 @@ class AtLeastOnce(Committer):
             self.tracker.restore(offsets)
             return 0
         self.last_commit = time.monotonic()
+        self.committed_offsets.update(offsets)
         return self.tracker.committed(offsets)
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
@@ -120,7 +129,9 @@ class AtLeastOnce(Committer):
         acked = self.tracker.acknowledge(tps)
         self._retire(acked.retired)
         offsets = self.tracker.to_commit(tps)
-        return offsets, self.tracker.committed(offsets)
+        settled = self.tracker.committed(offsets)
+        # Committed as "clean" by the client: the next owner need not be careful.
+        return {**self.clean_offsets(tps), **offsets}, settled
 
 
 class Transactional(Committer):
@@ -134,7 +145,7 @@ class Transactional(Committer):
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
         """Nothing leaves outside a transaction."""
 
-    def commit(self, *, force: bool = False) -> int:
+    def commit(self, *, force: bool = False, metadata: str = "run") -> int:
         if not self._due(force):
             return 0
         # 1. The window: every answered record at the head of each line.
@@ -150,7 +161,7 @@ class Transactional(Committer):
             p.begin_transaction()
             deliveries = [self._emit(p, entry) for _, entry in window]
             # 4. The consumer's offsets join the transaction.
-            p.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            p.send_offsets_to_transaction(offsets, self.consumer.group_metadata(), metadata)
             # 5. Commit (flushes); 6. it counts only if every send succeeded.
             p.commit_transaction()
             failed = next((d.error for d in deliveries if not d.done or d.error), None)
@@ -163,6 +174,7 @@ class Transactional(Committer):
         self.tracker.settle_window(window)
         self._retire([entry for _, entry in window])
         self.last_commit = time.monotonic()
+        self.committed_offsets.update(offsets)
         return len(window)
 
     def _abort(self, exc: BaseException) -> None:
@@ -185,5 +197,6 @@ class Transactional(Committer):
         self.tracker.forget(list(rewind))
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
-        # Abandoned: never committed, so the next owner answers them in its own transaction.
-        return {}, 0
+        # In-flight work is abandoned: never committed, so the next owner answers it in
+        # its own transaction. What was committed is marked "clean" (no crash here).
+        return self.clean_offsets(tps), 0

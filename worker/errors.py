@@ -13,8 +13,11 @@ the process with the exit status the CLI documents::
         ├── TooLarge                 too-large         over the byte/row/element limits
         ├── SchemaMismatch           schema-mismatch   valid bytes, wrong for this model
         ├── ModelNotFound            model-not-found   bad name, no such model/version
-        ├── ModelLoadError           model-load-error  the file exists but won't load
-        └── InferenceError           inference-error   ONNX Runtime refused the run
+        ├── ModelLoadError           model-load-error  the file exists but won't load (*)
+        └── InferenceError           inference-error   ONNX Runtime refused the run (*)
+
+(*) ``transient``: retried with backoff (``--retry-attempts``) before the
+dead letter, which then carries ``error-attempts``.
 
 Messages are for humans reading the dead-letter topic: they say what was
 expected and what arrived. They are cut to 1 KiB when put into a header.
@@ -68,6 +71,9 @@ class WorkerError(InferenceWorkerError):
     """Root of every per-record error; ``error_type`` is the DLQ header value."""
 
     error_type: ClassVar[str] = "inference-error"
+    transient: ClassVar[bool] = False
+    """May succeed when tried again (out of memory, a model file still being
+    written): retried with backoff before it is dead-lettered."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -96,7 +102,9 @@ class ModelNotFound(WorkerError):
 
 class ModelLoadError(WorkerError):
     error_type = "model-load-error"
+    transient = True
 
 
 class InferenceError(WorkerError):
     error_type = "inference-error"
+    transient = True

@@ -5,8 +5,11 @@ Follow one record down this file:
 1. ``poll()`` (main thread): the record gets a :class:`Slot` at the back of
    its partition's line in the :class:`~worker.offsets.OffsetTracker`; lines
    keep offset order.
-2. ``_accept``: bytes -> Request -> model inputs. Any error turns the slot
-   into a dead letter on the spot; the record is never dropped.
+2. ``_accept``/``_admit``: bytes -> Request -> model inputs. Any error turns
+   the slot into a dead letter on the spot (a transient one is first retried
+   with backoff, its partition paused); the record is never dropped. A model
+   that is not loaded yet loads on another thread while this one keeps
+   polling (paused), so the group never loses the worker.
 3. ``Batcher``: jobs for the same model and row shape are coalesced; due
    batches go to the inference pool.
 4. ``_infer`` (pool thread; ONNX Runtime releases the GIL): one run per
@@ -17,6 +20,13 @@ Follow one record down this file:
    with ``--exactly-once`` steps 5 and 6 are one transaction instead
    (:mod:`worker.commit` numbers the steps of both).
 
+Poison pills: offsets are committed with the metadata "run" while serving and
+"clean" on the way out. A new owner that finds "run" knows the last one died
+mid-stream, so it runs the records it was in the middle of one at a time,
+committing ``try:<offset>:<n>`` before each; a record that crashes the process
+again and again is dead-lettered after the third crash (``_run_carefully``).
+The normal path pays nothing for it.
+
 Backpressure: when the bytes between steps 1 and 6 exceed
 ``--max-inflight-bytes``, the partitions holding the most are paused, and the
 loop keeps polling so the consumer stays in its group.
@@ -26,17 +36,20 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import Collection
+from collections import deque
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from worker.batching import Batch, Batcher, Job, run_batch, run_mode
+from worker.batching import Batch, Batcher, Job, run_batch
 from worker.cache import ResponseCache, SessionCache
 from worker.commit import AtLeastOnce, Committer, Transactional
 from worker.config import Settings
@@ -54,6 +67,7 @@ from worker.kafka import (
     ClientConfig,
     Consumer,
     Delivery,
+    KafkaFailure,
     Producer,
     Record,
     TopicPartition,
@@ -77,6 +91,7 @@ from worker.protocol import (
 from worker.protocol.headers import get_header
 from worker.repository import ModelRepository
 from worker.runtime import RuntimeOptions, load_session, resolve_device
+from worker.signature import Signature
 
 __all__ = ["FatalError", "Worker", "run_worker"]
 
@@ -86,6 +101,12 @@ log = logging.getLogger("worker.loop")
 # headers, with room to spare), for the check against max.message.bytes.
 _RECORD_OVERHEAD = 128
 _METADATA_REFRESH_S = 30.0
+_MAX_BACKOFF_S = 5.0
+_CAREFUL_RECORDS = 500  # after an unclean stop: records run one at a time, at most
+_CRASH_LIMIT = 3  # native crashes on one record before it is dead-lettered
+# Test-only fault hook: a request with this id aborts the process when it runs,
+# as a crash inside a native kernel would (read once; unset in production).
+_CRASH_ON = os.environ.get("INFERENCE_WORKER_TEST_CRASH_ON")
 _POLL_RECORDS = 500
 
 
@@ -98,14 +119,24 @@ class Outgoing:
     ok: bool  # a response (True) or a dead letter (False)
 
 
+@dataclass
+class _Careful:
+    """A partition whose last owner stopped mid-stream (see the module docstring)."""
+
+    start: int  # the committed offset found at assignment
+    until: int  # records below it run one at a time
+    crashes: int  # careful runs of the record at ``start`` that crashed the process
+
+
 class Slot(Entry):
     """One input record's place in its partition's line (``out``: its :class:`Outgoing`)."""
 
-    __slots__ = ("bound", "cache_key", "record", "request")
+    __slots__ = ("attempts", "bound", "cache_key", "record", "request")
 
     def __init__(self, record: Record) -> None:
         super().__init__(record.offset, len(record.value or b""))
         self.record = record
+        self.attempts = 1  # runs so far, counting the one under way
         self.request: Request | None = None
         self.bound: Bound | None = None
         self.cache_key: bytes | None = None  # response-cache key, when that cache is on
@@ -123,7 +154,9 @@ class Worker:
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.health = health or Health()
+        # Liveness fails when nothing is committed for longer than a session timeout.
+        session_s = float(settings.kafka_properties.get("session.timeout.ms", 45_000)) / 1000
+        self.health = health or Health(commit_stall_after_s=session_s)
         self.metrics_port: int | None = None
         self._stopping = threading.Event()
         self._limits = Limits(
@@ -136,6 +169,14 @@ class Worker:
             settings.coalesce_below_rows,
         )
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        # Transient failures waiting for their next try: (due, slot); pool threads add.
+        self._retries: list[tuple[float, Slot]] = []
+        self._retries_lock = threading.Lock()
+        self._retry_paused: set[TopicPartition] = set()
+        self._deferred: deque[Record] = deque()  # polled while a model loaded
+        self._loader: ThreadPoolExecutor | None = None
+        self._new_assigned: set[TopicPartition] = set()  # committed metadata not read yet
+        self._careful: dict[TopicPartition, _Careful] = {}
         self._running: set[Future[None]] = set()
         self._paused: set[TopicPartition] = set()
         self._last_lag = 0.0
@@ -221,6 +262,8 @@ class Worker:
             # Never wait for a stuck run on the way out (the CLI exits regardless).
             stack.callback(pool.shutdown, wait=False, cancel_futures=True)
             self._pool = pool
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
+            stack.callback(self._loader.shutdown, wait=False, cancel_futures=True)
             admin = open_admin(self._client_config("admin"))
             stack.callback(admin.close)
             self._admin = admin
@@ -294,6 +337,9 @@ class Worker:
             # 1. poll: short waits while answers are being computed
             for record in consumer.poll(_POLL_RECORDS, self._poll_wait_s()):
                 self._accept(record)  # 2. decode, bind, batch (or dead-letter)
+            while self._deferred:  # polled while a model was loading
+                self._accept(self._deferred.popleft())
+            self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
             # 3. batches whose window closed go to the inference pool
             for batch in self._batcher.due():
                 self._submit(batch)
@@ -309,9 +355,9 @@ class Worker:
         # with --exactly-once it checks back often while answers are due.
         if self.settings.exactly_once and (self._running or self._tracker.has_due_answers()):
             return 0.002
-        deadline = self._batcher.next_deadline()
-        if deadline is not None:
-            return max(0.0, deadline - time.monotonic())
+        deadlines = [d for d in (self._batcher.next_deadline(), self._next_retry()) if d]
+        if deadlines:
+            return max(0.0, min(min(deadlines) - time.monotonic(), 0.1))
         return 0.1
 
     def _committed(self, records: int) -> None:
@@ -323,10 +369,23 @@ class Worker:
     # -- 2. decode -------------------------------------------------------------
 
     def _accept(self, record: Record) -> None:
+        if self._new_assigned:
+            self._check_assigned()
         slot = Slot(record)
         self._tracker.add(record.tp, slot)
+        careful = self._careful.get(record.tp)
+        if careful is not None:
+            if record.offset < careful.until:
+                self._run_carefully(slot, careful)
+                return
+            del self._careful[record.tp]
+            log.info("%s[%d]: back to normal", record.topic, record.partition)
+        self._admit(slot)
+
+    def _admit(self, slot: Slot) -> None:
+        """Decode and bind a slot's request and hand it to the batcher (or fail it)."""
+        record = slot.record
         model: str | None = None
-        assert self._cache is not None
         try:
             if record.header_error is not None:
                 raise DecodeError(record.header_error)
@@ -335,6 +394,7 @@ class Worker:
                 record.headers,
                 default_id=f"{record.topic}/{record.partition}/{record.offset}",
                 limits=self._limits,
+                key=record.key,
             )
             model = request.model or self.settings.default_model
             if not model:
@@ -342,16 +402,13 @@ class Worker:
                     "no model named: expected a `model` header or body field "
                     "(or a worker started with --default-model)"
                 )
-            with self._cache.acquire(model, request.model_version) as session:
-                signature, version = session.signature, session.ref.version
+            signature, version = self._signature(model, request.model_version)
             bound = request.bind(signature)
         except WorkerError as exc:
-            slot.out = self._dead_letter(slot, exc, model)
+            self._failed(slot, exc, model)
             return
         except Exception as exc:
-            slot.out = self._dead_letter(
-                slot, InferenceError(f"{type(exc).__name__}: {exc}"), model
-            )
+            self._failed(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
             return
         slot.request, slot.bound = request, bound
         if self._responses.enabled:
@@ -362,9 +419,187 @@ class Worker:
                 slot.out = self._response(slot, model, version, cached)  # type: ignore[arg-type]
                 slot.request = slot.bound = None
                 return
-        job = Job(slot, model, version, run_mode(signature), bound.feeds, bound.rows)
+        job = Job.for_request(slot, model, version, signature, bound)
         for batch in self._batcher.add(job):
             self._submit(batch)
+
+    def _signature(self, model: str, version: int | None) -> tuple[Signature, int]:
+        """The model's signature and version; a model not loaded yet loads on the
+        loader thread while this one keeps polling with its partitions paused (a
+        load longer than max.poll.interval.ms must not cost the group membership)."""
+        assert self._cache is not None and self._loader is not None
+        if any(n == model and version in (None, v) for n, v in self._cache.loaded()):
+            with self._cache.acquire(model, version) as session:
+                return session.signature, session.ref.version
+        future = self._loader.submit(self._load_signature, model, version)
+        try:
+            return future.result(timeout=0.05)  # a small model: no pause at all
+        except FutureTimeout:
+            pass
+        consumer = self._consumer
+        assert consumer is not None
+        hold = consumer.assignment() - self._paused - self._retry_paused
+        consumer.pause(hold)
+        try:
+            while not future.done():
+                self.health.beat()
+                self._deferred.extend(consumer.poll(_POLL_RECORDS, 0.05))
+        finally:
+            consumer.resume(hold & consumer.assignment())
+        return future.result()
+
+    def _load_signature(self, model: str, version: int | None) -> tuple[Signature, int]:
+        assert self._cache is not None
+        with self._cache.acquire(model, version) as session:
+            return session.signature, session.ref.version
+
+    def _failed(self, slot: Slot, exc: WorkerError, model: str | None) -> None:
+        """A transient failure waits and tries again (its partition paused, so order
+        holds); anything else, or the last try, becomes the slot's dead letter."""
+        s = self.settings
+        if exc.transient and slot.attempts <= s.retry_attempts:
+            delay = min(_MAX_BACKOFF_S, s.retry_backoff_ms / 1000 * 2 ** (slot.attempts - 1))
+            self.metrics.retries.labels(error_type=exc.error_type).inc()
+            log.warning(
+                "%s: %s (%s); retry %d of %d in %.2f s",
+                slot.where,
+                exc.error_type,
+                exc.message,
+                slot.attempts,
+                s.retry_attempts,
+                delay,
+                extra=_where(slot.record),
+            )
+            slot.attempts += 1
+            with self._retries_lock:
+                self._retries.append((time.monotonic() + delay, slot))
+            return
+        slot.out = self._dead_letter(slot, exc, model)
+
+    def _next_retry(self) -> float | None:
+        with self._retries_lock:
+            return min((due for due, _ in self._retries), default=None)
+
+    def _retry_due(self, consumer: Consumer) -> None:
+        now = time.monotonic()
+        with self._retries_lock:
+            due = [slot for t, slot in self._retries if t <= now]
+            self._retries = [(t, slot) for t, slot in self._retries if t > now]
+            waiting = {slot.record.tp for _, slot in self._retries}
+        for slot in due:
+            if slot.out is None and slot.record.tp in self._tracker.partitions():
+                self._admit(slot)
+        # A partition with a record waiting for its retry takes nothing new meanwhile.
+        assigned = consumer.assignment()
+        new = (waiting & assigned) - self._retry_paused - self._paused
+        if new:
+            consumer.pause(new)
+        self._retry_paused |= new
+        done = self._retry_paused - waiting
+        if done:
+            consumer.resume((done - self._paused) & assigned)
+            self._retry_paused -= done
+
+    # -- poison pills ------------------------------------------------------------
+
+    def _check_assigned(self) -> None:
+        """Read the committed metadata of newly assigned partitions (see the docstring)."""
+        consumer = self._consumer
+        assert consumer is not None
+        tps = [tp for tp in self._new_assigned if tp in consumer.assignment()]
+        self._new_assigned.clear()
+        try:
+            committed = consumer.committed_metadata(tps)
+        except KafkaFailure as exc:
+            log.warning("committed offsets unknown (%s): no poison-pill check this time", exc)
+            return
+        latest = self.settings.kafka_properties.get("auto.offset.reset", "") in (
+            "latest",
+            "largest",
+            "end",
+        )
+        for tp, (offset, metadata) in committed.items():
+            if offset is not None and self._committer is not None:
+                self._committer.committed_offsets[tp] = offset
+            marks = consumer.watermarks(tp)
+            if offset is None:
+                # Nothing committed yet: commit the start, so that a crash before the
+                # first real commit is recognised as one.
+                if marks is not None:
+                    start = {tp: marks[1] if latest else marks[0]}
+                    with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
+                        consumer.commit(start, "run")
+                        if self._committer is not None:
+                            self._committer.committed_offsets.update(start)
+                continue
+            if metadata == "clean":
+                continue
+            high = marks[1] if marks is not None else offset + _CAREFUL_RECORDS
+            if high <= offset:
+                continue
+            crashes = 0
+            kind, _, rest = metadata.partition(":")
+            at, _, count = rest.partition(":")
+            if kind == "try" and at == str(offset) and count.isdigit():
+                crashes = int(count)
+            self._careful[tp] = _Careful(offset, min(high, offset + _CAREFUL_RECORDS), crashes)
+            log.warning(
+                "%s[%d]: the last owner stopped mid-stream at offset %d; records up to %d "
+                "run one at a time",
+                tp.topic,
+                tp.partition,
+                offset,
+                self._careful[tp].until,
+            )
+
+    def _run_carefully(self, slot: Slot, careful: _Careful) -> None:
+        """Commit everything before this record, then ``try:<offset>:<n>``, then run it
+        alone: if it takes the process down, the next owner reads how often it did."""
+        consumer, committer = self._consumer, self._committer
+        assert consumer is not None and committer is not None
+        tp, offset = slot.record.tp, slot.record.offset
+        self._settle_before(tp, offset)
+        crashes = careful.crashes if offset == careful.start else 0
+        if crashes + 1 >= _CRASH_LIMIT:
+            slot.out = self._dead_letter(
+                slot,
+                InferenceError(
+                    f"crashed the worker {crashes + 1} times (the process died while running "
+                    "it); dead-lettered without running it again"
+                ),
+                _model_header(slot.record),
+            )
+            return
+        with _logged(KafkaFailure, f"{slot.where}: try marker"):
+            consumer.commit({tp: offset}, f"try:{offset}:{crashes + 1}")
+        self._admit(slot)
+        for batch in self._batcher.due(force=True):
+            self._submit(batch)
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while slot.out is None and time.monotonic() < deadline and not self._waiting(slot):
+            time.sleep(0.001)
+        self.health.beat()
+
+    def _settle_before(self, tp: TopicPartition, offset: int) -> None:
+        """Answer and commit every record of ``tp`` before ``offset`` (bounded)."""
+        committer, consumer = self._committer, self._consumer
+        assert committer is not None and consumer is not None
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while time.monotonic() < deadline:
+            first = self._tracker.first_offsets().get(tp)
+            if first is None or first >= offset:
+                return
+            for batch in self._batcher.due(force=True):
+                self._submit(batch)
+            self._retry_due(consumer)
+            committer.send()
+            committer.producer.flush(0.05)
+            self._committed(committer.commit(force=True))
+            self.health.beat()
+
+    def _waiting(self, slot: Slot) -> bool:
+        with self._retries_lock:
+            return any(s is slot for _, s in self._retries)
 
     def _dead_letter(self, slot: Slot, exc: WorkerError, model: str | None) -> Outgoing:
         r = slot.record
@@ -373,12 +608,7 @@ class Worker:
             slot.where,
             exc.error_type,
             exc.message,
-            extra={
-                "topic": r.topic,
-                "partition": r.partition,
-                "offset": r.offset,
-                "error_type": exc.error_type,
-            },
+            extra={**_where(r), "error_type": exc.error_type},
         )
         self.metrics.dlq.labels(error_type=exc.error_type).inc()
         headers = dlq_headers(
@@ -389,6 +619,8 @@ class Worker:
             offset=r.offset,
             model=model,
         )
+        if slot.attempts > 1:
+            headers.append(("error-attempts", str(slot.attempts).encode()))
         return Outgoing(self.settings.dead_letter_topic, r.key, r.value or b"", headers, ok=False)
 
     # -- 3/4. infer ------------------------------------------------------------
@@ -409,6 +641,8 @@ class Worker:
         """Pool thread: run one batch and put an answer into every slot."""
         assert self._cache is not None
         metrics, model = self.metrics, batch.model
+        if _CRASH_ON is not None:
+            _crash_if_asked(batch)
         try:
             with self._cache.acquire(batch.model, batch.version) as session:
 
@@ -435,11 +669,9 @@ class Worker:
                 if slot.cache_key is not None:
                     self._responses.put(slot.cache_key, result, _nbytes(result))
             except WorkerError as exc:
-                slot.out = self._dead_letter(slot, exc, model)
+                self._failed(slot, exc, model)
             except Exception as exc:
-                slot.out = self._dead_letter(
-                    slot, InferenceError(f"{type(exc).__name__}: {exc}"), model
-                )
+                self._failed(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
             finally:
                 slot.request = slot.bound = None  # let the input buffers go
         committer = self._committer
@@ -528,6 +760,7 @@ class Worker:
 
     def on_assigned(self, tps: list[TopicPartition]) -> None:
         log.info("assigned %s", fmt_tps(tps))
+        self._new_assigned.update(tps)  # checked on this thread before their first record
 
     def on_revoked(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         """At-least-once finishes a revoked partition's work (fewer repeats); exactly-once
@@ -558,6 +791,14 @@ class Worker:
     def _forget(self, tps: Collection[TopicPartition]) -> None:
         self._tracker.forget(tps)
         self._paused.difference_update(tps)
+        self._retry_paused.difference_update(tps)
+        self._new_assigned.difference_update(tps)
+        for tp in tps:
+            self._careful.pop(tp, None)
+            if self._committer is not None:
+                self._committer.committed_offsets.pop(tp, None)
+        with self._retries_lock:
+            self._retries = [(t, s) for t, s in self._retries if s.record.tp not in tps]
 
     # -- backpressure and lag --------------------------------------------------
 
@@ -614,15 +855,23 @@ class Worker:
         for batch in self._batcher.due(force=True):
             self._submit(batch)
         while self._tracker.pending() and time.monotonic() < deadline:
+            self._retry_due(consumer)
+            for batch in self._batcher.due(force=True):
+                self._submit(batch)
             committer.send()
             committer.producer.flush(max(0.0, min(0.2, deadline - time.monotonic())))
-            self._committed(committer.commit(force=True))
+            self._committed(committer.commit(force=True, metadata="clean"))
             if self._tracker.pending():
                 for record in consumer.poll(1, 0.01):
                     # Paused: only a record fetched before the pause; it is not ours
                     # to answer now (the next owner reads it from the committed offset).
                     log.debug("%s: left for after the restart", record.where)
         left = self._tracker.pending()
+        clean = committer.clean_offsets(consumer.assignment())
+        if not left and clean:
+            # A clean stop: the next owner need not run anything one at a time.
+            with _logged(KafkaFailure, "the clean-stop marker"):
+                consumer.commit(clean, "clean")
         if left:
             log.error(
                 "drain timed out: %d polled records left uncommitted (answered after a restart)",
@@ -631,6 +880,35 @@ class Worker:
             return 1
         log.info("drained: everything polled was answered and committed")
         return 0
+
+
+def _crash_if_asked(batch: Batch) -> None:
+    for job in batch.jobs:
+        request = job.token.request
+        if request is not None and request.request_id == _CRASH_ON:
+            log.error("test fault hook: aborting on request %s", _CRASH_ON)
+            logging.shutdown()
+            os.abort()
+
+
+def _model_header(record: Record) -> str | None:
+    try:
+        return get_header(record.headers, "model")
+    except WorkerError:
+        return None
+
+
+@contextmanager
+def _logged(kind: type[BaseException], what: str) -> Iterator[None]:
+    """Best effort: a failure of ``kind`` is logged, not raised."""
+    try:
+        yield
+    except kind as exc:
+        log.warning("%s failed: %s", what, exc)
+
+
+def _where(r: Record) -> dict[str, Any]:
+    return {"topic": r.topic, "partition": r.partition, "offset": r.offset}
 
 
 def _record_size(o: Outgoing) -> int:

@@ -141,8 +141,8 @@ def _reach(client: Any, access: _Access, total_s: float = 30.0) -> None:
             )
 
 
-def _ctps(offsets: Mapping[TopicPartition, int]) -> list[ck.TopicPartition]:
-    return [ck.TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+def _ctps(offsets: Mapping[TopicPartition, int], metadata: str = "") -> list[ck.TopicPartition]:
+    return [ck.TopicPartition(t, p, o, metadata=metadata) for (t, p), o in offsets.items()]
 
 
 def _tps(partitions: list[ck.TopicPartition]) -> list[TopicPartition]:
@@ -200,7 +200,7 @@ class ConfluentConsumer:
         if not offsets:
             return
         try:
-            self.commit(offsets)
+            self.commit(offsets, metadata="clean")
             log.info("revoked %s: committed %s", fmt_tps(tps), fmt_offsets(offsets))
         except KafkaFailure as exc:
             # Answered but not committed: the next owner answers them again
@@ -246,9 +246,9 @@ class ConfluentConsumer:
 
     # -- offsets ---------------------------------------------------------------------
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
         try:
-            result = self._c.commit(offsets=_ctps(offsets), asynchronous=False)
+            result = self._c.commit(offsets=_ctps(offsets, metadata), asynchronous=False)
         except ck.KafkaException as exc:
             err = _error_of(exc)
             if err is None:
@@ -271,6 +271,32 @@ class ConfluentConsumer:
         return {
             TopicPartition(p.topic, p.partition): (p.offset if p.offset >= 0 else None) for p in got
         }
+
+    def committed_metadata(
+        self, tps: Collection[TopicPartition]
+    ) -> dict[TopicPartition, tuple[int | None, str]]:
+        if not tps:
+            return {}
+        try:
+            got = self._c.committed([ck.TopicPartition(t, p) for t, p in tps], timeout=10)
+        except ck.KafkaException as exc:
+            raise KafkaFailure(str(exc), retriable=True) from None
+        return {
+            TopicPartition(p.topic, p.partition): (
+                p.offset if p.offset >= 0 else None,
+                p.metadata or "",
+            )
+            for p in got
+        }
+
+    def watermarks(self, tp: TopicPartition) -> tuple[int, int] | None:
+        try:
+            low, high = self._c.get_watermark_offsets(
+                ck.TopicPartition(tp.topic, tp.partition), timeout=10
+            )
+        except ck.KafkaException:
+            return None
+        return int(low), int(high)
 
     def seek(self, tp: TopicPartition, offset: int | None) -> None:
         target = ck.OFFSET_BEGINNING if offset is None else offset
@@ -391,9 +417,11 @@ class ConfluentProducer:
         self._txn(self._p.begin_transaction)
 
     def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_metadata: Any
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
     ) -> None:
-        self._txn(self._p.send_offsets_to_transaction, _ctps(offsets), group_metadata, 30)
+        self._txn(
+            self._p.send_offsets_to_transaction, _ctps(offsets, metadata), group_metadata, 30
+        )
 
     def commit_transaction(self) -> None:
         self._txn(self._p.commit_transaction, 30)

@@ -189,7 +189,9 @@ class _Listener(AsyncConsumerRebalanceListener):
         if not result:
             return
         try:
-            await self._consumer._c._coordinator._commit_offsets_sync_async(_kafka_offsets(result))
+            await self._consumer._c._coordinator._commit_offsets_sync_async(
+                _kafka_offsets(result, "clean")
+            )
             log.info("revoked %s: committed %s", fmt_tps(tps), fmt_offsets(result))
         except Errors.KafkaError as exc:
             # Answered but not committed: the next owner answers them again.
@@ -211,8 +213,10 @@ def _call(fn: Callable[..., T], *args: Any) -> T | BaseException:
         return exc
 
 
-def _kafka_offsets(offsets: Mapping[TopicPartition, int]) -> dict[KTP, OffsetAndMetadata]:
-    return {KTP(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+def _kafka_offsets(
+    offsets: Mapping[TopicPartition, int], metadata: str = ""
+) -> dict[KTP, OffsetAndMetadata]:
+    return {KTP(t, p): OffsetAndMetadata(o, metadata, -1) for (t, p), o in offsets.items()}
 
 
 class KafkaPythonConsumer:
@@ -269,9 +273,9 @@ class KafkaPythonConsumer:
         if tps:
             self._c.resume(*(KTP(t, p) for t, p in tps))
 
-    def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
         try:
-            self._c.commit(_kafka_offsets(offsets))
+            self._c.commit(_kafka_offsets(offsets, metadata))
         except _DEFERRED as exc:
             raise _failure(exc, CommitDeferred) from None
         except Errors.KafkaError as exc:
@@ -286,6 +290,27 @@ class KafkaPythonConsumer:
             except Errors.KafkaError as exc:
                 raise _failure(exc) from None
         return out
+
+    def committed_metadata(
+        self, tps: Collection[TopicPartition]
+    ) -> dict[TopicPartition, tuple[int | None, str]]:
+        out: dict[TopicPartition, tuple[int | None, str]] = {}
+        for t, p in tps:
+            try:
+                got = self._c.committed(KTP(t, p), metadata=True)
+            except Errors.KafkaError as exc:
+                raise _failure(exc) from None
+            out[TopicPartition(t, p)] = (None, "") if got is None else (got.offset, got.metadata)
+        return out
+
+    def watermarks(self, tp: TopicPartition) -> tuple[int, int] | None:
+        ktp = KTP(tp.topic, tp.partition)
+        try:
+            low = self._c.beginning_offsets([ktp], timeout_ms=10_000)[ktp]
+            high = self._c.end_offsets([ktp], timeout_ms=10_000)[ktp]
+        except Errors.KafkaError:
+            return None
+        return int(low), int(high)
 
     def seek(self, tp: TopicPartition, offset: int | None) -> None:
         ktp = KTP(tp.topic, tp.partition)
@@ -381,9 +406,11 @@ class KafkaPythonProducer:
         self._txn(self._p.begin_transaction)
 
     def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_metadata: Any
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
     ) -> None:
-        self._txn(self._p.send_offsets_to_transaction, _kafka_offsets(offsets), group_metadata)
+        self._txn(
+            self._p.send_offsets_to_transaction, _kafka_offsets(offsets, metadata), group_metadata
+        )
 
     def commit_transaction(self) -> None:
         self._txn(self._p.commit_transaction)
