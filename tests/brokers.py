@@ -13,10 +13,14 @@ import random
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kafka-local"
@@ -49,6 +53,8 @@ class Broker:
     directory: Path
     port: int
     security: bool = False
+    acl: bool = False  # an authorizer: DENY ACLs refuse the SASL user (see scripts/kafka-local)
+    advertised_port: int | None = None  # a fault proxy's port, advertised instead of ``port``
 
     @property
     def bootstrap(self) -> str:
@@ -76,10 +82,14 @@ class Broker:
             "KAFKA_LOCAL_PORT": str(self.port),
             "KAFKA_LOCAL_DIR": str(self.directory),
             "KAFKA_LOCAL_SECURITY": "1" if self.security else "0",
+            "KAFKA_LOCAL_ACL": "1" if self.acl else "0",
             # a small heap: it runs beside the shared broker on two cores
             "KAFKA_LOCAL_HEAP": "-Xms128m -Xmx512m",
         }
         env.pop("KAFKA_LOCAL_SASL_PASSWORD", None)
+        env.pop("KAFKA_LOCAL_ADVERTISED_PORT", None)
+        if self.advertised_port is not None:
+            env["KAFKA_LOCAL_ADVERTISED_PORT"] = str(self.advertised_port)
         if (_CACHED_JARS / ".complete").exists():
             home = self.directory.parent / f"{self.directory.name}-home"
             home.mkdir(exist_ok=True)
@@ -108,13 +118,178 @@ class Broker:
 
 
 @contextmanager
-def private_broker(*, security: bool = False) -> Iterator[Broker]:
-    """A broker of its own, stopped (and its directory removed) on exit."""
+def private_broker(
+    *, security: bool = False, acl: bool = False, advertised_port: int | None = None
+) -> Iterator[Broker]:
+    """A broker of its own, stopped (and its directory removed) on exit.
+
+    ``acl`` (with ``security``) adds an authorizer; ``advertised_port`` makes
+    clients connect through a proxy listening there (started by the caller).
+    """
     with tempfile.TemporaryDirectory(prefix="kl-test-") as tmp:
-        broker = Broker(Path(tmp) / "kafka", _free_base(), security)
+        broker = Broker(Path(tmp) / "kafka", _free_base(), security, acl, advertised_port)
         try:
             broker.start()
             yield broker
         finally:
             with suppress(Exception):
                 broker.stop()
+
+
+# ---------------------------------------------------------------------------
+# Reading what the broker holds, with clients that share no code with the worker
+# ---------------------------------------------------------------------------
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets of ``topic`` (partition -> next offset), as the
+    broker's group coordinator reports them (an admin call, no group member)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group]
+    result = future.result(timeout=15)
+    return {
+        tp.partition: tp.offset
+        for tp in result.topic_partitions
+        if tp.topic == topic and tp.offset >= 0
+    }
+
+
+@dataclass
+class Got:
+    """One record read back: partition, offset, key, value and headers as sent."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return None if value is None else value.decode()
+        return None
+
+
+class TopicReader:
+    """Reads every partition of a topic from the beginning (partitions added later
+    too), with librdkafka; ``read_committed`` sees only committed transactions."""
+
+    def __init__(self, bootstrap: str, topic: str, *, read_committed: bool = False) -> None:
+        import confluent_kafka as ck
+
+        self._ck = ck
+        self.topic = topic
+        self._c = ck.Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"reader-{random.getrandbits(48):x}",  # never commits
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+                "fetch.message.max.bytes": 16 * 1024 * 1024,
+                "receive.message.max.bytes": 80 * 1024 * 1024,
+            }
+        )
+        self._partitions: set[int] = set()
+        self._checked = 0.0
+        self.records: list[Got] = []
+
+    def _assign_new(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        meta = self._c.list_topics(self.topic, timeout=5).topics.get(self.topic)
+        if meta is None or meta.error is not None:
+            return
+        new = set(meta.partitions) - self._partitions
+        if new:
+            ck = self._ck
+            self._c.incremental_assign(
+                [ck.TopicPartition(self.topic, p, ck.OFFSET_BEGINNING) for p in sorted(new)]
+            )
+            self._partitions |= new
+
+    def read(self, timeout_s: float = 0.2) -> None:
+        self._assign_new()
+        for m in self._c.consume(1000, timeout_s):
+            if m.error() is None:
+                self.records.append(
+                    Got(m.partition(), m.offset(), m.key(), m.value(), list(m.headers() or []))
+                )
+
+    def until(self, done: Callable[[list[Got]], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while not done(self.records):
+            if time.monotonic() >= deadline:
+                return False
+            self.read()
+        return True
+
+    def settle(self, seconds: float) -> None:
+        """Keep reading ``seconds`` more: late extras (duplicates) show up now."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.read()
+
+    def ids(self, name: str = "request-id") -> Counter[str]:
+        return Counter(r.header(name) or "" for r in self.records)
+
+    def close(self) -> None:
+        self._c.close()
+
+
+@contextmanager
+def reading(bootstrap: str, topic: str, *, read_committed: bool = False) -> Iterator[TopicReader]:
+    reader = TopicReader(bootstrap, topic, read_committed=read_committed)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+class Feeder(threading.Thread):
+    """Publishes records at a steady pace (a live stream), with librdkafka."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list]], per_s: float
+    ) -> None:
+        super().__init__(daemon=True, name="feeder")
+        import confluent_kafka as ck
+
+        self._topic, self._records, self._gap = topic, records, 1.0 / per_s
+        self._p = ck.Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 2, "message.max.bytes": 16 << 20}
+        )
+        self.sent = 0
+        self.failed: list[str] = []
+        self.flowing = threading.Event()  # the first record is acknowledged
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        def done(err: Any, _msg: Any) -> None:
+            if err is not None:
+                self.failed.append(str(err))
+            else:
+                self.flowing.set()
+
+        start = time.monotonic()
+        for i, (key, value, headers) in enumerate(self._records):
+            if self.halt.is_set():
+                break
+            time.sleep(max(0.0, start + i * self._gap - time.monotonic()))
+            self._p.produce(self._topic, value, key, headers=headers, on_delivery=done)
+            self._p.poll(0)
+            self.sent = i + 1
+        self._p.flush(60)
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 1, **configs: str) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    future = admin.create_topics([NewTopic(topic, partitions, 1, config=configs)])[topic]
+    future.result(timeout=30)

@@ -102,6 +102,12 @@ def group_id() -> str:
     return f"g-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(params=["confluent", "kafka-python"])
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """The worker's Kafka backend (``--kafka-client``): a test that asks runs on both."""
+    return str(request.param)
+
+
 @pytest.fixture()
 def model_repo(tmp_path: Path) -> Path:
     """A model repository holding the demo MLP as version 1."""
