@@ -1,9 +1,11 @@
 """Codec cost relative to inference: is the wire format ever the bottleneck?
 
-For the demo MLP at 256 and 1024 rows, times decode_request + bind +
+For the demo MLP at 64, 256 and 1024 rows, times decode_request + bind +
 encode_response (+ response_headers) against ``session.run`` on the same
-batch, for Arrow and msgpack, as medians of repeated runs. The goal is codec
-time <= 5% of the ONNX Runtime time for Arrow.
+batch, for Arrow, msgpack and V2 JSON, as medians of repeated runs. The goal
+is codec time <= 5% of the ONNX Runtime time for Arrow; for JSON, the
+``msg/s`` column is what one core can decode and encode (MLServer's Kafka mode
+answers 64-row V2 JSON requests of this shape at 7,000-10,500 rows/s).
 
     .venv/bin/python bench/bench_codec.py [--repeat 200] [--threads 1]
 """
@@ -53,13 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"onnxruntime {ort.__version__}, intra-op threads {args.threads}, "
           f"median of {args.repeat} runs")
     header = (f"{'format':<8} {'rows':>5} {'bytes':>9} {'decode+bind':>12} {'encode':>9} "
-              f"{'codec':>9} {'ort run':>9} {'codec/ort':>9} {'best/best':>9}")
+              f"{'codec':>9} {'ort run':>9} {'codec/ort':>9} {'best/best':>9} "
+              f"{'codec rows/s':>13}")
     print(header)
     print("-" * len(header))
-    for rows in (256, 1024):
+    for rows in (64, 256, 1024):
         x = rng.random((rows, 784), dtype=np.float32)
         run_time, run_best = timings(lambda x=x: session.run(None, {"x": x}), args.repeat)
-        for fmt in ("arrow", "msgpack"):
+        for fmt in ("arrow", "msgpack", "json"):
             value, headers = encode_request({"x": x}, format=fmt, model="mnist-mlp",
                                             passthrough=None)
             request = decode_request(value, headers, default_id="t/0/0")
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
             codec = decode_time + encode_time
             print(f"{fmt:<8} {rows:>5} {len(value):>9} {decode_time * 1e6:>10.1f}us "
                   f"{encode_time * 1e6:>7.1f}us {codec * 1e6:>7.1f}us {run_time * 1e6:>7.1f}us "
-                  f"{codec / run_time:>9.1%} {(decode_best + encode_best) / run_best:>9.1%}")
+                  f"{codec / run_time:>9.1%} {(decode_best + encode_best) / run_best:>9.1%} "
+                  f"{rows / codec:>13,.0f}")
 
 
 if __name__ == "__main__":

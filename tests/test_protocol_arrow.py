@@ -325,3 +325,17 @@ def test_an_answer_arrow_cannot_hold_is_a_worker_error_not_bad_bytes() -> None:
                     {"y": np.zeros(3, np.float32)}):  # not row-aligned
         with pytest.raises(WorkerError):
             encode_response(request, bound, outputs, model="m", model_version=1)
+
+
+@pytest.mark.parametrize("columns", [
+    {"x": pa.array([1.0, 2.0], pa.float32()), "s": pa.array(["a", "b"])},
+    {"t": pa.ExtensionArray.from_storage(
+        pa.fixed_shape_tensor(pa.float32(), (2,)),
+        pa.FixedSizeListArray.from_arrays(pa.array([1.0, 2.0, 3.0, 4.0], pa.float32()), 2))},
+    {"c": pa.array(["a", "b"]).dictionary_encode()},
+    {"nested": pa.array([["a"], ["b"]]).cast(pa.list_(pa.dictionary(pa.int32(), pa.string())))},
+], ids=["plain", "tensor", "dictionary", "nested-dictionary"])
+def test_write_stream_is_what_pyarrows_writer_writes(columns: dict[str, pa.Array]) -> None:
+    batch = pa.record_batch(columns, metadata={b"k": b"v"})
+    assert write_stream(batch) == stream(batch)
+    assert pa.ipc.open_stream(write_stream(batch)).read_all().equals(pa.Table.from_batches([batch]))

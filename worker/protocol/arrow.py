@@ -84,13 +84,25 @@ def read_stream(value: bytes) -> pa.Table:
     return table
 
 
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def _has_dictionary(typ: pa.DataType) -> bool:
+    if pa.types.is_dictionary(typ):
+        return True
+    return any(_has_dictionary(typ.field(i).type) for i in range(typ.num_fields))
+
+
 def write_stream(batch: pa.RecordBatch) -> bytes:
     """One batch as an IPC stream: schema, dictionary batches, the batch, end of stream.
 
-    pyarrow's own writer: a hand-joined ``schema + batch + EOS`` is a few µs
-    faster but leaves out the dictionary batches that a dictionary column
-    (a pandas categorical) needs, and every reader then refuses the stream.
+    Without dictionary columns, ``schema + batch + EOS`` joined by hand: the
+    very bytes pyarrow's writer produces, for about half its cost (a few µs per
+    answer). With any (even nested), pyarrow's own writer, because only it
+    writes the dictionary batches a reader needs before the first record batch.
     """
+    if not any(_has_dictionary(field.type) for field in batch.schema):
+        return b"".join((batch.schema.serialize(), batch.serialize(), _END_OF_STREAM))
     sink = pa.BufferOutputStream()
     writer = pa.ipc.RecordBatchStreamWriter(sink, batch.schema)
     writer.write_batch(batch)
