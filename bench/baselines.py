@@ -1,14 +1,19 @@
 """The loops the worker is compared with, each over the same request messages.
 
 - :func:`raw_ort`: ONNX Runtime alone on the messages' batches, from memory;
-- :func:`drain`: the worker's own kafka-python consumer and producer settings,
-  one response-sized record out per record in, no decoding or inference (the
-  ceiling that the client sets);
+- :func:`drain` (kafka-python) and :func:`rdkafka_drain` (confluent-kafka, i.e.
+  librdkafka): the worker's own clients of that backend, built by
+  :mod:`worker.kafka` with the worker's settings, one response-sized record out
+  per record in, no decoding or inference (the ceiling that the client sets);
+- :func:`per_message_app`: what a Quix Streams application does (librdkafka
+  underneath): one message at a time, decode Arrow with pyarrow, one
+  ``session.run``, encode Arrow, produce; every 5 s (Quix's ``commit_interval``)
+  flush the producer and commit;
 - :func:`naive`: what a user writes first: rows through Python objects, one
   ``session.run`` per message, one JSON record sent per row;
 - :func:`per_row`: the binary codec, but one batch-1 run and one send per row.
 
-The Kafka loops share :func:`_pump`, which commits like the worker does (only
+The kafka-python loops share :func:`_pump`, which commits like the worker does (only
 what the broker acknowledged), so they differ from the worker only in what
 happens between ``poll()`` and ``send()``.
 """
@@ -22,17 +27,33 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import confluent_kafka as ck
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from worker.config import Settings, consumer_config, producer_config
+from worker.kafka import ClientConfig
+from worker.kafka import confluent as confluent_backend
+from worker.kafka import kafka_python as kafka_python_backend
 from worker.protocol import decode_request
 from worker.signature import Signature
 
-__all__ = ["drain", "naive", "ort_session", "per_row", "raw_ort"]
+__all__ = [
+    "drain",
+    "naive",
+    "ort_session",
+    "per_message_app",
+    "per_row",
+    "raw_ort",
+    "rdkafka_drain",
+]
+
+COMMIT_INTERVAL_S = 0.2
+"""The worker's default commit interval (``--commit-interval-ms 200``)."""
+QUIX_COMMIT_INTERVAL_S = 5.0
+"""Quix Streams' default ``commit_interval``."""
 
 Out = tuple[bytes, list[tuple[str, bytes]]]
 
@@ -60,6 +81,184 @@ def raw_ort(session: ort.InferenceSession, batches: Sequence[dict[str, np.ndarra
     return rows / (time.perf_counter() - start)
 
 
+def _config(bootstrap: str, group: str, backend: str) -> ClientConfig:
+    return ClientConfig(
+        bootstrap_servers=bootstrap, backend=backend, client_id=f"{group}-bench", group_id=group
+    )
+
+
+def _kafka_python_clients(bootstrap: str, group: str) -> tuple[KafkaConsumer, KafkaProducer]:
+    """The worker's kafka-python consumer and producer, built by its own backend."""
+    config = _config(bootstrap, group, "kafka-python")
+    consumer = kafka_python_backend.open_consumer(config, {})._c
+    producer = kafka_python_backend.open_producer(config, {})._p
+    return consumer, producer
+
+
+def _rdkafka_clients(bootstrap: str, group: str) -> tuple[ck.Consumer, ck.Producer]:
+    """The worker's librdkafka consumer and producer, built by its own backend (same
+    configuration), without the seam's per-record wrapping."""
+    config = _config(bootstrap, group, "confluent")
+    consumer = confluent_backend.open_consumer(config, {})._c
+    producer = confluent_backend.open_producer(config, {})._p
+    return consumer, producer
+
+
+def _produce(producer: ck.Producer, topic: str, value: bytes, key: bytes | None,
+             headers: Any, on_delivery: Callable[..., None]) -> None:  # fmt: skip
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+            return
+        except BufferError:  # the local queue is full: serve deliveries, retry
+            producer.poll(0.01)
+
+
+def _commit(consumer: ck.Consumer, offsets: dict[tuple[str, int], int]) -> None:
+    """Commit ``offsets`` (last done offset per partition) synchronously, as the worker does."""
+    if offsets:
+        consumer.commit(
+            offsets=[ck.TopicPartition(t, p, o + 1) for (t, p), o in offsets.items()],
+            asynchronous=False,
+        )
+        offsets.clear()
+
+
+def rdkafka_drain(
+    bootstrap: str,
+    in_topic: str,
+    out_topic: str,
+    group: str,
+    count: int,
+    response: Out,
+    timeout: float = 300.0,
+    *,
+    copy_headers: bool = False,
+) -> None:
+    """The librdkafka ceiling: the worker's confluent clients moving records untouched.
+
+    Polls like ``worker.kafka.confluent``: take what is buffered without waiting,
+    else wait for the first record only (``consume(n, t)`` would wait for all
+    ``n`` or the whole ``t``), then take the rest. One record of the worker's
+    response size out per record in (``copy_headers``: with the request's headers,
+    as the worker copies them, for the latency comparison); acknowledged offsets are committed every
+    200 ms. Output topics have one partition, so acknowledgements arrive in send
+    order and the highest acknowledged offset of each input partition is safe.
+    """
+    consumer, producer = _rdkafka_clients(bootstrap, group)
+    consumer.subscribe([in_topic])
+    acked: dict[tuple[str, int], int] = {}
+    failed: list[Any] = []
+    seen, last_commit = 0, time.monotonic()
+    deadline = time.monotonic() + timeout
+    blob = response[0]
+
+    def ack(err: Any, _msg: Any, tp: tuple[str, int], offset: int) -> None:
+        if err is not None:
+            failed.append(err)
+        elif offset > acked.get(tp, -1):
+            acked[tp] = offset
+
+    try:
+        while seen < count and time.monotonic() < deadline:
+            want = min(500, count - seen)
+            msgs = consumer.consume(want, 0)
+            if not msgs:
+                first = consumer.poll(0.1)
+                if first is None:
+                    continue
+                msgs = [first, *consumer.consume(want - 1, 0)] if want > 1 else [first]
+            for m in msgs:
+                if m.error() is not None:
+                    continue
+                tp, offset = (m.topic(), m.partition()), m.offset()
+                headers = m.headers() if copy_headers else response[1]
+                _produce(producer, out_topic, blob, m.key(), headers,
+                         lambda e, msg, tp=tp, o=offset: ack(e, msg, tp, o))  # fmt: skip
+                seen += 1
+            producer.poll(0)
+            if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
+                _commit(consumer, acked)
+                last_commit = time.monotonic()
+        producer.flush(30)
+        if failed:
+            raise RuntimeError(f"rdkafka drain: {len(failed)} sends failed: {failed[0]}")
+        _commit(consumer, acked)
+    finally:
+        producer.flush(5)
+        consumer.close()
+
+
+def _arrow_in(value: bytes, name: str) -> np.ndarray:
+    table = pa.ipc.open_stream(value).read_all()
+    return np.asarray(table.column(name).combine_chunks().to_numpy_ndarray())
+
+
+def _arrow_out(name: str, y: np.ndarray) -> bytes:
+    batch = pa.record_batch([pa.FixedShapeTensorArray.from_numpy_ndarray(y)], names=[name])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def per_message_app(
+    bootstrap: str,
+    in_topic: str,
+    out_topic: str,
+    group: str,
+    count: int,
+    session: ort.InferenceSession,
+    timeout: float = 300.0,
+) -> None:
+    """A Quix Streams application, as its docs show it, written out on confluent-kafka.
+
+    ``Application(...).dataframe(topic).apply(infer).to_topic(out)``: the consumer
+    polls one message at a time, the function decodes the Arrow stream with
+    pyarrow, runs the session on it, encodes the answer as Arrow, and the
+    producer sends it with the request's headers; every ``commit_interval`` (5 s)
+    a checkpoint flushes the producer, checks the deliveries and commits
+    synchronously. The worker's librdkafka settings, so only the loop differs.
+    """
+    consumer, producer = _rdkafka_clients(bootstrap, group)
+    consumer.subscribe([in_topic])
+    in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    processed: dict[tuple[str, int], int] = {}
+    failed: list[Any] = []
+    seen, last_commit = 0, time.monotonic()
+    deadline = time.monotonic() + timeout
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failed.append(err)
+
+    def checkpoint() -> None:
+        producer.flush(30)
+        if failed:
+            raise RuntimeError(f"per-message app: {len(failed)} sends failed: {failed[0]}")
+        _commit(consumer, processed)
+
+    try:
+        while seen < count and time.monotonic() < deadline:
+            m: Any = consumer.poll(0.1)
+            if m is None or m.error() is not None:
+                continue
+            x = _arrow_in(m.value(), in_name)
+            (y,) = session.run([out_name], {in_name: x})
+            _produce(producer, out_topic, _arrow_out(out_name, y), m.key(), m.headers(),
+                     delivered)  # fmt: skip
+            producer.poll(0)
+            processed[(m.topic(), m.partition())] = m.offset()
+            seen += 1
+            if time.monotonic() - last_commit >= QUIX_COMMIT_INTERVAL_S:
+                checkpoint()
+                last_commit = time.monotonic()
+        checkpoint()
+    finally:
+        producer.flush(5)
+        consumer.close()
+
+
 def _pump(
     bootstrap: str,
     in_topic: str,
@@ -70,16 +269,8 @@ def _pump(
     timeout: float = 300.0,
 ) -> None:
     """Consume ``count`` records, send what ``handle`` makes of each, commit acknowledged ones."""
-    s = Settings(
-        input_topics=(in_topic,),
-        output_topic=out_topic,
-        model_repository=Path("."),
-        bootstrap_servers=bootstrap,
-        group_id=group,
-    )
-    consumer = KafkaConsumer(**consumer_config(s))
+    consumer, producer = _kafka_python_clients(bootstrap, group)
     consumer.subscribe([in_topic])
-    producer = KafkaProducer(**producer_config(s))
     pending: deque[tuple[TopicPartition, int, Any]] = deque()
     seen, last_commit = 0, time.monotonic()
     deadline = time.monotonic() + timeout
@@ -103,7 +294,7 @@ def _pump(
                         future = producer.send(out_topic, value=value, key=r.key, headers=headers)
                     pending.append((tp, r.offset, future))
                     seen += 1
-            if time.monotonic() - last_commit >= 0.2:  # the worker's commit interval
+            if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
                 commit()
                 last_commit = time.monotonic()
         producer.flush()
@@ -175,6 +366,7 @@ def _main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="run the drain loop in its own process")
     parser.add_argument("loop", choices=["drain"])
+    parser.add_argument("--client", choices=["confluent", "kafka-python"], default="confluent")
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--input-topic", required=True)
     parser.add_argument("--output-topic", required=True)
@@ -184,6 +376,10 @@ def _main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     blob = bytes(args.response_bytes)
     # Request headers ride along, as the worker copies them (the bench joins on them).
+    if args.client == "confluent":
+        rdkafka_drain(args.bootstrap_servers, args.input_topic, args.output_topic,
+                      args.group_id, args.count, (blob, []), copy_headers=True)  # fmt: skip
+        return
     _pump(args.bootstrap_servers, args.input_topic, args.output_topic, args.group_id,
           args.count, lambda r: ((blob, list(r.headers or [])),))  # fmt: skip
 

@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
@@ -45,8 +46,8 @@ def _worker(
     )  # fmt: skip
 
 
-def _read(consumer: KafkaConsumer, n: int, timeout: float) -> list:  # type: ignore[type-arg]
-    out: list = []  # type: ignore[type-arg]
+def _read(consumer: KafkaConsumer, n: int, timeout: float) -> list[Any]:
+    out: list[Any] = []
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
         for records in consumer.poll(200).values():

@@ -3,25 +3,32 @@
 Against one broker (``KAFKA_BOOTSTRAP_SERVERS``, else ``scripts/kafka-local
 start``), for the demo MLP (I/O-bound) and ResNet-50 (compute-bound):
 
-- worker rows/s at saturation (messages published before the worker starts;
-  first to last response timestamp), next to raw ONNX Runtime, a drain loop
-  (the same Kafka clients, no decoding or inference), a naive loop and a
-  per-row binary loop, each over the same messages, as ratios;
+- MLP streams of 256-row and 64-row Arrow messages: the worker at saturation
+  (messages published before it starts; first to last response timestamp) on
+  both Kafka backends (confluent, the default, and kafka-python), next to a
+  librdkafka drain and a kafka-python drain (the worker's own clients, no
+  decoding or inference), a per-message librdkafka application (what a Quix
+  Streams app does: one message at a time, decode, run, encode, produce), raw
+  ONNX Runtime, and on the 64-row stream a naive and a per-row loop, as ratios;
 - mean rows per ``session.run`` and peak RSS of the worker process;
-- end-to-end latency (request to response record timestamp) under a paced
-  producer at 10% and 50% of the worker's own measured maximum;
-- 1 vs 2 worker processes in one group.
+- end-to-end latency (request append to response record timestamp) under a
+  paced producer at 10% and 50% of each backend's own measured maximum, next
+  to the librdkafka drain under the same schedule;
+- the CNN: worker vs raw ONNX Runtime; 1 vs 2 worker processes in one group.
 
 This machine is shared, so every comparison is a ratio of runs made in this
-invocation, runs of the compared loops are interleaved, and every figure is
-the median over repetitions. Writes ``bench/results/latest.{json,md,png}``.
+invocation, the compared loops run interleaved (their order rotates every
+repetition), and every figure is the median over repetitions. A full run writes
+``bench/results/latest.{json,md,png}``; ``--quick`` and ``--only`` write to
+``--out`` (default a temporary directory) and leave those alone.
 
-    .venv/bin/python bench/run.py [--quick] [--out DIR]
+    .venv/bin/python bench/run.py [--quick] [--only streams,latency,cnn,scaling] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -31,16 +38,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import confluent_kafka as ck  # noqa: E402
 import kafka  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from kafka import KafkaProducer  # noqa: E402
 
 from bench import baselines  # noqa: E402
 from bench.workloads import (  # noqa: E402
@@ -56,37 +63,66 @@ from bench.workloads import (  # noqa: E402
     workers,
 )
 from worker.config import MAX_MESSAGE_BYTES  # noqa: E402
-from worker.protocol import decode_request  # noqa: E402
+from worker.protocol import decode_request, encode_response, response_headers  # noqa: E402
 from worker.signature import Signature  # noqa: E402
 
 GOALS = {
-    "mlp_worker_vs_drain": 0.8,
-    "mlp_worker_vs_naive": 30.0,
-    "mlp_worker_vs_per_row": 5.0,
-    "mlp_p99_ms_at_50pct": 25.0,  # an upper bound
+    "worker_vs_per_message": 1.3,
+    "worker_vs_rdkafka_drain": 0.8,
+    "p99_ms_at_50pct": 25.0,  # an upper bound
+    "worker_vs_naive": 30.0,
+    "worker_vs_per_row": 5.0,
     "cnn_worker_vs_raw_ort": 0.9,
 }
+LATEST = ROOT / "bench" / "results" / "latest.json"
+SECTIONS = ("streams", "latency", "cnn", "scaling")
+BACKENDS = {"worker": "confluent", "worker_kafka_python": "kafka-python"}
 
 
 @dataclass(frozen=True)
 class Plan:
     reps: int
-    """Repetitions of every measurement (>= 3; figures are medians)."""
-    mlp_messages: int
-    """MLP messages the worker and the drain move per repetition."""
+    """Repetitions of every throughput measurement (>= 3; figures are medians)."""
+    streams: tuple[tuple[int, int], ...]
+    """(rows per message, messages) of each MLP stream."""
     loop_messages: int
-    """The first messages of the same topic for the naive and per-row loops (they are slow)."""
+    """The first messages of the 64-row stream for the naive and per-row loops (slow)."""
     cnn_messages: int
     scale_messages: int
     """Messages per 1-vs-2-worker run (published again for each run)."""
     latency_s: float
     """Seconds of paced load per level."""
+    latency_reps: int
 
 
-FULL = Plan(reps=5, mlp_messages=2000, loop_messages=80, cnn_messages=16,
-            scale_messages=1200, latency_s=10.0)  # fmt: skip
-QUICK = Plan(reps=3, mlp_messages=600, loop_messages=40, cnn_messages=6,
-             scale_messages=400, latency_s=3.0)  # fmt: skip
+FULL = Plan(reps=5, streams=((256, 800), (64, 2400)), loop_messages=80, cnn_messages=12,
+            scale_messages=1200, latency_s=5.0, latency_reps=3)  # fmt: skip
+QUICK = Plan(reps=3, streams=((256, 300), (64, 800)), loop_messages=40, cnn_messages=6,
+             scale_messages=400, latency_s=3.0, latency_reps=3)  # fmt: skip
+
+# name -> (what it is, in the tables)
+LOOPS = {
+    "worker": "worker, confluent backend (the default)",
+    "worker_kafka_python": "worker, kafka-python backend",
+    "rdkafka_drain": "librdkafka drain (worker's confluent clients, no work)",
+    "kafka_python_drain": "kafka-python drain (worker's kafka-python clients, no work)",
+    "per_message": "per-message librdkafka app (Quix-style, one message at a time)",
+    "naive": "naive loop, kafka-python (Python rows, JSON out per row)",
+    "per_row": "per-row binary loop, kafka-python (batch-1 runs)",
+    "raw_ort": "raw ONNX Runtime (same batches, from memory)",
+}
+# (numerator, denominator) of each reported ratio
+PAIRS = [
+    ("worker", "per_message"),
+    ("worker", "rdkafka_drain"),
+    ("worker", "raw_ort"),
+    ("worker", "worker_kafka_python"),
+    ("worker_kafka_python", "kafka_python_drain"),
+    ("per_message", "rdkafka_drain"),
+    ("rdkafka_drain", "kafka_python_drain"),
+    ("worker", "naive"),
+    ("worker", "per_row"),
+]
 
 
 def med(values: Sequence[float]) -> float:
@@ -94,10 +130,28 @@ def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def worker_response(session: ort.InferenceSession, message: tuple[bytes, list], model: str
+                    ) -> tuple[bytes, list[tuple[str, bytes]]]:  # fmt: skip
+    """The worker's answer to ``message`` (same codec, same headers): the drains' record."""
+    value, headers = message
+    request = decode_request(value, headers, default_id="bench/0/0")
+    bound = request.bind(Signature.from_session(session))
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, bound.feeds), strict=True))
+    body, content_type = encode_response(request, bound, outputs, model=model, model_version=1)
+    out_headers = response_headers(
+        request, content_type=content_type, model=model, model_version=1, topic="bench",
+        partition=0, offset=0,
+    )  # fmt: skip
+    return body, [(str(k), v or b"") for k, v in out_headers]
+
+
 class Bench:
-    def __init__(self, plan: Plan, repo: Path, kafka_: Kafka, models: dict[str, Model]) -> None:
+    def __init__(self, plan: Plan, repo: Path, kafka_: Kafka, models: dict[str, Model],
+                 skip: Sequence[str] = ()) -> None:  # fmt: skip
         self.plan, self.repo, self.k, self.models = plan, repo, kafka_, models
         self.bootstrap = kafka_.bootstrap
+        self.skip = set(skip)
 
     def _model_path(self, m: Model) -> Path:
         return self.repo / m.name / "1" / "model.onnx"
@@ -119,6 +173,7 @@ class Bench:
                 raise RuntimeError(f"{label}: worker did not finish: {w.stderr_tail()}")
             metrics, rss = w.metrics(), w.peak_rss()
         records = self.k.read(out, count)
+        self.k.drop(out)
         if len(records) != count:
             raise RuntimeError(f"{label}: {len(records)} responses for {count} requests")
         runs = metrics.get("inference_worker_batch_rows_count", 0.0)
@@ -128,74 +183,88 @@ class Bench:
             if runs else float("nan"),
             "peak_rss_bytes": rss,
             "dlq": metrics.get('inference_worker_messages_total{status="dlq"}', 0.0),
-            "response": (records[0].value, list(records[0].headers or [])),
         }
 
-    def kafka_loop(self, label: str, in_topic: str, count: int, per_record_rows: int,
+    def kafka_loop(self, label: str, m: Model, count: int, per_record_rows: int,
                    fn: Callable[[str, str, int], None]) -> float:  # fmt: skip
         """Rows/s of a baseline loop ``fn(out_topic, group, count)``, from its output timestamps."""
         out, group = self.k.topic(label), self.k.group(label)
         fn(out, group, count)
-        expected = count * self.models["mlp"].rows_per_message // per_record_rows
+        expected = count * m.rows_per_message // per_record_rows
         records = self.k.read(out, expected)
+        self.k.drop(out)
         if len(records) != expected:
             raise RuntimeError(f"{label}: {len(records)} outputs, expected {expected}")
         return rate_from_timestamps(records, lambda r: per_record_rows)
 
-    # -- MLP: worker vs drain, naive, per-row, raw ORT ---------------------------
+    # -- MLP streams: the worker on both backends vs the baselines ----------------
 
-    def mlp(self) -> dict[str, Any]:
-        m, p, bs = self.models["mlp"], self.plan, self.bootstrap
-        log(f"mlp: publishing {p.mlp_messages} messages of {m.rows_per_message} rows")
-        msgs = make_messages(m, p.mlp_messages)
-        topic = self.k.topic("mlp-in", partitions=2)
+    def stream(self, rows: int, count: int) -> dict[str, Any]:
+        m, p, bs = replace(self.models["mlp"], rows_per_message=rows), self.plan, self.bootstrap
+        loops = rows == 64  # the naive and per-row loops, as before, on 64-row messages
+        log(f"mlp/{rows}: publishing {count} messages of {rows} rows")
+        msgs = make_messages(m, count)
+        topic = self.k.topic(f"mlp{rows}-in", partitions=2)
         self.k.publish(topic, msgs, partitions=2)
         session = baselines.ort_session(self._model_path(m))
         sig = Signature.from_session(session)
         batches = [decode_request(v, h, default_id="b/0/0").bind(sig).feeds for v, h in msgs]
-        rows = p.loop_messages * m.rows_per_message
-        samples: dict[str, list[float]] = {k: [] for k in
-                                           ("worker", "drain", "naive", "per_row", "raw_ort")}
-        rows_per_run, rss, response = [], [], None
+        response = worker_response(session, msgs[0], m.name)
+        names = [n for n in LOOPS if (loops or n not in ("naive", "per_row"))
+                 and n not in self.skip]  # fmt: skip
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        per_run: dict[str, list[float]] = {n: [] for n in BACKENDS if n in names}
+        rss: dict[str, list[float]] = {n: [] for n in BACKENDS if n in names}
+
+        def measure(name: str, i: int) -> float:
+            label = f"mlp{rows}-{name}-{i}".replace("_", "-")
+            if name in BACKENDS:
+                sat = self.saturate(m, topic, count, label, ["--kafka-client", BACKENDS[name]])
+                per_run[name].append(sat["rows_per_run"])
+                rss[name].append(sat["peak_rss_bytes"] or float("nan"))
+                return float(sat["rows_per_s"])
+            if name == "rdkafka_drain":
+                return self.kafka_loop(label, m, count, rows, lambda o, g, n: baselines
+                                       .rdkafka_drain(bs, topic, o, g, n, response))  # fmt: skip
+            if name == "kafka_python_drain":
+                return self.kafka_loop(label, m, count, rows, lambda o, g, n: baselines.drain(
+                    bs, topic, o, g, n, response))  # fmt: skip
+            if name == "per_message":
+                return self.kafka_loop(label, m, count, rows, lambda o, g, n: baselines
+                                       .per_message_app(bs, topic, o, g, n, session))  # fmt: skip
+            if name == "naive":
+                return self.kafka_loop(label, m, p.loop_messages, 1, lambda o, g, n: baselines
+                                       .naive(bs, topic, o, g, n, session, m.input))  # fmt: skip
+            if name == "per_row":
+                return self.kafka_loop(label, m, p.loop_messages, 1, lambda o, g, n: baselines
+                                       .per_row(bs, topic, o, g, n, session))  # fmt: skip
+            return baselines.raw_ort(session, batches)
+
         for i in range(p.reps):
-            log(f"mlp rep {i + 1}/{p.reps}: worker")
-            sat = self.saturate(m, topic, p.mlp_messages, f"mlp-w{i}")
-            samples["worker"].append(sat["rows_per_s"])
-            rows_per_run.append(sat["rows_per_run"])
-            rss.append(sat["peak_rss_bytes"])
-            response = response or sat["response"]
-            log(f"mlp rep {i + 1}/{p.reps}: drain, naive, per-row, raw ORT")
-            samples["drain"].append(self.kafka_loop(
-                f"mlp-d{i}", topic, p.mlp_messages, m.rows_per_message,
-                lambda out, g, n, resp=response: baselines.drain(bs, topic, out, g, n, resp)))
-            samples["naive"].append(self.kafka_loop(
-                f"mlp-n{i}", topic, p.loop_messages, 1,
-                lambda out, g, n: baselines.naive(bs, topic, out, g, n, session, m.input)))
-            samples["per_row"].append(self.kafka_loop(
-                f"mlp-p{i}", topic, p.loop_messages, 1,
-                lambda out, g, n: baselines.per_row(bs, topic, out, g, n, session)))
-            samples["raw_ort"].append(baselines.raw_ort(session, batches))  # fmt: skip
-            log(f"  worker {samples['worker'][-1]:,.0f} rows/s, drain {samples['drain'][-1]:,.0f},"
-                f" naive {samples['naive'][-1]:,.0f}, per-row {samples['per_row'][-1]:,.0f}")
-        ratios = {
-            f"worker_vs_{b}": med([w / x for w, x in zip(samples["worker"], samples[b],
-                                                          strict=True)])
-            for b in ("drain", "naive", "per_row", "raw_ort")
-        }  # fmt: skip
-        best = {f"worker_vs_{b}": max(samples["worker"]) / max(samples[b])
-                for b in ("drain", "naive", "per_row", "raw_ort")}  # fmt: skip
+            order = names[i % len(names):] + names[: i % len(names)]  # rotate: no fixed slot
+            log(f"mlp/{rows} rep {i + 1}/{p.reps}: {', '.join(order)}")
+            for name in order:
+                samples[name].append(measure(name, i))
+            log("  " + ", ".join(f"{n} {samples[n][-1]:,.0f}" for n in names))
+        self.k.drop(topic)
+        ratios, best = {}, {}
+        for a, b in PAIRS:
+            if a in samples and b in samples:
+                ratios[f"{a}_vs_{b}"] = med([x / y for x, y in zip(samples[a], samples[b],
+                                                                    strict=True)])  # fmt: skip
+                best[f"{a}_vs_{b}"] = max(samples[a]) / max(samples[b])
         return {
             "model": asdict(m),
-            "messages": p.mlp_messages,
-            "best_ratios": best,
-            "loop_messages": p.loop_messages,
-            "loop_rows": rows,
+            "messages": count,
+            "message_bytes": len(msgs[0][0]),
+            "loop_messages": p.loop_messages if loops else 0,
             "rows_per_s": {k: med(v) for k, v in samples.items()},
             "samples": samples,
             "ratios": ratios,
-            "rows_per_run": med(rows_per_run),
-            "peak_rss_bytes": med([r for r in rss if r]),
-            "response_bytes": len(response[0]) if response else 0,
+            "best_ratios": best,
+            "rows_per_run": {k: med(v) for k, v in per_run.items()},
+            "peak_rss_bytes": {k: med(v) for k, v in rss.items()},
+            "response_bytes": len(response[0]),
         }
 
     # -- CNN: worker vs raw ORT ------------------------------------------------
@@ -237,66 +306,71 @@ class Bench:
 
     # -- latency under paced load --------------------------------------------------
 
-    def latency(self, max_rows_per_s: float, response_bytes: int) -> dict[str, Any]:
-        """p50/p95/p99 at 10% and 50% of ``max_rows_per_s``, for the worker and the drain.
+    def latency(self, maxima: dict[str, float], response_bytes: int) -> dict[str, Any]:
+        """p50/p95/p99 at 10% and 50% of each backend's own maximum (``maxima``, rows/s
+        on 64-row messages), and the librdkafka drain under the confluent worker's schedule.
 
         The input topics stamp records with the broker's append time, so the
         load generator's own client queueing (it shares the 2 cores) is not
         charged to the worker; the drain, run as its own process under the
-        same schedule, shows what the Kafka clients alone cost on this machine.
+        same schedule, shows what the Kafka client alone costs on this machine.
         """
         m, p = self.models["mlp"], self.plan
         msgs = make_messages(m, 16)
         levels = (("10%", 0.10), ("50%", 0.50))
-        counts = {name: max(1, int(f * max_rows_per_s / m.rows_per_message * p.latency_s))
-                  for name, f in levels}  # fmt: skip
+        targets = {"worker": maxima["worker"], "rdkafka_drain": maxima["worker"],
+                   "worker_kafka_python": maxima["worker_kafka_python"]}  # fmt: skip
+        targets = {t: top for t, top in targets.items() if top == top and t not in self.skip}
         warm = 20
-        total = warm + sum(counts.values())
         got: dict[str, dict[str, list[list[float]]]] = {
-            t: {name: [] for name, _ in levels} for t in ("worker", "drain")
+            t: {name: [] for name, _ in levels} for t in targets
         }
-        for i in range(p.reps):
-            for target in ("worker", "drain"):
-                log(f"latency rep {i + 1}/{p.reps}: {target}")
-                label = f"lat-{target}{i}"
+        for i in range(p.latency_reps):
+            for target, top in targets.items():
+                counts = {name: max(1, int(f * top / m.rows_per_message * p.latency_s))
+                          for name, f in levels}  # fmt: skip
+                total = warm + sum(counts.values())
+                log(f"latency rep {i + 1}/{p.latency_reps}: {target} (max {top:,.0f} rows/s)")
+                label = f"lat-{target}{i}".replace("_", "-")
                 in_t = self.k.topic(label, append_time=True)
                 out_t, group = self.k.topic(f"{label}-out"), self.k.group(label)
-                if target == "worker":
-                    proc: Any = self._worker(m, in_t, out_t, group)
+                if target in BACKENDS:
+                    proc: Any = self._worker(m, in_t, out_t, group,
+                                             ["--kafka-client", BACKENDS[target]])  # fmt: skip
                 else:
                     proc = DrainProcess(self.bootstrap, in_t, out_t, group, total, response_bytes)
-                producer = KafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=0,
-                                         max_request_size=MAX_MESSAGE_BYTES)  # fmt: skip
-                try:
-                    with proc:
-                        proc.wait_ready()
-                        _paced(producer, in_t, msgs, 200.0, warm, b"warm")
-                        producer.flush()
-                        self.k.wait_committed(group, {0: warm}, 60, proc.alive)
-                        for name, fraction in levels:
-                            per_s = fraction * max_rows_per_s / m.rows_per_message
-                            _paced(producer, in_t, msgs, per_s, counts[name], name.encode())
-                        producer.flush()
-                        if not self.k.wait_committed(group, {0: total}, 120, proc.alive):
-                            raise RuntimeError(f"{label}: did not finish: {proc.stderr_tail()}")
-                finally:
-                    producer.close()
-                requests = {_header(r, "seq"): r for r in self.k.read(in_t, total)}
+                producer = ck.Producer({
+                    "bootstrap.servers": self.bootstrap, "linger.ms": 0,
+                    "message.max.bytes": MAX_MESSAGE_BYTES + 65536,
+                })  # fmt: skip
+                with proc:
+                    proc.wait_ready()
+                    _paced(producer, in_t, msgs, 200.0, warm, b"warm")
+                    producer.flush(30)
+                    self.k.wait_committed(group, {0: warm}, 60, proc.alive)
+                    for name, fraction in levels:
+                        per_s = fraction * top / m.rows_per_message
+                        _paced(producer, in_t, msgs, per_s, counts[name], name.encode())
+                    producer.flush(60)
+                    if not self.k.wait_committed(group, {0: total}, 120, proc.alive):
+                        raise RuntimeError(f"{label}: did not finish: {proc.stderr_tail()}")
+                requests = {_header(r, "seq"): r.timestamp for r in self.k.read(in_t, total)}
                 per_level: dict[str, list[float]] = {name: [] for name, _ in levels}
                 for r in self.k.read(out_t, total):
-                    req = requests.get(_header(r, "seq"))
+                    sent = requests.get(_header(r, "seq"))
                     phase = _header(r, "phase")
-                    if req is not None and phase in per_level:
-                        per_level[phase].append(r.timestamp - req.timestamp)
+                    if sent is not None and phase in per_level:
+                        per_level[phase].append(r.timestamp - sent)
+                self.k.drop(in_t, out_t)
                 for name, values in per_level.items():
                     got[target][name].append(percentiles(values))
         out: dict[str, Any] = {}
-        for name, fraction in levels:
-            out[name] = {"offered_rows_per_s": fraction * max_rows_per_s,
-                         "messages": counts[name]}  # fmt: skip
-            for target in ("worker", "drain"):
+        for target, top in targets.items():
+            out[target] = {}
+            for name, fraction in levels:
                 reps = got[target][name]
-                out[name][target] = {
+                out[target][name] = {
+                    "offered_rows_per_s": fraction * top,
                     "p50_ms": med([r[0] for r in reps]),
                     "p95_ms": med([r[1] for r in reps]),
                     "p99_ms": med([r[2] for r in reps]),
@@ -332,6 +406,7 @@ class Bench:
                 finally:
                     producer.close()
                 records = self.k.read(out_t, n)
+                self.k.drop(in_t, out_t)
                 samples[count].append(rate_from_timestamps(records, lambda r: m.rows_per_message))
         one, two = med(samples[1]), med(samples[2])
         return {
@@ -342,7 +417,7 @@ class Bench:
         }
 
 
-def _paced(producer: KafkaProducer, topic: str, msgs: Sequence[tuple[bytes, list]],
+def _paced(producer: ck.Producer, topic: str, msgs: Sequence[tuple[bytes, list]],
            per_s: float, count: int, phase: bytes) -> None:  # fmt: skip
     """Send ``count`` messages at ``per_s`` a second on a fixed schedule (late sends do not
     wait for the next slot, so the offered rate holds); each carries ``phase`` and a ``seq``."""
@@ -353,7 +428,8 @@ def _paced(producer: KafkaProducer, topic: str, msgs: Sequence[tuple[bytes, list
             time.sleep(delay)
         value, headers = msgs[j % len(msgs)]
         seq = f"{phase.decode()}-{j}".encode()
-        producer.send(topic, value=value, headers=[*headers, ("phase", phase), ("seq", seq)])
+        producer.produce(topic, value, headers=[*headers, ("phase", phase), ("seq", seq)])
+        producer.poll(0)
 
 
 def _header(record: Any, name: str) -> str | None:
@@ -364,13 +440,15 @@ def _header(record: Any, name: str) -> str | None:
 
 
 class DrainProcess:
-    """``bench/baselines.py drain`` as its own process, shaped like a WorkerProcess."""
+    """``bench/baselines.py drain --client confluent`` as its own process, shaped like a
+    WorkerProcess."""
 
     def __init__(self, bootstrap: str, in_topic: str, out_topic: str, group: str, count: int,
                  response_bytes: int) -> None:  # fmt: skip
         self.args = [sys.executable, str(ROOT / "bench" / "baselines.py"), "drain",
                      "--bootstrap-servers", bootstrap, "--input-topic", in_topic,
                      "--output-topic", out_topic, "--group-id", group, "--count", str(count),
+                     "--client", "confluent",
                      "--response-bytes", str(response_bytes)]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -412,23 +490,79 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "kafka_python": kafka.__version__,
+        "confluent_kafka": importlib.metadata.version("confluent-kafka"),
+        "librdkafka": ck.libversion()[0],
         "platform": platform.platform(),
     }
 
 
+def kafka_python_reference(path: Path = LATEST) -> dict[str, Any] | None:
+    """The kafka-python worker's figures before the Kafka seam, from ``latest.json``.
+
+    A file written by this version carries them forward unchanged; one written
+    before (the worker on kafka-python only) has them as its MLP worker figures.
+    """
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if "kafka_python_reference" in old:
+        return dict(old["kafka_python_reference"])
+    try:
+        return {
+            "source": "bench/results/latest.json before the Kafka seam (worker on kafka-python)",
+            "rows_per_message": old["mlp"]["model"]["rows_per_message"],
+            "worker_rows_per_s": old["mlp"]["rows_per_s"]["worker"],
+            "drain_rows_per_s": old["mlp"]["rows_per_s"]["drain"],
+            "worker_vs_drain": old["mlp"]["ratios"]["worker_vs_drain"],
+            "p99_ms_at_50pct": old["latency"]["50%"]["worker"]["p99_ms"],
+            "p50_ms_at_50pct": old["latency"]["50%"]["worker"]["p50_ms"],
+        }
+    except (KeyError, TypeError):
+        return None
+
+
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
-    mlp, cnn, lat = results["mlp"], results["cnn"], results["latency"]
-    ratio = mlp["ratios"]
-    rows = [
-        ("MLP worker / drain", ratio["worker_vs_drain"], ">=", GOALS["mlp_worker_vs_drain"]),
-        ("MLP worker / naive", ratio["worker_vs_naive"], ">=", GOALS["mlp_worker_vs_naive"]),
-        ("MLP worker / per-row", mlp["ratios"]["worker_vs_per_row"], ">=",
-         GOALS["mlp_worker_vs_per_row"]),
-        ("MLP p99 at 50% load (ms)", lat["50%"]["worker"]["p99_ms"], "<=",
-         GOALS["mlp_p99_ms_at_50pct"]),
-        ("CNN worker / raw ORT", cnn["ratios"]["worker_vs_raw_ort"], ">=",
-         GOALS["cnn_worker_vs_raw_ort"]),
-    ]  # fmt: skip
+    nan = float("nan")
+    rows: list[tuple[str, float, str, float]] = []
+    streams = results.get("streams", {})
+    for key, st in streams.items():
+        q = st["ratios"]
+        rows += [
+            (f"{key}-row: worker / per-message app", q.get("worker_vs_per_message", nan), ">=",
+             GOALS["worker_vs_per_message"]),
+            (f"{key}-row: worker / librdkafka drain", q.get("worker_vs_rdkafka_drain", nan), ">=",
+             GOALS["worker_vs_rdkafka_drain"]),
+        ]  # fmt: skip
+    lat = results.get("latency")
+    if lat and "worker" in lat:
+        rows.append(("64-row: worker p99 at 50% of its max (ms)", lat["worker"]["50%"]["p99_ms"],
+                     "<=", GOALS["p99_ms_at_50pct"]))  # fmt: skip
+    ref = results.get("kafka_python_reference")
+    if ref and "64" in streams:
+        st = streams["64"]
+        rows += [
+            ("64-row: kafka-python worker rows/s, vs before the seam",
+             st["rows_per_s"].get("worker_kafka_python", nan), ">=", ref["worker_rows_per_s"]),
+            ("64-row: kafka-python worker / kafka-python drain, vs before",
+             st["ratios"].get("worker_kafka_python_vs_kafka_python_drain", nan), ">=",
+             ref["worker_vs_drain"]),
+        ]  # fmt: skip
+        if lat and "worker_kafka_python" in lat:
+            rows.append(("64-row: kafka-python worker p99 at 50% (ms), vs before",
+                         lat["worker_kafka_python"]["50%"]["p99_ms"], "<=",
+                         ref["p99_ms_at_50pct"]))  # fmt: skip
+    if "64" in streams:
+        q = streams["64"]["ratios"]
+        rows += [
+            ("64-row: worker / naive", q.get("worker_vs_naive", nan), ">=",
+             GOALS["worker_vs_naive"]),
+            ("64-row: worker / per-row", q.get("worker_vs_per_row", nan), ">=",
+             GOALS["worker_vs_per_row"]),
+        ]  # fmt: skip
+    if "cnn" in results:
+        rows.append(("CNN worker / raw ORT", results["cnn"]["ratios"]["worker_vs_raw_ort"], ">=",
+                     GOALS["cnn_worker_vs_raw_ort"]))  # fmt: skip
     return [
         {"goal": name, "value": value, "op": op, "target": target,
          "met": value >= target if op == ">=" else value <= target}
@@ -436,64 +570,104 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def _fmt(v: float) -> str:
+    if v != v:
+        return "n/a"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
-    mlp, cnn, lat, sc = results["mlp"], results["cnn"], results["latency"], results["scaling"]
     mach = results["machine"]
-    r, q, bq = mlp["rows_per_s"], mlp["ratios"], mlp["best_ratios"]
-    cq, cb = cnn["ratios"], cnn["best_ratios"]
     lines = [
         f"Machine: {mach['nproc']} CPUs ({mach['cpu']}), onnxruntime {mach['onnxruntime']}, "
+        f"confluent-kafka {mach['confluent_kafka']} (librdkafka {mach['librdkafka']}), "
         f"kafka-python {mach['kafka_python']}, Python {mach['python']}; "
         f"{results['plan']['reps']} repetitions, medians; `{results['command']}`.",
         "",
         "Ratios: median of the per-repetition ratios; best/best: fastest run over fastest "
         "run (the least disturbed by other load on the machine).",
-        "",
-        f"| {mlp['model']['name']} ({mlp['model']['rows_per_message']} rows/message) "
-        "| rows/s | worker / this | best/best |",
-        "| --- | ---: | ---: | ---: |",
-        f"| worker (1 process) | {r['worker']:,.0f} | 1.00 | 1.00 |",
-        f"| drain (same Kafka clients, no work) | {r['drain']:,.0f} | {q['worker_vs_drain']:.2f} "
-        f"| {bq['worker_vs_drain']:.2f} |",
-        f"| raw ONNX Runtime (same batches) | {r['raw_ort']:,.0f} | {q['worker_vs_raw_ort']:.3f} "
-        f"| {bq['worker_vs_raw_ort']:.3f} |",
-        f"| naive loop (Python rows, JSON out per row) | {r['naive']:,.0f} "
-        f"| {q['worker_vs_naive']:.1f} | {bq['worker_vs_naive']:.1f} |",
-        f"| per-row binary loop (batch-1 runs) | {r['per_row']:,.0f} "
-        f"| {q['worker_vs_per_row']:.1f} | {bq['worker_vs_per_row']:.1f} |",
-        "",
-        f"| {cnn['model']['name']} ({cnn['model']['rows_per_message']} images/message) "
-        "| rows/s | worker / this | best/best |",
-        "| --- | ---: | ---: | ---: |",
-        f"| worker (1 process) | {cnn['rows_per_s']['worker']:.2f} | 1.00 | 1.00 |",
-        f"| raw ONNX Runtime (same batches) | {cnn['rows_per_s']['raw_ort']:.2f} "
-        f"| {cq['worker_vs_raw_ort']:.2f} | {cb['worker_vs_raw_ort']:.2f} |",
-        "",
-        "| figure | value |",
-        "| --- | ---: |",
-        f"| MLP mean rows per session.run at saturation | {mlp['rows_per_run']:,.0f} |",
-        f"| CNN mean rows per session.run at saturation | {cnn['rows_per_run']:,.0f} |",
-        f"| MLP worker peak RSS | {mlp['peak_rss_bytes'] / 2**20:,.0f} MiB |",
-        f"| CNN worker peak RSS | {cnn['peak_rss_bytes'] / 2**20:,.0f} MiB |",
-        f"| MLP 1 worker | {sc['rows_per_s']['1']:,.0f} rows/s |",
-        f"| MLP 2 workers, one group | {sc['rows_per_s']['2']:,.0f} rows/s "
-        f"({sc['speedup']:.2f}x) |",
-        "",
-        "| MLP latency, request append to response timestamp | offered rows/s "
-        "| p50 ms | p95 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]  # fmt: skip
-    for name in ("10%", "50%"):
-        for target in ("worker", "drain"):
-            x = lat[name][target]
-            lines.append(
-                f"| {target} at {name} of the worker's max "
-                f"| {lat[name]['offered_rows_per_s']:,.0f} "
-                f"| {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |"
-            )
+    ]
+    for key, st in results.get("streams", {}).items():
+        r, q, bq = st["rows_per_s"], st["ratios"], st["best_ratios"]
+        lines += [
+            "",
+            f"| {st['model']['name']}, {key} rows/message ({st['message_bytes'] / 1e3:,.0f} kB), "
+            f"{st['messages']} messages | rows/s | worker / this | best/best |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, what in LOOPS.items():
+            if name not in r:
+                continue
+            ratio = "1.00" if name == "worker" else _fmt(q.get(f"worker_vs_{name}", float("nan")))
+            best = "1.00" if name == "worker" else _fmt(bq.get(f"worker_vs_{name}", float("nan")))
+            lines.append(f"| {what} | {r[name]:,.0f} | {ratio} | {best} |")
+        for key2, what in (
+            ("worker_kafka_python_vs_kafka_python_drain",
+             "kafka-python worker / kafka-python drain"),
+            ("per_message_vs_rdkafka_drain", "per-message app / librdkafka drain"),
+            ("rdkafka_drain_vs_kafka_python_drain", "librdkafka drain / kafka-python drain"),
+        ):  # fmt: skip
+            if key2 in q:
+                lines.append(f"| *{what}* | | {q[key2]:.2f} | {bq[key2]:.2f} |")
+    if "cnn" in results:
+        cnn = results["cnn"]
+        cq, cb = cnn["ratios"], cnn["best_ratios"]
+        lines += [
+            "",
+            f"| {cnn['model']['name']} ({cnn['model']['rows_per_message']} images/message) "
+            "| rows/s | worker / this | best/best |",
+            "| --- | ---: | ---: | ---: |",
+            f"| worker (1 process) | {cnn['rows_per_s']['worker']:.2f} | 1.00 | 1.00 |",
+            f"| raw ONNX Runtime (same batches) | {cnn['rows_per_s']['raw_ort']:.2f} "
+            f"| {cq['worker_vs_raw_ort']:.2f} | {cb['worker_vs_raw_ort']:.2f} |",
+        ]
+    lines += ["", "| figure | value |", "| --- | ---: |"]
+    for key, st in results.get("streams", {}).items():
+        for name in st["rows_per_run"]:
+            lines.append(f"| MLP {key}-row, {LOOPS[name]}: mean rows per session.run, peak RSS "
+                         f"| {st['rows_per_run'][name]:,.0f}, "
+                         f"{st['peak_rss_bytes'][name] / 2**20:,.0f} MiB |")  # fmt: skip
+    if "cnn" in results:
+        cnn = results["cnn"]
+        lines.append(f"| CNN mean rows per session.run, peak RSS | {cnn['rows_per_run']:,.0f}, "
+                     f"{cnn['peak_rss_bytes'] / 2**20:,.0f} MiB |")  # fmt: skip
+    if "scaling" in results:
+        sc = results["scaling"]
+        lines += [
+            f"| MLP 64-row, 1 worker | {sc['rows_per_s']['1']:,.0f} rows/s |",
+            f"| MLP 64-row, 2 workers, one group | {sc['rows_per_s']['2']:,.0f} rows/s "
+            f"({sc['speedup']:.2f}x) |",
+        ]
+    if "latency" in results:
+        lat = results["latency"]
+        lines += [
+            "",
+            "| MLP 64-row latency, request append to response timestamp | offered rows/s "
+            "| p50 ms | p95 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        whose = {"worker": "of its max", "rdkafka_drain": "of the confluent worker's max",
+                 "worker_kafka_python": "of its max"}  # fmt: skip
+        for name in ("10%", "50%"):
+            for target in lat:
+                x = lat[target][name]
+                lines.append(
+                    f"| {LOOPS[target].split(' (')[0]}, at {name} {whose[target]} "
+                    f"| {x['offered_rows_per_s']:,.0f} "
+                    f"| {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |"
+                )
+    ref = results.get("kafka_python_reference")
+    if ref:
+        lines += [
+            "",
+            f"Before the Kafka seam (kafka-python only; {ref['source']}): worker "
+            f"{ref['worker_rows_per_s']:,.0f} rows/s on {ref['rows_per_message']}-row messages, "
+            f"worker / drain {ref['worker_vs_drain']:.2f}, p50/p99 at 50% load "
+            f"{ref['p50_ms_at_50pct']:.0f}/{ref['p99_ms_at_50pct']:.0f} ms.",
+        ]
     lines += ["", "| goal | value | target | |", "| --- | ---: | ---: | --- |"]
     for g in results["goals"]:
-        lines.append(f"| {g['goal']} | {g['value']:.2f} | {g['op']} {g['target']:g} "
+        lines.append(f"| {g['goal']} | {_fmt(g['value'])} | {g['op']} {_fmt(g['target'])} "
                      f"| {'met' if g['met'] else '**missed**'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -504,34 +678,33 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mlp, cnn, lat = results["mlp"], results["cnn"], results["latency"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    names = ["worker", "drain", "naive", "per_row", "raw_ort"]
-    ax = axes[0]
-    values = [mlp["rows_per_s"][n] for n in names]
-    ax.bar(names, values, color=["C0", "C7", "C3", "C1", "C2"])
-    ax.set_yscale("log")
-    ax.set_title(f"{mlp['model']['name']}: rows/s (log)")
-    for x, v in enumerate(values):
-        ax.annotate(f"{v:,.0f}", (x, v), ha="center", va="bottom", fontsize=8)
-    ax = axes[1]
-    values = [cnn["rows_per_s"]["worker"], cnn["rows_per_s"]["raw_ort"]]
-    ax.bar(["worker", "raw_ort"], values, color=["C0", "C2"])
-    ax.set_title(f"{cnn['model']['name']}: images/s")
-    for x, v in enumerate(values):
-        ax.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom", fontsize=8)
-    ax = axes[2]
-    pcts = ["p50_ms", "p95_ms", "p99_ms"]
-    series = [(n, t) for n in ("10%", "50%") for t in ("worker", "drain")]
-    for j, (name, target) in enumerate(series):
-        ax.bar([i + j * 0.2 for i in range(3)], [lat[name][target][p] for p in pcts],
-               width=0.2, label=f"{target}, {name} load",
-               hatch="//" if target == "drain" else None)  # fmt: skip
-    ax.axhline(GOALS["mlp_p99_ms_at_50pct"], color="k", ls="--", lw=0.8, label="p99 goal")
-    ax.set_yscale("log")
-    ax.set_xticks([i + 0.3 for i in range(3)], ["p50", "p95", "p99"])
-    ax.set_title("MLP latency, ms")
-    ax.legend()
+    streams = results.get("streams", {})
+    fig, axes = plt.subplots(1, len(streams) + 1, figsize=(6 * (len(streams) + 1), 5))
+    axes = list(axes) if len(streams) else [axes]
+    for ax, (key, st) in zip(axes, streams.items(), strict=False):
+        names = [n for n in LOOPS if n in st["rows_per_s"] and n != "raw_ort"]
+        values = [st["rows_per_s"][n] for n in names]
+        ax.barh(names[::-1], values[::-1], color=["C0" if n.startswith("worker") else "C7"
+                                                   for n in names[::-1]])  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(f"MLP, {key} rows/message: rows/s (log)")
+        for y, v in enumerate(values[::-1]):
+            ax.annotate(f"{v:,.0f}", (v, y), va="center", fontsize=8)
+    ax = axes[-1]
+    lat = results.get("latency")
+    if lat:
+        pcts = ["p50_ms", "p95_ms", "p99_ms"]
+        series = [(t, n) for n in ("10%", "50%") for t in lat]
+        width = 0.8 / len(series)
+        for j, (target, name) in enumerate(series):
+            ax.bar([i + j * width for i in range(3)], [lat[target][name][p] for p in pcts],
+                   width=width, label=f"{target}, {name} load",
+                   hatch="//" if target == "rdkafka_drain" else None)  # fmt: skip
+        ax.axhline(GOALS["p99_ms_at_50pct"], color="k", ls="--", lw=0.8, label="p99 goal")
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 for i in range(3)], ["p50", "p95", "p99"])
+        ax.set_title("MLP 64-row latency, ms")
+        ax.legend(fontsize=7)
     fig.suptitle(f"inference-worker bench: {results['machine']['nproc']} CPUs, "
                  f"{results['machine']['cpu']}")  # fmt: skip
     fig.tight_layout()
@@ -541,41 +714,68 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer messages (about 2 minutes)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="fewer messages (about 4 minutes)")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
+    parser.add_argument("--skip", default="", help=f"comma-separated loops to leave out of "
+                        f"the streams and latency, of {','.join(LOOPS)}")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where results go (default: bench/results for a full run, "
+                        "a temporary directory otherwise)")  # fmt: skip
     args = parser.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
+    nan = float("nan")
+    full = not args.quick and set(only) == set(SECTIONS) and not args.skip
+    out_dir = args.out or (ROOT / "bench" / "results" if full
+                           else Path(tempfile.mkdtemp(prefix="bench-results-")))  # fmt: skip
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
     bootstrap = bootstrap_servers()
-    log(f"broker {bootstrap}; plan {plan}")
+    log(f"broker {bootstrap}; plan {plan}; sections {only}", force=True)
+    command = ".venv/bin/python bench/run.py" + (" --quick" if args.quick else "")
+    if not full and set(only) != set(SECTIONS):
+        command += f" --only {','.join(only)}"
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": machine(),
+        "plan": asdict(plan),
+        "broker": bootstrap,
+        "kafka_python_reference": kafka_python_reference(),
+    }
     k = Kafka(bootstrap)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
             repo = Path(tmp)
-            bench = Bench(plan, repo, k, build_repository(repo))
-            results: dict[str, Any] = {
-                "command": ".venv/bin/python bench/run.py" + (" --quick" if args.quick else ""),
-                "machine": machine(),
-                "plan": asdict(plan),
-                "broker": bootstrap,
-            }
-            results["mlp"] = bench.mlp()
-            results["cnn"] = bench.cnn()
-            results["latency"] = bench.latency(
-                results["mlp"]["rows_per_s"]["worker"], results["mlp"]["response_bytes"]
-            )
-            results["scaling"] = bench.scaling()
+            skip = [x.strip() for x in args.skip.split(",") if x.strip()]
+            bench = Bench(plan, repo, k, build_repository(repo), skip)
+            if "streams" in only:
+                results["streams"] = {str(rows): bench.stream(rows, n) for rows, n in plan.streams}
+            if "latency" in only:
+                st = results.get("streams", {}).get("64")
+                if st is None:  # the maxima from one quick saturation run of each backend
+                    st = Bench(replace(plan, reps=1), repo, k, bench.models,
+                               [*skip, "naive", "per_row", "kafka_python_drain", "per_message",
+                                "rdkafka_drain", "raw_ort"]).stream(64, 600)  # fmt: skip
+                maxima = {n: st["rows_per_s"].get(n, nan) for n in BACKENDS}
+                results["latency"] = bench.latency(maxima, st["response_bytes"])
+            if "cnn" in only:
+                results["cnn"] = bench.cnn()
+            if "scaling" in only:
+                results["scaling"] = bench.scaling()
     finally:
         k.close()
     results["goals"] = goals(results)
     results["seconds"] = round(time.monotonic() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     table = markdown(results)
-    (args.out / "latest.md").write_text(table)
-    chart(results, args.out / "latest.png")
+    (out_dir / "latest.md").write_text(table)
+    chart(results, out_dir / "latest.png")
     print(table)
-    log(f"done in {results['seconds']:.0f} s; wrote {args.out}/latest.{{json,md,png}}")
+    log(f"done in {results['seconds']:.0f} s; wrote {out_dir}/latest.{{json,md,png}}", force=True)
     return 0
 
 

@@ -23,8 +23,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
+import confluent_kafka as ck
 import numpy as np
 import onnx
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -40,6 +41,7 @@ __all__ = [
     "ROOT",
     "Kafka",
     "Model",
+    "Rec",
     "WorkerProcess",
     "bootstrap_servers",
     "build_repository",
@@ -62,6 +64,17 @@ def log(msg: str, *, force: bool = False) -> None:
 
 
 # -- models ------------------------------------------------------------------
+
+
+class Rec(NamedTuple):
+    """A record read back: ``timestamp`` in ms, ``headers`` as (name, value) pairs."""
+
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -220,13 +233,21 @@ class Kafka:
         producer: KafkaProducer | None = None,
     ) -> None:
         """Send all ``messages`` round-robin over ``partitions``, then flush."""
-        own = producer is None
-        p = producer or KafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            max_request_size=MAX_MESSAGE_BYTES,
-            linger_ms=5,
-            batch_size=1024 * 1024,
-        )
+        if producer is None:  # librdkafka: hundreds of MB in seconds
+            fast = ck.Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5,
+                                "message.max.bytes": MAX_MESSAGE_BYTES + 65536})  # fmt: skip
+            for i, (value, headers) in enumerate(messages):
+                while True:
+                    try:
+                        fast.produce(topic, value, headers=headers, partition=i % partitions)
+                        break
+                    except BufferError:
+                        fast.poll(0.05)
+            if fast.flush(120):
+                raise RuntimeError(f"publishing to {topic}: not all messages acknowledged")
+            return
+        own = False
+        p = producer
         try:
             for i, (value, headers) in enumerate(messages):
                 p.send(topic, value=value, headers=headers, partition=i % partitions)
@@ -303,26 +324,39 @@ class Kafka:
             time.sleep(0.25)
         return False
 
-    def read(self, topic: str, count: int, timeout: float = 60.0) -> list[Any]:
-        """The first ``count`` records of ``topic`` (all partitions), from the beginning."""
-        c = KafkaConsumer(
-            topic,
-            bootstrap_servers=self.bootstrap,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            group_id=None,
-            max_partition_fetch_bytes=MAX_MESSAGE_BYTES,
-            fetch_max_bytes=64 * 1024 * 1024,
-        )
-        out: list[Any] = []
+    def read(self, topic: str, count: int, timeout: float = 60.0) -> list[Rec]:
+        """The first ``count`` records of ``topic`` (all partitions), from the beginning.
+
+        librdkafka, no group: reading back a latency run's inputs is hundreds of MB.
+        """
+        c = ck.Consumer({
+            "bootstrap.servers": self.bootstrap,
+            "group.id": f"bench-read-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "max.partition.fetch.bytes": MAX_MESSAGE_BYTES,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "receive.message.max.bytes": 65 * 1024 * 1024,
+        })  # fmt: skip
+        out: list[Rec] = []
         try:
+            meta = c.list_topics(topic, timeout=10).topics[topic]
+            c.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in meta.partitions])
             deadline = time.monotonic() + timeout
             while len(out) < count and time.monotonic() < deadline:
-                for records in c.poll(timeout_ms=200).values():
-                    out.extend(records)
+                msgs: list[Any] = c.consume(1000, 0.2)
+                for m in msgs:
+                    if m.error() is None:
+                        out.append(Rec(m.partition(), m.offset(), m.timestamp()[1], m.key(),
+                                       m.value(), m.headers() or []))  # fmt: skip
         finally:
             c.close()
         return out
+
+    def drop(self, *topics: str) -> None:
+        """Delete ``topics`` now (a latency run writes hundreds of MB)."""
+        with contextlib.suppress(Exception):
+            self._admin.delete_topics(list(topics))
+        self._topics = [t for t in self._topics if t not in topics]
 
 
 # -- measurements ------------------------------------------------------------
