@@ -1,0 +1,623 @@
+"""The committers' logic over in-memory fakes of the Kafka seam (no broker).
+
+The fakes behave as the Protocols in ``worker.kafka`` say: a send returns a
+pending :class:`Delivery` that ``poll``/``flush`` resolve later (as a
+client's delivery callbacks do), a commit may be deferred, every
+transaction step can fail, and so can an abort. The broker-backed tests
+(test_loop, test_faults, test_loss) run the same committers for real.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from worker.commit import AtLeastOnce, Committer, Transactional
+from worker.errors import FatalError
+from worker.kafka import (
+    CommitDeferred,
+    Delivery,
+    KafkaFailure,
+    Producer,
+    RebalanceHandler,
+    Record,
+    TopicPartition,
+    TransactionFailed,
+)
+from worker.offsets import Entry, OffsetTracker
+
+A = TopicPartition("in", 0)
+B = TopicPartition("in", 1)
+C = TopicPartition("in", 2)
+NEVER = 3600.0  # an interval that never comes due within a test
+
+
+class FakeProducer:
+    """Sends stay pending until ``poll``/``flush``; ``fail`` makes a step raise once."""
+
+    def __init__(self, name: str = "p1") -> None:
+        self.name = name
+        self.calls: list[str] = []
+        self.sent: list[tuple[bytes, Delivery]] = []
+        self.refuse: dict[bytes, BaseException] = {}  # value -> the error its delivery gets
+        self.hold: set[bytes] = set()  # values whose delivery never comes back
+        self.fail: dict[str, BaseException] = {}  # step -> raised on its next call
+        self.lenient = False  # commit_transaction returns although a send failed
+        self.in_txn = False
+        self.txn: list[bytes] = []
+        self.txn_offsets: tuple[dict[TopicPartition, int], Any, str] | None = None
+        self.transactions: list[tuple[list[bytes], dict[TopicPartition, int], Any, str]] = []
+        self.closed = False
+
+    def _step(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.fail:
+            raise self.fail.pop(name)
+
+    def _resolve(self) -> int:
+        left = 0
+        for value, d in self.sent:
+            if d.done:
+                continue
+            if value in self.hold:
+                left += 1
+            else:
+                d.resolve(self.refuse.get(value))
+        return left
+
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: list[tuple[Any, bytes | None]],
+        partition: int | None = None,
+    ) -> Delivery:
+        self._step("send")
+        d = Delivery()
+        self.sent.append((value, d))
+        if self.in_txn:
+            self.txn.append(value)
+        return d
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        self.calls.append("poll")
+        self._resolve()
+
+    def flush(self, timeout_s: float) -> int:
+        self.calls.append("flush")
+        return self._resolve()
+
+    def init_transactions(self) -> None:
+        self._step("init_transactions")
+
+    def begin_transaction(self) -> None:
+        self._step("begin_transaction")
+        assert not self.in_txn, "begin inside an open transaction"
+        self.in_txn, self.txn, self.txn_offsets = True, [], None
+
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
+    ) -> None:
+        self._step("send_offsets_to_transaction")
+        assert self.in_txn
+        self.txn_offsets = (dict(offsets), group_metadata, metadata)
+
+    def commit_transaction(self) -> None:
+        self._step("commit_transaction")
+        assert self.in_txn
+        self._resolve()
+        if not self.lenient and any(d.failed for _, d in self.sent):
+            raise TransactionFailed("a send failed", name="_DELIVERY_FAILED")
+        assert self.txn_offsets is not None
+        self.transactions.append((self.txn, *self.txn_offsets))
+        self.in_txn = False
+
+    def abort_transaction(self) -> None:
+        self._step("abort_transaction")
+        self.in_txn = False
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self.closed = True
+
+
+class FakeConsumer:
+    def __init__(self, assigned: Collection[TopicPartition] = (A, B)) -> None:
+        self.assigned = set(assigned)
+        self.commits: list[tuple[dict[TopicPartition, int], str]] = []
+        self.fail: list[BaseException] = []  # raised by the next commits, in order
+        self.seeks: list[tuple[TopicPartition, int | None]] = []
+        self.metadata = object()
+
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
+        if self.fail:
+            raise self.fail.pop(0)
+        self.commits.append((dict(offsets), metadata))
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def seek(self, tp: TopicPartition, offset: int | None) -> None:
+        self.seeks.append((tp, offset))
+
+    def group_metadata(self) -> Any:
+        return self.metadata
+
+    # The rest of the Protocol: the committers never call these.
+    def subscribe(self, topics: list[str], handler: RebalanceHandler) -> None:
+        raise AssertionError("not a committer's call")
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        raise AssertionError("not a committer's call")
+
+    def pause(self, tps: Collection[TopicPartition]) -> None:
+        raise AssertionError("not a committer's call")
+
+    def resume(self, tps: Collection[TopicPartition]) -> None:
+        raise AssertionError("not a committer's call")
+
+    def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
+        raise AssertionError("not a committer's call")
+
+    def committed_metadata(
+        self, tps: Collection[TopicPartition]
+    ) -> dict[TopicPartition, tuple[int | None, str]]:
+        raise AssertionError("not a committer's call")
+
+    def watermarks(self, tp: TopicPartition) -> tuple[int, int] | None:
+        raise AssertionError("not a committer's call")
+
+    def lag(self, tp: TopicPartition) -> int | None:
+        raise AssertionError("not a committer's call")
+
+    def close(self) -> None:
+        raise AssertionError("not a committer's call")
+
+
+def _value(tp: TopicPartition, offset: int) -> bytes:
+    return f"{tp.partition}@{offset}".encode()
+
+
+def emit(producer: Producer, entry: Entry) -> Delivery:
+    return producer.send("out", entry.out, None, [], None)
+
+
+class Rig:
+    """A tracker, the fakes, and what the committer retired."""
+
+    def __init__(self, assigned: Collection[TopicPartition] = (A, B)) -> None:
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.consumer = FakeConsumer(assigned)
+        self.producer = FakeProducer()
+        self.retired: list[Entry] = []
+        self.opened: list[FakeProducer] = []
+
+    def add(self, tp: TopicPartition, offsets: range, answered: bool = True) -> list[Entry]:
+        entries = []
+        for o in offsets:
+            e = Entry(o, 10)
+            if answered:
+                e.out = _value(tp, o)
+            self.tracker.add(tp, e)
+            entries.append(e)
+        return entries
+
+    def at_least_once(self, interval_s: float = 0.0) -> AtLeastOnce:
+        return AtLeastOnce(
+            self.tracker, self.consumer, self.producer, emit, self.retired.extend, interval_s
+        )
+
+    def reopen(self) -> FakeProducer:
+        p = FakeProducer(f"p{len(self.opened) + 2}")
+        self.opened.append(p)
+        return p
+
+    def transactional(self, interval_s: float = 0.0) -> Transactional:
+        return Transactional(
+            self.tracker,
+            self.consumer,
+            self.producer,
+            emit,
+            self.retired.extend,
+            interval_s,
+            reopen=self.reopen,
+        )
+
+
+def _values(entries: list[Entry]) -> list[bytes]:
+    return [e.out for e in entries]
+
+
+@pytest.fixture()
+def rig() -> Rig:
+    return Rig()
+
+
+@pytest.fixture()
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """``worker.commit``'s monotonic clock, set by the test."""
+    now = [1000.0]
+    monkeypatch.setattr("worker.commit.time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    yield now
+
+
+# -- the common interface ---------------------------------------------------------------------
+
+
+def test_the_base_committer_leaves_the_steps_to_its_subclasses(rig: Rig) -> None:
+    base = Committer(rig.tracker, rig.consumer, rig.producer, emit, rig.retired.extend, 0.0)
+    with pytest.raises(NotImplementedError):
+        base.send()
+    with pytest.raises(NotImplementedError):
+        base.commit()
+    with pytest.raises(NotImplementedError):
+        base.revoke([A])
+
+
+def test_clean_offsets_are_the_committed_offsets_of_the_partitions_asked(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.committed_offsets.update({A: 5, B: 7})
+    assert c.clean_offsets([A, C]) == {A: 5}
+    assert c.clean_offsets([]) == {}
+
+
+def test_pending_counts_polled_and_acknowledged_records_not_yet_committed(rig: Rig) -> None:
+    c = rig.at_least_once(NEVER)
+    rig.add(A, range(0, 3))
+    rig.add(B, range(0, 1), answered=False)
+    c.send()
+    assert c.commit() == 0  # acknowledged, not due
+    assert c.pending() == 4 == rig.tracker.pending()
+
+
+# -- at-least-once ---------------------------------------------------------------------------
+
+
+def test_send_emits_answered_heads_in_offset_order_once(rig: Rig) -> None:
+    c = rig.at_least_once()
+    a = rig.add(A, range(0, 4), answered=False)
+    b = rig.add(B, range(10, 12))
+    a[1].out, a[3].out = _value(A, 1), _value(A, 3)
+    c.send([A])
+    assert rig.producer.sent == []  # 0 unanswered: 1 and 3 wait
+    a[0].out = _value(A, 0)
+    c.send([A])
+    assert [v for v, _ in rig.producer.sent] == [b"0@0", b"0@1"]
+    c.send()
+    c.send()
+    assert [v for v, _ in rig.producer.sent] == [b"0@0", b"0@1", b"1@10", b"1@11"]
+    assert [len(e.deliveries) for e in a + b] == [1, 1, 0, 0, 1, 1]
+    assert all(not d.done for _, d in rig.producer.sent)  # resolved later, by poll
+
+
+def test_commit_commits_the_acknowledged_offsets_plus_one_and_settles_them(rig: Rig) -> None:
+    c = rig.at_least_once()
+    a = rig.add(A, range(100, 103))
+    b = rig.add(B, range(7, 8))
+    rig.add(B, range(8, 9), answered=False)
+    c.send()
+    assert rig.tracker.inflight_bytes == 50
+    assert c.commit() == 4
+    assert rig.producer.calls[-1] == "poll"  # deliveries are read before acknowledging
+    assert rig.consumer.commits == [({A: 103, B: 8}, "run")]
+    assert rig.retired == a + b
+    assert c.committed_offsets == {A: 103, B: 8}
+    assert c.pending() == 1 and rig.tracker.inflight_bytes == 10
+    # Nothing new: no empty commit reaches the broker.
+    assert c.commit(force=True) == 0
+    assert len(rig.consumer.commits) == 1
+
+
+def test_commit_passes_its_metadata(rig: Rig) -> None:
+    c = rig.at_least_once()
+    rig.add(A, range(0, 1))
+    c.send()
+    assert c.commit(force=True, metadata="clean") == 1
+    assert rig.consumer.commits == [({A: 1}, "clean")]
+
+
+def test_commit_waits_for_deliveries_and_keeps_offset_order(rig: Rig) -> None:
+    c = rig.at_least_once()
+    rig.add(A, range(0, 4))
+    rig.producer.hold = {b"0@1"}
+    c.send()
+    assert c.commit() == 1
+    assert rig.consumer.commits == [({A: 1}, "run")]
+    assert c.commit() == 0  # 2 and 3 acknowledged, but 1 is not: nothing more
+    assert rig.consumer.commits == [({A: 1}, "run")]
+    rig.producer.hold.clear()
+    assert c.commit() == 3
+    assert rig.consumer.commits[-1] == ({A: 4}, "run")
+
+
+def test_commit_only_when_the_interval_has_passed_or_forced(rig: Rig, clock: list[float]) -> None:
+    c = rig.at_least_once(5.0)
+    assert c.last_commit == 1000.0
+    a = rig.add(A, range(0, 2))
+    c.send()
+    clock[0] = 1004.999
+    assert c.commit() == 0
+    assert rig.consumer.commits == []
+    assert rig.retired == a  # acknowledged all the same
+    clock[0] = 1005.0
+    assert c.commit() == 2
+    assert rig.consumer.commits == [({A: 2}, "run")]
+    assert c.last_commit == 1005.0
+    rig.add(A, range(2, 3))
+    c.send()
+    clock[0] = 1006.0
+    assert c.commit() == 0
+    assert c.commit(force=True) == 1
+    assert c.last_commit == 1006.0
+
+
+def test_a_deferred_commit_keeps_its_offsets_for_the_next_one(rig: Rig, clock: list[float]) -> None:
+    c = rig.at_least_once(1.0)
+    rig.add(A, range(0, 3))
+    rig.add(B, range(0, 1))
+    c.send()
+    rig.consumer.fail = [CommitDeferred("rebalance", name="REBALANCE_IN_PROGRESS")]
+    clock[0] += 2
+    assert c.commit() == 0
+    assert rig.consumer.commits == []
+    assert c.committed_offsets == {}
+    assert c.last_commit == 1000.0  # not a commit: still due
+    assert c.pending() == 4
+    rig.add(A, range(3, 5))
+    c.send()
+    assert c.commit() == 6
+    assert rig.consumer.commits == [({A: 5, B: 1}, "run")]
+    assert c.pending() == 0 and c.last_commit == 1002.0
+
+
+def test_a_failed_commit_is_raised_and_counts_nothing(rig: Rig) -> None:
+    c = rig.at_least_once()
+    rig.add(A, range(0, 2))
+    c.send()
+    rig.consumer.fail = [KafkaFailure("coordinator gone", retriable=True)]
+    with pytest.raises(KafkaFailure, match="coordinator gone"):
+        c.commit()
+    assert rig.consumer.commits == [] and c.committed_offsets == {}
+    assert c.pending() == 2
+
+
+def test_a_refused_answer_is_fatal_and_nothing_at_or_after_it_is_ever_committed(
+    rig: Rig,
+) -> None:
+    c = rig.at_least_once()
+    a = rig.add(A, range(10, 16))
+    b = rig.add(B, range(0, 2))
+    boom = KafkaFailure("MSG_SIZE_TOO_LARGE")
+    rig.producer.refuse = {b"0@12": boom}
+    c.send()
+    with pytest.raises(FatalError, match="MSG_SIZE_TOO_LARGE"):
+        c.commit()
+    assert rig.consumer.commits == []
+    assert rig.retired == [a[0], a[1], *b]  # what precedes it is acknowledged
+    # Should the loop go on: later answers succeed, commits happen, a deferred one
+    # is restored, another partition is forgotten; A never passes 12.
+    rig.add(A, range(16, 18))
+    rig.add(C, range(0, 1))
+    c.send()
+    rig.consumer.fail = [CommitDeferred("rebalance")]
+    assert c.commit(force=True) == 0
+    rig.tracker.forget([B, C])
+    assert c.commit(force=True) == 2
+    c.send()
+    assert c.commit(force=True) == 0
+    assert rig.consumer.commits == [({A: 12}, "run")]
+    assert rig.tracker.first_offsets() == {A: 12}
+    assert c.pending() == 6  # 12..17 held, never settled
+    assert c.revoke([A]) == ({A: 12}, 0)  # the clean offset, not a step further
+
+
+def test_revoke_sends_flushes_and_returns_the_offsets_and_settled_count(rig: Rig) -> None:
+    c = rig.at_least_once(NEVER)
+    c.committed_offsets.update({A: 3, B: 40})
+    rig.add(A, range(3, 5))
+    c.send()
+    assert c.commit() == 0  # acknowledged 3 and 4, not due
+    rig.add(A, range(5, 7))  # answered, not yet sent
+    rig.add(A, range(7, 8), answered=False)
+    rig.add(B, range(40, 42))
+    offsets, settled = c.revoke([A])
+    assert (offsets, settled) == ({A: 7}, 4)
+    assert [v for v, _ in rig.producer.sent] == [b"0@3", b"0@4", b"0@5", b"0@6"]
+    assert rig.producer.calls[-1] == "flush"
+    assert rig.consumer.commits == []  # the client commits what revoke returns
+    assert rig.tracker.first_offsets() == {A: 7, B: 40}
+    assert c.pending() == 1 + 2
+
+
+def test_revoke_gives_the_clean_offset_of_a_partition_with_nothing_new(rig: Rig) -> None:
+    c = rig.at_least_once(NEVER)
+    c.committed_offsets.update({A: 3, B: 9})
+    rig.add(A, range(3, 4), answered=False)
+    assert c.revoke([A, C]) == ({A: 3}, 0)
+    assert rig.producer.sent == []
+
+
+def test_revoke_stops_at_an_answer_the_flush_did_not_acknowledge(rig: Rig) -> None:
+    c = rig.at_least_once(NEVER)
+    rig.add(A, range(0, 4))
+    rig.producer.hold = {b"0@2"}
+    assert c.revoke([A]) == ({A: 2}, 2)
+    assert rig.tracker.first_offsets() == {A: 2}
+
+
+def test_revoke_carries_the_offsets_of_a_deferred_commit(rig: Rig) -> None:
+    c = rig.at_least_once()
+    rig.add(A, range(0, 2))
+    c.send()
+    rig.consumer.fail = [CommitDeferred("rebalance")]
+    assert c.commit() == 0
+    assert c.revoke([A]) == ({A: 2}, 2)
+    assert c.pending() == 0
+
+
+# -- transactional ----------------------------------------------------------------------------
+
+
+def test_send_sends_nothing_outside_a_transaction(rig: Rig) -> None:
+    c = rig.transactional()
+    rig.add(A, range(0, 2))
+    c.send()
+    c.send([A])
+    assert rig.producer.calls == []
+
+
+def test_a_transaction_holds_the_window_answers_and_offsets(rig: Rig) -> None:
+    c = rig.transactional()
+    a = rig.add(A, range(0, 3))
+    rig.add(A, range(3, 4), answered=False)
+    a += rig.add(A, range(4, 5))  # after an unanswered record: not in this window
+    b = rig.add(B, range(20, 22))
+    assert c.commit(metadata="run") == 5
+    p = rig.producer
+    assert p.calls == [
+        "begin_transaction",
+        *["send"] * 5,
+        "send_offsets_to_transaction",
+        "commit_transaction",
+    ]
+    assert p.transactions == [
+        ([b"0@0", b"0@1", b"0@2", b"1@20", b"1@21"], {A: 3, B: 22}, rig.consumer.metadata, "run")
+    ]
+    assert rig.consumer.commits == []  # the offsets went in the transaction
+    assert rig.retired == [*a[:3], *b]
+    assert c.committed_offsets == {A: 3, B: 22}
+    assert rig.tracker.first_offsets() == {A: 3}
+    assert c.pending() == 2 and rig.tracker.inflight_bytes == 20
+    assert c.aborted == 0 and rig.consumer.seeks == []
+
+
+def test_no_transaction_without_answers_or_before_it_is_due(rig: Rig, clock: list[float]) -> None:
+    c = rig.transactional(5.0)
+    rig.add(A, range(0, 1), answered=False)
+    assert c.commit(force=True) == 0
+    assert rig.producer.calls == []
+    rig.add(B, range(0, 1))
+    clock[0] = 1004.0
+    assert c.commit() == 0
+    assert rig.producer.calls == []
+    clock[0] = 1005.0
+    assert c.commit(metadata="clean") == 1
+    assert rig.producer.transactions[0][1:] == ({B: 1}, rig.consumer.metadata, "clean")
+    assert c.last_commit == 1005.0
+
+
+def test_consecutive_transactions_commit_consecutive_windows(rig: Rig) -> None:
+    c = rig.transactional()
+    rig.add(A, range(0, 2))
+    assert c.commit() == 2
+    rig.add(A, range(2, 5))
+    assert c.commit() == 3
+    assert [(t[0], t[1]) for t in rig.producer.transactions] == [
+        ([b"0@0", b"0@1"], {A: 2}),
+        ([b"0@2", b"0@3", b"0@4"], {A: 5}),
+    ]
+    assert c.pending() == 0 and rig.tracker.inflight_bytes == 0
+
+
+def _abort_scenario(rig: Rig) -> tuple[Transactional, list[Entry]]:
+    """One transaction committed (A 0..1); then A 2..3, A 4 unanswered, B 0, C 0 (unassigned)."""
+    c = rig.transactional()
+    rig.add(A, range(0, 2))
+    assert c.commit() == 2
+    rig.producer.calls.clear()
+    window = rig.add(A, range(2, 4)) + rig.add(B, range(0, 1))
+    rig.add(A, range(4, 5), answered=False)
+    rig.add(C, range(9, 10))
+    return c, window
+
+
+def _assert_rewound(rig: Rig, c: Transactional) -> None:
+    """Aborted and rewound to the first uncommitted record of every assigned line."""
+    assert c.aborted == 1
+    assert sorted(rig.consumer.seeks) == [(A, 2), (B, 0)]  # C is not assigned: not sought
+    assert rig.tracker.first_offsets() == {}  # every line forgotten, re-read from Kafka
+    assert c.pending() == 0 and rig.tracker.inflight_bytes == 0
+    assert c.committed_offsets == {A: 2}
+    assert rig.retired[2:] == []  # only the first transaction's records were retired
+    assert len(rig.retired) == 2
+
+
+@pytest.mark.parametrize(
+    "step", ["begin_transaction", "send", "send_offsets_to_transaction", "commit_transaction"]
+)
+@pytest.mark.parametrize("error", [KafkaFailure, TransactionFailed])
+def test_a_failing_step_aborts_and_rewinds(
+    rig: Rig, step: str, error: Callable[[str], KafkaFailure]
+) -> None:
+    c, _ = _abort_scenario(rig)
+    rig.producer.fail[step] = error(f"{step} failed")
+    assert c.commit() == 0
+    assert rig.producer.calls[-1] == "abort_transaction"
+    assert rig.producer.calls.index(step) < rig.producer.calls.index("abort_transaction")
+    assert len(rig.producer.transactions) == 1
+    assert c.producer is rig.producer and rig.opened == []
+    _assert_rewound(rig, c)
+
+
+def test_a_delivery_error_after_commit_returned_aborts_and_rewinds(rig: Rig) -> None:
+    c, _ = _abort_scenario(rig)
+    rig.producer.lenient = True  # commit_transaction returns normally (kafka-python's fault)
+    rig.producer.refuse = {b"0@3": KafkaFailure("NOT_ENOUGH_REPLICAS")}
+    assert c.commit() == 0
+    assert rig.producer.calls[-2:] == ["commit_transaction", "abort_transaction"]
+    _assert_rewound(rig, c)
+
+
+def test_a_delivery_still_pending_after_commit_returned_aborts_and_rewinds(rig: Rig) -> None:
+    c, _ = _abort_scenario(rig)
+    rig.producer.lenient = True
+    rig.producer.hold = {b"1@0"}
+    assert c.commit() == 0
+    assert rig.producer.calls[-2:] == ["commit_transaction", "abort_transaction"]
+    _assert_rewound(rig, c)
+
+
+def test_an_abort_that_fails_opens_a_fresh_producer(rig: Rig) -> None:
+    c, _ = _abort_scenario(rig)
+    old = rig.producer
+    old.fail = {
+        "commit_transaction": TransactionFailed("fenced?"),
+        "abort_transaction": KafkaFailure("abort failed"),
+    }
+    assert c.commit() == 0
+    assert old.calls[-2:] == ["abort_transaction", "close"] and old.closed
+    assert [p.name for p in rig.opened] == ["p2"]
+    assert c.producer is rig.opened[0]
+    _assert_rewound(rig, c)
+    # The records are read again and the next transaction goes through the new producer.
+    rig.add(A, range(2, 4))
+    assert c.commit() == 2
+    new = rig.opened[0]
+    assert new.transactions == [([b"0@2", b"0@3"], {A: 4}, rig.consumer.metadata, "run")]
+    assert len(old.transactions) == 1
+
+
+def test_an_error_outside_the_kafka_seam_is_not_swallowed(rig: Rig) -> None:
+    c = rig.transactional()
+    rig.add(A, range(0, 1))
+    rig.producer.fail["send"] = ValueError("a bug")
+    with pytest.raises(ValueError, match="a bug"):
+        c.commit()
+    assert c.aborted == 0 and rig.consumer.seeks == []
+
+
+def test_transactional_revoke_abandons_in_flight_work_and_gives_clean_offsets(
+    rig: Rig,
+) -> None:
+    c = rig.transactional()
+    rig.add(A, range(0, 2))
+    assert c.commit() == 2
+    rig.add(A, range(2, 4))
+    rig.add(B, range(0, 1))
+    assert c.revoke([A, C]) == ({A: 2}, 0)
+    assert len(rig.producer.transactions) == 1 and rig.producer.calls.count("send") == 2
+    assert rig.tracker.first_offsets() == {A: 2, B: 0}  # the loop forgets them, not revoke
