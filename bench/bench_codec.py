@@ -4,7 +4,7 @@ For the demo MLP at 64, 256 and 1024 rows, times decode_request + bind +
 encode_response (+ response_headers) against ``session.run`` on the same
 batch, for Arrow, msgpack and V2 JSON, as medians of repeated runs. The goal
 is codec time <= 5% of the ONNX Runtime time for Arrow; for JSON, the
-``msg/s`` column is what one core can decode and encode (MLServer's Kafka mode
+``codec rows/s`` column is what one core can decode and encode (MLServer's Kafka mode
 answers 64-row V2 JSON requests of this shape at 7,000-10,500 rows/s).
 
     .venv/bin/python bench/bench_codec.py [--repeat 200] [--threads 1]

@@ -22,7 +22,8 @@ SIGNATURES = [
 ]
 LIMITS = Limits(max_bytes=1 << 20, max_rows=10_000, max_elements=1 << 20)
 CONTENT_TYPES = [[], [("content-type", b"application/vnd.apache.arrow.stream")],
-                 [("content-type", b"application/x-msgpack")]]
+                 [("content-type", b"application/x-msgpack")],
+                 [("content-type", b"application/json")]]
 
 
 def seeds() -> list[bytes]:
@@ -36,6 +37,11 @@ def seeds() -> list[bytes]:
     out.append(encode_request({"x": x, "s": s}, format="arrow")[0])
     out.append(encode_request({"x": x, "s": s}, format="msgpack", model="m", model_version=1,
                               request_id="r", passthrough={"a": [1, {"b": None}]})[0])
+    for form in ("flat", "nested"):
+        out.append(encode_request({"x": x, "s": s}, format="json", form=form, request_id="r",
+                                  passthrough={"a": [1]})[0])
+    out.append(b'{"inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32", "data": '
+               + str(x.tolist()).encode() + b'}], "outputs": [{"name": "y"}]}')
     import msgpack
 
     out.append(msgpack.packb({"inputs": {"x": {"dtype": "float32", "shape": [3, 4],
