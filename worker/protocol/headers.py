@@ -35,7 +35,12 @@ __all__ = [
 
 MAX_ERROR_MESSAGE_BYTES = 1024
 READ_HEADERS = (
-    "content-type", "model", "model-version", "request-id", "mlserver-model", "mlserver-version"
+    "content-type",
+    "model",
+    "model-version",
+    "request-id",
+    "mlserver-model",
+    "mlserver-version",
 )
 """The headers whose values the worker interprets (so they must be UTF-8)."""
 
@@ -93,24 +98,35 @@ def _mlserver_version(raw: str) -> int | None:
     return None
 
 
+def _read(headers: HeadersIn) -> dict[str, str]:
+    """One pass: the last non-NULL value of every header the worker reads, as text.
+    Every such value must be UTF-8, even one a later header or a synonym shadows."""
+    found: dict[str, str] = {}
+    for key, raw in headers:
+        if not isinstance(key, str):
+            raise DecodeError(f"header name {bytes(key)[:64]!r} is not UTF-8 text")
+        name = key.lower()
+        if name in READ_HEADERS and raw is not None:
+            try:
+                found[name] = bytes(raw).decode("utf-8")
+            except (UnicodeDecodeError, TypeError) as exc:
+                raise DecodeError(f"header {name!r} is not UTF-8 text") from exc
+    return found
+
+
 def envelope(headers: HeadersIn, *, key: bytes | None, default_id: str) -> Envelope:
     """Read every header the worker interprets, once, with the same rules for all codecs."""
-    check_names(headers)
-    for name in READ_HEADERS:
-        get_header(headers, name)  # every read header must be UTF-8, even a shadowed synonym
-    model = get_header(headers, "model") or get_header(headers, "mlserver-model")
-    raw_version = get_header(headers, "model-version")
+    found = _read(headers)
     version: int | None = None
-    if raw_version is not None:
-        version = parse_version(raw_version, "header 'model-version'")
-    else:
-        synonym = get_header(headers, "mlserver-version")
-        version = None if synonym is None else _mlserver_version(synonym)
+    if "model-version" in found:
+        version = parse_version(found["model-version"], "header 'model-version'")
+    elif "mlserver-version" in found:
+        version = _mlserver_version(found["mlserver-version"])
     return Envelope(
-        headers=readable(headers),  # every name is a str: check_names passed
-        model=model,
+        headers=list(headers),  # type: ignore[arg-type]  # _read checked: every name is a str
+        model=found.get("model") or found.get("mlserver-model"),
         model_version=version,
-        request_id=get_header(headers, "request-id"),
+        request_id=found.get("request-id"),
         key=bytes(key) if key is not None else None,
         default_id=default_id,
     )
