@@ -34,6 +34,9 @@ __all__ = ["AtLeastOnce", "Committer", "Transactional"]
 log = logging.getLogger("worker.commit")
 
 Emit = Callable[[Producer, Entry], Delivery]
+# Turns an answer the broker refused into one it takes (a too-large response into
+# a dead letter); False when nothing can be done.
+Rescue = Callable[[Entry, BaseException], bool]
 Retire = Callable[[list[Entry]], None]
 
 
@@ -46,12 +49,14 @@ class Committer:
         emit: Emit,
         retire: Retire,
         interval_s: float,
+        rescue: Rescue | None = None,
     ) -> None:
         self.tracker = tracker
         self.consumer = consumer
         self.producer = producer
         self._emit = emit
         self._retire = retire
+        self._rescue = rescue
         self._interval_s = interval_s
         self.last_commit = time.monotonic()
         # What the group has committed for each partition (ours, or found at assignment).
@@ -98,6 +103,12 @@ class AtLeastOnce(Committer):
         self._retire(acked.retired)
         if acked.error is not None:
             assert acked.refused is not None
+            entry = acked.refused
+            if self._rescue is not None and self._rescue(entry, acked.error):
+                # Sent again as what the broker takes; its line goes on from here.
+                entry.deliveries = [self._emit(self.producer, entry)]
+                self.tracker.clear_refusal(self._partition_of(entry))
+                return 0
             raise FatalError(
                 f"the broker refused an answer ({acked.error}); nothing at or after it is "
                 "committed, and it is answered again after a restart"
@@ -119,6 +130,9 @@ class AtLeastOnce(Committer):
         self.last_commit = time.monotonic()
         self.committed_offsets.update(offsets)
         return self.tracker.committed(offsets)
+
+    def _partition_of(self, entry: Entry) -> TopicPartition:
+        return next(tp for tp, e in self.tracker.refused() if e is entry)
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
         """Send and acknowledge what ``tps`` answered; their offsets to commit."""
@@ -156,10 +170,11 @@ class Transactional(Committer):
         for tp, entry in window:
             offsets[tp] = entry.offset + 1
         p = self.producer
+        deliveries: list[Delivery] = []
         try:
             # 2. Begin; 3. send every answer and dead letter of the window.
             p.begin_transaction()
-            deliveries = [self._emit(p, entry) for _, entry in window]
+            deliveries.extend(self._emit(p, entry) for _, entry in window)
             # 4. The consumer's offsets join the transaction.
             p.send_offsets_to_transaction(offsets, self.consumer.group_metadata(), metadata)
             # 5. Commit (flushes); 6. it counts only if every send succeeded.
@@ -168,6 +183,11 @@ class Transactional(Committer):
             if failed is not None or not all(d.done for d in deliveries):
                 raise TransactionFailed(f"a send in the committed transaction failed: {failed}")
         except (TransactionFailed, KafkaFailure) as exc:
+            if self._rescue is not None:
+                # Remembered, so the answer is sent as what the broker takes next time.
+                for (_, entry), d in zip(window, deliveries, strict=False):
+                    if d.error is not None:
+                        self._rescue(entry, d.error)
             self._abort(exc)
             return 0
         # 7. Settled: drop the window from the lines.
@@ -189,11 +209,22 @@ class Transactional(Committer):
                 self.producer.close()
             finally:
                 self.producer = self._reopen()
+        # Where to read again: what the broker holds as committed (a transaction that
+        # returned "committed" while a send failed may or may not have landed), else
+        # the first record not yet committed -- never the beginning of the topic.
         rewind = self.tracker.first_offsets()
         assigned = self.consumer.assignment()
-        for tp, offset in rewind.items():
+        try:
+            stable = self.consumer.committed([tp for tp in rewind if tp in assigned])
+        except KafkaFailure as exc:
+            log.warning("committed offsets unknown after the abort (%s)", exc)
+            stable = {}
+        for tp, first in rewind.items():
             if tp in assigned:
-                self.consumer.seek(tp, offset)
+                at = stable.get(tp)
+                self.consumer.seek(tp, first if at is None else at)
+                if at is not None:
+                    self.committed_offsets[tp] = at
         self.tracker.forget(list(rewind))
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:

@@ -183,6 +183,9 @@ class Worker:
         self._last_metadata = 0.0
         self._partitions: dict[str, int | None] = {}  # output/DLQ topic -> partition count
         self._size_limits: dict[str, int] = {}  # output/DLQ topic -> max.message.bytes
+        # Answers the broker refused as too large (exactly-once re-reads them after the
+        # abort): dead-lettered at once the next time.
+        self._refused_large: set[tuple[str, int, int]] = set()
         self.committed_records = 0
         self._cache: SessionCache | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -245,6 +248,9 @@ class Worker:
                 max_models=s.cache_max_models,
                 max_bytes=s.cache_max_bytes,
                 metrics=self.metrics,
+                # A failed load is remembered no longer than the first retry's wait,
+                # so a model file still being written loads on that retry.
+                retry_after_s=min(_MAX_BACKOFF_S, s.retry_backoff_ms / 1000),
             )
             stack.callback(cache.close)
             self._cache = cache
@@ -280,6 +286,7 @@ class Worker:
                     self._emit,
                     self._retire,
                     s.commit_interval_ms / 1000,
+                    rescue=self._rescue,
                     reopen=self._open_producer,
                 )
             else:
@@ -290,6 +297,7 @@ class Worker:
                     self._emit,
                     self._retire,
                     s.commit_interval_ms / 1000,
+                    rescue=self._rescue,
                 )
             self._committer = committer
             stack.callback(lambda: committer.producer.close())
@@ -712,6 +720,8 @@ class Worker:
             self.settings.max_message_bytes,
         )
         size = _record_size(o)
+        if o.ok and (slot.record.topic, slot.record.partition, slot.offset) in self._refused_large:
+            size = max(size, limit + 1)  # refused before: the broker's limit is lower
         if size > limit:
             if o.ok:  # the response is too large: dead-letter the request instead
                 o = slot.out = self._dead_letter(
@@ -732,6 +742,35 @@ class Worker:
         r = slot.record
         partition = output_partition(r.partition, o.key, self._partitions.get(o.topic))
         return producer.send(o.topic, o.value, o.key, o.headers, partition)
+
+    def _rescue(self, entry: Entry, error: BaseException) -> bool:
+        """A delivery the broker refused as too large: the answer becomes a dead letter
+        (a dead letter loses its value), and the topic's limit is learnt."""
+        if not isinstance(error, KafkaFailure) or not error.too_large:
+            return False
+        slot: Slot = entry  # type: ignore[assignment]
+        o: Outgoing = slot.out
+        r = slot.record
+        size = _record_size(o)
+        self._size_limits[o.topic] = min(self._size_limits.get(o.topic, size), size - 1)
+        if o.ok:
+            self._refused_large.add((r.topic, r.partition, r.offset))
+            slot.out = self._dead_letter(
+                slot,
+                TooLarge(
+                    f"the response of {size} bytes was refused by the broker: over the "
+                    f"max.message.bytes of topic {o.topic!r}"
+                ),
+                get_header(o.headers, "model"),
+            )
+            return True
+        if o.value:
+            log.error("%s: dead letter too large to publish; value omitted", slot.where)
+            slot.out = replace(
+                o, value=b"", headers=[*o.headers, ("value-omitted", str(len(o.value)).encode())]
+            )
+            return True
+        return False
 
     def _retire(self, slots: list[Entry]) -> None:
         now = time.time()

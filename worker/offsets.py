@@ -113,6 +113,15 @@ class OffsetTracker(Generic[K]):
                     result.retired.append(head)
         return result
 
+    def refused(self) -> list[tuple[K, Entry]]:
+        with self.lock:
+            return list(self._refused.items())
+
+    def clear_refusal(self, tp: K) -> None:
+        """The refused head was sent again (as something the broker takes)."""
+        with self.lock:
+            self._refused.pop(tp, None)
+
     def to_commit(self, tps: Collection[K] | None = None) -> dict[K, int]:
         """Take the offsets ready to commit; give them back with :meth:`restore` on failure."""
         with self.lock:

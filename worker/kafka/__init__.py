@@ -121,6 +121,14 @@ class KafkaFailure(Exception):
         self.retriable = retriable
         self.name = name
 
+    @property
+    def too_large(self) -> bool:
+        """The broker refused a record over the topic's ``max.message.bytes``."""
+        return self.name in _TOO_LARGE
+
+
+_TOO_LARGE = {"MSG_SIZE_TOO_LARGE", "MessageSizeTooLargeError", "RecordTooLargeError"}
+
 
 class CommitDeferred(KafkaFailure):
     """A commit refused for now (rebalance, coordinator moving): keep the offsets, retry."""

@@ -419,9 +419,7 @@ class ConfluentProducer:
     def send_offsets_to_transaction(
         self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
     ) -> None:
-        self._txn(
-            self._p.send_offsets_to_transaction, _ctps(offsets, metadata), group_metadata, 30
-        )
+        self._txn(self._p.send_offsets_to_transaction, _ctps(offsets, metadata), group_metadata, 30)
 
     def commit_transaction(self) -> None:
         self._txn(self._p.commit_transaction, 30)

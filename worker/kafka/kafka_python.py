@@ -451,15 +451,10 @@ class KafkaPythonAdmin:
             log.debug("max.message.bytes unknown: %s", exc)
             return {}
         limits: dict[str, int] = {}
-        for response in responses if isinstance(responses, list) else [responses]:
-            for resource in response.to_object().get("resources", ()):
-                name = resource.get("resource_name")
-                for entry in resource.get("configs", ()):
-                    if (
-                        entry.get("config_names") == "max.message.bytes"
-                        or entry.get("config_name") == "max.message.bytes"
-                    ):
-                        limits[name] = int(entry["config_value"])
+        for name, configs in (responses or {}).get("topic", {}).items():
+            entry = (configs or {}).get("max.message.bytes")
+            if entry and entry.get("value") is not None:
+                limits[name] = int(entry["value"])
         return limits
 
     def close(self) -> None:

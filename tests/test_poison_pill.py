@@ -1,0 +1,135 @@
+"""A record that kills the process natively is dead-lettered after at most 3 crashes.
+
+The crash is real: the test fault hook ``INFERENCE_WORKER_TEST_CRASH_ON`` makes
+the worker process abort (SIGABRT, as a crash inside a native kernel would)
+when it runs the request with that id. Each crash is a real process death;
+the test restarts the worker as Kubernetes would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.harness import (
+    FAST_GROUP,
+    committed,
+    consume,
+    consume_ids,
+    header,
+    produce,
+    worker_process,
+)
+from worker.demo import write_demo_model
+from worker.protocol import encode_request
+
+pytestmark = pytest.mark.kafka
+
+POISON = "r-10"
+
+
+def _args(bootstrap: str, requests: str, outputs: str, repo: Path, group: str, client: str) -> list[str]:
+    return [
+        "--bootstrap-servers", bootstrap,
+        "--input-topic", requests,
+        "--output-topic", outputs,
+        "--model-repository", str(repo),
+        "--group-id", group,
+        "--metrics-port", "0",
+        "--device", "cpu",
+        "--kafka-client", client,
+        *(f"--kafka-option={k}={v}" for k, v in FAST_GROUP.items()),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_goes_on(
+    kafka_bootstrap: str,
+    new_topic: Callable[..., str],
+    group_id: str,
+    tmp_path: Path,
+    client: str,
+) -> None:
+    repo = tmp_path / "models"
+    write_demo_model(repo)
+    requests, outputs = new_topic(), new_topic()
+    n = 30
+    records = []
+    for i in range(n):
+        value, headers = encode_request(
+            {"x": np.full((1, 784), i / n, np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id=f"r-{i}",
+        )
+        records.append((f"k{i}".encode(), value, headers))
+    produce(kafka_bootstrap, requests, records)
+    args = _args(kafka_bootstrap, requests, outputs, repo, group_id, client)
+    crashes = 0
+    want = {f"r-{i}" for i in range(n)} - {POISON}
+    for attempt in range(6):
+        proc = worker_process(
+            args,
+            env={"INFERENCE_WORKER_TEST_CRASH_ON": POISON},
+            log_path=tmp_path / f"worker-{attempt}.log",
+        )
+        try:
+            # Either it dies on the poison pill, or it gets past it.
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and time.monotonic() < deadline:
+                answered = consume(kafka_bootstrap, f"{requests}.dlq", 1, timeout=0.5)
+                if answered:
+                    break
+            if proc.poll() is not None:
+                assert proc.returncode != 0
+                crashes += 1
+                continue
+            dlq = consume(kafka_bootstrap, f"{requests}.dlq", 1, timeout=30)
+            answers = consume_ids(kafka_bootstrap, outputs, want, timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
+        break
+    else:
+        pytest.fail(f"still crashing after {crashes} restarts")
+    assert 1 <= crashes <= 3, crashes
+    assert len(dlq) == 1 and header(dlq[0], "request-id") == POISON
+    assert header(dlq[0], "error-type") == "inference-error"
+    assert "crashed the worker" in (header(dlq[0], "error-message") or "")
+    assert dlq[0].key == b"k10" and dlq[0].value == records[10][1]
+    assert want <= {header(r, "request-id") for r in answers}
+    # the partition went on: everything is committed after a clean stop
+    assert proc.returncode == 0
+    assert committed(kafka_bootstrap, group_id, requests) == {0: n}
+
+
+def test_a_clean_stop_leaves_nothing_to_run_carefully(
+    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, tmp_path: Path
+) -> None:
+    """The poison-pill check costs nothing after a clean stop: no record runs alone."""
+    repo = tmp_path / "models"
+    write_demo_model(repo)
+    requests, outputs = new_topic(), new_topic()
+    value, headers = encode_request(
+        {"x": np.zeros((1, 784), np.float32)}, format="msgpack", model="mnist-mlp", request_id="a"
+    )
+    produce(kafka_bootstrap, requests, [(None, value, headers)])
+    args = _args(kafka_bootstrap, requests, outputs, repo, group_id, "confluent")
+    for run, log_name in enumerate(("first.log", "second.log")):
+        proc = worker_process(args, log_path=tmp_path / log_name)
+        try:
+            consume_ids(kafka_bootstrap, outputs, {"a"} if run == 0 else set(), timeout=60)
+            if run == 1:
+                produce(kafka_bootstrap, requests, [(None, value, [*headers[:-1], ("request-id", b"b")])])
+                consume_ids(kafka_bootstrap, outputs, {"b"}, timeout=60)
+            time.sleep(0.5)
+        finally:
+            proc.terminate()
+            assert proc.wait(60) == 0
+    second = (tmp_path / "second.log").read_text()
+    assert "one at a time" not in second, second[-2000:]
