@@ -32,7 +32,9 @@ pytestmark = pytest.mark.kafka
 POISON = "r-10"
 
 
-def _args(bootstrap: str, requests: str, outputs: str, repo: Path, group: str, client: str) -> list[str]:
+def _args(
+    bootstrap: str, requests: str, outputs: str, repo: Path, group: str, client: str
+) -> list[str]:
     return [
         "--bootstrap-servers", bootstrap,
         "--input-topic", requests,
@@ -115,17 +117,24 @@ def test_a_clean_stop_leaves_nothing_to_run_carefully(
     repo = tmp_path / "models"
     write_demo_model(repo)
     requests, outputs = new_topic(), new_topic()
-    value, headers = encode_request(
-        {"x": np.zeros((1, 784), np.float32)}, format="msgpack", model="mnist-mlp", request_id="a"
-    )
-    produce(kafka_bootstrap, requests, [(None, value, headers)])
+
+    def request(rid: str) -> tuple[None, bytes, list[tuple[str, bytes]]]:
+        value, headers = encode_request(
+            {"x": np.zeros((1, 784), np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id=rid,
+        )
+        return None, value, headers
+
+    produce(kafka_bootstrap, requests, [request("a")])
     args = _args(kafka_bootstrap, requests, outputs, repo, group_id, "confluent")
     for run, log_name in enumerate(("first.log", "second.log")):
         proc = worker_process(args, log_path=tmp_path / log_name)
         try:
             consume_ids(kafka_bootstrap, outputs, {"a"} if run == 0 else set(), timeout=60)
             if run == 1:
-                produce(kafka_bootstrap, requests, [(None, value, [*headers[:-1], ("request-id", b"b")])])
+                produce(kafka_bootstrap, requests, [request("b")])
                 consume_ids(kafka_bootstrap, outputs, {"b"}, timeout=60)
             time.sleep(0.5)
         finally:
