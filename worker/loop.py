@@ -90,7 +90,7 @@ from worker.protocol import (
 )
 from worker.protocol.headers import get_header
 from worker.repository import ModelRepository
-from worker.runtime import RuntimeOptions, load_session, resolve_device
+from worker.runtime import RuntimeOptions, device_memory, load_session, resolve_device
 from worker.signature import Signature
 
 __all__ = ["FatalError", "Worker", "run_worker"]
@@ -237,6 +237,8 @@ class Worker:
             intra_op_threads=s.intra_op_threads,
             optimized_dir=s.optimized_dir,
             cuda_mem_limit=s.cuda_mem_limit,
+            # Warm up (and measure device memory) at the largest batch a run can have.
+            warmup_max_rows=s.max_batch_rows,
         )
         if s.cudnn_conv_algo_search:
             options = replace(options, cudnn_conv_algo_search=s.cudnn_conv_algo_search)
@@ -251,6 +253,7 @@ class Worker:
                 # A failed load is remembered no longer than the first retry's wait,
                 # so a model file still being written loads on that retry.
                 retry_after_s=min(_MAX_BACKOFF_S, s.retry_backoff_ms / 1000),
+                on_evict=partial(self._evicted, device) if device.startswith("cuda") else None,
             )
             stack.callback(cache.close)
             self._cache = cache
@@ -322,6 +325,11 @@ class Worker:
             )
             self._serve(consumer, committer, count, timeout)
             return self._drain(consumer, committer)
+
+    def _evicted(self, device: str, _sessions: list[Any]) -> None:
+        used, _how = device_memory(device)
+        if used is not None:
+            self.metrics.device_memory_bytes.set(used)
 
     def _install_signal_handlers(self, stack: ExitStack) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -180,6 +180,13 @@ class Metrics:
         self.model_cache_bytes = Gauge(
             "model_cache_bytes", "Bytes charged to loaded sessions.", namespace=ns, registry=r
         )
+        self.device_memory_bytes = Gauge(
+            "device_memory_bytes",
+            "This process's GPU memory, read after each model load and eviction "
+            "(shows that evicting a model gives its memory back).",
+            namespace=ns,
+            registry=r,
+        )
         self.model_load_seconds = Histogram(
             "model_load_seconds",
             "Time to load and warm up one session.",
