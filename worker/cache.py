@@ -147,7 +147,9 @@ class SessionCache:
         if pinned >= self.max_models:
             log.warning(
                 "%d pinned models fill --cache-max-models %d: every other model is "
-                "reloaded per use", pinned, self.max_models,
+                "reloaded per use",
+                pinned,
+                self.max_models,
             )
         return entry.session
 
@@ -251,8 +253,9 @@ class SessionCache:
         flight.done.set()
         if self._metrics is not None:
             self._metrics.model_load_seconds.observe(elapsed)
-        log.info("model %s loaded in %.3f s (%d bytes, %s)", ref, elapsed, session.nbytes,
-                 session.device)
+        log.info(
+            "model %s loaded in %.3f s (%d bytes, %s)", ref, elapsed, session.nbytes, session.device
+        )
         self._close_all(victims)
         return entry
 

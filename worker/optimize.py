@@ -234,25 +234,39 @@ class OptimizeReport:
         ]
         rows = [("output", "max-abs-diff", "limit", "agreement", "ok")]
         for c in self.checks:
-            rows.append((
-                c.name,
-                "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}",
-                "-" if c.limit is None else f"{c.limit:.3g}",
-                "-" if c.agreement is None else f"{c.agreement:.2%}",
-                ("yes" if c.ok else "NO") + (f"  {c.note}" if c.note else ""),
-            ))
+            rows.append(
+                (
+                    c.name,
+                    "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.3g}",
+                    "-" if c.limit is None else f"{c.limit:.3g}",
+                    "-" if c.agreement is None else f"{c.agreement:.2%}",
+                    ("yes" if c.ok else "NO") + (f"  {c.note}" if c.note else ""),
+                )
+            )
         lines += _columns(rows)
         t = self.timing
         lines += [
             "",
             f"timing: {t.rows} rows per run, {t.threads} thread(s), median of {t.runs} runs "
             f"each, alternating; minimum speedup {self.min_speedup:g}x",
-            *_columns([
-                ("", "original", "candidate", "speedup"),
-                ("run ms", f"{t.original_ms:.3f}", f"{t.candidate_ms:.3f}", f"{t.speedup:.2f}x"),
-                ("load ms", f"{t.original_load_ms:.1f}", f"{t.candidate_load_ms:.1f}", ""),
-                ("file MB", f"{t.original_bytes / 1e6:.2f}", f"{t.candidate_bytes / 1e6:.2f}", ""),
-            ]),
+            *_columns(
+                [
+                    ("", "original", "candidate", "speedup"),
+                    (
+                        "run ms",
+                        f"{t.original_ms:.3f}",
+                        f"{t.candidate_ms:.3f}",
+                        f"{t.speedup:.2f}x",
+                    ),
+                    ("load ms", f"{t.original_load_ms:.1f}", f"{t.candidate_load_ms:.1f}", ""),
+                    (
+                        "file MB",
+                        f"{t.original_bytes / 1e6:.2f}",
+                        f"{t.candidate_bytes / 1e6:.2f}",
+                        "",
+                    ),
+                ]
+            ),
         ]
         if self.reasons:
             lines += ["", *(f"refused: {r}" for r in self.reasons)]
@@ -339,7 +353,9 @@ def build_candidate(source: Path, dest: Path, mode: str, target: str) -> list[st
                 quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
                 stages.append("quant_pre_process")
                 quantize_dynamic(
-                    str(pre), str(quantized), weight_type=QuantType.QInt8,
+                    str(pre),
+                    str(quantized),
+                    weight_type=QuantType.QInt8,
                     # Conv stays float: ConvInteger is slower than float Conv on
                     # CPU (0.3x on tests.modelzoo's CNN); CNNs want static,
                     # calibrated quantization, which needs data we do not have.
@@ -392,8 +408,9 @@ def _load_sample(path: Path, signature: Signature) -> dict[str, np.ndarray]:
     except (OSError, ValueError) as exc:
         raise ConfigError("--sample", f"cannot read {path}: {_one_line(exc)}") from None
     if isinstance(loaded, np.ndarray) and len(names) != 1:
-        raise ConfigError("--sample", f"a .npy holds one array; the model has inputs {names}: "
-                          "use .npz")
+        raise ConfigError(
+            "--sample", f"a .npy holds one array; the model has inputs {names}: use .npz"
+        )
     missing = [n for n in names if n not in arrays]
     if missing:
         raise ConfigError("--sample", f"{path} lacks input(s) {missing}; it has {sorted(arrays)}")
@@ -515,9 +532,9 @@ def _signature_changes(before: Signature, after: Signature) -> list[str]:
 # -- timing ------------------------------------------------------------------------
 
 
-def _time_pairs(a: Session, b: Session, feeds: dict[str, np.ndarray], pairs: int) -> tuple[
-    float, float
-]:
+def _time_pairs(
+    a: Session, b: Session, feeds: dict[str, np.ndarray], pairs: int
+) -> tuple[float, float]:
     """Median ms per run of each, alternating A B / B A so drift hits both equally."""
     times: dict[int, list[float]] = {0: [], 1: []}
     sessions = (a, b)
@@ -541,8 +558,9 @@ def _load(ref: ModelRef, options: RuntimeOptions) -> tuple[Session, float]:
 def _next_version(model_dir: Path, present: list[int]) -> int:
     # Numeric directories without a model.onnx count too: renaming onto an
     # empty one would silently replace it.
-    numeric = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() \
-        else []
+    numeric = (
+        [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
+    )
     return max([*present, *numeric, 0]) + 1
 
 
@@ -650,7 +668,10 @@ def optimize(request: OptimizeRequest) -> OptimizeReport:
         # 2. Load both the way the worker does (ALL-level at load, same threads).
         _, tf32 = gate_tolerance(request.mode, request.target, tolerance)
         options = RuntimeOptions(
-            device=device, intra_op_threads=request.threads, optimized_dir=None, warmup=False,
+            device=device,
+            intra_op_threads=request.threads,
+            optimized_dir=None,
+            warmup=False,
             cuda_tf32=tf32,
         )
         try:
@@ -682,19 +703,31 @@ def optimize(request: OptimizeRequest) -> OptimizeReport:
         original.close()
         candidate.close()
         timing = Timing(
-            original_ms=original_ms, candidate_ms=candidate_ms, runs=pairs,
-            rows=_rows(batches[0]), threads=request.threads,
-            original_load_ms=original_load_ms, candidate_load_ms=candidate_load_ms,
+            original_ms=original_ms,
+            candidate_ms=candidate_ms,
+            runs=pairs,
+            rows=_rows(batches[0]),
+            threads=request.threads,
+            original_load_ms=original_load_ms,
+            candidate_load_ms=candidate_load_ms,
             original_bytes=source.path.stat().st_size,
             candidate_bytes=candidate_path.stat().st_size,
         )
         if timing.speedup < request.min_speedup:
             reasons.append(f"speedup {timing.speedup:.2f}x < --min-speedup {request.min_speedup:g}")
         report = OptimizeReport(
-            source=source, mode=request.mode, target=request.target, tolerance=tolerance,
-            min_speedup=request.min_speedup, sample=sample,
-            sample_rows=sum(_rows(b) for b in batches), stages=stages, checks=checks,
-            timing=timing, accepted=not reasons, reasons=reasons,
+            source=source,
+            mode=request.mode,
+            target=request.target,
+            tolerance=tolerance,
+            min_speedup=request.min_speedup,
+            sample=sample,
+            sample_rows=sum(_rows(b) for b in batches),
+            stages=stages,
+            checks=checks,
+            timing=timing,
+            accepted=not reasons,
+            reasons=reasons,
             tf32=tf32 if device.startswith("cuda") else None,
         )
         if not report.accepted:
@@ -714,7 +747,8 @@ def optimize(request: OptimizeRequest) -> OptimizeReport:
             ),
             "onnxruntime": ort.__version__,
             **{
-                k: v for k, v in report.to_dict().items()
+                k: v
+                for k, v in report.to_dict().items()
                 if k not in ("model", "source_version", "version", "path", "reasons")
             },
         }
@@ -733,9 +767,9 @@ def _rows(feeds: dict[str, np.ndarray]) -> int:
     return len(next(iter(feeds.values()))) if feeds else 0
 
 
-def _run_checked(session: Session, batches: list[dict[str, np.ndarray]], who: str) -> dict[
-    str, Any
-]:
+def _run_checked(
+    session: Session, batches: list[dict[str, np.ndarray]], who: str
+) -> dict[str, Any]:
     try:
         return _run_all(session, batches)
     except InferenceError as exc:
@@ -745,8 +779,10 @@ def _run_checked(session: Session, batches: list[dict[str, np.ndarray]], who: st
 def _reason(check: OutputCheck) -> str:
     if check.note:
         return f"output {check.name}: {check.note}"
-    if check.max_abs_diff is not None and check.limit is not None and not (
-        check.max_abs_diff <= check.limit
+    if (
+        check.max_abs_diff is not None
+        and check.limit is not None
+        and not (check.max_abs_diff <= check.limit)
     ):
         return f"output {check.name}: max abs diff {check.max_abs_diff:.3g} > {check.limit:.3g}"
     return f"output {check.name}: agreement {check.agreement or 0:.2%} < {MIN_ARGMAX_AGREEMENT:.0%}"
@@ -770,23 +806,42 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repository", metavar="DIR", required=True, help="model repository")
     p.add_argument("--model", metavar="NAME", required=True, help="model name")
     p.add_argument("--version", metavar="V", help="source version (default: newest)")
-    p.add_argument("--target", metavar="cpu|cuda", required=True,
-                   help="device the candidate is built, checked and timed on")
+    p.add_argument(
+        "--target",
+        metavar="cpu|cuda",
+        required=True,
+        help="device the candidate is built, checked and timed on",
+    )
     p.add_argument("--fp16", action="store_true", help="float16 weights, float32 I/O (cuda)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantization (cpu)")
-    p.add_argument("--sample", metavar="FILE", type=Path,
-                   help=".npy (one input) or .npz (by input name); default: generated")
-    p.add_argument("--tolerance", metavar="T",
-                   help="allowed max abs diff x max(1, max|original|) (default: "
-                   + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items())
-                   + f"; cuda at least {TF32_TOLERANCE:g}, TF32; below that TF32 is off)")
+    p.add_argument(
+        "--sample",
+        metavar="FILE",
+        type=Path,
+        help=".npy (one input) or .npz (by input name); default: generated",
+    )
+    p.add_argument(
+        "--tolerance",
+        metavar="T",
+        help="allowed max abs diff x max(1, max|original|) (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items())
+        + f"; cuda at least {TF32_TOLERANCE:g}, TF32; below that TF32 is off)",
+    )
     p.add_argument("--rows", metavar="N", default="256", help="generated rows (default 256)")
-    p.add_argument("--threads", metavar="N", default="1",
-                   help="intra-op threads, both sides (default 1, as the worker)")
+    p.add_argument(
+        "--threads",
+        metavar="N",
+        default="1",
+        help="intra-op threads, both sides (default 1, as the worker)",
+    )
     p.add_argument("--repeats", metavar="N", default="20", help="timed runs per side (default 20)")
-    p.add_argument("--min-speedup", metavar="S", default="0.9",
-                   help="refuse a candidate whose median run is slower than S x the "
-                   "original's (default 0.9; 0: off)")
+    p.add_argument(
+        "--min-speedup",
+        metavar="S",
+        default="0.9",
+        help="refuse a candidate whose median run is slower than S x the "
+        "original's (default 0.9; 0: off)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 

@@ -157,7 +157,8 @@ class RuntimeOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "cudnn_conv_algo_search",
+            self,
+            "cudnn_conv_algo_search",
             parse_cudnn_conv_algo_search(self.cudnn_conv_algo_search),
         )
         if self.cuda_mem_limit is not None and self.cuda_mem_limit < 1:
@@ -412,8 +413,10 @@ def memcpy_nodes(model: str | Path | Any) -> list[str]:
     """
     import onnx
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(
-        str(model), load_external_data=False
+    proto = (
+        model
+        if isinstance(model, onnx.ModelProto)
+        else onnx.load(str(model), load_external_data=False)
     )
     found: list[str] = []
     graphs = [proto.graph]
@@ -440,9 +443,7 @@ def warmup_feeds(signature: Signature, rows: int = 1) -> dict[str, np.ndarray] |
     for spec in signature.inputs:
         if spec.dtype is None or spec.shape is None:
             return None  # sequences/maps: nothing sensible to fabricate
-        shape = tuple(
-            (rows if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape)
-        )
+        shape = tuple((rows if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape))
         if spec.dtype.kind in "US":
             feeds[spec.name] = np.full(shape, "", dtype=object)
         else:
@@ -559,7 +560,10 @@ def _nvidia_smi(query: str, selector: str) -> list[str] | None:
     try:
         out = subprocess.run(
             ["nvidia-smi", query, "--format=csv,noheader,nounits", "-i", selector],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -746,9 +750,7 @@ def _measure_gpu(device: str) -> Iterator[list[int | None]]:
         result[0] = after - before
 
 
-def _create(
-    source: str, opts: ort.SessionOptions, providers: list[Any]
-) -> ort.InferenceSession:
+def _create(source: str, opts: ort.SessionOptions, providers: list[Any]) -> ort.InferenceSession:
     return create_session(source, opts, providers)
 
 
@@ -762,7 +764,10 @@ def _refuse_memcpy(ref: ModelRef, path: Path) -> bool:
     if found:
         log.warning(
             "model %s: optimized graph not saved: it holds %d Memcpy node(s) (%s), which "
-            "tie it to this session's CPU/CUDA partition", ref, len(found), ", ".join(found[:3]),
+            "tie it to this session's CPU/CUDA partition",
+            ref,
+            len(found),
+            ", ".join(found[:3]),
         )
         return True
     return False
@@ -800,8 +805,12 @@ def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
                     inner = _create(str(optimized), opts, providers)
                     loaded_optimized = True
                 except Exception as exc:  # a bad cache file is rebuilt below
-                    log.warning("model %s: optimized graph %s unusable (%s); rebuilding",
-                                ref, optimized.name, _ort_message(exc))
+                    log.warning(
+                        "model %s: optimized graph %s unusable (%s); rebuilding",
+                        ref,
+                        optimized.name,
+                        _ort_message(exc),
+                    )
                     with contextlib.suppress(OSError):
                         optimized.unlink()  # or every later load tries it again
         if inner is None:
@@ -846,8 +855,12 @@ def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
                     optimized = None
                     log.warning("model %s: optimized graph not saved: %s", ref, exc)
         session = Session(
-            ref, inner, device, file_size,
-            optimized_path=optimized, loaded_optimized=loaded_optimized,
+            ref,
+            inner,
+            device,
+            file_size,
+            optimized_path=optimized,
+            loaded_optimized=loaded_optimized,
         )
         if options.warmup:
             try:
