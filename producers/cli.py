@@ -15,14 +15,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-from producers.clients import KafkaSettings, parse_kafka_options
+from producers.clients import BACKENDS, DEFAULT_BACKEND, KafkaSettings, kafka_properties
 from producers.errors import ProducerError, UsageError
 from producers.redrive import MAX_REDRIVES, REDRIVE_GROUP
-from worker.config import ConfigError, credentials_from_env
 
-__all__ = ["build_parser", "main"]
+__all__ = ["REQUEST_FORMATS", "build_parser", "main"]
 
 PROG = "inference-producer"
+# worker.protocol's codecs, named here so --help needs no numpy or pyarrow import
+REQUEST_FORMATS = ["arrow", "msgpack", "json"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,12 +57,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="broker list (env KAFKA_BOOTSTRAP_SERVERS; default localhost:9092)",
     )
     kafka.add_argument(
+        "--kafka-client",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help=f"confluent (librdkafka) | kafka-python (pure Python); default {DEFAULT_BACKEND}",
+    )
+    kafka.add_argument(
         "--kafka-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="kafka-python client setting, repeatable (e.g. security_protocol=SSL); "
-        "goes to every client that accepts it",
+        help="Kafka property, e.g. security.protocol=SSL (repeatable; wins over the file)",
+    )
+    kafka.add_argument(
+        "--kafka-config",
+        type=Path,
+        metavar="FILE",
+        help="Java-style .properties file of Kafka properties (as --command-config)",
     )
 
 
@@ -91,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("publish", help="publish rows from a file or synthetic data")
     p.add_argument("--topic", required=True, metavar="TOPIC", help="request topic")
-    p.add_argument("--format", choices=["arrow", "msgpack"], required=True,
-                   help="request encoding")
+    p.add_argument("--format", choices=REQUEST_FORMATS, required=True,
+                   help="request encoding; json is the Open Inference Protocol (V2) of "
+                   "KServe, MLServer and Triton")
     p.add_argument("--model", metavar="NAME",
                    help="model header (default: the worker's --default-model)")
     p.add_argument("--model-version", type=int, metavar="N",
@@ -287,14 +300,10 @@ def _progress(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> KafkaSettings:
-    # credentials from KAFKA_* variables (never flags); explicit options win
-    try:
-        secrets = credentials_from_env(dict(os.environ))
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    return KafkaSettings(
-        args.bootstrap_servers, {**secrets, **parse_kafka_options(args.kafka_option)}
-    )
+    # credentials from KAFKA_* variables or files, never flags
+    properties = kafka_properties(args.kafka_option, args.kafka_config, os.environ,
+                                  args.kafka_client)
+    return KafkaSettings(args.bootstrap_servers, properties, args.kafka_client)
 
 
 def _compression(args: argparse.Namespace) -> str | None:

@@ -1,13 +1,12 @@
-"""Every Kafka call the producer tools make, behind three small objects.
+"""Every Kafka call the producer tools make, on the worker's Kafka seam.
 
 The commands (publish, record, replay, collect, redrive) never touch a Kafka
-client library: they get a :class:`Consumer`, a :class:`Producer` or the
+client library: they get a :class:`Consumer`, a :class:`Producer` or a
 topic's size limit from :class:`KafkaSettings`, and read :class:`Record`
-values. Swapping the client library is a change to this file only.
-
-``--kafka-option KEY=VALUE`` settings go to every kafka-python client whose
-``DEFAULT_CONFIG`` knows the key, so one flag set serves the producer, the
-consumer and the admin client alike (TLS, SASL, timeouts).
+values. Underneath is :mod:`worker.kafka`, the worker's own seam, so
+``--kafka-client confluent|kafka-python``, ``--kafka-option`` (Kafka's
+property names) and ``--kafka-config`` mean exactly what they mean for the
+worker.
 
 Offsets are always "the next offset to read", Kafka's committed-offset
 convention.
@@ -18,12 +17,34 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any
 
 from producers.errors import ProducerError, UsageError
+from worker.errors import ConfigError, FatalError
+from worker.kafka import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    ClientConfig,
+    Delivery,
+    KafkaFailure,
+    Record,
+    TopicPartition,
+    open_admin,
+    open_consumer,
+    open_producer,
+)
+from worker.kafka.options import (
+    check_properties,
+    credentials_from_env,
+    parse_kafka_options,
+    read_properties_file,
+)
 
 __all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
     "DEFAULT_MESSAGE_LIMIT",
     "Consumer",
     "Headers",
@@ -31,7 +52,7 @@ __all__ = [
     "Producer",
     "Record",
     "TopicPartition",
-    "parse_kafka_options",
+    "kafka_properties",
     "record_size",
     "topic_message_limit",
 ]
@@ -40,132 +61,100 @@ __all__ = [
 DEFAULT_MESSAGE_LIMIT = 1048588
 # Room for the producer to send big messages; the topic limit is what binds.
 _MAX_REQUEST_SIZE = 16 * 1024 * 1024
+# The tools read with assigned partitions and never commit, except redrive to
+# its own group; librdkafka wants some group id all the same.
+_NO_GROUP = "inference-producer"
 
 Headers = list[tuple[str, bytes | None]]
 
 
-class TopicPartition(NamedTuple):
-    topic: str
-    partition: int
+def kafka_properties(options: Iterable[str], config_file: Path | None,
+                     env: Mapping[str, str], backend: str) -> dict[str, str]:
+    """The properties file, then ``KAFKA_*`` credentials, then ``--kafka-option``: last wins.
 
-
-@dataclass(frozen=True)
-class Record:
-    """One consumed record, independent of the client that read it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    timestamp: int  # record timestamp, ms since the epoch
-
-    @property
-    def tp(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
-
-
-def parse_kafka_options(pairs: Iterable[str]) -> dict[str, Any]:
-    """``["acks=1", "security.protocol=SSL"]`` -> typed settings, by the worker's rule."""
-    from worker.config import ConfigError
-    from worker.config import parse_kafka_options as _parse
-
+    The worker's rule, checked against the chosen client before anything connects.
+    """
     try:
-        return _parse(list(pairs))
+        properties = {
+            **(read_properties_file(config_file) if config_file is not None else {}),
+            **credentials_from_env(env),
+            **parse_kafka_options(options),
+        }
+        check_properties(properties, backend)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    return properties
 
 
 def record_size(key: bytes | None, value: bytes, headers: Headers) -> int:
-    """Upper bound of the record batch holding just this record: what the broker checks."""
+    """Upper bound of the record batch holding just this record: what the broker checks.
+
+    kafka-python's estimate is the same arithmetic whichever client sends.
+    """
     from kafka.record.default_records import DefaultRecordBatchBuilder
 
     return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
 
 
+def _failed(what: str, exc: Exception) -> ProducerError:
+    if isinstance(exc, ConfigError):
+        return UsageError(str(exc))
+    return ProducerError(f"{what}: {exc}")
+
+
 @dataclass(frozen=True)
 class KafkaSettings:
-    """Where the broker is and how to talk to it; clients are derived from it."""
+    """Where the broker is, which client talks to it and how; clients are derived from it."""
 
     bootstrap_servers: str = "localhost:9092"
-    options: Mapping[str, Any] = field(default_factory=dict)
+    properties: Mapping[str, str] = field(default_factory=dict, repr=False)
+    backend: str = DEFAULT_BACKEND
     client_id: str = "inference-producer"
 
-    def _config(self, defaults: Mapping[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-        base.update({k: v for k, v in self.options.items() if k in defaults})
-        return base
+    def _config(self, group_id: str | None = None) -> ClientConfig:
+        return ClientConfig(
+            bootstrap_servers=self.bootstrap_servers,
+            backend=self.backend,
+            client_id=self.client_id,
+            group_id=group_id,
+            max_message_bytes=_MAX_REQUEST_SIZE,
+            properties=self.properties,
+        )
 
-    def producer_config(
-        self, *, batch_size: int | None = None, compression: str | None = None
-    ) -> dict[str, Any]:
-        from kafka import KafkaProducer
-
-        base: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "client_id": self.client_id,
-            "acks": "all",
-            "linger_ms": 5,
-            "max_request_size": _MAX_REQUEST_SIZE,
-            "compression_type": compression,
-        }
-        if batch_size is not None:
-            base["batch_size"] = batch_size
-        return self._config(KafkaProducer.DEFAULT_CONFIG, base)
-
-    def consumer_config(self, group_id: str | None = None) -> dict[str, Any]:
-        from kafka import KafkaConsumer
-
-        base: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "client_id": self.client_id,
-            # The tools assign partitions themselves and commit only to their own
-            # group (redrive): reading a topic must not move anybody else's.
-            "group_id": group_id,
-            "enable_auto_commit": False,
-            "auto_offset_reset": "earliest",
-            # What the worker reads: records of aborted transactions never count.
-            "isolation_level": "read_committed",
-            "fetch_max_bytes": _MAX_REQUEST_SIZE * 4,
-            "max_partition_fetch_bytes": _MAX_REQUEST_SIZE,
-        }
-        return self._config(KafkaConsumer.DEFAULT_CONFIG, base)
-
-    def admin_config(self) -> dict[str, Any]:
-        from kafka.admin import KafkaAdminClient
-
-        base: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "client_id": self.client_id,
-        }
-        return self._config(KafkaAdminClient.DEFAULT_CONFIG, base)
-
-    def producer(self, *, batch_size: int | None = None,
+    def producer(self, *, batch_bytes: int | None = None,
                  compression: str | None = None) -> Producer:
-        from kafka import KafkaProducer
-
-        config = self.producer_config(batch_size=batch_size, compression=compression)
-        return Producer(_connect(KafkaProducer, config, self))
+        """An idempotent producer (acks=all); ``batch_bytes`` caps a record batch."""
+        overrides = {"linger.ms": "5"}
+        if batch_bytes is not None:
+            overrides["batch.size"] = str(batch_bytes)
+        if compression is not None:
+            overrides["compression.type"] = compression
+        try:
+            return Producer(open_producer(self._config(), **overrides), self.backend)
+        except (ConfigError, FatalError, KafkaFailure) as exc:
+            raise _failed(f"cannot connect to {self.bootstrap_servers}", exc) from exc
 
     def consumer(self, group_id: str | None = None) -> Consumer:
-        """A consumer that joins no group unless ``group_id`` (then only to commit to it)."""
-        from kafka import KafkaConsumer
+        """A read_committed consumer; it commits only to ``group_id``, and only when asked."""
+        try:
+            raw = open_consumer(self._config(group_id or _NO_GROUP))
+        except (ConfigError, FatalError, KafkaFailure) as exc:
+            raise _failed(f"cannot connect to {self.bootstrap_servers}", exc) from exc
+        return Consumer(raw, self)
 
-        return Consumer(_connect(KafkaConsumer, self.consumer_config(group_id), self))
+    def partitions(self, topic: str) -> int | None:
+        """How many partitions ``topic`` has; None when it does not exist."""
+        admin = self._admin()
+        try:
+            return admin.partitions(topic)
+        finally:
+            admin.close()
 
-    def admin(self) -> Any:
-        from kafka.admin import KafkaAdminClient
-
-        return _connect(KafkaAdminClient, self.admin_config(), self)
-
-
-def _connect(factory: Any, config: dict[str, Any], settings: KafkaSettings) -> Any:
-    from kafka.errors import KafkaError
-
-    try:
-        return factory(**config)
-    except KafkaError as exc:
-        raise ProducerError(f"cannot connect to {settings.bootstrap_servers}: {exc}") from exc
+    def _admin(self) -> Any:
+        try:
+            return open_admin(self._config())
+        except (ConfigError, FatalError, KafkaFailure) as exc:
+            raise _failed(f"cannot connect to {self.bootstrap_servers}", exc) from exc
 
 
 def topic_message_limit(settings: KafkaSettings, topic: str) -> tuple[int, str]:
@@ -175,28 +164,29 @@ def topic_message_limit(settings: KafkaSettings, topic: str) -> tuple[int, str]:
     default, which we cannot ask for without knowing a broker id, so Kafka's
     own default stands in.
     """
-    from kafka.admin import ConfigResource, ConfigResourceType
-    from kafka.errors import KafkaError
-
-    admin = settings.admin()
+    admin = settings._admin()
     try:
-        resource = ConfigResource(ConfigResourceType.TOPIC, topic, ["max.message.bytes"])
-        result = admin.describe_configs([resource], config_filter="all")
-        entry = result.get("topic", {}).get(topic, {}).get("max.message.bytes")
-        if entry is None or entry.get("value") is None:
-            return DEFAULT_MESSAGE_LIMIT, "Kafka's default"
-        return int(entry["value"]), f"topic {topic}'s max.message.bytes"
-    except KafkaError:
-        return DEFAULT_MESSAGE_LIMIT, "Kafka's default (topic not described)"
+        limit = admin.max_message_bytes([topic]).get(topic)
+    except (FatalError, KafkaFailure):
+        limit = None
     finally:
         admin.close()
+    if limit is None:
+        return DEFAULT_MESSAGE_LIMIT, "Kafka's default (topic not described)"
+    return limit, f"topic {topic}'s max.message.bytes"
 
 
 class Consumer:
-    """Manual assignment, polling, and (for redrive) commits to the tool's own group."""
+    """Assigned partitions, polling, and (for redrive) commits to the tool's own group.
 
-    def __init__(self, raw: Any) -> None:
+    The seam's consumer joins groups (``subscribe``); the tools assign
+    partitions themselves, which :class:`_Assigner` adds per backend.
+    """
+
+    def __init__(self, raw: Any, settings: KafkaSettings) -> None:
         self._raw = raw
+        self._settings = settings
+        self._assign = _Assigner(raw, settings.backend)
 
     def __enter__(self) -> Consumer:
         return self
@@ -209,9 +199,9 @@ class Consumer:
         """Every partition of ``topic``; a missing topic is a usage error."""
         deadline = time.monotonic() + timeout_s
         while True:
-            parts = self._raw.partitions_for_topic(topic)
-            if parts:
-                return [TopicPartition(topic, p) for p in sorted(parts)]
+            count = self._settings.partitions(topic)
+            if count:
+                return [TopicPartition(topic, p) for p in range(count)]
             if time.monotonic() >= deadline:
                 raise UsageError(f"topic {topic!r} does not exist on the broker")
             time.sleep(0.2)
@@ -229,66 +219,96 @@ class Consumer:
 
     def assign(self, positions: Mapping[TopicPartition, int]) -> None:
         """Read exactly these partitions, each from the given offset."""
-        from kafka import TopicPartition as KTP
-
-        raw = {tp: KTP(tp.topic, tp.partition) for tp in positions}
-        self._raw.assign(list(raw.values()))
-        for tp, offset in positions.items():
-            self._raw.seek(raw[tp], offset)
+        self._assign.assign(positions)
 
     def watermarks(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
         """``(low, high)`` per partition: the first offset still kept, the next to be written."""
-        from kafka import TopicPartition as KTP
+        return {tp: self._assign.watermarks(tp) for tp in tps}
 
-        raw = [KTP(tp.topic, tp.partition) for tp in tps]
-        lows = self._raw.beginning_offsets(raw)
-        highs = self._raw.end_offsets(raw)
-        return {TopicPartition(k.topic, k.partition): (int(lows[k]), int(highs[k])) for k in raw}
-
-    def position(self, tp: TopicPartition) -> int:
-        """The next offset this consumer will read from ``tp``."""
-        from kafka import TopicPartition as KTP
-
-        return int(self._raw.position(KTP(tp.topic, tp.partition)))
+    def position(self, tp: TopicPartition) -> int | None:
+        """The next offset this consumer will read from ``tp`` (None: not known yet)."""
+        return self._assign.position(tp)
 
     def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
         """The group's committed offset per partition (None: never committed)."""
-        from kafka import TopicPartition as KTP
-
-        return {tp: self._raw.committed(KTP(tp.topic, tp.partition)) for tp in tps}
+        try:
+            return dict(self._raw.committed(tps))
+        except KafkaFailure as exc:
+            raise ProducerError(f"reading committed offsets failed: {exc}") from exc
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit synchronously: when this returns, the offsets are stored."""
-        from kafka import TopicPartition as KTP
-        from kafka.errors import KafkaError
-        from kafka.structs import OffsetAndMetadata
-
         if not offsets:
             return
         try:
-            self._raw.commit({KTP(tp.topic, tp.partition): OffsetAndMetadata(o, "", -1)
-                              for tp, o in offsets.items()})
-        except KafkaError as exc:
+            self._raw.commit(offsets)
+        except KafkaFailure as exc:
             raise ProducerError(f"committing offsets failed: {exc}") from exc
 
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[Record]:
-        polled = self._raw.poll(timeout_ms=max(1, int(timeout_s * 1000)),
-                                max_records=max_records)
-        return [
-            Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []),
-                   int(r.timestamp))
-            for records in polled.values() for r in records
-        ]
+        try:
+            return list(self._raw.poll(max_records or 500, timeout_s))
+        except (FatalError, KafkaFailure) as exc:
+            raise ProducerError(f"reading failed: {exc}") from exc
 
     def close(self) -> None:
         self._raw.close()
 
 
-class Producer:
-    """A producer that remembers the first failed delivery; :meth:`flush` raises it."""
+class _Assigner:
+    """Manual assignment, watermarks and positions, which the seam's consumer lacks.
 
-    def __init__(self, raw: Any) -> None:
+    The one place that reaches into a backend's client (its ``_c``); it goes
+    away when :class:`worker.kafka.Consumer` offers ``assign`` and ``position``.
+    """
+
+    def __init__(self, consumer: Any, backend: str) -> None:
+        self._c = consumer._c
+        self._confluent = backend == "confluent"
+
+    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
+        if self._confluent:
+            import confluent_kafka as ck
+
+            self._c.assign([ck.TopicPartition(t, p, o) for (t, p), o in positions.items()])
+            return
+        from kafka import TopicPartition as KTP
+
+        self._c.assign([KTP(t, p) for t, p in positions])
+        for (t, p), offset in positions.items():
+            self._c.seek(KTP(t, p), offset)
+
+    def watermarks(self, tp: TopicPartition) -> tuple[int, int]:
+        if self._confluent:
+            import confluent_kafka as ck
+
+            low, high = self._c.get_watermark_offsets(ck.TopicPartition(*tp), timeout=10,
+                                                      cached=False)
+            return int(low), int(high)
+        from kafka import TopicPartition as KTP
+
+        ktp = KTP(*tp)
+        return (int(self._c.beginning_offsets([ktp])[ktp]),
+                int(self._c.end_offsets([ktp])[ktp]))
+
+    def position(self, tp: TopicPartition) -> int | None:
+        if self._confluent:
+            import confluent_kafka as ck
+
+            (got,) = self._c.position([ck.TopicPartition(*tp)])
+            return int(got.offset) if got.offset >= 0 else None
+        from kafka import TopicPartition as KTP
+
+        return int(self._c.position(KTP(*tp)))
+
+
+class Producer:
+    """A producer whose :meth:`flush` raises the first refused delivery."""
+
+    def __init__(self, raw: Any, backend: str) -> None:
         self._raw = raw
+        self.backend = backend
+        self._pending: list[Delivery] = []
         self._error: BaseException | None = None
 
     def __enter__(self) -> Producer:
@@ -298,43 +318,30 @@ class Producer:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _failed(self, exc: BaseException) -> None:
-        if self._error is None:
-            self._error = exc
+    def _check(self) -> None:
+        still = []
+        for delivery in self._pending:
+            if not delivery.done:
+                still.append(delivery)
+            elif delivery.error is not None and self._error is None:
+                self._error = delivery.error
+        self._pending = still
+        if self._error is not None:
+            raise ProducerError(f"the broker refused a record: {self._error}")
 
     def send(self, topic: str, value: bytes | None, key: bytes | None, headers: Headers,
              partition: int | None = None) -> None:
-        from kafka.errors import KafkaError
-
-        if self._error is not None:
-            raise ProducerError(f"sending to {topic} failed: {self._error}")
-        try:
-            future = self._raw.send(topic, value=value, key=key, headers=headers,
-                                    partition=partition)
-        except KafkaError as exc:
-            raise ProducerError(f"sending to {topic} failed: {exc}") from exc
-        future.add_errback(self._failed)
+        if len(self._pending) >= 10_000:
+            self._raw.poll(0)  # serve delivery callbacks (confluent) before the list grows
+            self._check()
+        self._pending.append(self._raw.send(topic, value, key, headers, partition))
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until every record sent so far is acknowledged; raise if any was refused."""
-        from kafka.errors import KafkaError
-
-        try:
-            self._raw.flush(timeout=timeout_s)
-        except KafkaError as exc:
-            raise ProducerError(f"flushing failed: {exc}") from exc
-        if self._error is not None:
-            raise ProducerError(f"sending failed: {self._error}")
-
-    def partitions(self, topic: str) -> int | None:
-        """How many partitions ``topic`` has (None if it does not exist)."""
-        from kafka.errors import KafkaError
-
-        try:
-            parts = self._raw.partitions_for(topic)
-        except KafkaError:
-            return None
-        return len(parts) if parts else None
+        left = self._raw.flush(timeout_s)
+        self._check()
+        if left:
+            raise ProducerError(f"{left} record(s) not acknowledged within {timeout_s:g} s")
 
     def close(self) -> None:
-        self._raw.close(timeout=10)
+        self._raw.close()

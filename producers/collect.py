@@ -104,7 +104,7 @@ class Collection:
             meta["key"].append(record.key)
             meta["partition"].append(record.partition)
             meta["offset"].append(record.offset)
-            meta["timestamp"].append(record.timestamp)
+            meta["timestamp"].append(record.timestamp_ms)
             meta["latency_ms"].append(latency_ms)
         self.messages += 1
         if latency_ms is not None:
@@ -297,11 +297,13 @@ def _latency(record: Record, request_id: str | None,
              headers: list[tuple[str, bytes | None]],
              request_times: dict[str, int] | None) -> tuple[float | None, str]:
     if request_times is not None and request_id is not None and request_id in request_times:
-        return float(record.timestamp - request_times[request_id]), "the request recording"
+        if record.timestamp_ms is None:
+            return None, ""
+        return float(record.timestamp_ms - request_times[request_id]), "the request recording"
     for key, value in headers:
-        if key == PRODUCED_AT and value is not None:
+        if key == PRODUCED_AT and value is not None and record.timestamp_ms is not None:
             try:
-                return float(record.timestamp - int(value)), "produced-at headers"
+                return float(record.timestamp_ms - int(value)), "produced-at headers"
             except ValueError:
                 break
     return None, ""

@@ -119,10 +119,10 @@ class PublishStats:
 
 
 class Sender:
-    """A producer bound to one topic and its size limit; remembers the first send error.
+    """A producer bound to one topic and its size limit; flush raises the first send error.
 
-    ``batch_size`` is capped at the limit because the broker checks whole
-    record batches, and kafka-python packs several records into one.
+    ``batch.size`` is capped at the limit because the broker checks whole
+    record batches, and the clients pack several records into one.
     """
 
     def __init__(self, settings: KafkaSettings, topic: str, *,
@@ -134,7 +134,9 @@ class Sender:
             self.limit, self.limit_source = topic_message_limit(settings, topic)
         else:
             self.limit, self.limit_source = max_message_bytes, "--max-message-bytes"
-        self._producer = settings.producer(batch_size=min(16384, self.limit),
+        # kafka-python's batches stay at its default size; librdkafka's default is 1 MB
+        batch = 16384 if settings.backend == "kafka-python" else 1_000_000
+        self._producer = settings.producer(batch_bytes=min(batch, self.limit),
                                            compression=compression)
 
     def __enter__(self) -> Sender:

@@ -10,7 +10,7 @@ partition, offset). Schema::
     topic      string
     partition  int32
     offset     int64
-    timestamp  int64   record timestamp, ms since the epoch
+    timestamp  int64   record timestamp, ms since the epoch (-1: none)
 """
 
 from __future__ import annotations
@@ -115,6 +115,12 @@ class RecordingWriter:
             self._writer = None
 
 
+def _text_names(headers: list[tuple[Any, bytes | None]]) -> list[tuple[str, bytes | None]]:
+    # a name that is not UTF-8 (legal on the wire) is kept readable, escaped
+    return [(k if isinstance(k, str) else bytes(k).decode("utf-8", "backslashreplace"), v)
+            for k, v in headers]
+
+
 def read_recording(path: Path) -> pa.Table:
     """Load a recording; a file that is missing or not a recording is a usage error."""
     if path.suffix.lower() != ".arrow":
@@ -161,8 +167,9 @@ def record(settings: KafkaSettings, topic: str, out: Path, *, max_messages: int 
                     wait_s = min(wait_s, left)
                 want = None if max_messages is None else max_messages - writer.count
                 for r in consumer.poll(wait_s, max_records=want):
-                    writer.add(key=r.key, value=r.value, headers=r.headers, topic=r.topic,
-                               partition=r.partition, offset=r.offset, timestamp=r.timestamp)
+                    writer.add(key=r.key, value=r.value, headers=_text_names(r.headers),
+                               topic=r.topic, partition=r.partition, offset=r.offset,
+                               timestamp=-1 if r.timestamp_ms is None else r.timestamp_ms)
         except KeyboardInterrupt:
             pass  # Ctrl-C ends an open-ended recording; the file is still closed
     print(f"recorded {writer.count} record(s) from {topic} to {out}")

@@ -159,7 +159,7 @@ class RedriveStats:
     refused: Counter[str] = field(default_factory=Counter)
     passed_over: int = 0
     considered: int = 0
-    remaining: int = 0  # records of the snapshot left for a later run (--max, stall)
+    remaining: int = 0  # offsets of the snapshot left for a later run (--max, stall)
 
     @property
     def sent(self) -> int:
@@ -179,7 +179,7 @@ def format_table(stats: RedriveStats, *, dry_run: bool) -> str:
     for reason, n in sorted(stats.refused.items()):
         lines.append(f"refused, {reason}: {n}")
     if stats.remaining:
-        lines.append(f"left for a later run: {stats.remaining}")
+        lines.append(f"left for a later run: at most {stats.remaining}")
     return "\n".join(lines)
 
 
@@ -195,9 +195,10 @@ class _Filters:
             return False
         if self.model is not None and letter.model != self.model:
             return False
-        if self.since_ms is not None and record.timestamp < self.since_ms:
+        ts = record.timestamp_ms
+        if self.since_ms is not None and (ts is None or ts < self.since_ms):
             return False
-        return self.until_ms is None or record.timestamp < self.until_ms
+        return self.until_ms is None or (ts is not None and ts < self.until_ms)
 
 
 def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
@@ -227,13 +228,15 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
         end = {tp: marks[tp][1] for tp in tps}
         todo = {tp for tp in tps if start[tp] < end[tp]}
         total = sum(end[tp] - start[tp] for tp in todo)
-        print(f"redrive: {total} dead letter(s) in {dlq_topic} after group {group_id}'s "
+        # transaction markers take offsets too: "at most" so many dead letters
+        print(f"redrive: at most {total} dead letter(s) in {dlq_topic} after group {group_id}'s "
               "offsets" + (" (dry run: nothing is sent or committed)" if dry_run else ""),
               file=sys.stderr)
         consumer.assign({tp: start[tp] for tp in todo})
         producer = None if dry_run else settings.producer()
-        sender = _Sender(producer, to) if producer is not None else None
+        sender = _Sender(settings, producer, to) if producer is not None else None
         done: dict[TopicPartition, int] = {}  # next offset per partition, not yet committed
+        next_offset = dict(start)
         began = time.monotonic()
         last_progress = time.monotonic()
         try:
@@ -250,35 +253,39 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
                         if r.tp not in todo or r.offset >= end[r.tp]:
                             continue  # past the snapshot: not ours this run
                         if max_records is not None and stats.sent >= max_records:
-                            break
+                            break  # the rest of this poll stays for a later run
                         if rate is not None:
                             pause = began + stats.sent / rate - time.monotonic()
                             if pause > 0:
                                 time.sleep(pause)
                         _handle(r, filters, force, to, sender, stats)
                         stats.considered += 1
-                        done[r.tp] = r.offset + 1
+                        done[r.tp] = next_offset[r.tp] = r.offset + 1
                         bar.update(1)
                         if r.offset + 1 >= end[r.tp]:
                             todo.discard(r.tp)
                         if rate is not None:  # paced: each record is its own batch
                             _commit(consumer, sender, done)
                     _commit(consumer, sender, done)
+                    if max_records is not None and stats.sent >= max_records:
+                        break  # positions are past records polled but not handled
                     # transaction markers take offsets but are never returned as records
                     for tp in list(todo):
-                        if consumer.position(tp) >= end[tp]:
+                        position = consumer.position(tp)
+                        if position is not None and position >= end[tp]:
                             todo.discard(tp)
         finally:
             if producer is not None:
                 producer.close()
-        stats.remaining = total - stats.considered
+        stats.remaining = sum(end[tp] - next_offset[tp] for tp in todo)
     return stats
 
 
 class _Sender:
     """Where each dead letter goes: its source topic and partition, or ``--to``."""
 
-    def __init__(self, producer: Producer, to: str | None) -> None:
+    def __init__(self, settings: KafkaSettings, producer: Producer, to: str | None) -> None:
+        self.settings = settings
         self.producer = producer
         self.to = to
         self._partitions: dict[str, int | None] = {}
@@ -288,7 +295,7 @@ class _Sender:
         topic = self.to or letter.source_topic
         assert topic is not None
         if topic not in self._partitions:
-            self._partitions[topic] = self.producer.partitions(topic)
+            self._partitions[topic] = self.settings.partitions(topic)
         count = self._partitions[topic]
         # the same partition as the original request when the topic has it, so
         # the worker's per-partition order and any partition affinity hold

@@ -27,6 +27,12 @@ from worker.signature import Signature, TensorSpec
 
 pytestmark = pytest.mark.kafka
 
+@pytest.fixture(params=["confluent", "kafka-python"])
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """Each broker test runs on both Kafka clients the tools can use."""
+    return str(request.param)
+
+
 
 def _rows(record: Any, name: str, row_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """Decode a published request the way the worker does and return its input rows."""
@@ -59,15 +65,18 @@ def _table(rows: int = 30, features: int = 5) -> tuple[pa.Table, np.ndarray]:
 
 @pytest.mark.parametrize(("kind", "fmt"), [
     ("npy", "arrow"), ("parquet", "msgpack"), ("arrow", "arrow"), ("feather", "msgpack"),
-    ("csv", "arrow"), ("synthetic", "msgpack"), ("synthetic", "arrow"),
+    ("csv", "arrow"), ("synthetic", "msgpack"), ("synthetic", "arrow"), ("parquet", "json"),
+    ("synthetic", "json"),
 ])
 def test_publish_reads_back_equal_to_source(
-    kind: str, fmt: str, kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+    kind: str, fmt: str, kafka_bootstrap: str, kafka_client: str,
+    new_topic: Callable[..., str], tmp_path: Path
 ) -> None:
     topic = new_topic()
     table, values = _table()
     keyed = kind not in ("npy", "synthetic")
-    args = ["publish", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+    args = ["publish", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+            "--topic", topic,
             "--format", fmt, "--batch-rows", "4", "--input", "feats"]
     if kind == "synthetic":
         args += ["--synthetic", "2,3", "--rows", "30", "--seed", "5"]
@@ -105,12 +114,13 @@ def test_publish_reads_back_equal_to_source(
 
 @pytest.mark.parametrize("fmt", ["arrow", "msgpack"])
 def test_messages_never_exceed_the_topic_limit(
-    fmt: str, kafka_bootstrap: str, new_topic: Callable[..., str]
+    fmt: str, kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str]
 ) -> None:
     limit = 20_000
     topic = new_topic(**{"max.message.bytes": str(limit)})
     # 1000 rows per message asked; one row is 3136 bytes, so ~5 fit.
-    assert main(["publish", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+    assert main(["publish", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+                 "--topic", topic,
                  "--format", fmt, "--synthetic", "784", "--rows", "120",
                  "--batch-rows", "1000"]) == 0
     data, records = _read_all(kafka_bootstrap, topic, 120, "x", (784,))
@@ -121,10 +131,12 @@ def test_messages_never_exceed_the_topic_limit(
 
 
 def test_a_row_over_the_limit_is_refused(
-    kafka_bootstrap: str, new_topic: Callable[..., str], capsys: pytest.CaptureFixture[str]
+    kafka_bootstrap: str, kafka_client: str,
+    new_topic: Callable[..., str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     topic = new_topic()
-    code = main(["publish", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+    code = main(["publish", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+                 "--topic", topic,
                  "--format", "arrow", "--synthetic", "784", "--rows", "3",
                  "--max-message-bytes", "2000"])
     assert code == 2
@@ -133,13 +145,14 @@ def test_a_row_over_the_limit_is_refused(
 
 
 def test_record_replay_collect_compare_with_a_worker(
-    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, model_repo: Path,
+    kafka_bootstrap: str, kafka_client: str,
+    new_topic: Callable[..., str], group_id: str, model_repo: Path,
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The docs walkthrough: record traffic, replay it at version 2, compare with version 1."""
     write_demo_model(model_repo, version=2, seed=8)
     live, shadow, answers = new_topic(), new_topic(), new_topic()
-    boot = ["--bootstrap-servers", kafka_bootstrap]
+    boot = ["--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client]
     rec, rec2 = tmp_path / "live.arrow", tmp_path / "replayed.arrow"
     v1, v2 = tmp_path / "v1.arrow", tmp_path / "v2.parquet"
 
@@ -204,11 +217,12 @@ def test_record_replay_collect_compare_with_a_worker(
 
 
 def test_collect_expect_times_out_saying_how_many_are_missing(
-    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path,
+    kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     topic = new_topic()
-    code = main(["collect", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+    code = main(["collect", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+                 "--topic", topic,
                  "--out", str(tmp_path / "c.npy"), "--expect", "5", "--timeout", "1.5"])
     assert code == 1
     captured = capsys.readouterr()
@@ -217,19 +231,20 @@ def test_collect_expect_times_out_saying_how_many_are_missing(
 
 
 def test_record_stops_at_its_timeout(
-    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str], tmp_path: Path
 ) -> None:
     topic = new_topic()
     out = tmp_path / "empty.arrow"
     started = time.monotonic()
-    assert main(["record", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+    assert main(["record", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+                 "--topic", topic,
                  "--out", str(out), "--timeout", "1"]) == 0
     assert time.monotonic() - started < 10
     assert ipc.open_file(str(out)).read_all().num_rows == 0
 
 
 def test_record_starts_at_the_end_unless_from_beginning(
-    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str], tmp_path: Path
 ) -> None:
     """Like kafka-console-consumer: only what arrives after start, or all with --from-beginning."""
     topic = new_topic(partitions=2)
@@ -237,7 +252,8 @@ def test_record_starts_at_the_end_unless_from_beginning(
     late, everything = tmp_path / "late.arrow", tmp_path / "all.arrow"
     proc = subprocess.Popen(
         [sys.executable, "-m", "producers.cli", "record", "--bootstrap-server", kafka_bootstrap,
-         "--topic", topic, "--out", str(late), "--max-messages", "2", "--timeout", "60"],
+         "--kafka-client", kafka_client, "--topic", topic, "--out", str(late),
+         "--max-messages", "2", "--timeout", "60"],
         cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     try:
@@ -251,7 +267,31 @@ def test_record_starts_at_the_end_unless_from_beginning(
         proc.wait()
     assert sorted(ipc.open_file(str(late)).read_all().column("value").to_pylist()) == [
         b"after-0", b"after-1"]
-    assert main(["record", "--bootstrap-servers", kafka_bootstrap, "--topic", topic,
+    assert main(["record", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+                 "--topic", topic,
                  "--out", str(everything), "--from-beginning", "--max-messages", "5",
                  "--timeout", "30"]) == 0
     assert ipc.open_file(str(everything)).read_all().num_rows == 5
+
+
+def test_json_requests_answered_and_collected(
+    kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str], group_id: str,
+    model_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """publish --format json (Open Inference Protocol V2); the worker answers in JSON."""
+    requests, answers = new_topic(), new_topic()
+    boot = ["--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client]
+    out = tmp_path / "answers.arrow"
+    assert main(["publish", *boot, "--topic", requests, "--format", "json", "--model",
+                 DEMO_MODEL, "--synthetic", "784", "--rows", "12", "--batch-rows", "5"]) == 0
+    [first] = consume(kafka_bootstrap, requests, 1, timeout=30)[:1]
+    assert header(first, "content-type") == "application/json"
+    with worker_thread(settings(kafka_bootstrap, requests, answers, model_repo, group_id)):
+        assert main(["collect", *boot, "--topic", answers, "--out", str(out), "--expect", "12",
+                     "--timeout", "60"]) == 0
+    assert "collected 3 response(s) (12 rows)" in capsys.readouterr().out
+    table = ipc.open_file(str(out)).read_all()
+    assert set(table.column("model").to_pylist()) == {DEMO_MODEL}
+    probs = np.stack(table.column(DEMO_OUTPUT).to_numpy(zero_copy_only=False))
+    assert probs.shape == (12, 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)

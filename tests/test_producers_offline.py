@@ -15,7 +15,7 @@ import pyarrow.csv as pcsv
 import pytest
 
 from producers.cli import main
-from producers.clients import parse_kafka_options
+from producers.clients import kafka_properties
 from producers.collect import Collection
 from producers.errors import UsageError
 from producers.publish import record_bytes, split_messages
@@ -71,13 +71,24 @@ def test_model_repository_gives_input_name_dtype_and_shape(model_repo: Path,
         read_file(images, spec)
 
 
-def test_kafka_options_are_coerced_and_checked() -> None:
-    assert parse_kafka_options(["acks=1", "security.protocol=SSL", "ssl_check_hostname=false",
-                                "request_timeout_ms=5000"]) == {
-        "acks": 1, "security_protocol": "SSL", "ssl_check_hostname": False,
-        "request_timeout_ms": 5000}
-    with pytest.raises(UsageError, match="unknown kafka-python setting"):
-        parse_kafka_options(["no_such_setting=1"])
+def test_kafka_properties_file_then_env_then_flags(tmp_path: Path) -> None:
+    conf = tmp_path / "client.properties"
+    conf.write_text("# Java style\nsecurity.protocol=SASL_PLAINTEXT\nsasl.mechanism: PLAIN\n"
+                    "client.rack=a\n")
+    env = {"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p",
+           "KAFKA_SASL_MECHANISM": "SCRAM-SHA-256"}
+    for backend in ("confluent", "kafka-python"):
+        got = kafka_properties(["client.rack=b", "request.timeout.ms=5000"], conf, env,
+                               backend)
+        assert got == {"security.protocol": "SASL_PLAINTEXT", "sasl.mechanism": "SCRAM-SHA-256",
+                       "sasl.username": "u", "sasl.password": "p", "client.rack": "b",
+                       "request.timeout.ms": "5000"}, backend
+    with pytest.raises(UsageError, match="refused by librdkafka"):
+        kafka_properties(["no.such.property=1"], None, {}, "confluent")
+    with pytest.raises(UsageError, match=r"unknown Kafka property 'no\.such\.property'"):
+        kafka_properties(["no.such.property=1"], None, {}, "kafka-python")
+    with pytest.raises(UsageError, match="--kafka-config"):
+        kafka_properties([], tmp_path / "missing.properties", {}, "confluent")
 
 
 # --- compare ------------------------------------------------------------------
@@ -90,7 +101,7 @@ def _collection(path: Path, probs: np.ndarray, version: int, per_request: int = 
                                      "label": np.argmax(probs[i:i + per_request], axis=1)},
                             request_id=f"req-{i // per_request}", model="m",
                             model_version=version)
-        record = SimpleNamespace(key=b"k", partition=0, offset=i, timestamp=1000 + i)
+        record = SimpleNamespace(key=b"k", partition=0, offset=i, timestamp_ms=1000 + i)
         collection.add(response, record, latency_ms=float(i))
     table = collection.table()
     with pa.ipc.new_file(str(path), table.schema) as writer:
@@ -210,6 +221,13 @@ def test_every_command_has_version_and_the_kafka_flags(
     usage = capsys.readouterr().out
     assert "--bootstrap-server HOST:PORT" in usage and "--kafka-option KEY=VALUE" in usage
     assert "VALUE\n" not in usage.replace("KEY=VALUE", "")  # real metavars only
+
+
+def test_publish_offers_every_request_format_of_the_protocol() -> None:
+    from producers.cli import REQUEST_FORMATS
+    from worker.protocol import CONTENT_TYPES
+
+    assert sorted(REQUEST_FORMATS) == sorted(CONTENT_TYPES)
 
 
 def test_bootstrap_server_is_an_alias_and_old_flags_still_parse() -> None:
