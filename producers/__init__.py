@@ -10,6 +10,13 @@ the worker's own ``worker.protocol``, so the tools cannot drift from it.
 
 from __future__ import annotations
 
+from importlib import metadata
+
 from producers.errors import ProducerError, UsageError
 
-__all__ = ["ProducerError", "UsageError"]
+__all__ = ["ProducerError", "UsageError", "__version__"]
+
+try:
+    __version__ = metadata.version("inference-worker")
+except metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"

@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,10 +33,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    try:
-        return f"{PROG} {metadata.version('inference-worker')}"
-    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-        return f"{PROG} (not installed)"
+    from producers import __version__
+
+    return f"{PROG} {__version__}"
 
 
 def _hidden_alias(parser: argparse.ArgumentParser, flag: str, dest: str, **kwargs: Any) -> None:

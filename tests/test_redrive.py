@@ -66,6 +66,11 @@ def test_retries_omitted_values_and_redrive_counts_are_read() -> None:
     assert letter.model == "a"  # the worker added none: the request's own names it
     assert letter.redrive_count == 2 and letter.value_omitted
     assert parse_dead_letter([("request-id", b"r-3")]) is None
+    # the worker's own order: error-attempts after the block it appended
+    letter = parse_dead_letter([*own, *_block("t", 0, 5, "model-load-error"),
+                                ("error-attempts", b"3")])
+    assert letter is not None and letter.headers == [("request-id", b"r-2"), ("model", b"a")]
+    assert (letter.error_type, letter.model) == ("model-load-error", "m")
 
 
 def test_times_are_iso_8601_or_epoch_milliseconds() -> None:
