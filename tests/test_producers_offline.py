@@ -189,6 +189,14 @@ def test_bad_inputs_exit_2_with_one_line(
     assert "no such file" in _one_line_error(capsys, "compare", str(tmp_path / "a.arrow"),
                                              str(tmp_path / "b.arrow"))
     assert ".npy" in _one_line_error(capsys, "collect", "--topic", "t", "--out", "c.json")
+    red = ["redrive", "--bootstrap-servers", "127.0.0.1:1", "--dlq-topic", "t.dlq"]
+    assert "--max must be positive" in _one_line_error(capsys, *red, "--max", "0")
+    assert "expected ISO-8601" in _one_line_error(capsys, *red, "--since", "last tuesday")
+    assert "--until must be later than --since" in _one_line_error(
+        capsys, *red, "--since", "2026-12-01T10:00:00Z", "--until", "2026-12-01T09:00:00Z")
+    assert "--kafka-config" in _one_line_error(capsys, *red, "--kafka-config",
+                                               str(tmp_path / "none.properties"))
+    assert "invalid choice" in _one_line_error(capsys, *red, "--kafka-client", "java")
 
 
 def test_console_script_exits_2_with_one_line() -> None:
