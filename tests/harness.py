@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ def settings(
         device="cpu",
         drain_timeout_s=20.0,
     )
-    return replace(base, **overrides)
+    return base.model_copy(update=overrides)
 
 
 @contextmanager

@@ -207,3 +207,44 @@ def test_help_shows_environment_variables() -> None:
         "WORKER_EXACTLY_ONCE",
     ):
         assert var in out.stdout
+
+
+def test_every_setting_has_help_a_group_and_its_variable() -> None:
+    from worker.kafka import DEFAULT_BACKEND
+    from worker.settings import GROUPS, Settings
+
+    assert Settings.model_fields["kafka_client"].default == DEFAULT_BACKEND
+    for name, info in Settings.model_fields.items():
+        assert info.description, f"{name} has no docstring"
+        if name != "kafka_properties":
+            assert isinstance(info.json_schema_extra, dict)
+            assert info.json_schema_extra["group"] in GROUPS, name
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for title in GROUPS.values():
+        assert f"\n{title}:\n" in out, title
+
+
+def test_kafka_tools_spelling_of_bootstrap_and_environment_lists(tmp_path: Path) -> None:
+    s = parse_settings(
+        ["--bootstrap-server", "b1:9092,b2:9092", "--model-repository", str(tmp_path)],
+        {
+            "WORKER_INPUT_TOPIC": "x, y",
+            "WORKER_OUTPUT_TOPIC": "out",
+            "WORKER_KAFKA_OPTION": "linger.ms=2\nclient.rack=a,b",
+        },
+    )
+    assert s.bootstrap_servers == "b1:9092,b2:9092"
+    assert s.input_topics == ("x", "y")
+    assert s.kafka_properties == {"linger.ms": "2", "client.rack": "a,b"}
+
+
+def test_a_required_flag_names_itself_and_its_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(["--output-topic", "o", "--model-repository", str(tmp_path)], {})
+    assert info.value.flag == "--input-topic"
+    assert "WORKER_INPUT_TOPIC" in str(info.value)

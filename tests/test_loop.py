@@ -6,7 +6,6 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -344,16 +343,21 @@ def test_slow_model_keeps_group_membership(
         )
         records.append((None, value, headers))
     produce(kafka_bootstrap, requests, records)
-    s = settings(kafka_bootstrap, requests, outputs, repo, group_id, max_batch_rows=1)
-    s = replace(
-        s,
-        kafka_properties={
-            # librdkafka wants max.poll.interval.ms >= session.timeout.ms (>= the
-            # broker's 6 s minimum); 12 runs of 0.7 s take longer than that.
-            "max.poll.interval.ms": "6000",
-            "session.timeout.ms": "6000",
-            "heartbeat.interval.ms": "500",
-        },
+    # librdkafka wants max.poll.interval.ms >= session.timeout.ms (>= the
+    # broker's 6 s minimum); 12 runs of 0.7 s take longer than that.
+    group = {
+        "max.poll.interval.ms": "6000",
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "500",
+    }
+    s = settings(
+        kafka_bootstrap,
+        requests,
+        outputs,
+        repo,
+        group_id,
+        max_batch_rows=1,
+        kafka_properties=group,
     )
     with worker_thread(s):
         answers = consume(kafka_bootstrap, outputs, n, timeout=120, settle=3.0)
