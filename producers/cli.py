@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what would be sent (count per error type and model); send nothing")
     p.add_argument("--force", action="store_true",
                    help=f"also send records already redriven {MAX_REDRIVES} times")
+    p.add_argument("--exactly-once", action="store_true",
+                   help="send and commit in one transaction per batch: read_committed "
+                   "consumers (the worker) never see a record twice, even after kill -9")
     p.add_argument("--group-id", default=REDRIVE_GROUP, metavar="GROUP",
                    help=f"consumer group on the dead-letter topic (default {REDRIVE_GROUP})")
     p.add_argument("--rate", type=float, metavar="RECORDS_PER_S",
@@ -424,6 +427,7 @@ def _redrive(args: argparse.Namespace) -> int:
         max_records=args.max,
         dry_run=args.dry_run,
         force=args.force,
+        exactly_once=args.exactly_once,
         group_id=args.group_id,
         rate=args.rate,
         stall_s=args.timeout,

@@ -14,6 +14,7 @@ convention.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -111,28 +112,37 @@ class KafkaSettings:
     backend: str = DEFAULT_BACKEND
     client_id: str = "inference-producer"
 
-    def _config(self, group_id: str | None = None) -> ClientConfig:
+    def _config(self, group_id: str | None = None,
+                transactional_id: str | None = None) -> ClientConfig:
         return ClientConfig(
             bootstrap_servers=self.bootstrap_servers,
             backend=self.backend,
             client_id=self.client_id,
             group_id=group_id,
+            transactional_id=transactional_id,
             max_message_bytes=_MAX_REQUEST_SIZE,
             properties=self.properties,
         )
 
-    def producer(self, *, batch_bytes: int | None = None,
-                 compression: str | None = None) -> Producer:
-        """An idempotent producer (acks=all); ``batch_bytes`` caps a record batch."""
+    def producer(self, *, batch_bytes: int | None = None, compression: str | None = None,
+                 transactional_id: str | None = None) -> Producer:
+        """An idempotent producer (acks=all); ``batch_bytes`` caps a record batch.
+
+        With ``transactional_id`` it is transactional, its transactions
+        initialised (which aborts one a killed predecessor left open).
+        """
         overrides = {"linger.ms": "5"}
         if batch_bytes is not None:
             overrides["batch.size"] = str(batch_bytes)
         if compression is not None:
             overrides["compression.type"] = compression
         try:
-            return Producer(open_producer(self._config(), **overrides), self.backend)
+            raw = open_producer(self._config(transactional_id=transactional_id), **overrides)
+            if transactional_id is not None:
+                raw.init_transactions()
         except (ConfigError, FatalError, KafkaFailure) as exc:
             raise _failed(f"cannot connect to {self.bootstrap_servers}", exc) from exc
+        return Producer(raw, self.backend)
 
     def consumer(self, group_id: str | None = None) -> Consumer:
         """A read_committed consumer; it commits only to ``group_id``, and only when asked."""
@@ -245,6 +255,10 @@ class Consumer:
         except KafkaFailure as exc:
             raise ProducerError(f"committing offsets failed: {exc}") from exc
 
+    def group_metadata(self) -> Any:
+        """What a transaction needs to commit this consumer's group offsets."""
+        return self._raw.group_metadata()
+
     def poll(self, timeout_s: float, max_records: int | None = None) -> list[Record]:
         try:
             return list(self._raw.poll(max_records or 500, timeout_s))
@@ -342,6 +356,29 @@ class Producer:
         self._check()
         if left:
             raise ProducerError(f"{left} record(s) not acknowledged within {timeout_s:g} s")
+
+    def commit_transaction(self, offsets: Mapping[TopicPartition, int],
+                           consumer: Consumer) -> None:
+        """Commit what was sent since :meth:`begin_transaction` together with ``consumer``'s
+        group ``offsets``: both become visible, or neither does."""
+        try:
+            self._raw.send_offsets_to_transaction(offsets, consumer.group_metadata())
+            self._raw.commit_transaction()
+        except (FatalError, KafkaFailure) as exc:
+            self.abort_transaction()
+            raise ProducerError(f"the transaction failed and was aborted: {exc}") from exc
+        self._check()
+        self._pending.clear()
+
+    def begin_transaction(self) -> None:
+        try:
+            self._raw.begin_transaction()
+        except (FatalError, KafkaFailure) as exc:
+            raise ProducerError(f"cannot begin a transaction: {exc}") from exc
+
+    def abort_transaction(self) -> None:
+        with contextlib.suppress(FatalError, KafkaFailure):  # the caller raises the cause
+            self._raw.abort_transaction()
 
     def close(self) -> None:
         self._raw.close()

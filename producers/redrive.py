@@ -205,6 +205,7 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
             error_types: Iterable[str] = (), model: str | None = None,
             since_ms: int | None = None, until_ms: int | None = None,
             max_records: int | None = None, dry_run: bool = False, force: bool = False,
+            exactly_once: bool = False,
             group_id: str = REDRIVE_GROUP, rate: float | None = None,
             stall_s: float = 30.0, progress: bool | None = None) -> RedriveStats:
     """Republish the matching dead letters of ``dlq_topic`` (see the module docstring)."""
@@ -233,8 +234,12 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
               "offsets" + (" (dry run: nothing is sent or committed)" if dry_run else ""),
               file=sys.stderr)
         consumer.assign({tp: start[tp] for tp in todo})
-        producer = None if dry_run else settings.producer()
-        sender = _Sender(settings, producer, to) if producer is not None else None
+        # one transactional id per group and topic: a second redrive of the same
+        # group fences the first instead of sending the same records beside it
+        txn = f"{REDRIVE_GROUP}.{group_id}.{dlq_topic}" if exactly_once else None
+        producer = None if dry_run else settings.producer(transactional_id=txn)
+        sender = (None if producer is None
+                  else _Sender(settings, producer, to, transactional=exactly_once))
         done: dict[TopicPartition, int] = {}  # next offset per partition, not yet committed
         next_offset = dict(start)
         began = time.monotonic()
@@ -284,10 +289,12 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
 class _Sender:
     """Where each dead letter goes: its source topic and partition, or ``--to``."""
 
-    def __init__(self, settings: KafkaSettings, producer: Producer, to: str | None) -> None:
+    def __init__(self, settings: KafkaSettings, producer: Producer, to: str | None, *,
+                 transactional: bool = False) -> None:
         self.settings = settings
         self.producer = producer
         self.to = to
+        self.transactional = transactional
         self._partitions: dict[str, int | None] = {}
         self.unflushed = 0
 
@@ -302,6 +309,8 @@ class _Sender:
         part = letter.source_partition
         partition = part if part is not None and count is not None and part < count else None
         headers = [*letter.headers, (REDRIVE_COUNT, str(letter.redrive_count + 1).encode())]
+        if self.transactional and not self.unflushed:
+            self.producer.begin_transaction()
         self.producer.send(topic, record.value, record.key, headers, partition=partition)
         self.unflushed += 1
 
@@ -328,8 +337,14 @@ def _handle(r: Record, filters: _Filters, force: bool, to: str | None,
 
 
 def _commit(consumer: Consumer, sender: _Sender | None, done: dict[TopicPartition, int]) -> None:
-    """Commit ``done`` once everything sent before it is acknowledged; dry runs commit nothing."""
+    """Commit ``done`` once everything sent before it is acknowledged (or in the
+    transaction that sent it, with --exactly-once); dry runs commit nothing."""
     if sender is None or not done:
+        return
+    if sender.transactional and sender.unflushed:
+        sender.producer.commit_transaction(done, consumer)
+        sender.unflushed = 0
+        done.clear()
         return
     if sender.unflushed:
         try:

@@ -293,3 +293,31 @@ def test_records_redriven_three_times_are_refused_unless_forced(
     got = consume(kafka_bootstrap, source, 5, timeout=5)
     assert sorted((header(r, "request-id"), header(r, "redrive-count")) for r in got) == [
         ("r-2", "3"), ("r-2", "3"), ("r-3", "4"), ("r-5", "6")]
+
+
+@pytest.mark.kafka
+def test_exactly_once_redrive_killed_and_resumed_is_seen_once_by_read_committed(
+    kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str], group_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    n = 40
+    dlq, source = new_topic(partitions=2), new_topic(partitions=2)
+    _produce(kafka_bootstrap, dlq, _letters(n, source, partitions=2))
+    args = ["redrive", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+            "--dlq-topic", dlq, "--group-id", group_id, "--exactly-once"]
+    proc = subprocess.Popen([sys.executable, "-m", "producers.cli", *args, "--rate", "20"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        consume(kafka_bootstrap, source, 10, timeout=60, isolation="read_committed")
+        proc.send_signal(signal.SIGKILL)  # wherever it is: mid-transaction or between
+    finally:
+        proc.kill()
+        proc.wait()
+    first = sum(o or 0 for o in committed(kafka_bootstrap, group_id, dlq).values())
+    assert 0 < first < n  # really interrupted half-way
+
+    assert main(args) == 0  # a fresh producer with the same id aborts the open transaction
+    assert _table(capsys.readouterr().out) == {("model-not-found", "m"): n - first}
+    got = consume(kafka_bootstrap, source, n + 1, timeout=5, isolation="read_committed")
+    assert _ids(got) == Counter({f"r-{i}": 1 for i in range(n)})
+    assert sum(o or 0 for o in committed(kafka_bootstrap, group_id, dlq).values()) == n
