@@ -6,4 +6,13 @@ The flow, one module per stage (see README for the picture)::
                              \______________ loop.py drives it all ______________/
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from importlib import metadata
+
+__all__ = ["__version__"]
+
+try:
+    __version__ = metadata.version("inference-worker")
+except metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
