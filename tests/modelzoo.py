@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker import samples
 from worker.demo import build_mlp
 from worker.signature import Signature
 
@@ -406,26 +407,7 @@ _PARAMETERS: dict[str, Callable[[int], np.ndarray]] = {
 
 def sample_feeds(signature: Signature, rows: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
     """Random valid inputs for ``signature``; a fixed batch axis overrides ``rows``."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for spec in signature.inputs:
-        if spec.dtype is None or spec.shape is None:
-            raise ValueError(f"input {spec.name}: no tensor shape to sample ({spec.onnx_type})")
-        shape = tuple(
-            (rows if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape)
-        )
-        if spec.name in _PARAMETERS:
-            feeds[spec.name] = _PARAMETERS[spec.name](rows)
-            continue
-        if spec.dtype.kind in "US":
-            words = [*STRING_VOCAB, "unknown"]
-            feeds[spec.name] = np.array(
-                [words[i] for i in rng.integers(0, len(words), int(np.prod(shape)))], dtype=object
-            ).reshape(shape)
-        elif spec.dtype.kind in "iu":
-            feeds[spec.name] = rng.integers(0, 100, shape).astype(spec.dtype)
-        elif spec.dtype.kind == "b":
-            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[spec.name] = rng.normal(size=shape).astype(spec.dtype)
-    return feeds
+    return samples.sample_feeds(
+        signature, rows, seed=seed, ints=(0, 100), strings=(*STRING_VOCAB, "unknown"),
+        values=_PARAMETERS,
+    )

@@ -10,14 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 
-from tests.modelzoo import sample_feeds, write_cnn, write_iris_logreg, write_mlp, write_two_io
+from tests.modelzoo import (
+    sample_feeds,
+    write_cnn,
+    write_iris_logreg,
+    write_mlp,
+    write_string_labels,
+    write_two_io,
+)
 from worker import optimize as opt
+from worker.optimize import candidates, cli, gate
 from worker.repository import ModelRepository
 from worker.runtime import RuntimeOptions, load_session
 
@@ -199,20 +210,20 @@ def test_gate_refuses_a_slower_candidate(
 def test_compare_applies_tolerance_scale_and_argmax_rule() -> None:
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(200, 5)) * 10
-    check = opt._compare("s", scores, scores + 0.4, 0.05)  # limit 0.05 * max|scores|
+    check = gate.compare("s", scores, scores + 0.4, 0.05)  # limit 0.05 * max|scores|
     assert check.ok and check.limit == pytest.approx(0.05 * np.abs(scores).max())
     flipped = scores.copy()
     rows = np.arange(3)  # 3 of 200 rows change class: 98.5% < 99%
     top, bottom = np.argmax(scores[:3], 1), np.argmin(scores[:3], 1)
     flipped[rows, top], flipped[rows, bottom] = scores[rows, bottom], scores[rows, top]
-    check = opt._compare("s", scores, flipped, 1e9)
+    check = gate.compare("s", scores, flipped, 1e9)
     assert check.agreement == pytest.approx(0.985) and not check.ok
     nan = np.array([[np.nan, 1.0]])
-    assert opt._compare("n", nan, nan.copy(), 0.0).ok
-    assert not opt._compare("n", nan, np.array([[0.0, 1.0]]), 1.0).ok
+    assert gate.compare("n", nan, nan.copy(), 0.0).ok
+    assert not gate.compare("n", nan, np.array([[0.0, 1.0]]), 1.0).ok
     labels = np.arange(100)
-    assert opt._compare("l", labels, labels, 0.0).agreement == 1.0
-    assert not opt._compare("l", labels, np.where(labels < 2, 7, labels), 0.0).ok
+    assert gate.compare("l", labels, labels, 0.0).agreement == 1.0
+    assert not gate.compare("l", labels, np.where(labels < 2, 7, labels), 0.0).ok
 
 
 # -- flags and exit codes ------------------------------------------------------------
@@ -255,6 +266,62 @@ def test_bad_request_exits_2_with_one_line_naming_the_flag(
     assert err.count("\n") == 1 and err.startswith("inference-worker optimize: ")
     assert flag in err
     assert _tree(tmp_path) == tree
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "error"),
+    [
+        ({"target": "tpu"}, "target", opt.RequestError),
+        ({"mode": "fp16"}, "mode", opt.ModeTargetError),
+        ({"mode": "int8", "target": "cuda"}, "mode", opt.ModeTargetError),
+        ({"tolerance": -1.0}, "tolerance", opt.RequestError),
+        ({"model": "nope"}, "model", opt.RequestError),
+        ({"version": 9}, "version", opt.RequestError),
+        ({"model": "string-labels"}, "sample", opt.RequestError),
+        ({"repository": Path("/nonexistent")}, "repository", opt.RequestError),
+    ],
+)
+def test_the_api_reports_request_fields_not_flags(
+    tmp_path: Path, changes: dict[str, object], field: str, error: type[Exception]
+) -> None:
+    """Below the CLI, a bad request names the OptimizeRequest field; only the CLI knows flags."""
+    write_mlp(tmp_path)
+    write_string_labels(tmp_path)
+    fields: dict[str, Any] = {"repository": tmp_path, "model": "mnist-mlp", "target": "cpu"}
+    request = opt.OptimizeRequest(**{**fields, **changes})
+    with pytest.raises(error) as info:
+        opt.optimize(request)
+    assert isinstance(info.value, opt.RequestError) and info.value.field == field
+    assert "--" not in str(info.value)
+    assert not list((tmp_path / "mnist-mlp").glob(".*"))
+
+
+def test_only_the_cli_module_raises_config_errors() -> None:
+    package = Path(opt.__file__).parent
+    users = sorted(p.name for p in package.glob("*.py") if "ConfigError" in p.read_text())
+    assert users == ["cli.py"]
+    assert opt.main is cli.main
+
+
+def test_model_path_that_is_a_file_exits_1_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_mlp(tmp_path / "src")
+    shutil.copy(source, tmp_path / "m.onnx")
+    (tmp_path / "m").write_text("not a directory")
+    assert _run(tmp_path, "--model", "m", "--min-speedup", "0") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("m exists and is not a directory\n")
+
+
+def test_python_dash_m_runs_the_command(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.optimize", "--model-repository", str(tmp_path),
+         "--model", "x", "--target", "cpu", "--rows", "0"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "inference-worker optimize: --rows: must be a positive integer, got '0'\n"
 
 
 def test_sample_files_npy_and_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -320,7 +387,7 @@ def test_cuda_graph_with_memcpy_is_rebuilt_portable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    monkeypatch.setattr(opt, "_ort_optimize", _fake_ort_optimize({"cuda"}, calls))
+    monkeypatch.setattr(candidates, "optimize_graph", _fake_ort_optimize({"cuda"}, calls))
     dest = tmp_path / "c.onnx"
     stages = opt.build_candidate(write_mlp(tmp_path), dest, "plain", "cuda")
     assert calls == ["cuda", "cpu"]
@@ -332,11 +399,11 @@ def test_cuda_graph_with_memcpy_is_rebuilt_portable(
 def test_candidate_with_memcpy_is_never_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
 ) -> None:
-    monkeypatch.setattr(opt, "_ort_optimize", _fake_ort_optimize({"cpu", "cuda"}, []))
+    monkeypatch.setattr(candidates, "optimize_graph", _fake_ort_optimize({"cpu", "cuda"}, []))
     with pytest.raises(opt.CandidateError, match=r"holds 1 Memcpy node\(s\) \(MemcpyToHost\(m\)\)"):
         opt.build_candidate(write_mlp(tmp_path), tmp_path / "c.onnx", "plain", target)
     # and through the command: exit 1, no version written
-    monkeypatch.setattr(opt, "_ort_optimize", _fake_ort_optimize({"cpu"}, []))
+    monkeypatch.setattr(candidates, "optimize_graph", _fake_ort_optimize({"cpu"}, []))
     assert _run(tmp_path, "--model", "mnist-mlp", "--min-speedup", "0") == 1
     assert ModelRepository(tmp_path).versions("mnist-mlp") == [1]
 

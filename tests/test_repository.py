@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worker.errors import ModelNotFound
-from worker.repository import ModelRef, ModelRepository, valid_name
+from worker.repository import MODEL_FILE, ModelRef, ModelRepository, valid_name
 
 
 def _touch(path: Path) -> Path:
@@ -80,7 +80,8 @@ def test_bad_versions(root: Path, version: object) -> None:
 
 
 def test_root_must_be_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--model-repository"):
+    # The message names the directory, not a flag: the CLIs add their own flag names.
+    with pytest.raises(ValueError, match=r"model repository .*missing is not a directory$"):
         ModelRepository(tmp_path / "missing")
 
 
@@ -169,3 +170,110 @@ def test_deleted_newest_falls_back_at_once(root: Path) -> None:
     shutil.rmtree(root / "a")
     with pytest.raises(ModelNotFound, match="not found"):
         repo.resolve("a")
+
+
+# -- publishing a version ----------------------------------------------------------
+
+
+def _stage(repo: ModelRepository, name: str, payload: bytes = b"new") -> Path:
+    """A staged version that stays on disk (the test publishes or inspects it)."""
+    with repo.staging(name, tag="test") as work:
+        (work / MODEL_FILE).write_bytes(payload)
+        (work / "notes.json").write_text("{}")
+        kept = work.with_name(work.name + "-kept")
+        work.rename(kept)
+    return kept
+
+
+def test_publish_makes_the_staged_directory_the_next_version(root: Path) -> None:
+    repo = ModelRepository(root, rescan_s=3600)  # a long rescan: only publish refreshes it
+    assert repo.resolve("a").version == 10
+    with repo.staging("a") as work:
+        assert work.parent == root / "a" and work.name.startswith(".stage-")
+        assert repo.versions("a") == [1, 2, 10]  # the scan ignores a staging directory
+        (work / MODEL_FILE).write_bytes(b"eleven")
+        (work / "optimize.json").write_text("{}")
+        ref = repo.publish_version("a", work)
+        assert not work.exists()
+    assert ref == ModelRef("a", 11, (root / "a" / "11" / MODEL_FILE).resolve())
+    assert (root / "a" / "11" / "optimize.json").read_text() == "{}"
+    assert repo.resolve("a") == ref  # the cached "newest" was dropped by the publish
+    assert repo.versions("a") == [1, 2, 10, 11]
+    assert not list((root / "a").glob(".*"))
+
+
+def test_staging_is_removed_when_not_published(root: Path) -> None:
+    repo = ModelRepository(root)
+    with pytest.raises(RuntimeError), repo.staging("a") as work:
+        (work / MODEL_FILE).write_bytes(b"half")
+        raise RuntimeError("the build failed")
+    assert not list((root / "a").glob(".*"))
+    assert repo.versions("a") == [1, 2, 10]
+
+
+def test_flat_model_gets_its_first_version_directory(root: Path) -> None:
+    repo = ModelRepository(root)
+    with repo.staging("b") as work:
+        (work / MODEL_FILE).write_bytes(b"two")
+        assert repo.publish_version("b", work).version == 2
+    assert repo.resolve("b", 1).path == (root / "b.onnx").resolve()
+    assert repo.resolve("b").path == (root / "b" / "2" / MODEL_FILE).resolve()
+
+
+def test_numeric_directories_without_a_model_are_never_replaced(root: Path) -> None:
+    (root / "a" / "11").mkdir()  # someone's half-made version
+    (root / "a" / "12").mkdir()
+    (root / "a" / "12" / "x").write_text("taken")
+    repo = ModelRepository(root)
+    with repo.staging("a") as work:
+        (work / MODEL_FILE).write_bytes(b"new")
+        assert repo.publish_version("a", work).version == 13
+    assert list((root / "a" / "11").iterdir()) == []
+    assert (root / "a" / "12" / "x").read_text() == "taken"
+
+
+def test_a_version_taken_meanwhile_moves_the_publish_on(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers: the other one creates version 11 between our scan and our rename."""
+    repo = ModelRepository(root)
+    staged = _stage(repo, "a")
+    real_rename = os.rename
+
+    def racing_rename(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).name == "11" and not Path(dst).exists():
+            _touch(Path(dst) / MODEL_FILE)  # the other writer wins version 11
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", racing_rename)
+    ref = repo.publish_version("a", staged)
+    assert ref.version == 12 and ref.path.read_bytes() == b"new"
+    assert (root / "a" / "11" / MODEL_FILE).read_bytes() == b"onnx?"
+
+
+def test_publish_refuses_what_is_not_a_staged_version(root: Path, tmp_path: Path) -> None:
+    repo = ModelRepository(root)
+    elsewhere = tmp_path / "elsewhere"
+    _touch(elsewhere / MODEL_FILE)
+    with pytest.raises(ValueError, match="not a staging directory of model 'a'"):
+        repo.publish_version("a", elsewhere)
+    with pytest.raises(ValueError, match="not a staging directory"):
+        repo.publish_version("a", root / "a" / "2")  # a published version is not staging
+    with pytest.raises(ValueError, match=f"holds no {MODEL_FILE}"), repo.staging("a") as work:
+        repo.publish_version("a", work)
+    staged_for_c = _stage(repo, "c")
+    with pytest.raises(ValueError, match="not a staging directory of model 'a'"):
+        repo.publish_version("a", staged_for_c)
+    with pytest.raises(ModelNotFound):
+        repo.publish_version("../a", staged_for_c)
+    assert repo.versions("a") == [1, 2, 10] and repo.versions("c") == [1, 3]
+
+
+def test_staging_refuses_a_model_path_that_is_a_file(tmp_path: Path) -> None:
+    _touch(tmp_path / "m")  # a file named like the model, beside m.onnx
+    _touch(tmp_path / "m.onnx")
+    repo = ModelRepository(tmp_path)
+    with pytest.raises(NotADirectoryError, match="is not a directory"), repo.staging("m"):
+        pass  # pragma: no cover
+    with pytest.raises(ModelNotFound), repo.staging("../m"):
+        pass  # pragma: no cover

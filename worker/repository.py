@@ -16,26 +16,37 @@ Answers are cached per (name, version) for at most ``rescan_s`` seconds: a
 cached answer costs one ``stat`` (so a deleted version is noticed at once and
 "newest" falls back to the next), and a version directory added while the
 worker runs is served within ``rescan_s``.
+
+Writing is one method, :meth:`ModelRepository.publish_version`: a version is
+built in a hidden directory next to the versions (:meth:`~ModelRepository.staging`,
+ignored by the scan, on the same file system) and renamed to ``<max+1>`` in
+one step, so a running worker sees the whole version or none of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from worker.errors import ModelNotFound
 
-__all__ = ["NAME_PATTERN", "ModelRef", "ModelRepository", "valid_name"]
+__all__ = ["MODEL_FILE", "NAME_PATTERN", "ModelRef", "ModelRepository", "valid_name"]
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")  # canonical only: "01" would alias "1"
-_MODEL_FILE = "model.onnx"
+MODEL_FILE = "model.onnx"
+"""The file name of a version in the directory layout: ``DIR/<name>/<version>/model.onnx``."""
 _SUFFIX = ".onnx"
+_PUBLISH_TRIES = 100
 
 
 def valid_name(name: object) -> bool:
@@ -61,7 +72,7 @@ class ModelRepository:
     def __init__(self, root: Path, *, rescan_s: float = 5.0) -> None:
         self.root = Path(os.path.realpath(root))
         if not self.root.is_dir():
-            raise ValueError(f"--model-repository: {root} is not a directory")
+            raise ValueError(f"model repository {root} is not a directory")
         self.rescan_s = rescan_s
         self._lock = threading.Lock()
         # (name, version or None for "newest") -> (valid until, ref)
@@ -119,7 +130,80 @@ class ModelRepository:
                 found.add(stem)
         return sorted(found)
 
+    # -- writing ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, name: str, *, tag: str = "stage") -> Iterator[Path]:
+        """A new, empty hidden directory ``DIR/<name>/.<tag>-<hex>`` to build a version in.
+
+        The scan ignores it, and it sits on the versions' file system, so
+        :meth:`publish_version` can rename it. ``DIR/<name>`` is created when
+        the model has only the flat layout so far. Removed on exit unless
+        published. Raises :class:`ModelNotFound` for a bad name,
+        :class:`NotADirectoryError` when ``DIR/<name>`` is a file.
+        """
+        self._check_name(name)
+        model_dir = self.root / name
+        if model_dir.exists() and not model_dir.is_dir():
+            raise NotADirectoryError(f"{model_dir} exists and is not a directory")
+        model_dir.mkdir(exist_ok=True)
+        work = model_dir / f".{tag}-{uuid.uuid4().hex}"
+        work.mkdir()
+        try:
+            yield work
+        finally:
+            shutil.rmtree(work, ignore_errors=True)  # already gone when published
+
+    def publish_version(self, name: str, staged: Path) -> ModelRef:
+        """Make ``staged`` (from :meth:`staging`) version ``max+1`` of ``name``, in one rename.
+
+        Every file in ``staged`` is flushed to disk first and the model
+        directory after the rename, so a crash leaves either no version or a
+        whole one. ``max`` counts every numeric directory, even one without a
+        model file, so a half-made version is never replaced; when another
+        writer takes the number first, the next one is used. This repository's
+        cached answers for ``name`` are dropped, so it serves the new version
+        at once. Raises :class:`ValueError` when ``staged`` is not a staging
+        directory of ``name`` holding a ``model.onnx``, :class:`FileExistsError`
+        when no version number is free.
+        """
+        self._check_name(name)
+        model_dir = self.root / name
+        staged = Path(os.path.realpath(staged))
+        if staged.parent != Path(os.path.realpath(model_dir)) or not staged.name.startswith("."):
+            raise ValueError(f"{staged} is not a staging directory of model {name!r}")
+        if not (staged / MODEL_FILE).is_file():
+            raise ValueError(f"{staged} holds no {MODEL_FILE}")
+        for folder, _, files in os.walk(staged):
+            for file in files:
+                _fsync(Path(folder) / file)
+        first = self._next_version(model_dir)
+        for version in range(first, first + _PUBLISH_TRIES):
+            target = model_dir / str(version)
+            if target.exists():
+                continue
+            try:
+                os.rename(staged, target)  # ENOTEMPTY/EEXIST if someone took it meanwhile
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            _fsync(model_dir)
+            with self._lock:
+                for key in [k for k in self._resolved if k[0] == name]:
+                    del self._resolved[key]
+            return ModelRef(name, version, Path(os.path.realpath(target / MODEL_FILE)))
+        raise FileExistsError(f"no free version directory under {model_dir}")
+
     # -- internals ----------------------------------------------------------
+
+    def _next_version(self, model_dir: Path) -> int:
+        # Numeric directories without a model.onnx count too: renaming onto an
+        # empty one would silently replace it.
+        numeric = [
+            int(p.name) for p in model_dir.iterdir() if p.name.isascii() and p.name.isdigit()
+        ]
+        return max([*self._scan(model_dir.name), *numeric, 0]) + 1
 
     @staticmethod
     def _check_name(name: object) -> None:
@@ -149,7 +233,7 @@ class ModelRepository:
             return found
         for entry in entries:
             if _VERSION_RE.fullmatch(entry.name):
-                path = self._inside(os.path.join(base, entry.name, _MODEL_FILE))
+                path = self._inside(os.path.join(base, entry.name, MODEL_FILE))
                 if path is not None:
                     found[int(entry.name)] = path  # the directory layout wins for v1
         return found
@@ -159,7 +243,7 @@ class ModelRepository:
         if not available:
             raise ModelNotFound(
                 f"model {name!r} not found in the model repository "
-                f"(expected {name}/<version>/{_MODEL_FILE} or {name}{_SUFFIX})"
+                f"(expected {name}/<version>/{MODEL_FILE} or {name}{_SUFFIX})"
             )
         if version is None:
             version = max(available)
@@ -167,3 +251,11 @@ class ModelRepository:
             listed = ", ".join(str(v) for v in sorted(available)[-10:])
             raise ModelNotFound(f"model {name!r} has no version {version} (available: {listed})")
         return ModelRef(name=name, version=version, path=available[version])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

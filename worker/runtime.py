@@ -45,6 +45,7 @@ import onnxruntime as ort
 
 from worker.errors import InferenceError, ModelLoadError
 from worker.repository import ModelRef
+from worker.samples import SampleError, sample_feeds
 from worker.signature import Signature
 
 __all__ = [
@@ -56,12 +57,14 @@ __all__ = [
     "create_session",
     "cuda_probe",
     "device_memory",
+    "file_digest",
     "load_session",
     "memcpy_nodes",
     "optimized_cache_key",
     "parse_cuda_mem_limit",
     "parse_cudnn_conv_algo_search",
     "preload_cuda_libraries",
+    "provider_names",
     "resolve_device",
     "warmup_feeds",
 ]
@@ -326,9 +329,14 @@ def _session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return opts
 
 
+def provider_names(device: str) -> list[str]:
+    """Execution providers for ``device`` (``cpu``, ``cuda``, ``cuda:N``), first choice first."""
+    return [_CPU_EP] if device == "cpu" else [_CUDA_EP, _CPU_EP]
+
+
 def _providers(device: str, options: RuntimeOptions) -> list[Any]:
     if device == "cpu":
-        return [_CPU_EP]
+        return provider_names(device)
     cuda: dict[str, Any] = {
         "device_id": _device_id(device),
         # Grow by what is asked, so the arena is no bigger than the model needs
@@ -384,8 +392,10 @@ def create_session(
     return session
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=20)
+def file_digest(path: Path, algorithm: str = "blake2b") -> str:
+    """Hex digest of a file, read 1 MiB at a time: blake2b at 160 bits (the cache
+    keys) or any other ``hashlib`` algorithm by name (``sha256`` for provenance)."""
+    h = hashlib.blake2b(digest_size=20) if algorithm == "blake2b" else hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -395,7 +405,7 @@ def _file_digest(path: Path) -> str:
 def optimized_cache_key(path: Path, device: str) -> str:
     """Key of the optimized graph: model bytes + ORT version + device."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(_file_digest(path).encode())
+    h.update(file_digest(path).encode())
     h.update(f"\0ort={ort.__version__}\0device={device}\0level=all".encode())
     return h.hexdigest()
 
@@ -439,16 +449,10 @@ def warmup_feeds(signature: Signature, rows: int = 1) -> dict[str, np.ndarray] |
     A dynamic first axis (the batch) gets ``rows``, any other dynamic axis 1;
     fixed axes are kept. A 0-d input stays 0-d.
     """
-    feeds: dict[str, np.ndarray] = {}
-    for spec in signature.inputs:
-        if spec.dtype is None or spec.shape is None:
-            return None  # sequences/maps: nothing sensible to fabricate
-        shape = tuple((rows if i == 0 else 1) if d is None else d for i, d in enumerate(spec.shape))
-        if spec.dtype.kind in "US":
-            feeds[spec.name] = np.full(shape, "", dtype=object)
-        else:
-            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
-    return feeds
+    try:
+        return sample_feeds(signature, rows, zeros=True)
+    except SampleError:
+        return None  # sequences/maps: nothing sensible to fabricate
 
 
 def _batch_axis_dynamic(signature: Signature) -> bool:
