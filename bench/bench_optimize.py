@@ -195,14 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _time_with_conv(source: Path, threads: int, repeats: int, rows_n: int) -> dict[str, Any]:
     """Timing and worst diff of the Conv-quantized resnet, measured as the command measures."""
-    from worker.optimize import _ort_optimize, _time_pairs
+    from worker.optimize.candidates import optimize_graph
+    from worker.optimize.gate import time_pairs
     from worker.repository import ModelRef
     from worker.runtime import RuntimeOptions, load_session
 
     quantized = source.with_name("conv-int8.onnx")
     candidate = source.with_name("conv-int8-opt.onnx")
     _int8_with_conv(source, quantized)
-    _ort_optimize(quantized, candidate, "cpu")
+    optimize_graph(quantized, candidate, "cpu")
     options = RuntimeOptions(device="cpu", intra_op_threads=threads, optimized_dir=None,
                              warmup=False)
     a = load_session(ModelRef("resnet50", 1, source), options)
@@ -213,7 +214,7 @@ def _time_with_conv(source: Path, threads: int, repeats: int, rows_n: int) -> di
     diff = float(np.abs(np.asarray(want[key]) - np.asarray(got[key])).max())
     classes = np.argmax(np.asarray(want[key]), 1), np.argmax(np.asarray(got[key]), 1)
     agree = float(np.mean(classes[0] == classes[1]))
-    a_ms, b_ms = _time_pairs(a, b, {a.signature.inputs[0].name: x}, repeats)
+    a_ms, b_ms = time_pairs(a, b, {a.signature.inputs[0].name: x}, repeats)
     return {
         "model": "resnet50 (+Conv)", "mode": "int8", "target": "cpu", "rows": rows_n,
         "threads": threads, "original_ms": round(a_ms, 3), "candidate_ms": round(b_ms, 3),

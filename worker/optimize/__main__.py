@@ -6,4 +6,7 @@ import sys
 
 from worker.optimize.cli import main
 
-sys.exit(main())
+__all__: list[str] = []
+
+if __name__ == "__main__":  # guarded: tools that walk the package import this module too
+    sys.exit(main())
