@@ -32,6 +32,7 @@ __all__ = [
     "Trained",
     "build_mlp",
     "load_digits_28x28",
+    "main",
     "predict",
     "train_mlp",
     "write_demo_model",
@@ -173,8 +174,10 @@ def train_mlp(
     n, n_in = x.shape
     n_out = int(y.max()) + 1
     params = [
-        _glorot(rng, n_in, hidden), np.zeros(hidden, np.float32),
-        _glorot(rng, hidden, n_out), np.zeros(n_out, np.float32),
+        _glorot(rng, n_in, hidden),
+        np.zeros(hidden, np.float32),
+        _glorot(rng, hidden, n_out),
+        np.zeros(n_out, np.float32),
     ]
     moments = [np.zeros_like(p) for p in params]
     squares = [np.zeros_like(p) for p in params]

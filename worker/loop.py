@@ -93,7 +93,13 @@ from worker.repository import ModelRepository
 from worker.runtime import RuntimeOptions, device_memory, load_session, resolve_device
 from worker.signature import Signature
 
-__all__ = ["FatalError", "Worker", "run_worker"]
+__all__ = [
+    "FatalError",
+    "Outgoing",
+    "Slot",
+    "Worker",
+    "run_worker",
+]
 
 log = logging.getLogger("worker.loop")
 

@@ -34,7 +34,14 @@ from worker.kafka import (
 )
 from worker.kafka.options import for_clients
 
-__all__ = ["open_admin", "open_consumer", "open_producer"]
+__all__ = [
+    "ConfluentAdmin",
+    "ConfluentConsumer",
+    "ConfluentProducer",
+    "open_admin",
+    "open_consumer",
+    "open_producer",
+]
 
 log = logging.getLogger("worker.kafka")
 

@@ -49,7 +49,14 @@ from worker.kafka import (
 )
 from worker.kafka.options import kafka_python_config
 
-__all__ = ["open_admin", "open_consumer", "open_producer"]
+__all__ = [
+    "KafkaPythonAdmin",
+    "KafkaPythonConsumer",
+    "KafkaPythonProducer",
+    "open_admin",
+    "open_consumer",
+    "open_producer",
+]
 
 log = logging.getLogger("worker.kafka")
 

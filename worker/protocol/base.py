@@ -38,6 +38,7 @@ __all__ = [
     "bind_tensors",
     "check_elements",
     "describe",
+    "expected_inputs",
     "validate_feeds",
 ]
 
@@ -286,8 +287,7 @@ def bind_tensors(
     for spec in signature.inputs:
         if spec.name not in tensors:
             raise SchemaMismatch(
-                f"missing input {spec.name!r}; the model's inputs are: "
-                f"{expected_inputs(signature)}"
+                f"missing input {spec.name!r}; the model's inputs are: {expected_inputs(signature)}"
             )
     bound = validate_feeds(signature, {spec.name: tensors[spec.name] for spec in signature.inputs})
     bound.passthrough = passthrough

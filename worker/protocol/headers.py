@@ -24,6 +24,7 @@ __all__ = [
     "MAX_ERROR_MESSAGE_BYTES",
     "READ_HEADERS",
     "check_names",
+    "cut_utf8",
     "dlq_headers",
     "envelope",
     "get_header",
