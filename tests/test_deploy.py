@@ -595,7 +595,7 @@ def _metric_names(expr: str) -> set[str]:
 
 def _dashboard_exprs() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    exprs = []
+    exprs: list[str] = []
 
     def walk(panels: list[dict[str, Any]]) -> None:
         for panel in panels:
