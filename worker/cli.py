@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _build_parser().print_help()
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "optimize":  # its own flags and parser: worker/optimize.py
+    if command == "optimize":  # its own flags and parser: worker/optimize/cli.py
         from worker.optimize import main as optimize_main
 
         return optimize_main(rest)

@@ -6,6 +6,8 @@ the process with the exit status the CLI documents::
 
     InferenceWorkerError             (root; never raised itself)
     ├── ConfigError                  exit 2: a bad flag, variable or Kafka property
+    ├── SampleError                  no inputs can be made up for a model (worker.samples)
+    ├── CandidateError, RequestError optimize's own (worker.optimize.errors)
     ├── FatalError                   exit 1: going on could lose a record
     │   └── BrokerAccessError        exit 1: login or certificate refused
     └── WorkerError                  one record's failure -> dead letter

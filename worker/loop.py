@@ -687,6 +687,8 @@ class Worker:
                 if isinstance(result, WorkerError):
                     raise result
                 slot.out = self._response(slot, batch.model, batch.version, result)
+                # Answers count against --max-inflight-bytes too, until committed.
+                self._tracker.grow(slot, len(slot.out.value))
                 metrics.rows.labels(model=model).inc(job.rows)
                 if slot.cache_key is not None:
                     self._responses.put(slot.cache_key, result, _nbytes(result))

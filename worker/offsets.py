@@ -28,7 +28,7 @@ K = TypeVar("K", bound=Hashable)  # a partition, whatever the caller names it by
 class Entry:
     """One polled record's place in its partition's line."""
 
-    __slots__ = ("deliveries", "nbytes", "offset", "out", "sent")
+    __slots__ = ("deliveries", "live", "nbytes", "offset", "out", "sent")
 
     def __init__(self, offset: int, nbytes: int) -> None:
         self.offset = offset
@@ -36,6 +36,7 @@ class Entry:
         self.out: Any = None  # the answer; set by the loop or an inference thread
         self.deliveries: list[Any] = []  # objects with .done and .error
         self.sent = False
+        self.live = True  # still in its line (not committed, not forgotten)
 
     @property
     def answered(self) -> bool:
@@ -68,6 +69,13 @@ class OffsetTracker(Generic[K]):
             self._lines.setdefault(tp, deque()).append(entry)
             self._unsent.setdefault(tp, deque()).append(entry)
             self.inflight_bytes += entry.nbytes
+
+    def grow(self, entry: Entry, nbytes: int) -> None:
+        """``entry``'s answer adds ``nbytes`` in flight until it is committed."""
+        with self.lock:
+            if entry.live:
+                entry.nbytes += nbytes
+                self.inflight_bytes += nbytes
 
     # -- 5. sent ---------------------------------------------------------------
 
@@ -107,6 +115,7 @@ class OffsetTracker(Generic[K]):
                         result.refused, result.error = head, failed
                         break
                     line.popleft()
+                    head.live = False
                     self.inflight_bytes -= head.nbytes
                     self._to_commit[tp] = head.offset + 1
                     self._uncommitted[tp] = self._uncommitted.get(tp, 0) + 1
@@ -157,6 +166,7 @@ class OffsetTracker(Generic[K]):
                 line.popleft()
                 if unsent and unsent[0] is entry:
                     unsent.popleft()
+                entry.live = False
                 self.inflight_bytes -= entry.nbytes
 
     # -- rebalance and shutdown -------------------------------------------------
@@ -175,7 +185,9 @@ class OffsetTracker(Generic[K]):
             for tp in tps:
                 line = self._lines.pop(tp, deque())
                 self._unsent.pop(tp, None)
-                self.inflight_bytes -= sum(e.nbytes for e in line)
+                for e in line:
+                    e.live = False
+                    self.inflight_bytes -= e.nbytes
                 self._to_commit.pop(tp, None)
                 self._uncommitted.pop(tp, None)
                 self._refused.pop(tp, None)
