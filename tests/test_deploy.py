@@ -311,6 +311,7 @@ def test_sasl_password_is_a_mounted_file() -> None:
     assert "KAFKA_SASL_PASSWORD" not in env
     path = Path(env["KAFKA_SASL_PASSWORD_FILE"]["value"])
     (mount,) = (m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+    assert Path(env["KAFKA_SSL_CAFILE"]["value"]).parent == path.parent
     pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
     (volume,) = (v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["optional"] is False, "SASL without its Secret must not start"
