@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -447,6 +448,14 @@ _COMMANDS = {
 }
 
 
+def _quiet_clients() -> None:
+    """The Kafka clients log every failed connection attempt; a tool reports the
+    outcome in its one error line instead (a refused login or an unreachable
+    broker is detected and named by the Kafka layer)."""
+    for name in ("worker.kafka.librdkafka", "kafka"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (the console script exits with it)."""
     parser = build_parser()
@@ -454,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one line (or --help)
         return int(exc.code) if isinstance(exc.code, int) else 2
+    _quiet_clients()
     try:
         return _COMMANDS[args.command](args)
     except ProducerError as exc:

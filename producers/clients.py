@@ -100,7 +100,9 @@ def record_size(key: bytes | None, value: bytes, headers: Headers) -> int:
 def _failed(what: str, exc: Exception) -> ProducerError:
     if isinstance(exc, ConfigError):
         return UsageError(str(exc))
-    return ProducerError(f"{what}: {exc}")
+    if isinstance(exc, (FatalError, KafkaFailure)):
+        return ProducerError(f"{what}: {exc}")
+    return ProducerError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ class KafkaSettings:
             raw = open_producer(self._config(transactional_id=transactional_id), **overrides)
             if transactional_id is not None:
                 raw.init_transactions()
-        except (ConfigError, FatalError, KafkaFailure) as exc:
+        except Exception as exc:  # a client's own errors too (kafka-python's bootstrap timeout)
             raise _failed(f"cannot connect to {self.bootstrap_servers}", exc) from exc
         return Producer(raw, self.backend)
 
@@ -148,7 +150,7 @@ class KafkaSettings:
         """A read_committed consumer; it commits only to ``group_id``, and only when asked."""
         try:
             raw = open_consumer(self._config(group_id or _NO_GROUP))
-        except (ConfigError, FatalError, KafkaFailure) as exc:
+        except Exception as exc:  # a client's own errors too (kafka-python's bootstrap timeout)
             raise _failed(f"cannot connect to {self.bootstrap_servers}", exc) from exc
         return Consumer(raw, self)
 
@@ -163,7 +165,7 @@ class KafkaSettings:
     def _admin(self) -> Any:
         try:
             return open_admin(self._config())
-        except (ConfigError, FatalError, KafkaFailure) as exc:
+        except Exception as exc:  # a client's own errors too (kafka-python's bootstrap timeout)
             raise _failed(f"cannot connect to {self.bootstrap_servers}", exc) from exc
 
 
