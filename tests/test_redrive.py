@@ -253,7 +253,8 @@ def test_dry_run_prints_the_table_and_sends_nothing(
             "--dlq-topic", dlq,
             "--group-id", group_id, "--dry-run"]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "record/s" not in err  # no progress bar when stderr is not a terminal
     assert _table(out) == {("model-not-found", "b"): 4, ("decode-error", "a"): 3,
                            ("model-not-found", "a"): 2}
     lines = out.splitlines()
@@ -266,6 +267,8 @@ def test_dry_run_prints_the_table_and_sends_nothing(
     since = datetime.fromtimestamp((t0 + 3000) / 1000, tz=timezone.utc).isoformat()
     assert main([*args, "--since", since, "--until", str(t0 + 6000)]) == 0  # records 3, 4, 5
     assert _table(capsys.readouterr().out) == {("model-not-found", "b"): 3}
+    assert main([*args, "--progress"]) == 0
+    assert "9/9" in capsys.readouterr().err  # the bar, forced
     assert consume(kafka_bootstrap, source, 1, timeout=3) == []  # nothing sent
     assert committed(kafka_bootstrap, group_id, dlq) == {0: None}  # nothing committed
 
