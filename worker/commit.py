@@ -28,6 +28,7 @@ from worker.kafka import (
     fmt_offsets,
 )
 from worker.offsets import Entry, OffsetTracker
+from worker.recovery import RUNNING
 
 __all__ = ["AtLeastOnce", "Committer", "Transactional"]
 
@@ -75,7 +76,7 @@ class Committer:
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
         raise NotImplementedError
 
-    def commit(self, *, force: bool = False, metadata: str = "run") -> int:
+    def commit(self, *, force: bool = False, metadata: str = RUNNING) -> int:
         """``metadata`` goes with the offsets: "run" while serving, "clean" on the way
         out, so the next owner knows whether the last one died mid-stream."""
         raise NotImplementedError
@@ -95,7 +96,7 @@ class AtLeastOnce(Committer):
             for _tp, entry in t.sendable(tps):
                 entry.deliveries.append(self._emit(self.producer, entry))
 
-    def commit(self, *, force: bool = False, metadata: str = "run") -> int:
+    def commit(self, *, force: bool = False, metadata: str = RUNNING) -> int:
         # 1. Deliveries are reported from the producer's poll.
         self.producer.poll(0)
         # 2. Acknowledged heads become offsets; a refused answer stops its line.
@@ -159,7 +160,7 @@ class Transactional(Committer):
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
         """Nothing leaves outside a transaction."""
 
-    def commit(self, *, force: bool = False, metadata: str = "run") -> int:
+    def commit(self, *, force: bool = False, metadata: str = RUNNING) -> int:
         if not self._due(force):
             return 0
         # 1. The window: every answered record at the head of each line.

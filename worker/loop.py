@@ -20,12 +20,11 @@ Follow one record down this file:
    with ``--exactly-once`` steps 5 and 6 are one transaction instead
    (:mod:`worker.commit` numbers the steps of both).
 
-Poison pills: offsets are committed with the metadata "run" while serving and
-"clean" on the way out. A new owner that finds "run" knows the last one died
-mid-stream, so it runs the records it was in the middle of one at a time,
-committing ``try:<offset>:<n>`` before each; a record that crashes the process
-again and again is dead-lettered after the third crash (``_run_carefully``).
-The normal path pays nothing for it.
+Poison pills: offsets carry a marker in their metadata (:mod:`worker.recovery`).
+A new owner that finds the last one died mid-stream runs the records it was in
+the middle of one at a time (``_run_carefully``); a record that crashes the
+process again and again is dead-lettered after the third crash. The normal
+path pays nothing for it.
 
 Backpressure: when the bytes between steps 1 and 6 exceed
 ``--max-inflight-bytes``, the partitions holding the most are paused, and the
@@ -89,6 +88,7 @@ from worker.protocol import (
     response_headers,
 )
 from worker.protocol.headers import get_header
+from worker.recovery import CLEAN, RUNNING, Careful, assess, try_marker
 from worker.repository import ModelRepository
 from worker.runtime import RuntimeOptions, device_memory, load_session, resolve_device
 from worker.signature import Signature
@@ -108,8 +108,6 @@ log = logging.getLogger("worker.loop")
 _RECORD_OVERHEAD = 128
 _METADATA_REFRESH_S = 30.0
 _MAX_BACKOFF_S = 5.0
-_CAREFUL_RECORDS = 500  # after an unclean stop: records run one at a time, at most
-_CRASH_LIMIT = 3  # native crashes on one record before it is dead-lettered
 # Test-only fault hook: a request with this id aborts the process when it runs,
 # as a crash inside a native kernel would (read once; unset in production).
 _CRASH_ON = os.environ.get("INFERENCE_WORKER_TEST_CRASH_ON")
@@ -123,15 +121,6 @@ class Outgoing:
     value: bytes
     headers: list[tuple[Any, bytes | None]]
     ok: bool  # a response (True) or a dead letter (False)
-
-
-@dataclass
-class _Careful:
-    """A partition whose last owner stopped mid-stream (see the module docstring)."""
-
-    start: int  # the committed offset found at assignment
-    until: int  # records below it run one at a time
-    crashes: int  # careful runs of the record at ``start`` that crashed the process
 
 
 class Slot(Entry):
@@ -182,7 +171,7 @@ class Worker:
         self._deferred: deque[Record] = deque()  # polled while a model loaded
         self._loader: ThreadPoolExecutor | None = None
         self._new_assigned: set[TopicPartition] = set()  # committed metadata not read yet
-        self._careful: dict[TopicPartition, _Careful] = {}
+        self._careful: dict[TopicPartition, Careful] = {}
         self._running: set[Future[None]] = set()
         self._paused: set[TopicPartition] = set()
         self._last_lag = 0.0
@@ -397,7 +386,7 @@ class Worker:
         self._tracker.add(record.tp, slot)
         careful = self._careful.get(record.tp)
         if careful is not None:
-            if record.offset < careful.until:
+            if careful.covers(record.offset):
                 self._run_carefully(slot, careful)
                 return
             del self._careful[record.tp]
@@ -550,21 +539,14 @@ class Worker:
                 if marks is not None:
                     start = {tp: marks[1] if latest else marks[0]}
                     with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
-                        consumer.commit(start, "run")
+                        consumer.commit(start, RUNNING)
                         if self._committer is not None:
                             self._committer.committed_offsets.update(start)
                 continue
-            if metadata == "clean":
+            careful = assess(offset, metadata, marks[1] if marks is not None else None)
+            if careful is None:
                 continue
-            high = marks[1] if marks is not None else offset + _CAREFUL_RECORDS
-            if high <= offset:
-                continue
-            crashes = 0
-            kind, _, rest = metadata.partition(":")
-            at, _, count = rest.partition(":")
-            if kind == "try" and at == str(offset) and count.isdigit():
-                crashes = int(count)
-            self._careful[tp] = _Careful(offset, min(high, offset + _CAREFUL_RECORDS), crashes)
+            self._careful[tp] = careful
             log.warning(
                 "%s[%d]: the last owner stopped mid-stream at offset %d; records up to %d "
                 "run one at a time",
@@ -574,26 +556,26 @@ class Worker:
                 self._careful[tp].until,
             )
 
-    def _run_carefully(self, slot: Slot, careful: _Careful) -> None:
+    def _run_carefully(self, slot: Slot, careful: Careful) -> None:
         """Commit everything before this record, then ``try:<offset>:<n>``, then run it
         alone: if it takes the process down, the next owner reads how often it did."""
         consumer, committer = self._consumer, self._committer
         assert consumer is not None and committer is not None
         tp, offset = slot.record.tp, slot.record.offset
         self._settle_before(tp, offset)
-        crashes = careful.crashes if offset == careful.start else 0
-        if crashes + 1 >= _CRASH_LIMIT:
+        attempt = careful.attempt(offset)
+        if careful.give_up(offset):
             slot.out = self._dead_letter(
                 slot,
                 InferenceError(
-                    f"crashed the worker {crashes + 1} times (the process died while running "
+                    f"crashed the worker {attempt} times (the process died while running "
                     "it); dead-lettered without running it again"
                 ),
                 _model_header(slot.record),
             )
             return
         with _logged(KafkaFailure, f"{slot.where}: try marker"):
-            consumer.commit({tp: offset}, f"try:{offset}:{crashes + 1}")
+            consumer.commit({tp: offset}, try_marker(offset, attempt))
         self._admit(slot)
         for batch in self._batcher.due(force=True):
             self._submit(batch)
@@ -817,7 +799,7 @@ class Worker:
         log.info("assigned %s", fmt_tps(tps))
         self._new_assigned.update(tps)  # checked on this thread before their first record
 
-    def on_revoked(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def on_revoked(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], str]:
         """At-least-once finishes a revoked partition's work (fewer repeats); exactly-once
         abandons it: never committed, the next owner answers it in its own transaction."""
         committer = self._committer
@@ -836,7 +818,7 @@ class Worker:
                     log.warning("revoked %s: in-flight work abandoned uncommitted", fmt_tps(tps))
         finally:
             self._forget(tps)
-        return offsets
+        return offsets, CLEAN  # handed over in order: the next owner need not be careful
 
     def on_lost(self, tps: list[TopicPartition]) -> None:
         # Evicted: a commit would be refused, and another member owns them now.
@@ -915,7 +897,7 @@ class Worker:
                 self._submit(batch)
             committer.send()
             committer.producer.flush(max(0.0, min(0.2, deadline - time.monotonic())))
-            self._committed(committer.commit(force=True, metadata="clean"))
+            self._committed(committer.commit(force=True, metadata=CLEAN))
             if self._tracker.pending():
                 for record in consumer.poll(1, 0.01):
                     # Paused: only a record fetched before the pause; it is not ours
@@ -926,7 +908,7 @@ class Worker:
         if not left and clean:
             # A clean stop: the next owner need not run anything one at a time.
             with _logged(KafkaFailure, "the clean-stop marker"):
-                consumer.commit(clean, "clean")
+                consumer.commit(clean, CLEAN)
         if left:
             log.error(
                 "drain timed out: %d polled records left uncommitted (answered after a restart)",

@@ -147,11 +147,12 @@ class RebalanceHandler(Protocol):
 
     Called on the thread that polls (confluent) or the client's network thread
     (kafka-python); ``on_revoked`` returns the offsets to commit before the
-    partitions are given up (an empty dict to commit nothing).
+    partitions are given up (an empty dict to commit nothing) and the metadata
+    to commit them with.
     """
 
     def on_assigned(self, tps: list[TopicPartition]) -> None: ...
-    def on_revoked(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]: ...
+    def on_revoked(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], str]: ...
     def on_lost(self, tps: list[TopicPartition]) -> None: ...
 
 

@@ -203,11 +203,11 @@ class ConfluentConsumer:
         if not partitions or self._handler is None:
             return
         tps = _tps(partitions)
-        offsets = self._handler.on_revoked(tps)
+        offsets, metadata = self._handler.on_revoked(tps)
         if not offsets:
             return
         try:
-            self.commit(offsets, metadata="clean")
+            self.commit(offsets, metadata)
             log.info("revoked %s: committed %s", fmt_tps(tps), fmt_offsets(offsets))
         except KafkaFailure as exc:
             # Answered but not committed: the next owner answers them again

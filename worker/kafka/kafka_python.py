@@ -189,17 +189,18 @@ class _Listener(AsyncConsumerRebalanceListener):
         worker.start()
         while worker.is_alive():
             await self._consumer._c._net.sleep(0.005)  # heartbeats keep flowing
-        result = box[0] if box else {}
+        result = box[0] if box else ({}, "")
         if isinstance(result, BaseException):
             log.warning("revoked %s: handler failed: %s", fmt_tps(tps), result)
             return
-        if not result:
+        offsets, metadata = result
+        if not offsets:
             return
         try:
             await self._consumer._c._coordinator._commit_offsets_sync_async(
-                _kafka_offsets(result, "clean")
+                _kafka_offsets(offsets, metadata)
             )
-            log.info("revoked %s: committed %s", fmt_tps(tps), fmt_offsets(result))
+            log.info("revoked %s: committed %s", fmt_tps(tps), fmt_offsets(offsets))
         except Errors.KafkaError as exc:
             # Answered but not committed: the next owner answers them again.
             log.warning("revoked %s: commit failed (%s); answers may repeat", fmt_tps(tps), exc)

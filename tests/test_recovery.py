@@ -1,0 +1,56 @@
+"""The poison-pill rules, without a broker: what a new owner does with a partition."""
+
+from __future__ import annotations
+
+from worker.recovery import CAREFUL_RECORDS, CLEAN, CRASH_LIMIT, RUNNING, assess, try_marker
+
+
+def test_a_clean_handover_or_a_new_group_needs_no_care() -> None:
+    assert assess(120, CLEAN, 500) is None
+    assert assess(None, "", 500) is None
+
+
+def test_an_unclean_stop_runs_what_follows_one_at_a_time_up_to_the_end() -> None:
+    careful = assess(120, RUNNING, 130)
+    assert careful is not None
+    assert (careful.start, careful.until, careful.crashes) == (120, 130, 0)
+    assert not careful.covers(119) and careful.covers(120) and careful.covers(129)
+    assert not careful.covers(130)
+
+
+def test_the_careful_window_is_bounded() -> None:
+    careful = assess(10, RUNNING, 10_000)
+    assert careful is not None and careful.until == 10 + CAREFUL_RECORDS
+    unknown_end = assess(10, "", None)
+    assert unknown_end is not None and unknown_end.until == 10 + CAREFUL_RECORDS
+
+
+def test_nothing_after_the_committed_offset_needs_no_care() -> None:
+    assert assess(130, RUNNING, 130) is None
+
+
+def test_try_markers_count_crashes_of_the_record_at_the_committed_offset_only() -> None:
+    careful = assess(120, try_marker(120, 1), 200)
+    assert careful is not None and careful.crashes == 1
+    assert careful.attempt(120) == 2 and careful.attempt(121) == 1
+    stale = assess(125, try_marker(120, 2), 200)  # a marker for another offset counts nothing
+    assert stale is not None and stale.crashes == 0
+    garbage = assess(120, "try:120:x", 200)
+    assert garbage is not None and garbage.crashes == 0
+
+
+def test_a_record_is_given_up_after_the_crash_limit_counting_the_first_unnoticed_crash() -> None:
+    assert CRASH_LIMIT == 3
+    # crash 1: unnoticed (metadata "run"); crash 2: careful try 1; crash 3: careful try 2
+    after_first = assess(7, RUNNING, 20)
+    after_second = assess(7, try_marker(7, 1), 20)
+    after_third = assess(7, try_marker(7, 2), 20)
+    assert after_first is not None and not after_first.give_up(7)
+    assert after_second is not None and not after_second.give_up(7)
+    assert after_third is not None and after_third.give_up(7)
+    assert not after_third.give_up(8)  # the records after it run normally
+
+
+def test_markers_are_what_the_broker_stores() -> None:
+    assert try_marker(42, 2) == "try:42:2"
+    assert len(try_marker(2**62, 99)) < 100  # far below the broker's metadata limit (4 KiB)

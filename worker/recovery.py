@@ -1,0 +1,66 @@
+"""After an unclean stop: which records to run one at a time, and when to give up.
+
+Plain rules, no Kafka inside (the loop does the I/O). Offsets are committed
+with a short metadata string: ``run`` while a worker serves, ``clean`` when it
+stops or hands a partition over in order, ``try:<offset>:<n>`` just before it
+runs the record at ``offset`` alone for the ``n``-th time. A new owner that
+finds anything but ``clean`` knows the last one died mid-stream, perhaps *of*
+one of the records it was running: it runs the records after the committed
+offset one at a time, committing a ``try`` marker before each, so a record
+that takes the process down again is known by its offset and dead-lettered
+after :data:`CRASH_LIMIT` crashes instead of crash-looping the partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CAREFUL_RECORDS", "CLEAN", "CRASH_LIMIT", "RUNNING", "Careful", "assess", "try_marker"]
+
+CLEAN = "clean"
+RUNNING = "run"
+CAREFUL_RECORDS = 500  # after an unclean stop, at most this many records run one at a time
+CRASH_LIMIT = 3  # crashes on one record (the unnoticed first one included) before it is dropped
+
+
+def try_marker(offset: int, attempt: int) -> str:
+    return f"try:{offset}:{attempt}"
+
+
+@dataclass(frozen=True)
+class Careful:
+    """A partition whose last owner stopped mid-stream."""
+
+    start: int  # the committed offset found at assignment
+    until: int  # records below it run one at a time
+    crashes: int  # careful runs of the record at ``start`` that took the process down
+
+    def covers(self, offset: int) -> bool:
+        return self.start <= offset < self.until
+
+    def attempt(self, offset: int) -> int:
+        """The careful run about to start for ``offset`` (1 for the first)."""
+        return (self.crashes if offset == self.start else 0) + 1
+
+    def give_up(self, offset: int) -> bool:
+        """The record crashed the process often enough: dead-letter it unrun.
+
+        The first crash went unnoticed (nothing said which record ran), so
+        ``CRASH_LIMIT - 1`` careful crashes make ``CRASH_LIMIT`` in all.
+        """
+        return self.attempt(offset) >= CRASH_LIMIT
+
+
+def assess(committed: int | None, metadata: str, high_watermark: int | None) -> Careful | None:
+    """What a new owner must do with a partition, from its committed offset and metadata."""
+    if committed is None or metadata == CLEAN:
+        return None
+    high = committed + CAREFUL_RECORDS if high_watermark is None else high_watermark
+    if high <= committed:
+        return None  # nothing after the committed offset: nothing to be careful with
+    crashes = 0
+    kind, _, rest = metadata.partition(":")
+    at, _, count = rest.partition(":")
+    if kind == "try" and at == str(committed) and count.isdigit():
+        crashes = int(count)
+    return Careful(committed, min(high, committed + CAREFUL_RECORDS), crashes)
