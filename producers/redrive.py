@@ -279,6 +279,11 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
                         position = consumer.position(tp)
                         if position is not None and position >= end[tp]:
                             todo.discard(tp)
+        except KeyboardInterrupt:
+            # Ctrl-C: what was handled is acknowledged and committed before leaving,
+            # so the next run neither repeats nor skips it
+            _commit(consumer, sender, done)
+            raise
         finally:
             if producer is not None:
                 producer.close()

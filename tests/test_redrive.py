@@ -324,3 +324,30 @@ def test_exactly_once_redrive_killed_and_resumed_is_seen_once_by_read_committed(
     got = consume(kafka_bootstrap, source, n + 1, timeout=5, isolation="read_committed")
     assert _ids(got) == Counter({f"r-{i}": 1 for i in range(n)})
     assert sum(o or 0 for o in committed(kafka_bootstrap, group_id, dlq).values()) == n
+
+
+@pytest.mark.kafka
+def test_ctrl_c_commits_what_was_sent(
+    kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str], group_id: str,
+) -> None:
+    n = 40
+    dlq, source = new_topic(), new_topic()
+    _produce(kafka_bootstrap, dlq, _letters(n, source))
+    args = ["redrive", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+            "--dlq-topic", dlq, "--group-id", group_id]
+    proc = subprocess.Popen([sys.executable, "-m", "producers.cli", *args, "--rate", "10"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        consume(kafka_bootstrap, source, 5, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.stderr is not None and "interrupted" in proc.stderr.read()
+    sent = _ids(consume(kafka_bootstrap, source, n, timeout=3))
+    assert committed(kafka_bootstrap, group_id, dlq) == {0: len(sent)}  # all, and only, sent
+    assert main(args) == 0
+    assert _ids(consume(kafka_bootstrap, source, n + 1, timeout=5)) == Counter(
+        {f"r-{i}": 1 for i in range(n)})
