@@ -459,3 +459,53 @@ def test_answers_from_many_threads_commit_every_offset_once() -> None:
     assert len(t.acknowledge().retired) == 400
     assert t.to_commit() == {A: 400} and t.committed({A: 400}) == 400
     assert t.pending() == 0 and t.inflight_bytes == 0
+
+
+def test_a_refused_line_does_not_hold_back_the_lines_after_it() -> None:
+    t, _a, _b, _boom = _refused_line()  # A (refused) comes before B
+    t.acknowledge()
+    assert t.to_commit() == {A: 2, B: 2}
+    more = [_entry(o, out=b"x") for o in range(2, 4)]
+    for e in more:
+        t.add(B, e)
+    _send_all(t)
+    _deliver(more)
+    acked = t.acknowledge()
+    assert acked.retired == more and acked.error is None
+    assert t.to_commit() == {B: 4}
+
+
+# -- grow: an answer's bytes count until it is committed -----------------------------------
+
+
+def test_grow_counts_an_answer_until_its_record_leaves_the_tracker() -> None:
+    t: OffsetTracker[str] = OffsetTracker()
+    a = _fill(t, A, range(0, 3), nbytes=10)
+    b = _fill(t, B, range(0, 1), nbytes=10)
+    assert all(e.live for e in a + b)
+    t.grow(a[0], 500)
+    t.grow(a[1], 7)
+    assert (a[0].nbytes, t.inflight_bytes) == (510, 547)
+    assert t.bytes_by_partition() == {A: 537, B: 10}
+    # Acknowledged: the grown size leaves with it, and a late grow changes nothing.
+    a[0].out = b"x"
+    _send_all(t)
+    _deliver(a[:1])
+    t.acknowledge()
+    assert a[0].live is False and t.inflight_bytes == 37
+    t.grow(a[0], 1000)
+    assert a[0].nbytes == 510 and t.inflight_bytes == 37
+    # Settled in a transaction.
+    a[1].out = b"x"
+    t.settle_window(t.window())
+    assert a[1].live is False and t.inflight_bytes == 20
+    t.grow(a[1], 1000)
+    assert t.inflight_bytes == 20
+    # Forgotten (revoked, or rewound after an abort).
+    t.grow(b[0], 5)
+    t.forget([A, B])
+    assert a[2].live is False and b[0].live is False
+    assert t.inflight_bytes == 0
+    t.grow(a[2], 3)
+    t.grow(b[0], 3)
+    assert t.inflight_bytes == 0 and a[2].nbytes == 10
