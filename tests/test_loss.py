@@ -105,8 +105,9 @@ def _worker(
     args = ["--bootstrap-servers", broker.sasl_bootstrap, "--input-topic", requests]
     args += ["--output-topic", outputs, "--model-repository", str(models)]
     args += ["--group-id", group, "--metrics-port", "0", "--device", "cpu"]
-    args += ["--kafka-client", client, "--commit-interval-ms", "50", "--drain-timeout", "10"]
-    args += ["--log-level", "INFO", *extra]
+    args += ["--kafka-client", client, "--commit-interval-ms", "50", "--drain-timeout", "20"]
+    # A short session: a member left behind by the previous run expires within seconds.
+    args += ["--kafka-option", "session.timeout.ms=6000", "--log-level", "INFO", *extra]
     env = {
         "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
         "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",

@@ -58,6 +58,7 @@ def _args(
     args += ["--output-topic", outputs, "--model-repository", str(repo)]
     args += ["--group-id", group, "--metrics-port", "0", "--device", "cpu"]
     args += ["--kafka-client", client, "--commit-interval-ms", "50", "--log-level", "WARNING"]
+    args += ["--kafka-option", "session.timeout.ms=6000"]
     return [*args, *extra]
 
 
