@@ -6,18 +6,38 @@ PY := $(VENV)/bin/python
 # onnxruntime-gpu where a GPU answers, onnxruntime otherwise: never both.
 EXTRA := $(shell nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
+# Every package `make install` puts in the venv, pinned with hashes
+# (scripts/lock.py; `make lock` rewrites the locks after pyproject.toml changes).
+LOCK := requirements/dev-$(EXTRA).lock
+OTHER_ORT := $(if $(filter gpu,$(EXTRA)),onnxruntime,onnxruntime-gpu)
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps kafka-jars test test-slow test-k8s demo lint bench soak clean
+.PHONY: install lock system-deps kafka-jars test test-slow test-k8s demo lint bench soak clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# A lock that pyproject.toml has outgrown is not used: the install then resolves
+# from pyproject.toml (as before the locks), and says to run `make lock`.
+$(STAMP): pyproject.toml $(wildcard $(LOCK))
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[$(EXTRA),test,dev]"
+	@# Both wheels own the module onnxruntime: a venv switching kind loses both first.
+	@if $(PY) -m pip show -q $(OTHER_ORT) >/dev/null 2>&1; then \
+	  $(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu; fi
+	@set -e; if $(PY) scripts/lock.py check $(LOCK); then \
+	  set -x; $(PY) -m pip install -q -r $(LOCK); \
+	  $(PY) -m pip install -q --no-deps --no-build-isolation -e .; \
+	else \
+	  set -x; $(PY) -m pip install -q -e ".[$$($(PY) scripts/lock.py extras $(LOCK))]"; \
+	fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# Rewrites requirements/*.lock from pyproject.toml, keeping the pins that still
+# fit (LOCK_ARGS=--upgrade: the newest versions instead); needs PyPI.
+lock: install
+	@test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
+	$(PY) scripts/lock.py compile $(LOCK_ARGS)
 
 # Debian packages the project needs where missing (Java 17 for the broker,
 # Maven to fetch its jars); kubectl for the manifest tests.
@@ -36,7 +56,8 @@ kafka-jars: system-deps
 kubectl: install
 	@VENV=$(VENV) scripts/install-kubectl
 
-test: install kafka-jars kubectl
+# lint first: a lint error fails the run before the slow tests start.
+test: lint kafka-jars kubectl
 	$(PY) -m pytest -m "not slow and not k8s" $(PYTEST_ARGS)
 
 test-slow: install kafka-jars

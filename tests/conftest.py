@@ -43,9 +43,12 @@ def kafka_bootstrap() -> Iterator[str]:
         yield env
         return
     if _docker_answers():
+        import yaml
         from testcontainers.kafka import KafkaContainer
 
-        with KafkaContainer("apache/kafka:4.1.0").with_kraft() as container:
+        # docker-compose.yml's image: the project's one Kafka version (kafka-local's too).
+        image = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-kafka-image"]
+        with KafkaContainer(image).with_kraft() as container:
             yield container.get_bootstrap_server()
         return
     out = subprocess.run(
