@@ -114,6 +114,11 @@ def _produce(producer: ck.Producer, topic: str, value: bytes, key: bytes | None,
             producer.poll(0.01)
 
 
+def _check(seen: int, count: int, timeout: float) -> None:
+    if seen < count:
+        raise RuntimeError(f"consumed {seen} of {count} records within {timeout:.0f} s")
+
+
 def _commit(consumer: ck.Consumer, offsets: dict[tuple[str, int], int]) -> None:
     """Commit ``offsets`` (last done offset per partition) synchronously, as the worker does."""
     if offsets:
@@ -184,6 +189,7 @@ def rdkafka_drain(
         if failed:
             raise RuntimeError(f"rdkafka drain: {len(failed)} sends failed: {failed[0]}")
         _commit(consumer, acked)
+        _check(seen, count, timeout)
     finally:
         producer.flush(5)
         consumer.close()
@@ -254,6 +260,7 @@ def per_message_app(
                 checkpoint()
                 last_commit = time.monotonic()
         checkpoint()
+        _check(seen, count, timeout)
     finally:
         producer.flush(5)
         consumer.close()
@@ -270,6 +277,11 @@ def _pump(
 ) -> None:
     """Consume ``count`` records, send what ``handle`` makes of each, commit acknowledged ones."""
     consumer, producer = _kafka_python_clients(bootstrap, group)
+    # As worker.kafka.kafka_python does: know the partitions before joining, or the
+    # first JoinGroup assigns nothing and the rejoin can take very long.
+    known = time.monotonic() + 10
+    while not consumer.partitions_for_topic(in_topic) and time.monotonic() < known:
+        time.sleep(0.1)
     consumer.subscribe([in_topic])
     pending: deque[tuple[TopicPartition, int, Any]] = deque()
     seen, last_commit = 0, time.monotonic()
@@ -299,6 +311,7 @@ def _pump(
                 last_commit = time.monotonic()
         producer.flush()
         commit(force=True)
+        _check(seen, count, timeout)
     finally:
         producer.close()
         consumer.close()

@@ -59,6 +59,7 @@ from bench.workloads import (  # noqa: E402
     log,
     make_messages,
     percentiles,
+    process_cpu_seconds,
     rate_from_timestamps,
     workers,
 )
@@ -92,13 +93,14 @@ class Plan:
     """Messages per 1-vs-2-worker run (published again for each run)."""
     latency_s: float
     """Seconds of paced load per level."""
-    latency_reps: int
+    side_reps: int
+    """Repetitions of the latency and 1-vs-2-worker runs (>= 3)."""
 
 
-FULL = Plan(reps=5, streams=((256, 800), (64, 2400)), loop_messages=80, cnn_messages=12,
-            scale_messages=1200, latency_s=5.0, latency_reps=3)  # fmt: skip
-QUICK = Plan(reps=3, streams=((256, 300), (64, 800)), loop_messages=40, cnn_messages=6,
-             scale_messages=400, latency_s=3.0, latency_reps=3)  # fmt: skip
+FULL = Plan(reps=5, streams=((256, 800), (64, 2400)), loop_messages=80, cnn_messages=8,
+            scale_messages=1200, latency_s=5.0, side_reps=3)  # fmt: skip
+QUICK = Plan(reps=3, streams=((256, 300), (64, 800)), loop_messages=40, cnn_messages=4,
+             scale_messages=400, latency_s=3.0, side_reps=3)  # fmt: skip
 
 # name -> (what it is, in the tables)
 LOOPS = {
@@ -130,6 +132,11 @@ def med(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _max(values: Sequence[float]) -> float:
+    values = [v for v in values if v == v]
+    return max(values) if values else float("nan")
+
+
 def worker_response(session: ort.InferenceSession, message: tuple[bytes, list], model: str
                     ) -> tuple[bytes, list[tuple[str, bytes]]]:  # fmt: skip
     """The worker's answer to ``message`` (same codec, same headers): the drains' record."""
@@ -152,6 +159,8 @@ class Bench:
         self.plan, self.repo, self.k, self.models = plan, repo, kafka_, models
         self.bootstrap = kafka_.bootstrap
         self.skip = set(skip)
+        self.last_cpu_s = float("nan")
+        self.errors: list[str] = []
 
     def _model_path(self, m: Model) -> Path:
         return self.repo / m.name / "1" / "model.onnx"
@@ -169,8 +178,10 @@ class Bench:
         ends = self.k.end_offsets(in_topic)
         with self._worker(m, in_topic, out, group, extra) as w:
             w.wait_ready()
+            cpu = w.cpu_seconds()  # start-up (imports, model load) left out
             if not self.k.wait_committed(group, ends, 600, w.alive):
                 raise RuntimeError(f"{label}: worker did not finish: {w.stderr_tail()}")
+            cpu = w.cpu_seconds() - cpu
             metrics, rss = w.metrics(), w.peak_rss()
         records = self.k.read(out, count)
         self.k.drop(out)
@@ -182,14 +193,18 @@ class Bench:
             "rows_per_run": metrics.get("inference_worker_batch_rows_sum", 0.0) / runs
             if runs else float("nan"),
             "peak_rss_bytes": rss,
+            "cpu_s": cpu,
             "dlq": metrics.get('inference_worker_messages_total{status="dlq"}', 0.0),
         }
 
     def kafka_loop(self, label: str, m: Model, count: int, per_record_rows: int,
                    fn: Callable[[str, str, int], None]) -> float:  # fmt: skip
-        """Rows/s of a baseline loop ``fn(out_topic, group, count)``, from its output timestamps."""
+        """Rows/s of a baseline loop ``fn(out_topic, group, count)``, from its output timestamps;
+        its CPU seconds (this process, every thread) in ``self.last_cpu_s``."""
         out, group = self.k.topic(label), self.k.group(label)
+        cpu = process_cpu_seconds(os.getpid())
         fn(out, group, count)
+        self.last_cpu_s = process_cpu_seconds(os.getpid()) - cpu
         expected = count * m.rows_per_message // per_record_rows
         records = self.k.read(out, expected)
         self.k.drop(out)
@@ -214,6 +229,8 @@ class Bench:
                  and n not in self.skip]  # fmt: skip
         samples: dict[str, list[float]] = {n: [] for n in names}
         per_run: dict[str, list[float]] = {n: [] for n in BACKENDS if n in names}
+        cpu_per_msg: dict[str, list[float]] = {n: [] for n in names if n != "raw_ort"}
+        errors: list[str] = []
         rss: dict[str, list[float]] = {n: [] for n in BACKENDS if n in names}
 
         def measure(name: str, i: int) -> float:
@@ -221,6 +238,7 @@ class Bench:
             if name in BACKENDS:
                 sat = self.saturate(m, topic, count, label, ["--kafka-client", BACKENDS[name]])
                 per_run[name].append(sat["rows_per_run"])
+                cpu_per_msg[name].append(sat["cpu_s"] / count * 1e6)
                 rss[name].append(sat["peak_rss_bytes"] or float("nan"))
                 return float(sat["rows_per_s"])
             if name == "rdkafka_drain":
@@ -244,7 +262,21 @@ class Bench:
             order = names[i % len(names):] + names[: i % len(names)]  # rotate: no fixed slot
             log(f"mlp/{rows} rep {i + 1}/{p.reps}: {', '.join(order)}")
             for name in order:
-                samples[name].append(measure(name, i))
+                try:
+                    samples[name].append(measure(name, i))
+                except RuntimeError as exc:  # one failed run must not cost the whole bench
+                    log(f"mlp/{rows} {name} rep {i + 1} failed: {exc}", force=True)
+                    errors.append(f"mlp/{rows} {name} rep {i + 1}: {exc}")
+                    self.errors.append(errors[-1])
+                    samples[name].append(float("nan"))
+                    self.last_cpu_s = float("nan")
+                    if name in BACKENDS:
+                        per_run[name].append(float("nan"))
+                        rss[name].append(float("nan"))
+                        cpu_per_msg[name].append(float("nan"))
+                if name not in BACKENDS and name in cpu_per_msg:
+                    n = p.loop_messages if name in ("naive", "per_row") else count
+                    cpu_per_msg[name].append(self.last_cpu_s / n * 1e6)
             log("  " + ", ".join(f"{n} {samples[n][-1]:,.0f}" for n in names))
         self.k.drop(topic)
         ratios, best = {}, {}
@@ -252,7 +284,7 @@ class Bench:
             if a in samples and b in samples:
                 ratios[f"{a}_vs_{b}"] = med([x / y for x, y in zip(samples[a], samples[b],
                                                                     strict=True)])  # fmt: skip
-                best[f"{a}_vs_{b}"] = max(samples[a]) / max(samples[b])
+                best[f"{a}_vs_{b}"] = _max(samples[a]) / _max(samples[b])
         return {
             "model": asdict(m),
             "messages": count,
@@ -263,8 +295,11 @@ class Bench:
             "ratios": ratios,
             "best_ratios": best,
             "rows_per_run": {k: med(v) for k, v in per_run.items()},
+            "cpu_us_per_message": {k: med(v) for k, v in cpu_per_msg.items()},
+            "cpu_us_per_message_samples": cpu_per_msg,
             "peak_rss_bytes": {k: med(v) for k, v in rss.items()},
             "response_bytes": len(response[0]),
+            "errors": errors,
         }
 
     # -- CNN: worker vs raw ORT ------------------------------------------------
@@ -325,12 +360,12 @@ class Bench:
         got: dict[str, dict[str, list[list[float]]]] = {
             t: {name: [] for name, _ in levels} for t in targets
         }
-        for i in range(p.latency_reps):
+        for i in range(p.side_reps):
             for target, top in targets.items():
                 counts = {name: max(1, int(f * top / m.rows_per_message * p.latency_s))
                           for name, f in levels}  # fmt: skip
                 total = warm + sum(counts.values())
-                log(f"latency rep {i + 1}/{p.latency_reps}: {target} (max {top:,.0f} rows/s)")
+                log(f"latency rep {i + 1}/{p.side_reps}: {target} (max {top:,.0f} rows/s)")
                 label = f"lat-{target}{i}".replace("_", "-")
                 in_t = self.k.topic(label, append_time=True)
                 out_t, group = self.k.topic(f"{label}-out"), self.k.group(label)
@@ -343,27 +378,32 @@ class Bench:
                     "bootstrap.servers": self.bootstrap, "linger.ms": 0,
                     "message.max.bytes": MAX_MESSAGE_BYTES + 65536,
                 })  # fmt: skip
-                with proc:
-                    proc.wait_ready()
-                    _paced(producer, in_t, msgs, 200.0, warm, b"warm")
-                    producer.flush(30)
-                    self.k.wait_committed(group, {0: warm}, 60, proc.alive)
-                    for name, fraction in levels:
-                        per_s = fraction * top / m.rows_per_message
-                        _paced(producer, in_t, msgs, per_s, counts[name], name.encode())
-                    producer.flush(60)
-                    if not self.k.wait_committed(group, {0: total}, 120, proc.alive):
-                        raise RuntimeError(f"{label}: did not finish: {proc.stderr_tail()}")
-                requests = {_header(r, "seq"): r.timestamp for r in self.k.read(in_t, total)}
-                per_level: dict[str, list[float]] = {name: [] for name, _ in levels}
-                for r in self.k.read(out_t, total):
-                    sent = requests.get(_header(r, "seq"))
-                    phase = _header(r, "phase")
-                    if sent is not None and phase in per_level:
-                        per_level[phase].append(r.timestamp - sent)
-                self.k.drop(in_t, out_t)
-                for name, values in per_level.items():
-                    got[target][name].append(percentiles(values))
+                try:
+                    with proc:
+                        proc.wait_ready()
+                        _paced(producer, in_t, msgs, 200.0, warm, b"warm")
+                        producer.flush(30)
+                        self.k.wait_committed(group, {0: warm}, 60, proc.alive)
+                        for name, fraction in levels:
+                            per_s = fraction * top / m.rows_per_message
+                            _paced(producer, in_t, msgs, per_s, counts[name], name.encode())
+                        producer.flush(60)
+                        if not self.k.wait_committed(group, {0: total}, 120, proc.alive):
+                            raise RuntimeError(f"{label}: did not finish: {proc.stderr_tail()}")
+                    requests = {_header(r, "seq"): r.timestamp for r in self.k.read(in_t, total)}
+                    per_level: dict[str, list[float]] = {name: [] for name, _ in levels}
+                    for r in self.k.read(out_t, total):
+                        sent = requests.get(_header(r, "seq"))
+                        phase = _header(r, "phase")
+                        if sent is not None and phase in per_level:
+                            per_level[phase].append(r.timestamp - sent)
+                    self.k.drop(in_t, out_t)
+                    for name, values in per_level.items():
+                        got[target][name].append(percentiles(values))
+                except RuntimeError as exc:  # one failed run must not cost the whole bench
+                    log(f"latency {target} rep {i + 1} failed: {exc}", force=True)
+                    self.errors.append(f"latency {target} rep {i + 1}: {exc}")
+                    self.k.drop(in_t, out_t)
         out: dict[str, Any] = {}
         for target, top in targets.items():
             out[target] = {}
@@ -386,9 +426,9 @@ class Bench:
         n = p.scale_messages
         ends = {0: (n + 1) // 2, 1: n // 2}  # round-robin; the commit marker is not consumed
         samples: dict[int, list[float]] = {1: [], 2: []}
-        for i in range(p.reps):
+        for i in range(p.side_reps):
             for count in (1, 2):
-                log(f"scaling rep {i + 1}/{p.reps}: {count} worker(s)")
+                log(f"scaling rep {i + 1}/{p.side_reps}: {count} worker(s)")
                 label = f"scale{count}-{i}"
                 in_t, out_t, group = self.k.topic(label, 2), self.k.topic(f"{label}-out"), \
                     self.k.group(label)  # fmt: skip
@@ -585,22 +625,27 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['plan']['reps']} repetitions, medians; `{results['command']}`.",
         "",
         "Ratios: median of the per-repetition ratios; best/best: fastest run over fastest "
-        "run (the least disturbed by other load on the machine).",
+        "run (the least disturbed by other load on the machine). CPU µs/message: user + "
+        "system CPU of the loop's process, every thread (the Kafka client's included, the "
+        "broker's not), per message; the worker's start-up left out.",
     ]
     for key, st in results.get("streams", {}).items():
         r, q, bq = st["rows_per_s"], st["ratios"], st["best_ratios"]
         lines += [
             "",
             f"| {st['model']['name']}, {key} rows/message ({st['message_bytes'] / 1e3:,.0f} kB), "
-            f"{st['messages']} messages | rows/s | worker / this | best/best |",
-            "| --- | ---: | ---: | ---: |",
+            f"{st['messages']} messages | rows/s | worker / this | best/best "
+            "| CPU µs/message |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
+        cpu = st.get("cpu_us_per_message", {})
         for name, what in LOOPS.items():
             if name not in r:
                 continue
             ratio = "1.00" if name == "worker" else _fmt(q.get(f"worker_vs_{name}", float("nan")))
             best = "1.00" if name == "worker" else _fmt(bq.get(f"worker_vs_{name}", float("nan")))
-            lines.append(f"| {what} | {r[name]:,.0f} | {ratio} | {best} |")
+            used = f"{cpu[name]:,.0f}" if name in cpu else ""
+            lines.append(f"| {what} | {r[name]:,.0f} | {ratio} | {best} | {used} |")
         for key2, what in (
             ("worker_kafka_python_vs_kafka_python_drain",
              "kafka-python worker / kafka-python drain"),
@@ -608,7 +653,7 @@ def markdown(results: dict[str, Any]) -> str:
             ("rdkafka_drain_vs_kafka_python_drain", "librdkafka drain / kafka-python drain"),
         ):  # fmt: skip
             if key2 in q:
-                lines.append(f"| *{what}* | | {q[key2]:.2f} | {bq[key2]:.2f} |")
+                lines.append(f"| *{what}* | | {q[key2]:.2f} | {bq[key2]:.2f} | |")
     if "cnn" in results:
         cnn = results["cnn"]
         cq, cb = cnn["ratios"], cnn["best_ratios"]
@@ -665,6 +710,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"worker / drain {ref['worker_vs_drain']:.2f}, p50/p99 at 50% load "
             f"{ref['p50_ms_at_50pct']:.0f}/{ref['p99_ms_at_50pct']:.0f} ms.",
         ]
+    if results.get("errors"):
+        lines += ["", "Failed runs (left out of the medians):", ""]
+        lines += [f"- {e}" for e in results["errors"]]
     lines += ["", "| goal | value | target | |", "| --- | ---: | ---: | --- |"]
     for g in results["goals"]:
         lines.append(f"| {g['goal']} | {_fmt(g['value'])} | {g['op']} {_fmt(g['target'])} "
@@ -712,6 +760,17 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _maxima(results: dict[str, Any], bench: Bench, plan: Plan, repo: Path, k: Kafka,
+            skip: list[str]) -> tuple[dict[str, float], int]:  # fmt: skip
+    """Each backend's maximum on 64-row messages (from this run's streams, else one quick
+    saturation run each) and the response size, for the latency section."""
+    st = results.get("streams", {}).get("64")
+    if st is None:
+        others = [n for n in LOOPS if n not in BACKENDS]
+        st = Bench(replace(plan, reps=1), repo, k, bench.models, [*skip, *others]).stream(64, 600)
+    return {n: st["rows_per_s"].get(n, float("nan")) for n in BACKENDS}, st["response_bytes"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages (about 4 minutes)")
@@ -727,7 +786,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
-    nan = float("nan")
     full = not args.quick and set(only) == set(SECTIONS) and not args.skip
     out_dir = args.out or (ROOT / "bench" / "results" if full
                            else Path(tempfile.mkdtemp(prefix="bench-results-")))  # fmt: skip
@@ -738,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     command = ".venv/bin/python bench/run.py" + (" --quick" if args.quick else "")
     if not full and set(only) != set(SECTIONS):
         command += f" --only {','.join(only)}"
+    if args.skip:
+        command += f" --skip {args.skip}"
     results: dict[str, Any] = {
         "command": command,
         "machine": machine(),
@@ -751,20 +811,21 @@ def main(argv: list[str] | None = None) -> int:
             repo = Path(tmp)
             skip = [x.strip() for x in args.skip.split(",") if x.strip()]
             bench = Bench(plan, repo, k, build_repository(repo), skip)
-            if "streams" in only:
-                results["streams"] = {str(rows): bench.stream(rows, n) for rows, n in plan.streams}
-            if "latency" in only:
-                st = results.get("streams", {}).get("64")
-                if st is None:  # the maxima from one quick saturation run of each backend
-                    st = Bench(replace(plan, reps=1), repo, k, bench.models,
-                               [*skip, "naive", "per_row", "kafka_python_drain", "per_message",
-                                "rdkafka_drain", "raw_ort"]).stream(64, 600)  # fmt: skip
-                maxima = {n: st["rows_per_s"].get(n, nan) for n in BACKENDS}
-                results["latency"] = bench.latency(maxima, st["response_bytes"])
-            if "cnn" in only:
-                results["cnn"] = bench.cnn()
-            if "scaling" in only:
-                results["scaling"] = bench.scaling()
+            sections: dict[str, Callable[[], Any]] = {
+                "streams": lambda: {str(rows): bench.stream(rows, n) for rows, n in plan.streams},
+                "latency": lambda: bench.latency(*_maxima(results, bench, plan, repo, k, skip)),
+                "cnn": bench.cnn,
+                "scaling": bench.scaling,
+            }
+            for name in SECTIONS:
+                if name not in only:
+                    continue
+                try:
+                    results[name] = sections[name]()
+                except Exception as exc:  # the other sections still run and report
+                    log(f"section {name} failed: {type(exc).__name__}: {exc}", force=True)
+                    bench.errors.append(f"section {name}: {type(exc).__name__}: {exc}")
+            results["errors"] = bench.errors
     finally:
         k.close()
     results["goals"] = goals(results)

@@ -48,17 +48,19 @@ __all__ = [
     "log",
     "make_messages",
     "percentiles",
+    "process_cpu_seconds",
     "rate_from_timestamps",
     "workers",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
 KAFKA_LOCAL = ROOT / "scripts" / "kafka-local"
-_VERBOSE = sys.stderr.isatty()
+_VERBOSE = sys.stderr.isatty() or bool(os.environ.get("BENCH_VERBOSE"))
 
 
 def log(msg: str, *, force: bool = False) -> None:
-    """Progress on stderr, only on a terminal (quiet when piped) unless ``force``."""
+    """Progress on stderr, only on a terminal or with ``BENCH_VERBOSE=1`` (quiet when piped)
+    unless ``force``."""
     if _VERBOSE or force:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
@@ -376,6 +378,15 @@ def rate_from_timestamps(records: Sequence[Any], rows_of: Any) -> float:
     return rows / span if span > 0 else float("nan")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc (every thread, librdkafka's included); NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> list[float]:
     if not values:
         return [float("nan")] * len(qs)
@@ -464,6 +475,11 @@ class WorkerProcess:
 
             return int(psutil.Process(self.proc.pid).memory_info().rss)
         return None
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads) the process has used so far."""
+        assert self.proc is not None
+        return process_cpu_seconds(self.proc.pid)
 
     def stderr_tail(self) -> str:
         if self._log is None:
