@@ -192,13 +192,12 @@ class Consumer:
     """Assigned partitions, polling, and (for redrive) commits to the tool's own group.
 
     The seam's consumer joins groups (``subscribe``); the tools assign
-    partitions themselves, which :class:`_Assigner` adds per backend.
+    partitions themselves (``assign``).
     """
 
     def __init__(self, raw: Any, settings: KafkaSettings) -> None:
         self._raw = raw
         self._settings = settings
-        self._assign = _Assigner(raw, settings.backend)
 
     def __enter__(self) -> Consumer:
         return self
@@ -231,15 +230,19 @@ class Consumer:
 
     def assign(self, positions: Mapping[TopicPartition, int]) -> None:
         """Read exactly these partitions, each from the given offset."""
-        self._assign.assign(positions)
+        self._raw.assign(positions)
 
     def watermarks(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
         """``(low, high)`` per partition: the first offset still kept, the next to be written."""
-        return {tp: self._assign.watermarks(tp) for tp in tps}
+        marks = {tp: self._raw.watermarks(tp) for tp in tps}
+        missing = [tp for tp, m in marks.items() if m is None]
+        if missing:
+            raise ProducerError(f"the broker did not say where {missing[0].topic} begins and ends")
+        return {tp: m for tp, m in marks.items() if m is not None}
 
     def position(self, tp: TopicPartition) -> int | None:
         """The next offset this consumer will read from ``tp`` (None: not known yet)."""
-        return self._assign.position(tp)
+        return self._raw.position(tp)
 
     def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
         """The group's committed offset per partition (None: never committed)."""
@@ -269,53 +272,6 @@ class Consumer:
 
     def close(self) -> None:
         self._raw.close()
-
-
-class _Assigner:
-    """Manual assignment, watermarks and positions, which the seam's consumer lacks.
-
-    The one place that reaches into a backend's client (its ``_c``); it goes
-    away when :class:`worker.kafka.Consumer` offers ``assign`` and ``position``.
-    """
-
-    def __init__(self, consumer: Any, backend: str) -> None:
-        self._c = consumer._c
-        self._confluent = backend == "confluent"
-
-    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
-        if self._confluent:
-            import confluent_kafka as ck
-
-            self._c.assign([ck.TopicPartition(t, p, o) for (t, p), o in positions.items()])
-            return
-        from kafka import TopicPartition as KTP
-
-        self._c.assign([KTP(t, p) for t, p in positions])
-        for (t, p), offset in positions.items():
-            self._c.seek(KTP(t, p), offset)
-
-    def watermarks(self, tp: TopicPartition) -> tuple[int, int]:
-        if self._confluent:
-            import confluent_kafka as ck
-
-            low, high = self._c.get_watermark_offsets(ck.TopicPartition(*tp), timeout=10,
-                                                      cached=False)
-            return int(low), int(high)
-        from kafka import TopicPartition as KTP
-
-        ktp = KTP(*tp)
-        return (int(self._c.beginning_offsets([ktp])[ktp]),
-                int(self._c.end_offsets([ktp])[ktp]))
-
-    def position(self, tp: TopicPartition) -> int | None:
-        if self._confluent:
-            import confluent_kafka as ck
-
-            (got,) = self._c.position([ck.TopicPartition(*tp)])
-            return int(got.offset) if got.offset >= 0 else None
-        from kafka import TopicPartition as KTP
-
-        return int(self._c.position(KTP(*tp)))
 
 
 class Producer:

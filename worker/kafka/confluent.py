@@ -195,6 +195,14 @@ class ConfluentConsumer:
             topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
         )
 
+    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Read exactly these partitions from these offsets (no group rebalancing)."""
+        self._c.assign(_ctps(positions))
+
+    def position(self, tp: TopicPartition) -> int | None:
+        (got,) = self._c.position([ck.TopicPartition(tp.topic, tp.partition)])
+        return int(got.offset) if got.offset >= 0 else None
+
     def _assigned(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
         if partitions and self._handler is not None:
             self._handler.on_assigned(_tps(partitions))
@@ -299,7 +307,7 @@ class ConfluentConsumer:
     def watermarks(self, tp: TopicPartition) -> tuple[int, int] | None:
         try:
             low, high = self._c.get_watermark_offsets(
-                ck.TopicPartition(tp.topic, tp.partition), timeout=10
+                ck.TopicPartition(tp.topic, tp.partition), timeout=10, cached=False
             )
         except ck.KafkaException:
             return None

@@ -33,7 +33,7 @@ from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssi
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KTP
 
-from worker.errors import BrokerAccessError
+from worker.errors import BrokerAccessError, FatalError
 from worker.kafka import (
     ClientConfig,
     CommitDeferred,
@@ -151,7 +151,10 @@ def _open(factory: Callable[..., T], config: dict[str, Any]) -> T:
                 if watcher.failure is not None:
                     raise BrokerAccessError(watcher.failure) from None
                 if time.monotonic() >= deadline - 0.05:
-                    raise
+                    raise FatalError(
+                        f"no answer from the Kafka cluster at {config.get('bootstrap_servers')} "
+                        f"within {total_s:.0f} s"
+                    ) from None
         round_s *= 2
 
 
@@ -253,6 +256,18 @@ class KafkaPythonConsumer:
             while not self._c.partitions_for_topic(topic) and time.monotonic() < deadline:
                 time.sleep(0.1)
         self._c.subscribe(topics, listener=_Listener(self, handler))
+
+    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Read exactly these partitions from these offsets (no group rebalancing)."""
+        self._c.assign([KTP(t, p) for t, p in positions])
+        for (t, p), offset in positions.items():
+            self._c.seek(KTP(t, p), offset)
+
+    def position(self, tp: TopicPartition) -> int | None:
+        try:
+            return int(self._c.position(KTP(tp.topic, tp.partition)))
+        except (Errors.KafkaError, AssertionError):
+            return None
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         polled = self._c.poll(timeout_ms=timeout_s * 1000, max_records=max_records)
