@@ -60,25 +60,34 @@ def scale_run(k: Kafka, repo: Path, m: Model, count: int, messages: int, label: 
     msgs = make_messages(m, messages)
     in_t, out_t, group = k.topic(label, PARTITIONS), k.topic(f"{label}-out"), k.group(label)
     producer = k.publish_gated(in_t, msgs, partitions=PARTITIONS)
+    load = os.getloadavg()[0]
     try:
         with workers(count, bootstrap=k.bootstrap, input_topic=in_t, output_topic=out_t,
                      repository=repo, model=m.name, group=group, extra=extra) as ws:  # fmt: skip
             for w in ws:
                 w.wait_ready(120)
             k.wait_assigned(group, count, PARTITIONS, 120)
+            cpu0, t0 = [w.cpu_seconds() for w in ws], time.monotonic()
             producer.commit_transaction()
             if not k.wait_committed(group, _ends(messages, PARTITIONS), 900):
                 raise RuntimeError(f"{label}: workers did not finish")
+            wall = time.monotonic() - t0
+            cpu = [w.cpu_seconds() - c for w, c in zip(ws, cpu0, strict=True)]
             per_worker = [w.metrics().get('inference_worker_messages_total{status="ok"}', 0.0)
                           for w in ws]  # fmt: skip
     finally:
         producer.close()
     records = k.read(out_t, messages)
+    k.drop(in_t, out_t)  # an MLP run writes ~500 MB
     if len(records) != messages:
         raise RuntimeError(f"{label}: {len(records)} answers for {messages} requests")
     return {
         "rows_per_s": rate_from_timestamps(records, lambda r: m.rows_per_message),
         "messages_per_worker": per_worker,
+        # CPU the workers burnt while draining, over the wall time: the cores
+        # they kept busy (2 is all this machine has, broker included).
+        "worker_cores": round(sum(cpu) / wall, 2),
+        "load_before": round(load, 2),
     }
 
 
@@ -107,8 +116,8 @@ def idle_members(k: Kafka, repo: Path, m: Model, members: int, partitions: int) 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"| model | workers | rows/s (median of {results['reps']}) | × one worker "
-        "| rows/s per worker | messages per worker |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| rows/s per worker | messages per worker | cores the workers used |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, runs in results["models"].items():
         one = runs["1"]["rows_per_s"]
@@ -116,7 +125,8 @@ def markdown(results: dict[str, Any]) -> str:
             rate = run["rows_per_s"]
             lines.append(
                 f"| {name} | {count} | {rate:,.0f} | {rate / one:.2f} "
-                f"| {rate / int(count):,.0f} | {run['messages_per_worker']} |"
+                f"| {rate / int(count):,.0f} | {run['messages_per_worker']} "
+                f"| {run['worker_cores']} |"
             )
     idle = results["idle"]
     lines.append("")
@@ -128,7 +138,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--mlp-messages", type=int, default=3000)
+    ap.add_argument("--mlp-messages", type=int, default=2400)
     ap.add_argument("--cnn-messages", type=int, default=24)
     ap.add_argument("--workers", default="1,2,3")
     args = ap.parse_args(argv)
@@ -164,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                         "rows_per_s": median,
                         "samples": rates,
                         "messages_per_worker": typical["messages_per_worker"],
+                        "worker_cores": typical["worker_cores"],
+                        "load_before": [s["load_before"] for s in samples],
                     }
                 results["models"][f"{name} ({m.rows_per_message} rows/message)"] = runs
             owned = idle_members(k, repo, models["mlp"], 3, 2)
