@@ -138,11 +138,11 @@ def _wrong_onnxruntime(lock: Lock, path: Path) -> str | None:
 
 def check(lock: Lock) -> str | None:
     """Why ``lock`` cannot be installed as it is, or None when it is current."""
+    shown = lock.path.relative_to(ROOT) if lock.path.is_relative_to(ROOT) else lock.path
     if not lock.path.exists():
-        return f"{lock.path.relative_to(ROOT)} is missing"
+        return f"{shown} is missing"
     if _recorded_digest(lock.path) != digest(lock):
-        rel = lock.path.relative_to(ROOT)
-        return f"{rel} was made from other dependencies than pyproject.toml's"
+        return f"{shown} was made from other dependencies than pyproject.toml's"
     return _wrong_onnxruntime(lock, lock.path)
 
 
