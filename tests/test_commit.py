@@ -178,6 +178,12 @@ class FakeConsumer:
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         raise AssertionError("not a committer's call")
 
+    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
+        raise AssertionError("not a committer's call")
+
+    def position(self, tp: TopicPartition) -> int | None:
+        raise AssertionError("not a committer's call")
+
     def pause(self, tps: Collection[TopicPartition]) -> None:
         raise AssertionError("not a committer's call")
 
@@ -771,8 +777,12 @@ def test_a_refusal_that_cannot_be_rescued_is_fatal(rig: Rig) -> None:
     boom = KafkaFailure("TOPIC_AUTHORIZATION_FAILED")
     rig.producer.refuse = {b"0@0": boom}
     c.send()
-    with pytest.raises(FatalError, match=r"refused an answer \(TOPIC_AUTHORIZATION_FAILED\)"):
+    with pytest.raises(FatalError) as err:
         c.commit()
+    assert str(err.value) == (
+        "the broker refused an answer (TOPIC_AUTHORIZATION_FAILED); nothing at or after it "
+        "is committed, and it is answered again after a restart"
+    )
     assert rig.rescued == [(a[0], boom)]
     assert rig.consumer.commits == []
 
@@ -868,3 +878,18 @@ def test_a_deferred_commit_is_logged_with_its_reason_and_offsets(
         "commit deferred (REBALANCE_IN_PROGRESS): in[0]@2, in[1]@6",
         "commit deferred (Broker: not coordinator): in[0]@2, in[1]@6",
     ]
+
+
+def test_a_refusal_seen_during_a_revocation_is_still_fatal_at_the_next_commit(rig: Rig) -> None:
+    # The revocation acknowledges only the partitions it gives up: B's refused answer
+    # must not be swallowed there, or no commit would ever report it.
+    c = rig.at_least_once(NEVER)
+    rig.add(A, range(0, 1))
+    rig.add(B, range(0, 2))
+    rig.producer.refuse = {b"1@0": KafkaFailure("MSG_SIZE_TOO_LARGE")}
+    assert c.revoke([A]) == ({A: 1}, 1)  # sends only A's answers
+    c.send()
+    assert c.revoke([A]) == ({}, 0)  # B's delivery resolved by this flush
+    with pytest.raises(FatalError, match="MSG_SIZE_TOO_LARGE"):
+        c.commit(force=True)
+    assert rig.consumer.commits == []

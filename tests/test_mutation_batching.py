@@ -8,6 +8,7 @@ mode a request gets.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,6 +78,9 @@ def test_for_request_takes_the_mode_feeds_and_rows_of_the_bound_request() -> Non
     assert alone.mode == RunMode.WHOLE
     fixed = Job.for_request("t", "m", 1, _sig((1, 3)), Bound({"x": x}, 4))
     assert fixed.mode == RunMode.ROWS
+    # A bound request that does not say "alone" is not.
+    plain = Job.for_request("t", "m", 1, _sig((None, 3)), SimpleNamespace(feeds={"x": x}, rows=4))
+    assert plain.mode == RunMode.COALESCE
 
 
 def test_feeds_without_one_shared_axis_0_run_whole() -> None:
@@ -188,6 +192,14 @@ def test_list_outputs_are_split_and_joined_per_row() -> None:
     [whole] = run_batch(labels, Batch("m", 1, [_job(4)]), 2, on_run=sizes.append)
     assert sizes[1:] == [2, 2]
     assert whole == {"label": ["r0", "r3", "r6", "r9"]}
+
+
+def test_ragged_list_outputs_are_split_per_row() -> None:
+    def topk(feeds: Feeds) -> dict[str, object]:
+        return {"labels": [["a"] * (i + 1) for i in range(len(feeds["x"]))]}
+
+    ra, rb = run_batch(topk, Batch("m", 1, [_job(1), _job(2)]), 100)
+    assert ra == {"labels": [["a"]]} and rb == {"labels": [["a", "a"], ["a", "a", "a"]]}
 
 
 def test_a_request_sliced_in_two_is_joined_whole() -> None:

@@ -509,3 +509,15 @@ def test_grow_counts_an_answer_until_its_record_leaves_the_tracker() -> None:
     t.grow(a[2], 3)
     t.grow(b[0], 3)
     assert t.inflight_bytes == 0 and a[2].nbytes == 10
+
+
+def test_clear_refusal_lets_the_line_go_on_and_ignores_a_line_not_refused() -> None:
+    t, a, _b, _boom = _refused_line()
+    t.acknowledge()
+    assert t.refused() == [(A, a[2])]
+    t.clear_refusal("never-refused")
+    a[2].deliveries = [Done()]  # sent again, as something the broker takes
+    t.clear_refusal(A)
+    assert t.refused() == []
+    assert t.acknowledge().retired == a[2:]
+    assert t.to_commit() == {A: 6, B: 2}
