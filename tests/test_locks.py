@@ -75,8 +75,11 @@ def test_every_file_is_hashed(entry: Any) -> None:
 def test_tests_run_the_versions_the_image_ships(device: str) -> None:
     image = _pins(ROOT / "requirements" / f"{device}.lock")
     dev = _pins(ROOT / "requirements" / f"dev-{device}.lock")
-    differ = {name: (versions, dev.get(name)) for name, versions in image.items()
-              if dev.get(name) != versions}
+    differ = {
+        name: (versions, dev.get(name))
+        for name, versions in image.items()
+        if dev.get(name) != versions
+    }
     assert not differ
 
 
@@ -121,7 +124,8 @@ def test_compose_names_the_kafka_image_once() -> None:
         ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
     others = [
-        f for f in tracked
+        f
+        for f in tracked
         if f not in ("docker-compose.yml", "scripts/kafka-local")
         and (ROOT / f).is_file()
         and re.search(r"apache/kafka:\d", (ROOT / f).read_text(errors="replace"))
