@@ -709,37 +709,38 @@ class Worker:
     # -- 5. what an answer is on the wire ----------------------------------------
 
     def _emit(self, producer: Producer, entry: Entry) -> Delivery:
-        """Send a slot's answer to its partition; one over the topic's limit becomes a
-        dead letter, a dead letter over it keeps its headers and drops its value."""
+        """Send a slot's answer to its partition; one over its topic's limit becomes a
+        dead letter, a dead letter over *its* topic's limit keeps its headers and
+        drops its value."""
         slot: Slot = entry  # type: ignore[assignment]
         o: Outgoing = slot.out
-        limit = min(
-            self._size_limits.get(o.topic, self.settings.max_message_bytes),
-            self.settings.max_message_bytes,
-        )
-        size = _record_size(o)
+        size, limit = _record_size(o), self._limit(o.topic)
         if o.ok and (slot.record.topic, slot.record.partition, slot.offset) in self._refused_large:
             size = max(size, limit + 1)  # refused before: the broker's limit is lower
-        if size > limit:
-            if o.ok:  # the response is too large: dead-letter the request instead
-                o = slot.out = self._dead_letter(
-                    slot,
-                    TooLarge(
-                        f"the response of {size} bytes is over the limit of {limit} bytes "
-                        f"of topic {o.topic!r} (max.message.bytes)"
-                    ),
-                    get_header(o.headers, "model"),
-                )
-            if _record_size(o) > min(self._size_limits.get(o.topic, limit), limit):
-                log.error("%s: dead letter too large to publish; value omitted", slot.where)
-                o = slot.out = replace(
-                    o,
-                    value=b"",
-                    headers=[*o.headers, ("value-omitted", str(len(o.value)).encode())],
-                )
+        if o.ok and size > limit:  # the response is too large: dead-letter the request
+            o = slot.out = self._dead_letter(
+                slot,
+                TooLarge(
+                    f"the response of {size} bytes is over the limit of {limit} bytes "
+                    f"of topic {o.topic!r} (max.message.bytes)"
+                ),
+                get_header(o.headers, "model"),
+            )
+        if not o.ok and _record_size(o) > self._limit(o.topic):
+            log.error("%s: dead letter too large to publish; value omitted", slot.where)
+            o = slot.out = replace(
+                o,
+                value=b"",
+                headers=[*o.headers, ("value-omitted", str(len(o.value)).encode())],
+            )
         r = slot.record
         partition = output_partition(r.partition, o.key, self._partitions.get(o.topic))
         return producer.send(o.topic, o.value, o.key, o.headers, partition)
+
+    def _limit(self, topic: str) -> int:
+        """The largest record ``topic`` takes: its max.message.bytes, within our clients'."""
+        ours = self.settings.max_message_bytes
+        return min(self._size_limits.get(topic, ours), ours)
 
     def _rescue(self, entry: Entry, error: BaseException) -> bool:
         """A delivery the broker refused as too large: the answer becomes a dead letter

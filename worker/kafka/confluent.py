@@ -339,7 +339,7 @@ def _record(m: Any) -> Record:
     header_error = None
     try:
         headers = m.headers() or []
-    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+    except (UnicodeDecodeError, ValueError, TypeError, SystemError) as exc:
         # A header name that is not UTF-8: the client cannot hand it over.
         headers, header_error = [], f"a header name is not valid UTF-8 ({exc})"
     kind, ts = m.timestamp()
