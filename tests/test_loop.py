@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -28,6 +29,7 @@ from tests.harness import (
     worker_process,
     worker_thread,
 )
+from worker.demo import write_demo_model
 from worker.observability import Metrics
 from worker.protocol import decode_response, encode_request
 from worker.signature import Signature
@@ -364,3 +366,55 @@ def test_slow_model_keeps_group_membership(
     ids = _request_ids(answers)
     assert set(ids) == {f"s-{i}" for i in range(n)}
     assert max(ids.values()) == 1, "a record was answered twice: the worker lost its group"
+
+
+def test_a_model_load_longer_than_max_poll_interval_keeps_group_membership(
+    kafka_bootstrap: str,
+    new_topic: Callable[..., str],
+    group_id: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The load runs off the poll thread, which keeps polling (paused) meanwhile."""
+    import logging
+
+    from worker import loop as loop_module
+
+    repo = tmp_path / "models"
+    write_demo_model(repo)
+    real_load = loop_module.load_session
+
+    def slow_load(ref: Any, options: Any) -> Any:
+        time.sleep(8.0)  # longer than max.poll.interval.ms below: a big model on a slow disk
+        return real_load(ref, options)
+
+    monkeypatch.setattr(loop_module, "load_session", slow_load)
+    requests, outputs = new_topic(), new_topic()
+    records = []
+    for i in range(6):
+        value, headers = encode_request(
+            {"x": np.ones((1, 784), np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id=f"l-{i}",
+        )
+        records.append((None, value, headers))
+    produce(kafka_bootstrap, requests, records)
+    group = {
+        "max.poll.interval.ms": "6000",
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "500",
+    }
+    s = settings(
+        kafka_bootstrap, requests, outputs, tmp_path / "models", group_id, kafka_properties=group
+    )
+    caplog.set_level(logging.INFO, logger="worker")
+    with worker_thread(s):
+        answers = consume(kafka_bootstrap, outputs, 6, timeout=90, settle=2.0)
+        # Before the worker stops (which revokes its partitions in order):
+        moved = [m for m in caplog.messages if m.startswith(("lost", "revoked"))]
+    ids = _request_ids(answers)
+    assert set(ids) == {f"l-{i}" for i in range(6)}
+    assert max(ids.values()) == 1, "answered twice: the worker lost its group during the load"
+    assert not moved, moved
