@@ -102,16 +102,14 @@ class AtLeastOnce(Committer):
         # 2. Acknowledged heads become offsets; a refused answer stops its line.
         acked = self.tracker.acknowledge()
         self._retire(acked.retired)
-        if acked.error is not None:
-            assert acked.refused is not None
-            entry = acked.refused
-            if self._rescue is not None and self._rescue(entry, acked.error):
+        for tp, entry, error in acked.refusals:
+            if self._rescue is not None and self._rescue(entry, error):
                 # Sent again as what the broker takes; its line goes on from here.
                 entry.deliveries = [self._emit(self.producer, entry)]
-                self.tracker.clear_refusal(self._partition_of(entry))
-                return 0
+                self.tracker.clear_refusal(tp)
+                continue
             raise FatalError(
-                f"the broker refused an answer ({acked.error}); nothing at or after it is "
+                f"the broker refused an answer ({error}); nothing at or after it is "
                 "committed, and it is answered again after a restart"
             )
         if not self._due(force):
@@ -132,9 +130,6 @@ class AtLeastOnce(Committer):
         self.committed_offsets.update(offsets)
         return self.tracker.committed(offsets)
 
-    def _partition_of(self, entry: Entry) -> TopicPartition:
-        return next(tp for tp, e in self.tracker.refused() if e is entry)
-
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
         """Send and acknowledge what ``tps`` answered; their offsets to commit."""
         self.send(tps)
@@ -152,9 +147,16 @@ class AtLeastOnce(Committer):
 class Transactional(Committer):
     """Answers, dead letters and offsets in one Kafka transaction per batch window."""
 
-    def __init__(self, *args: Any, reopen: Callable[[], Producer], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        reopen: Callable[[], Producer],
+        txn_timeout_s: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._reopen = reopen
+        self._txn_timeout_s = txn_timeout_s
         self.aborted = 0
 
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
@@ -176,13 +178,15 @@ class Transactional(Committer):
             # 2. Begin; 3. send every answer and dead letter of the window.
             p.begin_transaction()
             deliveries.extend(self._emit(p, entry) for _, entry in window)
-            # 4. The consumer's offsets join the transaction.
+            # 4. Every send acknowledged, none refused, *before* the commit: a send the
+            # client refused at once never joined the transaction, and kafka-python can
+            # report a commit after an epoch bump that dropped a send; either would
+            # commit the offsets without the answer.
+            p.flush(self._txn_timeout_s)
+            _check(deliveries, "before the commit")
+            # 5. The consumer's offsets join the transaction; 6. commit.
             p.send_offsets_to_transaction(offsets, self.consumer.group_metadata(), metadata)
-            # 5. Commit (flushes); 6. it counts only if every send succeeded.
             p.commit_transaction()
-            failed = next((d.error for d in deliveries if not d.done or d.error), None)
-            if failed is not None or not all(d.done for d in deliveries):
-                raise TransactionFailed(f"a send in the committed transaction failed: {failed}")
         except (TransactionFailed, KafkaFailure) as exc:
             if self._rescue is not None:
                 # Remembered, so the answer is sent as what the broker takes next time.
@@ -232,3 +236,11 @@ class Transactional(Committer):
         # In-flight work is abandoned: never committed, so the next owner answers it in
         # its own transaction. What was committed is marked "clean" (no crash here).
         return self.clean_offsets(tps), 0
+
+
+def _check(deliveries: list[Delivery], when: str) -> None:
+    failed = next((d.error for d in deliveries if d.error is not None), None)
+    if failed is not None:
+        raise TransactionFailed(f"a send of the transaction was refused {when}: {failed}")
+    if not all(d.done for d in deliveries):
+        raise TransactionFailed(f"a send of the transaction is unacknowledged {when}")

@@ -50,6 +50,8 @@ class Acknowledged:
     retired: list[Entry] = field(default_factory=list)
     refused: Entry | None = None  # the first entry whose delivery the broker refused
     error: BaseException | None = None
+    # Every head refused for the first time by this call: (partition, entry, error).
+    refusals: list[tuple[Any, Entry, BaseException]] = field(default_factory=list)
 
 
 class OffsetTracker(Generic[K]):
@@ -104,7 +106,8 @@ class OffsetTracker(Generic[K]):
                 if tps is not None and tp not in tps:
                     continue
                 if tp in self._refused:
-                    result.refused = self._refused[tp]
+                    if result.refused is None:
+                        result.refused = self._refused[tp]
                     continue
                 while line and line[0].sent and all(d.done for d in line[0].deliveries):
                     head = line[0]
@@ -112,7 +115,9 @@ class OffsetTracker(Generic[K]):
                     if failed is not None:
                         # Stays at the head: the line never commits past it.
                         self._refused[tp] = head
-                        result.refused, result.error = head, failed
+                        if result.error is None:
+                            result.refused, result.error = head, failed
+                        result.refusals.append((tp, head, failed))
                         break
                     line.popleft()
                     head.live = False
