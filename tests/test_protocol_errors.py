@@ -123,7 +123,7 @@ def test_deep_passthrough_is_refused_at_decode() -> None:
 
 
 def test_value_over_max_bytes_is_refused_before_parsing() -> None:
-    with pytest.raises(TooLarge, match="record value of 1001 bytes, over the limit of 1000"):
+    with pytest.raises(TooLarge, match="the record value: 1001 bytes, over the limit of 1000"):
         decode(b"\xff" * 1001, limits=Limits(max_bytes=1000))
 
 
@@ -134,7 +134,7 @@ def test_arrow_rows_over_limit() -> None:
 
 def test_arrow_elements_over_limit_at_bind() -> None:
     request = decode(arrow_value(4), limits=Limits(max_elements=1000))
-    with pytest.raises(TooLarge, match=r"input 'x': shape \[4, 784\] holds 3136 elements"):
+    with pytest.raises(TooLarge, match=r"input 'x' of shape \[4, 784\]: 3136 elements"):
         request.bind(MLP_LIKE)
 
 
@@ -215,3 +215,11 @@ def test_schema_mismatch_against_a_real_session() -> None:
     with pytest.raises(SchemaMismatch, match=r"^input 'x': expected float32\[\?,784\], "
                                              r"got float64\[32,780\]$"):
         decode(value, headers).bind(signature)
+
+
+def test_too_large_carries_its_numbers() -> None:
+    err = TooLarge("the response", 2_000_000, 1_048_588, where="topic 'out'")
+    assert (err.actual, err.limit, err.unit, err.error_type) == (
+        2_000_000, 1_048_588, "bytes", "too-large"
+    )
+    assert str(err) == "the response: 2000000 bytes, over the limit of 1048588 of topic 'out'"

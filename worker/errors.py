@@ -87,7 +87,16 @@ class DecodeError(WorkerError):
 
 
 class TooLarge(WorkerError):
+    """``what`` holds ``actual`` ``unit``, over ``limit``; ``where`` says whose limit."""
+
     error_type = "too-large"
+
+    def __init__(
+        self, what: str, actual: int, limit: int, unit: str = "bytes", where: str = ""
+    ) -> None:
+        self.what, self.actual, self.limit, self.unit = what, actual, limit, unit
+        whose = f" of {where}" if where else ""
+        super().__init__(f"{what}: {actual} {unit}, over the limit of {limit}{whose}")
 
 
 class SchemaMismatch(WorkerError):

@@ -721,8 +721,7 @@ class Worker:
             o = slot.out = self._dead_letter(
                 slot,
                 TooLarge(
-                    f"the response of {size} bytes is over the limit of {limit} bytes "
-                    f"of topic {o.topic!r} (max.message.bytes)"
+                    "the response", size, limit, where=f"topic {o.topic!r} (max.message.bytes)"
                 ),
                 get_header(o.headers, "model"),
             )
@@ -757,8 +756,10 @@ class Worker:
             slot.out = self._dead_letter(
                 slot,
                 TooLarge(
-                    f"the response of {size} bytes was refused by the broker: over the "
-                    f"max.message.bytes of topic {o.topic!r}"
+                    "the response, refused by the broker",
+                    size,
+                    self._limit(o.topic),
+                    where=f"topic {o.topic!r} (max.message.bytes)",
                 ),
                 get_header(o.headers, "model"),
             )

@@ -148,9 +148,7 @@ def decode_request(
         if value is None:
             raise DecodeError("the record has no value (a tombstone); expected a request body")
         if len(value) > limits.max_bytes:
-            raise TooLarge(
-                f"record value of {len(value)} bytes, over the limit of {limits.max_bytes}"
-            )
+            raise TooLarge("the record value", len(value), limits.max_bytes)
         value = bytes(value) if not isinstance(value, bytes) else value
         envelope = _headers.envelope(list(headers or []), key=key, default_id=default_id)
         return CODECS.for_record(envelope.headers, value).decode_request(value, envelope, limits)
@@ -253,8 +251,12 @@ def encode_request(
         raise ValueError(f"format must be one of {', '.join(CONTENT_TYPES)}, got {format!r}")
     codec = CODECS.by_name(format)
     value = codec.encode_request(
-        inputs, model=model, model_version=model_version, request_id=request_id,
-        passthrough=passthrough, form=form or arrow_form,
+        inputs,
+        model=model,
+        model_version=model_version,
+        request_id=request_id,
+        passthrough=passthrough,
+        form=form or arrow_form,
     )
     headers: Headers = [("content-type", codec.content_type.encode())]
     if model is not None:

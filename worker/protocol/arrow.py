@@ -476,8 +476,9 @@ def _encode_request(inputs: dict[str, np.ndarray], *, passthrough: object, form:
             else:
                 # The tabular form: one column per feature, stacked back by the worker.
                 names.extend(f"{name}_{j}" for j in range(arr.shape[1]))
-                arrays.extend(_flat_values(np.ascontiguousarray(arr[:, j]))
-                              for j in range(arr.shape[1]))
+                arrays.extend(
+                    _flat_values(np.ascontiguousarray(arr[:, j])) for j in range(arr.shape[1])
+                )
             continue
         if form == "primitive" and arr.ndim != 1:
             raise ValueError(f"input {name!r}: the primitive form needs rank 1 or 2")
@@ -498,8 +499,9 @@ def _passthrough_columns(passthrough: object) -> list[tuple[str, pa.Array]]:
             for n, c in zip(passthrough.column_names, passthrough.columns, strict=True)
         ]
     if isinstance(passthrough, dict):
-        return [(str(n), c if isinstance(c, pa.Array) else pa.array(c))
-                for n, c in passthrough.items()]
+        return [
+            (str(n), c if isinstance(c, pa.Array) else pa.array(c)) for n, c in passthrough.items()
+        ]
     raise TypeError("Arrow passthrough must be a pa.Table, pa.RecordBatch or dict of columns")
 
 
@@ -560,7 +562,7 @@ class ArrowCodec:
     def decode_request(self, value: bytes, envelope: Envelope, limits: Limits) -> Request:
         table = read_stream(value)
         if table.num_rows > limits.max_rows:
-            raise TooLarge(f"{table.num_rows} rows, over the limit of {limits.max_rows}")
+            raise TooLarge("the Arrow table", table.num_rows, limits.max_rows, "rows")
         return Request(
             format=self.name,
             model=envelope.model,

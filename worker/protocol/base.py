@@ -191,11 +191,10 @@ def check_elements(name: str, shape: tuple[int, ...], limits: Limits) -> int:
     count = math.prod(shape)  # Python ints: no overflow on hostile shapes
     if count > limits.max_elements:
         raise TooLarge(
-            f"input {name!r}: shape {list(shape)} holds {count} elements, "
-            f"over the limit of {limits.max_elements}"
+            f"input {name!r} of shape {list(shape)}", count, limits.max_elements, "elements"
         )
     if shape and shape[0] > limits.max_rows:
-        raise TooLarge(f"input {name!r}: {shape[0]} rows, over the limit of {limits.max_rows}")
+        raise TooLarge(f"input {name!r}", shape[0], limits.max_rows, "rows")
     return count
 
 
