@@ -10,7 +10,9 @@ start``), for the demo MLP (I/O-bound) and ResNet-50 (compute-bound):
   decoding or inference), a per-message librdkafka application (what a Quix
   Streams app does: one message at a time, decode, run, encode, produce), raw
   ONNX Runtime, and on the 64-row stream a naive and a per-row loop, as ratios;
-- mean rows per ``session.run`` and peak RSS of the worker process;
+- CPU time per message of every loop's process (every thread, the Kafka
+  client's included), which depends far less on the machine's other load than
+  rows/s; mean rows per ``session.run`` and peak RSS of the worker process;
 - end-to-end latency (request append to response record timestamp) under a
   paced producer at 10% and 50% of each backend's own measured maximum, next
   to the librdkafka drain under the same schedule;
@@ -97,8 +99,8 @@ class Plan:
     """Repetitions of the latency and 1-vs-2-worker runs (>= 3)."""
 
 
-FULL = Plan(reps=5, streams=((256, 800), (64, 2400)), loop_messages=80, cnn_messages=8,
-            scale_messages=1200, latency_s=5.0, side_reps=3)  # fmt: skip
+FULL = Plan(reps=5, streams=((256, 800), (64, 2400)), loop_messages=80, cnn_messages=12,
+            scale_messages=1200, latency_s=4.0, side_reps=3)  # fmt: skip
 QUICK = Plan(reps=3, streams=((256, 300), (64, 800)), loop_messages=40, cnn_messages=4,
              scale_messages=400, latency_s=3.0, side_reps=3)  # fmt: skip
 
