@@ -12,7 +12,7 @@ LOCK := requirements/dev-$(EXTRA).lock
 OTHER_ORT := $(if $(filter gpu,$(EXTRA)),onnxruntime,onnxruntime-gpu)
 PYTEST_ARGS ?=
 
-.PHONY: install lock system-deps kafka-jars test test-slow test-k8s demo lint bench soak clean
+.PHONY: install lock system-deps kafka-jars toxiproxy test test-slow test-k8s demo lint bench soak clean
 
 install: $(STAMP)
 
@@ -56,11 +56,15 @@ kafka-jars: system-deps
 kubectl: install
 	@VENV=$(VENV) scripts/install-kubectl
 
+# The fault proxy of the connection-reset tests, built once with Go into ~/.cache.
+toxiproxy:
+	@scripts/toxiproxy install >/dev/null
+
 # lint first: a lint error fails the run before the slow tests start.
-test: lint kafka-jars kubectl
+test: lint kafka-jars kubectl toxiproxy
 	$(PY) -m pytest -m "not slow and not k8s" $(PYTEST_ARGS)
 
-test-slow: install kafka-jars
+test-slow: install kafka-jars toxiproxy
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 demo: install kafka-jars

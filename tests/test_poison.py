@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from tests.brokers import Got, committed_offsets, reading
+from tests.brokers import Got, committed_offsets, reading, xfail_while_backend_cannot_start
 from tests.harness import worker_process
 from worker.protocol import encode_request
 
@@ -150,6 +150,19 @@ def _outcomes(
     return outcomes
 
 
+@pytest.mark.parametrize(
+    "kafka_client",
+    [
+        "confluent",
+        pytest.param(
+            "kafka-python",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="kafka-python cannot send a NULL header value: the answer carries b''",
+            ),
+        ),
+    ],
+)
 def test_poison_headers_each_answered_or_dead_lettered_and_the_partition_goes_on(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],
@@ -158,6 +171,7 @@ def test_poison_headers_each_answered_or_dead_lettered_and_the_partition_goes_on
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
+    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     requests, outputs = new_topic(), new_topic()
     expected = _send_poison(kafka_bootstrap, requests)
     outcomes = _outcomes(
@@ -189,6 +203,14 @@ def test_poison_headers_each_answered_or_dead_lettered_and_the_partition_goes_on
     assert not wrong, "\n".join(wrong)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "the worker crashes on the record, every restart (a crash loop): confluent-kafka's "
+        "Message.headers() raises SystemError, not caught in worker/kafka/confluent.py _record; "
+        "kafka-python's fetcher raises UnicodeDecodeError inside poll()"
+    ),
+)
 def test_header_name_not_utf8_is_a_decode_error_and_the_partition_goes_on(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],
@@ -197,6 +219,7 @@ def test_header_name_not_utf8_is_a_decode_error_and_the_partition_goes_on(
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
+    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     requests, outputs = new_topic(), new_topic()
     expected = _send_bad_name(kafka_bootstrap, requests)
     outcomes = _outcomes(
@@ -258,6 +281,13 @@ def _too_large_run(
     return out.records, dead.records
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "worker/loop.py _emit checks the dead letter against min(dead-letter topic's limit, "
+        "*output* topic's limit), so it drops the value the dead-letter topic would take"
+    ),
+)
 def test_answer_over_the_output_topics_limit_is_a_too_large_dead_letter(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],
@@ -266,6 +296,7 @@ def test_answer_over_the_output_topics_limit_is_a_too_large_dead_letter(
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
+    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     # 600 rows answer with 600 x 10 float32 (24 kB) over a 20 kB output topic; the
     # request (1.9 MB) fits the dead-letter topic (the broker's 16 MiB), so it is kept.
     rows = 600
@@ -298,6 +329,7 @@ def test_dead_letter_over_the_dead_letter_topics_limit_keeps_headers_drops_value
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
+    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     rows = 600
     request = _request(0, rows=rows)[0]
     _, dead = _too_large_run(
