@@ -80,6 +80,18 @@ GOALS = {
 LATEST = ROOT / "bench" / "results" / "latest.json"
 SECTIONS = ("streams", "latency", "cnn", "scaling")
 BACKENDS = {"worker": "confluent", "worker_kafka_python": "kafka-python"}
+# Not the defaults: librdkafka's fetch queue (64 MiB) kept well below --max-inflight-bytes,
+# a full queue not answered by a 1 s fetch pause, and room enough in flight that the
+# worker's backpressure never pauses (a pause purges librdkafka's prefetched records).
+# See docs/performance.md, "What binds".
+TUNED_FETCH = ["--kafka-option", "queued.max.messages.kbytes=16384",
+               "--kafka-option", "fetch.queue.backoff.ms=10",
+               "--max-inflight-bytes", str(256 * 2**20)]  # fmt: skip
+WORKERS = {
+    "worker": ["--kafka-client", "confluent"],
+    "worker_kafka_python": ["--kafka-client", "kafka-python"],
+    "worker_tuned_fetch": ["--kafka-client", "confluent", *TUNED_FETCH],
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,8 @@ QUICK = Plan(reps=3, streams=((256, 300), (64, 800)), loop_messages=40, cnn_mess
 LOOPS = {
     "worker": "worker, confluent backend (the default)",
     "worker_kafka_python": "worker, kafka-python backend",
+    "worker_tuned_fetch": "worker, confluent, tuned fetch (16 MiB queue, 10 ms backoff, "
+                          "256 MiB in flight)",
     "rdkafka_drain": "librdkafka drain (worker's confluent clients, no work)",
     "kafka_python_drain": "kafka-python drain (worker's kafka-python clients, no work)",
     "per_message": "per-message librdkafka app (Quix-style, one message at a time)",
@@ -120,6 +134,9 @@ PAIRS = [
     ("worker", "per_message"),
     ("worker", "rdkafka_drain"),
     ("worker", "raw_ort"),
+    ("worker", "worker_tuned_fetch"),
+    ("worker_tuned_fetch", "per_message"),
+    ("worker_tuned_fetch", "rdkafka_drain"),
     ("worker", "worker_kafka_python"),
     ("worker_kafka_python", "kafka_python_drain"),
     ("per_message", "rdkafka_drain"),
@@ -230,15 +247,15 @@ class Bench:
         names = [n for n in LOOPS if (loops or n not in ("naive", "per_row"))
                  and n not in self.skip]  # fmt: skip
         samples: dict[str, list[float]] = {n: [] for n in names}
-        per_run: dict[str, list[float]] = {n: [] for n in BACKENDS if n in names}
+        per_run: dict[str, list[float]] = {n: [] for n in WORKERS if n in names}
         cpu_per_msg: dict[str, list[float]] = {n: [] for n in names if n != "raw_ort"}
         errors: list[str] = []
-        rss: dict[str, list[float]] = {n: [] for n in BACKENDS if n in names}
+        rss: dict[str, list[float]] = {n: [] for n in WORKERS if n in names}
 
         def measure(name: str, i: int) -> float:
             label = f"mlp{rows}-{name}-{i}".replace("_", "-")
-            if name in BACKENDS:
-                sat = self.saturate(m, topic, count, label, ["--kafka-client", BACKENDS[name]])
+            if name in WORKERS:
+                sat = self.saturate(m, topic, count, label, WORKERS[name])
                 per_run[name].append(sat["rows_per_run"])
                 cpu_per_msg[name].append(sat["cpu_s"] / count * 1e6)
                 rss[name].append(sat["peak_rss_bytes"] or float("nan"))
@@ -272,11 +289,11 @@ class Bench:
                     self.errors.append(errors[-1])
                     samples[name].append(float("nan"))
                     self.last_cpu_s = float("nan")
-                    if name in BACKENDS:
+                    if name in WORKERS:
                         per_run[name].append(float("nan"))
                         rss[name].append(float("nan"))
                         cpu_per_msg[name].append(float("nan"))
-                if name not in BACKENDS and name in cpu_per_msg:
+                if name not in WORKERS and name in cpu_per_msg:
                     n = p.loop_messages if name in ("naive", "per_row") else count
                     cpu_per_msg[name].append(self.last_cpu_s / n * 1e6)
             log("  " + ", ".join(f"{n} {samples[n][-1]:,.0f}" for n in names))
@@ -652,6 +669,8 @@ def markdown(results: dict[str, Any]) -> str:
             ("worker_kafka_python_vs_kafka_python_drain",
              "kafka-python worker / kafka-python drain"),
             ("per_message_vs_rdkafka_drain", "per-message app / librdkafka drain"),
+            ("worker_tuned_fetch_vs_per_message", "tuned-fetch worker / per-message app"),
+            ("worker_tuned_fetch_vs_rdkafka_drain", "tuned-fetch worker / librdkafka drain"),
             ("rdkafka_drain_vs_kafka_python_drain", "librdkafka drain / kafka-python drain"),
         ):  # fmt: skip
             if key2 in q:
@@ -768,7 +787,7 @@ def _maxima(results: dict[str, Any], bench: Bench, plan: Plan, repo: Path, k: Ka
     saturation run each) and the response size, for the latency section."""
     st = results.get("streams", {}).get("64")
     if st is None:
-        others = [n for n in LOOPS if n not in BACKENDS]
+        others = [n for n in LOOPS if n not in BACKENDS]  # the tuned worker too
         st = Bench(replace(plan, reps=1), repo, k, bench.models, [*skip, *others]).stream(64, 600)
     return {n: st["rows_per_s"].get(n, float("nan")) for n in BACKENDS}, st["response_bytes"]
 
