@@ -84,8 +84,8 @@ BACKENDS = {"worker": "confluent", "worker_kafka_python": "kafka-python"}
 # a full queue not answered by a 1 s fetch pause, and room enough in flight that the
 # worker's backpressure never pauses (a pause purges librdkafka's prefetched records).
 # See docs/performance.md, "What binds".
-TUNED_FETCH = ["--kafka-option", "queued.max.messages.kbytes=16384",
-               "--kafka-option", "fetch.queue.backoff.ms=10",
+TUNED_OPTIONS = {"queued.max.messages.kbytes": "16384", "fetch.queue.backoff.ms": "10"}
+TUNED_FETCH = [*(x for k, v in TUNED_OPTIONS.items() for x in ("--kafka-option", f"{k}={v}")),
                "--max-inflight-bytes", str(256 * 2**20)]  # fmt: skip
 WORKERS = {
     "worker": ["--kafka-client", "confluent"],
@@ -125,6 +125,7 @@ LOOPS = {
     "rdkafka_drain": "librdkafka drain (worker's confluent clients, no work)",
     "kafka_python_drain": "kafka-python drain (worker's kafka-python clients, no work)",
     "per_message": "per-message librdkafka app (Quix-style, one message at a time)",
+    "per_message_tuned_fetch": "per-message librdkafka app, tuned fetch (16 MiB, 10 ms)",
     "naive": "naive loop, kafka-python (Python rows, JSON out per row)",
     "per_row": "per-row binary loop, kafka-python (batch-1 runs)",
     "raw_ort": "raw ONNX Runtime (same batches, from memory)",
@@ -135,7 +136,8 @@ PAIRS = [
     ("worker", "rdkafka_drain"),
     ("worker", "raw_ort"),
     ("worker", "worker_tuned_fetch"),
-    ("worker_tuned_fetch", "per_message"),
+    ("worker_tuned_fetch", "per_message_tuned_fetch"),
+    ("per_message_tuned_fetch", "per_message"),
     ("worker_tuned_fetch", "rdkafka_drain"),
     ("worker", "worker_kafka_python"),
     ("worker_kafka_python", "kafka_python_drain"),
@@ -269,6 +271,11 @@ class Bench:
             if name == "per_message":
                 return self.kafka_loop(label, m, count, rows, lambda o, g, n: baselines
                                        .per_message_app(bs, topic, o, g, n, session))  # fmt: skip
+            if name == "per_message_tuned_fetch":
+                tuned = dict(TUNED_OPTIONS)
+                return self.kafka_loop(label, m, count, rows, lambda o, g, n: baselines
+                                       .per_message_app(bs, topic, o, g, n, session,
+                                                        consumer_options=tuned))  # fmt: skip
             if name == "naive":
                 return self.kafka_loop(label, m, p.loop_messages, 1, lambda o, g, n: baselines
                                        .naive(bs, topic, o, g, n, session, m.input))  # fmt: skip
@@ -669,7 +676,8 @@ def markdown(results: dict[str, Any]) -> str:
             ("worker_kafka_python_vs_kafka_python_drain",
              "kafka-python worker / kafka-python drain"),
             ("per_message_vs_rdkafka_drain", "per-message app / librdkafka drain"),
-            ("worker_tuned_fetch_vs_per_message", "tuned-fetch worker / per-message app"),
+            ("worker_tuned_fetch_vs_per_message_tuned_fetch",
+             "tuned-fetch worker / tuned-fetch per-message app"),
             ("worker_tuned_fetch_vs_rdkafka_drain", "tuned-fetch worker / librdkafka drain"),
             ("rdkafka_drain_vs_kafka_python_drain", "librdkafka drain / kafka-python drain"),
         ):  # fmt: skip
