@@ -763,8 +763,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         values = [st["rows_per_s"][n] for n in names]
         ax.barh(names[::-1], values[::-1], color=["C0" if n.startswith("worker") else "C7"
                                                    for n in names[::-1]])  # fmt: skip
-        ax.set_xscale("log")
-        ax.set_title(f"MLP, {key} rows/message: rows/s (log)")
+        ax.set_title(f"MLP, {key} rows/message: rows/s")
         for y, v in enumerate(values[::-1]):
             ax.annotate(f"{v:,.0f}", (v, y), va="center", fontsize=8)
     ax = axes[-1]
