@@ -135,9 +135,9 @@ def _topics(broker: Broker, name: str) -> tuple[str, str, str]:
             marks=pytest.mark.xfail(
                 strict=False,
                 reason=(
-                    "intermittent (2 of 3 runs): the restarted kafka-python worker's commits "
-                    "are refused with RebalanceInProgressError until the broker evicts it "
-                    "(22 s), so SIGTERM exits 1 with its answers uncommitted"
+                    "intermittent: a kafka-python worker's commits can be refused with "
+                    "RebalanceInProgressError until the broker evicts it (22 s seen), so "
+                    "SIGTERM exits 1 with its answers uncommitted"
                 ),
             ),
         ),
@@ -196,15 +196,6 @@ def test_refused_dead_letter_at_least_once_never_committed_past_then_answered(
     assert committed_offsets(b.bootstrap, group, requests) == {0: N}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "phantom commit: a send the client refuses at once (produce() raises for a topic "
-        "known to be unauthorized) never joins the transaction, commit_transaction succeeds "
-        "with the offsets, and worker/commit.py Transactional.commit only then sees the failed "
-        "delivery: offsets committed past a record whose dead letter was never written"
-    ),
-)
 def test_refused_dead_letter_exactly_once_aborts_then_each_answer_once(
     acl_broker: Broker, models: Path, kafka_client: str, tmp_path: Path
 ) -> None:

@@ -203,14 +203,6 @@ def test_poison_headers_each_answered_or_dead_lettered_and_the_partition_goes_on
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "the worker crashes on the record, every restart (a crash loop): confluent-kafka's "
-        "Message.headers() raises SystemError, not caught in worker/kafka/confluent.py _record; "
-        "kafka-python's fetcher raises UnicodeDecodeError inside poll()"
-    ),
-)
 def test_header_name_not_utf8_is_a_decode_error_and_the_partition_goes_on(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],
@@ -281,13 +273,6 @@ def _too_large_run(
     return out.records, dead.records
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "worker/loop.py _emit checks the dead letter against min(dead-letter topic's limit, "
-        "*output* topic's limit), so it drops the value the dead-letter topic would take"
-    ),
-)
 def test_answer_over_the_output_topics_limit_is_a_too_large_dead_letter(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],
