@@ -128,10 +128,15 @@ def private_broker(
     """
     with tempfile.TemporaryDirectory(prefix="kl-test-") as tmp:
         broker = Broker(Path(tmp) / "kafka", _free_base(), security, acl, advertised_port)
+        proxied = f"127.0.0.1:{advertised_port}"
         try:
             broker.start()
             yield broker
         finally:
+            # the offsets reader of this broker (and of a proxy in front of it) goes too
+            for address in [a for a in _ADMINS if a in (broker.bootstrap, proxied)]:
+                with suppress(Exception):
+                    _ADMINS.pop(address).close()
             with suppress(Exception):
                 broker.stop()
 
