@@ -105,7 +105,12 @@ def group_id() -> str:
     return f"g-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["confluent", "kafka-python"])
+# The kafka-python half of every two-backend test runs in `make test-slow`: it is
+# several times slower, and `make test` must stay within its time budget.
+BOTH_CLIENTS = ["confluent", pytest.param("kafka-python", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=BOTH_CLIENTS)
 def kafka_client(request: pytest.FixtureRequest) -> str:
     """The worker's Kafka backend (``--kafka-client``): a test that asks runs on both."""
     return str(request.param)

@@ -25,8 +25,14 @@ def test_broker_accepts_produce_and_consume(
     assert (record.key, record.value, record.headers) == (b"k", b"hello", [("h", b"v")])
 
 
+# Both clients here, in `make test`: the rest of the kafka-python half is in `make test-slow`.
+@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
 def test_msgpack_requests_answered_once_each(
-    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, model_repo: Path
+    kafka_bootstrap: str,
+    new_topic: Callable[..., str],
+    group_id: str,
+    model_repo: Path,
+    client: str,
 ) -> None:
     requests, outputs = new_topic(partitions=2), new_topic(partitions=2)
     rng = np.random.default_rng(0)
@@ -40,7 +46,7 @@ def test_msgpack_requests_answered_once_each(
         records.append((f"key-{i}".encode(), value, headers))
     produce(kafka_bootstrap, requests, records)
 
-    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id)
+    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id, kafka_client=client)
     with worker_thread(s):
         answers = consume(kafka_bootstrap, outputs, n, timeout=90, settle=1.0)
 

@@ -257,48 +257,6 @@ def test_sigterm_mid_stream_drains_and_exits_zero(
     assert sum(v or 0 for v in ends.values()) == n
 
 
-@pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
-def test_kill_9_mid_stream_then_restart(
-    kafka_bootstrap: str,
-    new_topic: Callable[..., str],
-    group_id: str,
-    model_repo: Path,
-    tmp_path: Path,
-    exactly_once: bool,
-) -> None:
-    requests, outputs = new_topic(partitions=2), new_topic()
-    n = 400
-    produce(kafka_bootstrap, requests, _stream(n, rows=4))
-    args = _worker_args(kafka_bootstrap, requests, outputs, model_repo, group_id)
-    if exactly_once:
-        args += ["--exactly-once", "--transactional-id", f"{group_id}-w"]
-    isolation = "read_committed" if exactly_once else "read_uncommitted"
-    proc = worker_process(args, log_path=tmp_path / "w1.log")
-    try:
-        got = consume(kafka_bootstrap, outputs, 30, timeout=60, isolation=isolation)
-        assert len(got) >= 30
-    finally:
-        proc.kill()  # SIGKILL: no drain, no commit
-        proc.wait(10)
-    proc = worker_process(args, log_path=tmp_path / "w2.log")
-    try:
-        answers = consume_ids(
-            kafka_bootstrap,
-            outputs,
-            {f"r-{i}" for i in range(n)},
-            timeout=120,
-            isolation=isolation,
-            settle=2.0,
-        )
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(45)
-    ids = _request_ids(answers)
-    assert set(ids) == {f"r-{i}" for i in range(n)}, (tmp_path / "w2.log").read_text()[-3000:]
-    if exactly_once:
-        assert max(ids.values()) == 1, "a read_committed consumer saw a duplicate"
-
-
 def test_two_workers_share_partitions_and_survive_one_leaving(
     kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, model_repo: Path
 ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import BOTH_CLIENTS
 from tests.harness import (
     FAST_GROUP,
     committed,
@@ -48,7 +49,7 @@ def _args(
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("client", ["confluent", "kafka-python"])
+@pytest.mark.parametrize("client", BOTH_CLIENTS)
 def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_goes_on(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],

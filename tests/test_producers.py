@@ -20,6 +20,7 @@ import pytest
 from producers.cli import main
 from producers.compare import compare
 from producers.publish import record_bytes
+from tests.conftest import BOTH_CLIENTS
 from tests.harness import ROOT, consume, header, produce, settings, worker_thread
 from worker.demo import DEMO_MODEL, DEMO_OUTPUT, write_demo_model
 from worker.protocol import decode_request
@@ -27,7 +28,7 @@ from worker.signature import Signature, TensorSpec
 
 pytestmark = pytest.mark.kafka
 
-@pytest.fixture(params=["confluent", "kafka-python"])
+@pytest.fixture(params=BOTH_CLIENTS)
 def kafka_client(request: pytest.FixtureRequest) -> str:
     """Each broker test runs on both Kafka clients the tools can use."""
     return str(request.param)

@@ -19,12 +19,13 @@ from kafka import KafkaProducer
 from producers.cli import main
 from producers.errors import UsageError
 from producers.redrive import parse_dead_letter, parse_time
+from tests.conftest import BOTH_CLIENTS
 from tests.harness import ROOT, committed, consume, consume_ids, header, settings, worker_thread
 from worker.demo import DEMO_MODEL, write_demo_model
 
 Headers = list[tuple[str, bytes]]
 
-@pytest.fixture(params=["confluent", "kafka-python"])
+@pytest.fixture(params=BOTH_CLIENTS)
 def kafka_client(request: pytest.FixtureRequest) -> str:
     """Each broker test runs on both Kafka clients the tools can use."""
     return str(request.param)
