@@ -339,7 +339,7 @@ def test_partitions_added_while_running_are_consumed_and_committed(
                 ),
             ),
         ),
-        "kafka-python",
+        pytest.param("kafka-python", marks=pytest.mark.slow),  # the kafka-python half: slow
     ],
 )
 def test_exactly_once_across_connection_resets_mid_stream(

@@ -132,14 +132,17 @@ def _topics(broker: Broker, name: str) -> tuple[str, str, str]:
         "confluent",
         pytest.param(
             "kafka-python",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason=(
-                    "intermittent: a kafka-python worker's commits can be refused with "
-                    "RebalanceInProgressError until the broker evicts it (22 s seen), so "
-                    "SIGTERM exits 1 with its answers uncommitted"
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.xfail(
+                    strict=False,
+                    reason=(
+                        "intermittent: a kafka-python worker's commits can be refused with "
+                        "RebalanceInProgressError until the broker evicts it (22 s seen), so "
+                        "SIGTERM exits 1 with its answers uncommitted"
+                    ),
                 ),
-            ),
+            ],
         ),
     ],
 )

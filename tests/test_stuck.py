@@ -215,7 +215,7 @@ def test_commits_refused_past_the_session_timeout_turn_healthz_503_and_age_grows
                 ),
             ),
         ),
-        "kafka-python",
+        pytest.param("kafka-python", marks=pytest.mark.slow),  # the kafka-python half: slow
     ],
 )
 def test_sigterm_while_the_group_never_settles_exits_within_drain_timeout(
