@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import subprocess
 import tempfile
@@ -24,7 +25,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kafka-local"
-_CACHED_JARS = ROOT / ".kafka-local" / "jars" / "4.3.1"
+# The Kafka version is written once: docker-compose.yml's x-kafka-image.
+_COMPOSE_IMAGE = re.search(
+    r"x-kafka-image:.*apache/kafka:(\S+)", (ROOT / "docker-compose.yml").read_text()
+)
+assert _COMPOSE_IMAGE, "docker-compose.yml lost its x-kafka-image"
+_KAFKA_VERSION = _COMPOSE_IMAGE.group(1)
+_CACHED_JARS = ROOT / ".kafka-local" / "jars" / _KAFKA_VERSION
 
 
 def _free(port: int) -> bool:
