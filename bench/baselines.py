@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.kafka import ClientConfig
@@ -292,13 +293,20 @@ def _pump(
     seen, last_commit = 0, time.monotonic()
     deadline = time.monotonic() + timeout
 
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+
     def commit(force: bool = False) -> None:
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         while pending and (force or pending[0][2] is None or pending[0][2].is_done):
             tp, offset, _ = pending.popleft()
             offsets[tp] = OffsetAndMetadata(offset + 1, "", -1)
-        if offsets:
-            consumer.commit(offsets)
+        if not offsets:
+            return
+        try:
+            consumer.commit(dict(offsets))
+            offsets.clear()
+        except KafkaError:  # a rebalance under way: keep the offsets, the next commit sends them
+            if force:
+                raise
 
     try:
         while seen < count and time.monotonic() < deadline:
@@ -315,7 +323,14 @@ def _pump(
                 commit()
                 last_commit = time.monotonic()
         producer.flush()
-        commit(force=True)
+        for attempt in range(50):  # let a rebalance under way finish (poll drives it)
+            try:
+                commit(force=True)
+                break
+            except KafkaError:
+                if attempt == 49:
+                    raise
+                consumer.poll(timeout_ms=100)
         _check(seen, count, timeout)
     finally:
         producer.close()

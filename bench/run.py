@@ -290,7 +290,7 @@ class Bench:
             for name in order:
                 try:
                     samples[name].append(measure(name, i))
-                except RuntimeError as exc:  # one failed run must not cost the whole bench
+                except Exception as exc:  # one failed run must not cost the whole bench
                     log(f"mlp/{rows} {name} rep {i + 1} failed: {exc}", force=True)
                     errors.append(f"mlp/{rows} {name} rep {i + 1}: {exc}")
                     self.errors.append(errors[-1])
@@ -426,7 +426,7 @@ class Bench:
                     self.k.drop(in_t, out_t)
                     for name, values in per_level.items():
                         got[target][name].append(percentiles(values))
-                except RuntimeError as exc:  # one failed run must not cost the whole bench
+                except Exception as exc:  # one failed run must not cost the whole bench
                     log(f"latency {target} rep {i + 1} failed: {exc}", force=True)
                     self.errors.append(f"latency {target} rep {i + 1}: {exc}")
                     self.k.drop(in_t, out_t)
