@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -113,18 +114,30 @@ def test_a_failure_that_stays_is_dead_lettered_with_its_attempts(
 
 
 def test_deterministic_errors_are_not_retried(
-    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, tmp_path: Path
+    kafka_bootstrap: str,
+    new_topic: Callable[..., str],
+    group_id: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     repo = tmp_path / "models"
     write_demo_model(repo)
     requests, outputs = new_topic(), new_topic()
     produce(kafka_bootstrap, requests, [(None, b"\x00not a request", [("model", b"mnist-mlp")])])
     metrics = Metrics()
+    caplog.set_level(logging.WARNING, logger="worker.loop")
     with worker_thread(settings(kafka_bootstrap, requests, outputs, repo, group_id), metrics):
         dlq = consume(kafka_bootstrap, f"{requests}.dlq", 1, timeout=60)
     assert header(dlq[0], "error-type") == "decode-error"
     assert header(dlq[0], "error-attempts") is None
+    assert header(dlq[0], "source-offset") == "0"
     assert _retries(metrics, "decode-error") == 0
+    # The loop's own log line names the record: topic[partition]@offset, and as fields.
+    (line,) = [r for r in caplog.records if "dead letter" in r.getMessage()]
+    assert f"{requests}[0]@0" in line.getMessage()
+    fields = vars(line)
+    assert (fields["topic"], fields["partition"], fields["offset"]) == (requests, 0, 0)
+    assert fields["error_type"] == "decode-error"
 
 
 def test_a_model_version_written_while_it_loads_is_served_on_a_retry(
