@@ -200,7 +200,7 @@ class Bench:
         with self._worker(m, in_topic, out, group, extra) as w:
             w.wait_ready()
             cpu = w.cpu_seconds()  # start-up (imports, model load) left out
-            if not self.k.wait_committed(group, ends, 600, w.alive):
+            if not self.k.wait_committed(group, ends, 180, w.alive):  # a stall is a failed run
                 raise RuntimeError(f"{label}: worker did not finish: {w.stderr_tail()}")
             cpu = w.cpu_seconds() - cpu
             metrics, rss = w.metrics(), w.peak_rss()
