@@ -506,9 +506,9 @@ class Worker:
         if new:
             consumer.pause(new)
         self._retry_paused |= new
-        done = self._retry_paused - waiting
+        done = (self._retry_paused - waiting) & assigned
         if done:
-            consumer.resume((done - self._paused) & assigned)
+            consumer.resume(done - self._paused)
             self._retry_paused -= done
 
     # -- poison pills ------------------------------------------------------------
@@ -865,9 +865,12 @@ class Worker:
             drained = {tp for tp in self._paused if held.get(tp, 0) < share}
             if total < limit // 2:
                 drained = set(self._paused)
-            if drained:
-                consumer.resume(drained & assigned)
-                self._paused -= drained
+            # Only what really was resumed leaves the set: a partition the client does
+            # not list as assigned right now stays paused in our books and in its.
+            resumed = drained & assigned
+            if resumed:
+                consumer.resume(resumed)
+                self._paused -= resumed
         self.metrics.paused_partitions.set(len(self._paused))
         self.metrics.inflight_bytes.set(total)
 

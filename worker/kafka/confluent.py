@@ -173,6 +173,11 @@ class ConfluentConsumer:
             "partition.assignment.strategy": "cooperative-sticky",
             "max.partition.fetch.bytes": config.max_message_bytes,
             "fetch.max.bytes": fetch_max,
+            # librdkafka's defaults (a 64 MiB local queue, then a 1 s fetch backoff once
+            # it is full) make a loop that is slower than the fetcher run in bursts: a
+            # queue's worth of records, then up to a second with none (docs/performance.md).
+            "queued.max.messages.kbytes": 16 * 1024,
+            "fetch.queue.backoff.ms": 10,
             "receive.message.max.bytes": 0,  # set below
             **for_clients(config.properties, "consumer"),
             **overrides,
