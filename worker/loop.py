@@ -170,6 +170,7 @@ class Worker:
         self._retry_paused: set[TopicPartition] = set()
         self._deferred: deque[Record] = deque()  # polled while a model loaded
         self._loader: ThreadPoolExecutor | None = None
+        self._record_bytes = 1024.0  # mean request size, for the poll budget
         self._new_assigned: set[TopicPartition] = set()  # committed metadata not read yet
         self._careful: dict[TopicPartition, Careful] = {}
         self._running: set[Future[None]] = set()
@@ -346,7 +347,7 @@ class Worker:
                 break
             self.health.beat()
             # 1. poll: short waits while answers are being computed
-            for record in consumer.poll(_POLL_RECORDS, self._poll_wait_s()):
+            for record in consumer.poll(self._poll_records(), self._poll_wait_s()):
                 self._accept(record)  # 2. decode, bind, batch (or dead-letter)
             while self._deferred:  # polled while a model was loading
                 self._accept(self._deferred.popleft())
@@ -359,6 +360,14 @@ class Worker:
             self._backpressure(consumer)
             self._report_lag(consumer)
             self._refresh_metadata()
+
+    def _poll_records(self) -> int:
+        """No more records than the in-flight budget has room for, so that one poll
+        does not pause its own partitions (a pause throws librdkafka's prefetch away)."""
+        room = self.settings.max_inflight_bytes - self._tracker.inflight_bytes
+        if room <= 0:
+            return 1
+        return max(1, min(_POLL_RECORDS, int(room / self._record_bytes)))
 
     def _poll_wait_s(self) -> float:
         # At-least-once: pool threads send their own answers, so the main thread
@@ -384,6 +393,7 @@ class Worker:
             self._check_assigned()
         slot = Slot(record)
         self._tracker.add(record.tp, slot)
+        self._record_bytes += (max(slot.nbytes, 1) - self._record_bytes) / 16  # running mean
         careful = self._careful.get(record.tp)
         if careful is not None:
             if careful.covers(record.offset):
