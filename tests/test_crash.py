@@ -336,7 +336,8 @@ def test_partitions_added_while_running_are_consumed_and_committed(
                     strict=True,
                     reason=(
                         "after the resets the loop blocks in librdkafka's "
-                        "send_offsets_to_transaction (worker/commit.py Transactional.commit -> worker/kafka/confluent.py, 30 s "
+                        "send_offsets_to_transaction (worker/commit.py Transactional.commit -> "
+                        "worker/kafka/confluent.py, 30 s "
                         "timeout given) for minutes: nothing more is answered, SIGTERM is ignored"
                     ),
                 ),
