@@ -65,8 +65,8 @@ from bench.workloads import (  # noqa: E402
     rate_from_timestamps,
     workers,
 )
-from worker.config import MAX_MESSAGE_BYTES  # noqa: E402
 from worker.protocol import decode_request, encode_response, response_headers  # noqa: E402
+from worker.settings import MAX_MESSAGE_BYTES  # noqa: E402
 from worker.signature import Signature  # noqa: E402
 
 GOALS = {

@@ -33,9 +33,9 @@ from kafka.admin import NewTopic
 from kafka.structs import TopicPartition
 from onnx import numpy_helper
 
-from worker.config import MAX_MESSAGE_BYTES
 from worker.demo import DEMO_INPUT, DEMO_MODEL, DEMO_OUTPUT, write_demo_model
 from worker.protocol import encode_request
+from worker.settings import MAX_MESSAGE_BYTES
 
 __all__ = [
     "ROOT",

@@ -330,35 +330,7 @@ def create_topic(bootstrap: str, topic: str, partitions: int = 1, **configs: str
     future.result(timeout=30)
 
 
-_BACKEND_PROBE: dict[str, str | None] = {}
 
-
-def xfail_while_backend_cannot_start(client: str, bootstrap: str) -> None:
-    """Mark the running test xfailed, naming the defect, while the kafka-python backend
-    cannot start a worker at all (its admin client's ``max_message_bytes``, called at
-    start, raised). Probed once per broker against the real backend, so the tests run
-    in full as soon as the backend starts."""
-    if client != "kafka-python":
-        return
-    if bootstrap not in _BACKEND_PROBE:
-        from worker.kafka import ClientConfig, open_admin
-
-        admin = open_admin(ClientConfig(bootstrap_servers=bootstrap, backend=client))
-        try:
-            admin.max_message_bytes(["__consumer_offsets"])
-            _BACKEND_PROBE[bootstrap] = None
-        except AttributeError as exc:
-            _BACKEND_PROBE[bootstrap] = f"AttributeError: {exc}"
-        finally:
-            admin.close()
-    problem = _BACKEND_PROBE[bootstrap]
-    if problem is not None:
-        import pytest
-
-        pytest.xfail(
-            "worker/kafka/kafka_python.py KafkaPythonAdmin.max_message_bytes fails at every "
-            f"start ({problem}): kafka-python 3.0's describe_configs returns a dict"
-        )
 
 
 # ---------------------------------------------------------------------------

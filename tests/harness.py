@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from worker.config import Settings
 from worker.loop import Worker
 from worker.observability import Metrics
+from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,3 +189,23 @@ def header(record: Any, name: str) -> str | None:
         if key == name:
             return value.decode()
     return None
+
+
+def demo_requests(
+    n: int, prefix: str, *, seed: int = 0, key_mod: int | None = None
+) -> list[tuple[bytes, bytes, list]]:
+    """``n`` one-row msgpack requests for the demo MLP, ids ``<prefix>-<i>``, keys
+    ``k<i>`` (or ``k<i % key_mod>``, so several records share a key)."""
+    from worker.protocol import encode_request
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        value, headers = encode_request(
+            {"x": rng.random((1, 784), dtype=np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id=f"{prefix}-{i}",
+        )
+        out.append((f"k{i if key_mod is None else i % key_mod}".encode(), value, headers))
+    return out

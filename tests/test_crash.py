@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.brokers import (
@@ -28,10 +27,8 @@ from tests.brokers import (
     private_broker,
     reading,
     toxiproxy,
-    xfail_while_backend_cannot_start,
 )
-from tests.harness import worker_process
-from worker.protocol import encode_request
+from tests.harness import demo_requests, worker_process
 
 pytestmark = pytest.mark.kafka
 
@@ -40,17 +37,7 @@ QUICK_GROUP = ["session.timeout.ms=6000", "heartbeat.interval.ms=500"]
 
 
 def _requests(n: int, prefix: str) -> list[tuple[bytes, bytes, list]]:
-    rng = np.random.default_rng(20)
-    out = []
-    for i in range(n):
-        value, headers = encode_request(
-            {"x": rng.random((1, 784), dtype=np.float32)},
-            format="msgpack",
-            model="mnist-mlp",
-            request_id=f"{prefix}-{i}",
-        )
-        out.append((f"k{i % 17}".encode(), value, headers))
-    return out
+    return demo_requests(n, prefix, seed=20, key_mod=17)
 
 
 def _args(
@@ -167,7 +154,6 @@ def test_kill_9_mid_stream_then_restart_nothing_lost(
     tmp_path: Path,
     mode: str,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     exactly_once = mode == "exactly-once"
     missing, duplicates = _kill_mid_stream(
         kafka_bootstrap,
@@ -195,7 +181,6 @@ def test_kill_9_mid_stream_20_times(
     tmp_path: Path,
     mode: str,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     exactly_once = mode == "exactly-once"
     missing, duplicates = _kill_mid_stream(
         kafka_bootstrap,
@@ -221,7 +206,6 @@ def test_exactly_once_across_a_rebalance_second_worker_joins_mid_stream(
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     n = 1500
     requests, outputs = new_topic(partitions=4), new_topic(partitions=2)
     feeder = Feeder(kafka_bootstrap, requests, _requests(n, "r"), per_s=RATE)
@@ -275,7 +259,6 @@ def test_partitions_added_while_running_are_consumed_and_committed(
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     import confluent_kafka as ck
     from confluent_kafka.admin import AdminClient, NewPartitions
 
@@ -358,7 +341,6 @@ def test_exactly_once_across_connection_resets_mid_stream(
     with toxiproxy() as proxy, private_broker(advertised_port=listen) as broker:
         proxy.proxy("kafka", listen, f"127.0.0.1:{broker.port}")
         bootstrap = f"127.0.0.1:{listen}"
-        xfail_while_backend_cannot_start(kafka_client, bootstrap)
         requests, outputs = "reset-in", "reset-out"
         create_topic(bootstrap, requests, 2)
         create_topic(bootstrap, outputs, 2)

@@ -26,7 +26,6 @@ from tests.brokers import (
     create_topic,
     private_broker,
     reading,
-    xfail_while_backend_cannot_start,
 )
 from tests.harness import produce, worker_process
 from worker.protocol import encode_request
@@ -149,7 +148,6 @@ def _topics(broker: Broker, name: str) -> tuple[str, str, str]:
 def test_refused_dead_letter_at_least_once_never_committed_past_then_answered(
     acl_broker: Broker, models: Path, kafka_client: str, tmp_path: Path
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, acl_broker.bootstrap)
     b = acl_broker
     name = f"alo-{kafka_client}"
     topics = requests, outputs, dlq = _topics(b, name)
@@ -204,7 +202,6 @@ def test_refused_dead_letter_exactly_once_aborts_then_each_answer_once(
 ) -> None:
     """A transaction with a refused send never counts; after the fix, a read_committed
     reader sees every input answered exactly once."""
-    xfail_while_backend_cannot_start(kafka_client, acl_broker.bootstrap)
     b = acl_broker
     name = f"eos-{kafka_client}"
     topics = requests, outputs, dlq = _topics(b, name)

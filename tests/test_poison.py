@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from tests.brokers import Got, committed_offsets, reading, xfail_while_backend_cannot_start
+from tests.brokers import Got, committed_offsets, reading
 from tests.harness import worker_process
 from worker.protocol import encode_request
 
@@ -174,7 +174,6 @@ def test_poison_headers_each_answered_or_dead_lettered_and_the_partition_goes_on
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     requests, outputs = new_topic(), new_topic()
     expected = _send_poison(kafka_bootstrap, requests)
     outcomes = _outcomes(
@@ -214,7 +213,6 @@ def test_header_name_not_utf8_is_a_decode_error_and_the_partition_goes_on(
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     requests, outputs = new_topic(), new_topic()
     expected = _send_bad_name(kafka_bootstrap, requests)
     outcomes = _outcomes(
@@ -284,7 +282,6 @@ def test_answer_over_the_output_topics_limit_is_a_too_large_dead_letter(
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     # 600 rows answer with 600 x 10 float32 (24 kB) over a 20 kB output topic; the
     # request (1.9 MB) fits the dead-letter topic (the broker's 16 MiB), so it is kept.
     rows = 600
@@ -317,7 +314,6 @@ def test_dead_letter_over_the_dead_letter_topics_limit_keeps_headers_drops_value
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     rows = 600
     request = _request(0, rows=rows)[0]
     _, dead = _too_large_run(

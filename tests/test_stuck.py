@@ -37,8 +37,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.brokers import Feeder, committed_offsets, reading, xfail_while_backend_cannot_start
-from tests.harness import produce, worker_process
+from tests.brokers import Feeder, committed_offsets, reading
+from tests.harness import demo_requests, produce, worker_process
 from worker.protocol import encode_request
 
 pytestmark = pytest.mark.kafka
@@ -109,17 +109,7 @@ def _recv(sock: socket.socket, n: int) -> bytes:
 
 
 def _requests(n: int, prefix: str) -> list[tuple[bytes, bytes, list]]:
-    rng = np.random.default_rng(3)
-    out = []
-    for i in range(n):
-        value, headers = encode_request(
-            {"x": rng.random((1, 784), dtype=np.float32)},
-            format="msgpack",
-            model="mnist-mlp",
-            request_id=f"{prefix}-{i}",
-        )
-        out.append((f"k{i}".encode(), value, headers))
-    return out
+    return demo_requests(n, prefix, seed=3)
 
 
 def _unsettle(bootstrap: str, group: str, silent_s: int) -> list[socket.socket]:
@@ -139,7 +129,6 @@ def test_commits_refused_past_the_session_timeout_turn_healthz_503_and_age_grows
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     session_s, silent_s = 6, 15
     requests, outputs = new_topic(), new_topic()
     port = _free_port()
@@ -226,7 +215,6 @@ def test_sigterm_while_the_group_never_settles_exits_within_drain_timeout(
     kafka_client: str,
     tmp_path: Path,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     drain_s, slack_s, silent_s = 3.0, 5.0, 40
     requests, outputs = new_topic(), new_topic()
     args = ["--bootstrap-servers", kafka_bootstrap, "--input-topic", requests]
@@ -331,7 +319,6 @@ def test_sigterm_during_a_stuck_model_run_exits_1_within_drain_timeout(
     tmp_path: Path,
     kafka_client: str,
 ) -> None:
-    xfail_while_backend_cannot_start(kafka_client, kafka_bootstrap)
     drain_s, slack_s = 3.0, 5.0
     repo = tmp_path / "models"
     _write_stuck_model(repo)

@@ -51,7 +51,6 @@ from typing import Any
 from worker.batching import Batch, Batcher, Job, run_batch
 from worker.cache import ResponseCache, SessionCache
 from worker.commit import AtLeastOnce, Committer, Transactional
-from worker.config import Settings
 from worker.errors import (
     ConfigError,
     DecodeError,
@@ -91,6 +90,7 @@ from worker.protocol.headers import get_header
 from worker.recovery import CLEAN, RUNNING, Careful, assess, try_marker
 from worker.repository import ModelRepository
 from worker.runtime import RuntimeOptions, device_memory, load_session, resolve_device
+from worker.settings import Settings
 from worker.signature import Signature
 
 __all__ = [
