@@ -209,8 +209,6 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
             group_id: str = REDRIVE_GROUP, rate: float | None = None,
             stall_s: float = 30.0, progress: bool | None = None) -> RedriveStats:
     """Republish the matching dead letters of ``dlq_topic`` (see the module docstring)."""
-    from tqdm import tqdm
-
     if max_records is not None and max_records <= 0:
         raise UsageError(f"--max must be positive, got {max_records}")
     if rate is not None and rate <= 0:
@@ -218,76 +216,93 @@ def redrive(settings: KafkaSettings, dlq_topic: str, *, to: str | None = None,
     if since_ms is not None and until_ms is not None and until_ms <= since_ms:
         raise UsageError("--until must be later than --since")
     filters = _Filters(frozenset(error_types), model, since_ms, until_ms)
-    stats = RedriveStats()
     show = sys.stderr.isatty() if progress is None else progress
     with settings.consumer(group_id) as consumer:
-        tps = consumer.partitions(dlq_topic)
-        marks = consumer.watermarks(tps)
-        committed = consumer.committed(tps)
-        # a committed offset below the low watermark: retention deleted the rest
-        start = {tp: max(committed[tp] or 0, marks[tp][0]) for tp in tps}
-        end = {tp: marks[tp][1] for tp in tps}
-        todo = {tp for tp in tps if start[tp] < end[tp]}
-        total = sum(end[tp] - start[tp] for tp in todo)
-        # transaction markers take offsets too: "at most" so many dead letters
-        print(f"redrive: at most {total} dead letter(s) in {dlq_topic} after group {group_id}'s "
-              "offsets" + (" (dry run: nothing is sent or committed)" if dry_run else ""),
-              file=sys.stderr)
-        consumer.assign({tp: start[tp] for tp in todo})
         # one transactional id per group and topic: a second redrive of the same
-        # group fences the first instead of sending the same records beside it
+        # group fences the first instead of sending the same records beside it.
+        # Opened before the offsets are read: its init_transactions() aborts a
+        # killed run's open transaction, whose pending offsets would otherwise
+        # keep the group's committed offsets "unstable" (the fetch times out)
+        # until the broker's transaction timeout.
         txn = f"{REDRIVE_GROUP}.{group_id}.{dlq_topic}" if exactly_once else None
         producer = None if dry_run else settings.producer(transactional_id=txn)
         sender = (None if producer is None
                   else _Sender(settings, producer, to, transactional=exactly_once))
-        done: dict[TopicPartition, int] = {}  # next offset per partition, not yet committed
-        next_offset = dict(start)
-        began = time.monotonic()
-        last_progress = time.monotonic()
         try:
-            with tqdm(total=total, unit="record", disable=not show, file=sys.stderr) as bar:
-                while todo and (max_records is None or stats.sent < max_records):
-                    records = consumer.poll(0.5, max_records=1 if rate else 500)
-                    if records:
-                        last_progress = time.monotonic()
-                    elif time.monotonic() - last_progress > stall_s:
-                        print(f"redrive: nothing more could be read for {stall_s:g} s "
-                              "(an open transaction?); stopping", file=sys.stderr)
-                        break
-                    for r in records:
-                        if r.tp not in todo or r.offset >= end[r.tp]:
-                            continue  # past the snapshot: not ours this run
-                        if max_records is not None and stats.sent >= max_records:
-                            break  # the rest of this poll stays for a later run
-                        if rate is not None:
-                            pause = began + stats.sent / rate - time.monotonic()
-                            if pause > 0:
-                                time.sleep(pause)
-                        _handle(r, filters, force, to, sender, stats)
-                        stats.considered += 1
-                        done[r.tp] = next_offset[r.tp] = r.offset + 1
-                        bar.update(1)
-                        if r.offset + 1 >= end[r.tp]:
-                            todo.discard(r.tp)
-                        if rate is not None:  # paced: each record is its own batch
-                            _commit(consumer, sender, done)
-                    _commit(consumer, sender, done)
-                    if max_records is not None and stats.sent >= max_records:
-                        break  # positions are past records polled but not handled
-                    # transaction markers take offsets but are never returned as records
-                    for tp in list(todo):
-                        position = consumer.position(tp)
-                        if position is not None and position >= end[tp]:
-                            todo.discard(tp)
-        except KeyboardInterrupt:
-            # Ctrl-C: what was handled is acknowledged and committed before leaving,
-            # so the next run neither repeats nor skips it
-            _commit(consumer, sender, done)
-            raise
+            return _redrive(consumer, sender, dlq_topic, group_id, to, filters,
+                            max_records=max_records, dry_run=dry_run, force=force,
+                            rate=rate, stall_s=stall_s, show=show)
         finally:
             if producer is not None:
                 producer.close()
-        stats.remaining = sum(end[tp] - next_offset[tp] for tp in todo)
+
+
+def _redrive(consumer: Consumer, sender: _Sender | None, dlq_topic: str, group_id: str,
+             to: str | None, filters: _Filters, *, max_records: int | None,
+             dry_run: bool, force: bool,
+             rate: float | None, stall_s: float, show: bool) -> RedriveStats:
+    """The reading and sending of :func:`redrive`, with its clients opened."""
+    from tqdm import tqdm
+
+    stats = RedriveStats()
+    tps = consumer.partitions(dlq_topic)
+    marks = consumer.watermarks(tps)
+    committed = consumer.committed(tps)
+    # a committed offset below the low watermark: retention deleted the rest
+    start = {tp: max(committed[tp] or 0, marks[tp][0]) for tp in tps}
+    end = {tp: marks[tp][1] for tp in tps}
+    todo = {tp for tp in tps if start[tp] < end[tp]}
+    total = sum(end[tp] - start[tp] for tp in todo)
+    # transaction markers take offsets too: "at most" so many dead letters
+    print(f"redrive: at most {total} dead letter(s) in {dlq_topic} after group {group_id}'s "
+          "offsets" + (" (dry run: nothing is sent or committed)" if dry_run else ""),
+          file=sys.stderr)
+    consumer.assign({tp: start[tp] for tp in todo})
+    done: dict[TopicPartition, int] = {}  # next offset per partition, not yet committed
+    next_offset = dict(start)
+    began = time.monotonic()
+    last_progress = time.monotonic()
+    try:
+        with tqdm(total=total, unit="record", disable=not show, file=sys.stderr) as bar:
+            while todo and (max_records is None or stats.sent < max_records):
+                records = consumer.poll(0.5, max_records=1 if rate else 500)
+                if records:
+                    last_progress = time.monotonic()
+                elif time.monotonic() - last_progress > stall_s:
+                    print(f"redrive: nothing more could be read for {stall_s:g} s "
+                          "(an open transaction?); stopping", file=sys.stderr)
+                    break
+                for r in records:
+                    if r.tp not in todo or r.offset >= end[r.tp]:
+                        continue  # past the snapshot: not ours this run
+                    if max_records is not None and stats.sent >= max_records:
+                        break  # the rest of this poll stays for a later run
+                    if rate is not None:
+                        pause = began + stats.sent / rate - time.monotonic()
+                        if pause > 0:
+                            time.sleep(pause)
+                    _handle(r, filters, force, to, sender, stats)
+                    stats.considered += 1
+                    done[r.tp] = next_offset[r.tp] = r.offset + 1
+                    bar.update(1)
+                    if r.offset + 1 >= end[r.tp]:
+                        todo.discard(r.tp)
+                    if rate is not None:  # paced: each record is its own batch
+                        _commit(consumer, sender, done)
+                _commit(consumer, sender, done)
+                if max_records is not None and stats.sent >= max_records:
+                    break  # positions are past records polled but not handled
+                # transaction markers take offsets but are never returned as records
+                for tp in list(todo):
+                    position = consumer.position(tp)
+                    if position is not None and position >= end[tp]:
+                        todo.discard(tp)
+    except KeyboardInterrupt:
+        # Ctrl-C: what was handled is acknowledged and committed before leaving,
+        # so the next run neither repeats nor skips it
+        _commit(consumer, sender, done)
+        raise
+    stats.remaining = sum(end[tp] - next_offset[tp] for tp in todo)
     return stats
 
 

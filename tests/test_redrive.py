@@ -18,7 +18,7 @@ from kafka import KafkaProducer
 
 from producers.cli import main
 from producers.errors import UsageError
-from producers.redrive import parse_dead_letter, parse_time
+from producers.redrive import REDRIVE_GROUP, parse_dead_letter, parse_time
 from tests.conftest import BOTH_CLIENTS
 from tests.harness import ROOT, committed, consume, consume_ids, header, settings, worker_thread
 from worker.demo import DEMO_MODEL, write_demo_model
@@ -325,6 +325,40 @@ def test_exactly_once_redrive_killed_and_resumed_is_seen_once_by_read_committed(
     got = consume(kafka_bootstrap, source, n + 1, timeout=5, isolation="read_committed")
     assert _ids(got) == Counter({f"r-{i}": 1 for i in range(n)})
     assert sum(o or 0 for o in committed(kafka_bootstrap, group_id, dlq).values()) == n
+
+
+@pytest.mark.kafka
+def test_an_open_transaction_left_by_a_killed_redrive_is_aborted_before_offsets_are_read(
+    kafka_bootstrap: str, kafka_client: str, new_topic: Callable[..., str], group_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # What a redrive killed between send_offsets_to_transaction and
+    # commit_transaction leaves: pending offsets that make the group's committed
+    # offsets "unstable" until the transaction ends. The next run must abort it
+    # (init_transactions with the same id) before it reads them, not time out.
+    import confluent_kafka as ck
+
+    n = 6
+    dlq, source = new_topic(), new_topic()
+    _produce(kafka_bootstrap, dlq, _letters(n, source))
+    left = ck.Producer({"bootstrap.servers": kafka_bootstrap,
+                        "transactional.id": f"{REDRIVE_GROUP}.{group_id}.{dlq}"})
+    left.init_transactions(30)
+    left.begin_transaction()
+    left.produce(source, b"never committed", headers=[("request-id", b"orphan")])
+    meta = ck.Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group_id})
+    left.send_offsets_to_transaction([ck.TopicPartition(dlq, 0, 3)],
+                                     meta.consumer_group_metadata(), 30)
+    meta.close()
+    left.flush(10)  # the transaction stays open: no commit, no abort
+
+    args = ["redrive", "--bootstrap-servers", kafka_bootstrap, "--kafka-client", kafka_client,
+            "--dlq-topic", dlq, "--group-id", group_id, "--exactly-once"]
+    assert main(args) == 0
+    assert _table(capsys.readouterr().out) == {("model-not-found", "m"): n}  # from offset 0
+    got = consume(kafka_bootstrap, source, n + 1, timeout=5, isolation="read_committed")
+    assert _ids(got) == Counter({f"r-{i}": 1 for i in range(n)})
+    assert committed(kafka_bootstrap, group_id, dlq) == {0: n}
 
 
 @pytest.mark.kafka
