@@ -190,6 +190,9 @@ class ConfluentConsumer:
         )
         self._c = _build(ck.Consumer, conf)
         self._handler: RebalanceHandler | None = None
+        # Kept from the rebalance callbacks: librdkafka answers assignment() through
+        # the group thread's queue, a round trip on every turn of the loop.
+        self._assignment: set[TopicPartition] = set()
         _reach(self._c, self._access)
 
     # -- group membership --------------------------------------------------------
@@ -203,19 +206,26 @@ class ConfluentConsumer:
     def assign(self, positions: Mapping[TopicPartition, int]) -> None:
         """Read exactly these partitions from these offsets (no group rebalancing)."""
         self._c.assign(_ctps(positions))
+        self._assignment = set(positions)
 
     def position(self, tp: TopicPartition) -> int | None:
         (got,) = self._c.position([ck.TopicPartition(tp.topic, tp.partition)])
         return int(got.offset) if got.offset >= 0 else None
 
     def _assigned(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
+        self._assignment |= set(_tps(partitions))  # incremental (cooperative) or whole
         if partitions and self._handler is not None:
             self._handler.on_assigned(_tps(partitions))
 
     def _revoked(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
-        if not partitions or self._handler is None:
+        try:
+            self._revoke(_tps(partitions))
+        finally:
+            self._assignment -= set(_tps(partitions))
+
+    def _revoke(self, tps: list[TopicPartition]) -> None:
+        if not tps or self._handler is None:
             return
-        tps = _tps(partitions)
         offsets, metadata = self._handler.on_revoked(tps)
         if not offsets:
             return
@@ -228,6 +238,7 @@ class ConfluentConsumer:
             log.warning("revoked %s: commit failed (%s); answers may repeat", fmt_tps(tps), exc)
 
     def _lost(self, _c: Any, partitions: list[ck.TopicPartition]) -> None:
+        self._assignment -= set(_tps(partitions))
         if partitions and self._handler is not None:
             self._handler.on_lost(_tps(partitions))
 
@@ -254,7 +265,7 @@ class ConfluentConsumer:
         return records
 
     def assignment(self) -> set[TopicPartition]:
-        return set(_tps(self._c.assignment()))
+        return set(self._assignment)
 
     def pause(self, tps: Collection[TopicPartition]) -> None:
         if tps:
