@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +39,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.brokers import Feeder, committed_offsets, reading
-from tests.harness import demo_requests, produce, worker_process
+from tests.harness import ROOT, demo_requests, produce, worker_process
 from worker.protocol import encode_request
 
 pytestmark = pytest.mark.kafka
@@ -194,16 +195,7 @@ def test_commits_refused_past_the_session_timeout_turn_healthz_503_and_age_grows
 @pytest.mark.parametrize(
     "kafka_client",
     [
-        pytest.param(
-            "confluent",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "ConfluentConsumer.commit(asynchronous=False) in worker/kafka/confluent.py "
-                    "waits for the whole rebalance, so SIGTERM is not served"
-                ),
-            ),
-        ),
+        "confluent",
         pytest.param("kafka-python", marks=pytest.mark.slow),  # the kafka-python half: slow
     ],
 )
@@ -253,6 +245,59 @@ def test_sigterm_while_the_group_never_settles_exits_within_drain_timeout(
             proc.kill()
             proc.wait(10)
         feeder.join(30)
+
+
+_STUCK_IN_A_CALL = """
+import sys, threading
+from contextlib import ExitStack
+from worker.loop import Worker
+from worker.settings import Settings
+
+worker = Worker(Settings(input_topics=("in",), output_topic="out", model_repository=".",
+                         drain_timeout_s=float(sys.argv[1])))
+with ExitStack() as stack:
+    worker._install_signal_handlers(stack)
+    print("ready", flush=True)
+    threading.Event().wait()  # a call that never returns, whatever the signal handler does
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_ends_the_process_when_the_loop_thread_never_comes_back(
+    sig: signal.Signals,
+) -> None:
+    # The loop's thread stuck in a call (as in a librdkafka commit waiting out a
+    # rebalance) cannot run the stop: the watchdog ends the process after
+    # --drain-timeout and its slack, exit status 1, saying why.
+    drain_s = 1.0
+    with subprocess.Popen(
+        [sys.executable, "-c", _STUCK_IN_A_CALL, str(drain_s)], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            _out, err = proc.communicate(timeout=15)
+            took = time.monotonic() - sent
+        finally:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert drain_s <= took < drain_s + 5, took
+    assert "a call into the Kafka client is stuck" in err
+
+
+def test_without_a_stop_signal_the_watchdog_never_ends_the_process() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", _STUCK_IN_A_CALL, "0.1"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            time.sleep(3.0)
+            assert proc.poll() is None, proc.communicate()[1]
+        finally:
+            proc.kill()
 
 
 # -- SIGTERM while a model run is stuck ------------------------------------------------

@@ -108,6 +108,9 @@ log = logging.getLogger("worker.loop")
 _RECORD_OVERHEAD = 128
 _METADATA_REFRESH_S = 30.0
 _MAX_BACKOFF_S = 5.0
+# Past --drain-timeout, the time a stop may take to close the clients before the
+# watchdog ends the process (see _install_signal_handlers).
+_STOP_SLACK_S = 2.0
 # Test-only fault hook: a request with this id aborts the process when it runs,
 # as a crash inside a native kernel would (read once; unset in production).
 _CRASH_ON = os.environ.get("INFERENCE_WORKER_TEST_CRASH_ON")
@@ -154,6 +157,7 @@ class Worker:
         self.health = health or Health(commit_stall_after_s=session_s)
         self.metrics_port: int | None = None
         self._stopping = threading.Event()
+        self._closed = threading.Event()  # set once run() has closed every client
         self._limits = Limits(
             max_bytes=settings.max_request_bytes or settings.max_message_bytes,
             max_rows=settings.max_request_rows,
@@ -239,7 +243,9 @@ class Worker:
         if s.cudnn_conv_algo_search:
             options = replace(options, cudnn_conv_algo_search=s.cudnn_conv_algo_search)
         self.metrics.set_build_info(kafka_client=s.kafka_client)
+        self._closed.clear()
         with ExitStack() as stack:
+            stack.callback(self._closed.set)  # the last callback: after every close
             cache = SessionCache(
                 ModelRepository(s.model_repository),
                 partial(load_session, options=options),
@@ -333,6 +339,38 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous = signal.signal(sig, lambda *_: self.stop())
             stack.callback(signal.signal, sig, previous)
+        # That handler runs only once this thread is back in Python. A call stuck in
+        # the Kafka client (librdkafka holds a commit for a whole rebalance, and a
+        # group whose other member hangs does not settle for its session timeout)
+        # would hold the stop past --drain-timeout. Python's C-level handler writes
+        # the signal to this pipe at once; a watchdog exits when the drain's time is
+        # up, as kill -9 would, which loses nothing: offsets only follow answers.
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        stack.callback(os.close, write_fd)  # the watchdog's read ends: it returns
+        stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(write_fd))
+        threading.Thread(
+            target=self._exit_if_drain_overruns,
+            args=(read_fd,),
+            name="drain-watchdog",
+            daemon=True,
+        ).start()
+
+    def _exit_if_drain_overruns(self, read_fd: int) -> None:
+        with open(read_fd, "rb", buffering=0) as signals:
+            while (got := signals.read(64)) and not {signal.SIGTERM, signal.SIGINT} & set(got):
+                pass
+        if not got or self._closed.wait(self.settings.drain_timeout_s + _STOP_SLACK_S):
+            return  # stopped in time (or never asked to)
+        log.error(
+            "still running %g s after the stop signal (--drain-timeout %g): a call into "
+            "the Kafka client is stuck; exiting without waiting for it (what was not "
+            "committed is answered again after a restart)",
+            self.settings.drain_timeout_s + _STOP_SLACK_S,
+            self.settings.drain_timeout_s,
+        )
+        logging.shutdown()
+        os._exit(1)
 
     # -- the loop --------------------------------------------------------------
 
