@@ -68,6 +68,8 @@ REDRIVE_COUNT = "redrive-count"
 # A record that failed after this many redrives is refused unless --force:
 # its cause is not fixed, and sending it again only loops.
 MAX_REDRIVES = 3
+# How often progress is committed (and, for that, every send acknowledged).
+COMMIT_INTERVAL_S = 1.0
 DEAD_LETTER_HEADERS = frozenset({
     "error-type", "error-message", "error-attempts", "source-topic", "source-partition",
     "source-offset", "value-omitted", "model",
@@ -261,7 +263,7 @@ def _redrive(consumer: Consumer, sender: _Sender | None, dlq_topic: str, group_i
     done: dict[TopicPartition, int] = {}  # next offset per partition, not yet committed
     next_offset = dict(start)
     began = time.monotonic()
-    last_progress = time.monotonic()
+    last_progress = last_commit = time.monotonic()
     try:
         with tqdm(total=total, unit="record", disable=not show, file=sys.stderr) as bar:
             while todo and (max_records is None or stats.sent < max_records):
@@ -289,7 +291,6 @@ def _redrive(consumer: Consumer, sender: _Sender | None, dlq_topic: str, group_i
                         todo.discard(r.tp)
                     if rate is not None:  # paced: each record is its own batch
                         _commit(consumer, sender, done)
-                _commit(consumer, sender, done)
                 if max_records is not None and stats.sent >= max_records:
                     break  # positions are past records polled but not handled
                 # transaction markers take offsets but are never returned as records
@@ -297,6 +298,12 @@ def _redrive(consumer: Consumer, sender: _Sender | None, dlq_topic: str, group_i
                     position = consumer.position(tp)
                     if position is not None and position >= end[tp]:
                         todo.discard(tp)
+                # Batched: each commit waits for every send before it to be
+                # acknowledged, which per poll took half of a run's time.
+                if time.monotonic() - last_commit >= COMMIT_INTERVAL_S:
+                    _commit(consumer, sender, done)
+                    last_commit = time.monotonic()
+            _commit(consumer, sender, done)
     except KeyboardInterrupt:
         # Ctrl-C: what was handled is acknowledged and committed before leaving,
         # so the next run neither repeats nor skips it
