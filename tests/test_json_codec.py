@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import worker.protocol.json as json_codec
 from worker.demo import build_mlp
 from worker.errors import DecodeError, InferenceError, SchemaMismatch, WorkerError
 from worker.protocol import (
@@ -321,3 +322,80 @@ def test_passthrough_travels_in_parameters() -> None:
                                   model_version=1)
     assert json.loads(body)["parameters"] == {"passthrough": {"order": 7}}
     assert decode_response(body, [("content-type", ctype.encode())]).passthrough == {"order": 7}
+
+
+# -- the simdjson fast path gives what the general path gives ----------------------------------
+
+
+def _both_paths(value: bytes, signature: Signature,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, np.ndarray], ...]:
+    fast = decode_request(value, [], default_id="d").bind(signature).feeds
+    with monkeypatch.context() as m:
+        m.setattr(json_codec, "_fast_body", lambda _value: None)
+        general = decode_request(value, [], default_id="d").bind(signature).feeds
+    return fast, general
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(
+    dtype=st.sampled_from(sorted(set(V2_TYPES.values()) - {"bool"})),
+    shape=hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=5),
+    data=st.data(),
+)
+def test_flat_numeric_requests_take_the_fast_path_and_decode_alike(
+    dtype: str, shape: tuple[int, ...], data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arr = data.draw(hnp.arrays(np.dtype(dtype), shape,
+                               elements={"allow_nan": False, "allow_infinity": False}
+                               if np.dtype(dtype).kind == "f" else None))
+    value, _ = encode_request({"t": arr, "k": np.arange(3, dtype=np.int64)}, format="json",
+                              request_id="r-1")
+    assert json_codec._fast_body(value) is not None
+    signature = Signature(inputs=(_spec("t", dtype, arr.shape), _spec("k", "int64", (3,))),
+                          outputs=())
+    fast, general = _both_paths(value, signature, monkeypatch)
+    for name in ("t", "k"):
+        assert fast[name].dtype == general[name].dtype
+        np.testing.assert_array_equal(fast[name], general[name])
+    np.testing.assert_array_equal(fast["t"], arr)
+
+
+def test_the_demo_request_takes_the_fast_path() -> None:
+    x = np.random.default_rng(0).random((64, 784), dtype=np.float32)
+    value, _ = encode_request({"input": x}, format="json", model="m")
+    body = json_codec._fast_body(value)
+    assert body is not None and body["inputs"][0]["data"].dtype == np.float32
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    # as many numbers as the shape holds, but in sub-lists of 2 and 0: ragged
+    (_body(x={"shape": [2], "datatype": "FP32", "data": [[1, 2], []]}), "ragged nested data"),
+    (_body(x={"shape": [3], "datatype": "FP32", "data": [[1, 2], [], 3]}), "lists and scalars"),
+    (_body(x={"shape": [1], "datatype": "INT8", "data": [-129]}), "does not fit INT8"),
+    (_body(x={"shape": [1], "datatype": "UINT64", "data": [-1]}), "does not fit UINT64"),
+    (_body(x={"shape": [1], "datatype": "FP16", "data": [1e6]}), "does not fit FP16"),
+    (_body(x={"shape": [2], "datatype": "FP32", "data": [1, True]}), "holds bool"),
+])
+def test_what_the_fast_path_must_not_accept_gets_the_general_paths_error(
+    body: bytes, fragment: str
+) -> None:
+    if "holds bool" in fragment:  # bools are numbers to the general path, as in Python
+        bound = decode_request(body, [], default_id="d").bind(
+            Signature(inputs=(_spec("x", "float32", (2,)),), outputs=()))
+        assert bound.feeds["x"].tolist() == [1.0, 1.0]
+        return
+    with pytest.raises(DecodeError) as info:
+        decode_request(body, [], default_id="d")
+    assert fragment in str(info.value)
+
+
+def test_a_key_given_twice_and_a_bracket_in_a_string_decode_as_orjson_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    twice = (b'{"id": "a[b", "inputs": [{"name": "x", "shape": [2], "datatype": "FP32",'
+             b' "data": [9, 9], "data": [1, 2]}]}')
+    signature = Signature(inputs=(_spec("x", "float32", (2,)),), outputs=())
+    fast, general = _both_paths(twice, signature, monkeypatch)
+    assert fast["x"].tolist() == general["x"].tolist() == [1.0, 2.0]
+    assert decode_request(twice, [], default_id="d").request_id == "a[b"

@@ -8,19 +8,27 @@ Request: a V2 ``InferenceRequest``
 so its producers and consumers work unchanged; :meth:`JsonCodec.response_headers`
 adds the CloudEvents headers MLServer puts on its answers.
 
-Speed: ``orjson`` parses the body; flat numeric ``data`` then becomes numpy
-with one C-level pass to type-check it (``sum`` refuses text, null and nested
-lists) and one ``np.fromiter`` into the declared dtype, with no per-element
-Python code. Answers are written by ``orjson`` straight from numpy buffers.
+Speed: a request whose ``data`` arrays are all flat and numeric (what every
+V2 client writes by default) is parsed by simdjson, whose numbers go straight
+into a numpy buffer without a Python float each: twice as fast as the general
+path for the demo MLP's 64-row request. Anything else, and every request that
+is wrong, takes the general path, which gives the errors: ``orjson`` parses
+the body; flat numeric ``data`` then becomes numpy with one C-level pass to
+type-check it (``sum`` refuses text, null and nested lists) and one
+``np.fromiter`` into the declared dtype, with no per-element Python code.
+Answers are written by ``orjson`` straight from numpy buffers.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+import math
+import threading
+from typing import Any, Literal
 
 import numpy as np
 import orjson
+import simdjson
 
 from worker.errors import DecodeError, InferenceError
 
@@ -143,6 +151,8 @@ def _tensor(name: str, obj: dict[str, Any], limits: Limits) -> np.ndarray:
     shape = _shape_of(name, obj.get("shape"))
     count = check_elements(name, shape, limits)
     data = obj.get("data")
+    if isinstance(data, np.ndarray):  # checked and typed by _fast_body
+        return data.reshape(shape)
     if not isinstance(data, list):
         # A scalar is accepted for a shape of one element (``"data": 3`` for shape [1] or []).
         if isinstance(data, (int, float, str)) and count == 1:
@@ -164,6 +174,111 @@ def _tensor(name: str, obj: dict[str, Any], limits: Limits) -> np.ndarray:
             raise _fail(name, "BOOL data must be true or false")
         return np.array(flat, dtype=np.bool_).reshape(shape)
     return _numeric(name, flat, dtype, datatype).reshape(shape)
+
+
+def _plain(value: object) -> object:
+    """A simdjson value as the Python value ``orjson.loads`` gives."""
+    if isinstance(value, simdjson.Object):
+        return value.as_dict()
+    if isinstance(value, simdjson.Array):
+        return value.as_list()
+    return value
+
+
+# simdjson's buffer types by numpy kind: double, int64, uint64
+_BUFFER_TYPES: dict[str, tuple[Literal["d", "i", "u"], type[np.generic]]] = {
+    "f": ("d", np.float64),
+    "i": ("i", np.int64),
+    "u": ("u", np.uint64),
+}
+
+
+def _flat_numbers(data: object, dtype: np.dtype | None, shape: object) -> np.ndarray | None:
+    """``data`` as a flat array of ``dtype`` when it is exactly that (numbers that fit,
+    as many as ``shape`` holds); None for the general path to decide and explain."""
+    if dtype is None or dtype.kind not in _BUFFER_TYPES or not isinstance(data, simdjson.Array):
+        return None
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return None
+    of_type, wide = _BUFFER_TYPES[dtype.kind]
+    try:
+        # Nested arrays would be flattened here: the caller has proved there are none.
+        numbers = np.frombuffer(data.as_buffer(of_type=of_type), dtype=wide)
+    except (TypeError, ValueError):  # text, null, true, a float for an int type, 1e400
+        return None
+    if numbers.size != math.prod(shape):
+        return None
+    if dtype.kind in "iu" and numbers.size:
+        info = np.iinfo(dtype)
+        if numbers.min() < info.min or numbers.max() > info.max:
+            return None
+    try:
+        # 1e300 into FP32 is an error, not inf; 1e-5 into FP16 is a subnormal, as
+        # the general path makes it
+        with np.errstate(over="raise", invalid="raise", under="ignore"):
+            return numbers.astype(dtype, copy=False)
+    except FloatingPointError:
+        return None
+
+
+_PARSERS = threading.local()
+
+
+def _parse(value: bytes) -> Any:
+    """Parse with this thread's parser: reusing its buffers halves the time of a fresh one."""
+    parser = getattr(_PARSERS, "parser", None)
+    if parser is None:
+        parser = _PARSERS.parser = simdjson.Parser()
+    try:
+        return parser.parse(value)
+    except RuntimeError:  # a view into its last document is still alive (a traceback)
+        parser = _PARSERS.parser = simdjson.Parser()
+        return parser.parse(value)
+
+
+def _members(obj: Any) -> dict[str, Any] | None:
+    """A simdjson object's members, "inputs" and "data" left lazy (``items()`` would
+    build Python lists of them); None for a key given twice (orjson keeps the last)."""
+    keys = list(obj.keys())
+    if len(set(keys)) != len(keys):
+        return None
+    return {k: obj[k] if k in ("inputs", "data") else _plain(obj[k]) for k in keys}
+
+
+def _fast_body(value: bytes) -> dict[str, Any] | None:
+    """The body as ``orjson.loads`` gives it, but every input's ``data`` already a flat
+    numpy array; None unless every input is flat numeric data (see the module docstring)."""
+    try:
+        doc = _parse(value)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(doc, simdjson.Object):
+        return None
+    body = _members(doc)
+    raw_inputs = body.pop("inputs", None) if body is not None else None
+    if body is None or not isinstance(raw_inputs, simdjson.Array):
+        return None
+    inputs = []
+    for raw in raw_inputs:
+        obj = _members(raw) if isinstance(raw, simdjson.Object) else None
+        if obj is None:
+            return None
+        data = obj.pop("data", None)
+        datatype = obj.get("datatype")
+        flat = _flat_numbers(
+            data, DATATYPES.get(datatype) if isinstance(datatype, str) else None, obj.get("shape")
+        )
+        if flat is None:
+            return None
+        obj["data"] = flat
+        inputs.append(obj)
+    # Flat for sure: the '[' of "inputs", of each "shape" and "data", and of
+    # "outputs" are the only ones in the body (a '[' in a string only adds one).
+    outputs = 1 if isinstance(body.get("outputs"), list) else 0
+    if value.count(b"[") != 1 + 2 * len(inputs) + outputs:
+        return None
+    body["inputs"] = inputs
+    return body
 
 
 def _requested_outputs(raw: object) -> tuple[str, ...] | None:
@@ -242,10 +357,12 @@ class JsonCodec:
         return value.lstrip(b" \t\r\n")[:1] == b"{"
 
     def decode_request(self, value: bytes, envelope: Envelope, limits: Limits) -> Request:
-        try:
-            body = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise DecodeError(f"not a valid JSON body: {exc}") from exc
+        body = _fast_body(value)
+        if body is None:
+            try:
+                body = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise DecodeError(f"not a valid JSON body: {exc}") from exc
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
             raise DecodeError(
                 "V2 request: expected an object with 'inputs', a list of "
