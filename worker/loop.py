@@ -108,6 +108,10 @@ log = logging.getLogger("worker.loop")
 _RECORD_OVERHEAD = 128
 _METADATA_REFRESH_S = 30.0
 _MAX_BACKOFF_S = 5.0
+# How long the loop waits for acknowledgements, not polling, with the in-flight
+# budget spent, before the fullest partitions pause (a pause throws librdkafka's
+# prefetch away; not polling at all would hold rebalances and max.poll.interval.ms).
+_PAUSE_AFTER_S = 1.0
 # Past --drain-timeout, the time a stop may take to close the clients before the
 # watchdog ends the process (see _install_signal_handlers).
 _STOP_SLACK_S = 2.0
@@ -179,6 +183,7 @@ class Worker:
         self._careful: dict[TopicPartition, Careful] = {}
         self._running: set[Future[None]] = set()
         self._paused: set[TopicPartition] = set()
+        self._spent_since: float | None = None  # when the in-flight budget ran out
         self._last_lag = 0.0
         self._last_metadata = 0.0
         self._partitions: dict[str, int | None] = {}  # output/DLQ topic -> partition count
@@ -384,9 +389,15 @@ class Worker:
             if count is not None and self.committed_records >= count:
                 break
             self.health.beat()
-            # 1. poll: short waits while answers are being computed
-            for record in consumer.poll(self._poll_records(), self._poll_wait_s()):
-                self._accept(record)  # 2. decode, bind, batch (or dead-letter)
+            # 1. poll: short waits while answers are being computed. With the in-flight
+            # budget spent, wait for acknowledgements instead: librdkafka keeps its
+            # prefetch, which a pause throws away (partitions pause only when the
+            # budget stays spent, see _backpressure).
+            if self._budget_spent():
+                committer.producer.poll(self._poll_wait_s())
+            else:
+                for record in consumer.poll(self._poll_records(), self._poll_wait_s()):
+                    self._accept(record)  # 2. decode, bind, batch (or dead-letter)
             while self._deferred:  # polled while a model was loading
                 self._accept(self._deferred.popleft())
             self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
@@ -398,6 +409,16 @@ class Worker:
             self._backpressure(consumer)
             self._report_lag(consumer)
             self._refresh_metadata()
+
+    def _budget_spent(self) -> bool:
+        """No room in --max-inflight-bytes, for less than _PAUSE_AFTER_S so far."""
+        if self._tracker.inflight_bytes < self.settings.max_inflight_bytes:
+            self._spent_since = None
+            return False
+        now = time.monotonic()
+        if self._spent_since is None:
+            self._spent_since = now
+        return now - self._spent_since < _PAUSE_AFTER_S
 
     def _poll_records(self) -> int:
         """No more records than the in-flight budget has room for, so that one poll
@@ -896,7 +917,8 @@ class Worker:
         held = self._tracker.bytes_by_partition()
         total = self._tracker.inflight_bytes
         assigned = consumer.assignment()
-        if total > limit:
+        spent_s = 0.0 if self._spent_since is None else time.monotonic() - self._spent_since
+        if total > limit and spent_s >= _PAUSE_AFTER_S:
             over = total - limit // 2
             pause: set[TopicPartition] = set()
             for tp, nbytes in sorted(held.items(), key=lambda kv: -kv[1]):

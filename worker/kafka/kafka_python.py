@@ -495,7 +495,10 @@ class KafkaPythonProducer:
         return delivery
 
     def poll(self, timeout_s: float = 0.0) -> None:
-        pass  # kafka-python resolves deliveries on its own I/O thread
+        # kafka-python resolves deliveries on its own I/O thread: nothing to serve,
+        # but a caller waiting for acknowledgements must not spin.
+        if timeout_s > 0:
+            time.sleep(min(timeout_s, 0.002))
 
     def flush(self, timeout_s: float) -> int:
         try:
