@@ -26,9 +26,11 @@ the middle of one at a time (``_run_carefully``); a record that crashes the
 process again and again is dead-lettered after the third crash. The normal
 path pays nothing for it.
 
-Backpressure: when the bytes between steps 1 and 6 exceed
-``--max-inflight-bytes``, the partitions holding the most are paused, and the
-loop keeps polling so the consumer stays in its group.
+Backpressure: when the bytes between steps 1 and 6 reach
+``--max-inflight-bytes``, the loop stops polling and waits for acknowledgements
+(librdkafka keeps what it prefetched); if that lasts a second, the partitions
+holding the most are paused and the loop polls again, so the consumer stays in
+its group.
 """
 
 from __future__ import annotations

@@ -227,7 +227,8 @@ class Settings(BaseSettings):
     max_inflight_bytes: Size = Field(
         64 * 1024 * 1024, json_schema_extra=_meta("delivery", metavar="SIZE")
     )
-    """Bytes polled but not yet committed; above it the fullest partitions pause."""
+    """Bytes polled but not yet committed; at it the loop stops polling, and after a
+    second the fullest partitions pause."""
     drain_timeout_s: float = Field(
         30.0,
         ge=0,
