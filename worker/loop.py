@@ -186,6 +186,9 @@ class Worker:
         self._running: set[Future[None]] = set()
         self._paused: set[TopicPartition] = set()
         self._spent_since: float | None = None  # when the in-flight budget ran out
+        self._run_s: dict[tuple[str, int], float] = {}  # mean run time per model version
+        # ONNX Runtime runs on the calling thread alone (CPU, one intra-op thread)
+        self._one_cpu_thread = settings.intra_op_threads == 1
         self._last_lag = 0.0
         self._last_metadata = 0.0
         self._partitions: dict[str, int | None] = {}  # output/DLQ topic -> partition count
@@ -239,6 +242,7 @@ class Worker:
             device = resolve_device(s.device)
         except ValueError as exc:
             raise ConfigError("--device", str(exc)) from None
+        self._one_cpu_thread = device == "cpu" and s.intra_op_threads == 1
         options = RuntimeOptions(
             device=device,
             intra_op_threads=s.intra_op_threads,
@@ -702,6 +706,16 @@ class Worker:
 
     def _submit(self, batch: Batch) -> None:
         assert self._pool is not None
+        mean_s = self._run_s.get((batch.model, batch.version))
+        if mean_s is not None and mean_s * 1000 < self.settings.inline_below_ms:
+            # A run this short costs less than handing it to another thread and back
+            # (docs/performance.md): run it here, as a one-thread loop would.
+            self.metrics.inline_batches.inc()
+            try:
+                self._infer(batch)
+            except Exception as exc:  # as from the pool: the main loop sends the rest
+                log.warning("sending after an inline run failed: %s", exc)
+            return
         future = self._pool.submit(self._infer, batch)
         self._running.add(future)
         future.add_done_callback(self._finished)
@@ -722,9 +736,16 @@ class Worker:
             with self._cache.acquire(batch.model, batch.version) as session:
 
                 def timed(feeds: dict[str, Any]) -> dict[str, Any]:
-                    start = time.monotonic()
+                    start, cpu = time.monotonic(), time.thread_time()
                     out = session.run(feeds)
-                    metrics.inference_seconds.labels(model=model).observe(time.monotonic() - start)
+                    took = time.monotonic() - start
+                    metrics.inference_seconds.labels(model=model).observe(took)
+                    # For the inline rule: on one CPU thread, the run's own CPU time (the
+                    # wall time of a pool thread includes waiting for the GIL back).
+                    run_s = time.thread_time() - cpu if self._one_cpu_thread else took
+                    key = (model, batch.version)
+                    mean = self._run_s.get(key)
+                    self._run_s[key] = run_s if mean is None else 0.8 * mean + 0.2 * run_s
                     return out
 
                 results = run_batch(

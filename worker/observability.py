@@ -162,6 +162,13 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
+        self.inline_batches = Counter(
+            "inline_batches",
+            "Batches run on the polling thread (their model's runs are shorter than "
+            "--inline-below-ms), not handed to an inference thread.",
+            namespace=ns,
+            registry=r,
+        )
         self.model_cache_hits = Counter(
             "model_cache_hits", "Session cache hits.", namespace=ns, registry=r
         )

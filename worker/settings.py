@@ -176,6 +176,9 @@ class Settings(BaseSettings):
     """ONNX Runtime threads per run; the Kafka client needs a core too."""
     inference_threads: int = Field(1, gt=0, json_schema_extra=_meta("models", metavar="N"))
     """Runs in parallel, each on its own thread (ONNX Runtime releases the GIL)."""
+    inline_below_ms: float = Field(0.15, ge=0, json_schema_extra=_meta("models", metavar="MS"))
+    """A model whose runs average less than this runs on the polling thread: handing
+    a run to an inference thread costs more than it overlaps. 0: never."""
     optimized_dir: Annotated[Path | None, BeforeValidator(_optional_path)] = Field(
         Path(tempfile.gettempdir()) / "inference-worker-optimized",
         json_schema_extra=_meta("models", metavar="DIR"),
