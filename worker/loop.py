@@ -401,6 +401,10 @@ class Worker:
             # budget stays spent, see _backpressure).
             if self._budget_spent():
                 committer.producer.poll(self._poll_wait_s())
+                # Bytes leave the budget when committed: commit what is acknowledged
+                # now, not at the next interval (at 275 MB/s of requests, 200 ms of
+                # them spend 64 MiB, and every record would wait for the interval).
+                self._committed(committer.commit(force=True))
             else:
                 for record in consumer.poll(self._poll_records(), self._poll_wait_s()):
                     self._accept(record)  # 2. decode, bind, batch (or dead-letter)
