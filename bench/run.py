@@ -788,6 +788,13 @@ def chart(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _response_bytes(bench: Bench) -> int:
+    """The size of the worker's answer to a 64-row demo MLP request (for the drain)."""
+    m = replace(bench.models["mlp"], rows_per_message=64)
+    session = baselines.ort_session(bench.repo / m.name / "1" / "model.onnx")
+    return len(worker_response(session, make_messages(m, 1)[0], m.name)[0])
+
+
 def _maxima(results: dict[str, Any], bench: Bench, plan: Plan, repo: Path, k: Kafka,
             skip: list[str]) -> tuple[dict[str, float], int]:  # fmt: skip
     """Each backend's maximum on 64-row messages (from this run's streams, else one quick
@@ -809,12 +816,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="where results go (default: bench/results for a full run, "
                         "a temporary directory otherwise)")  # fmt: skip
+    parser.add_argument("--latency-max", type=float, default=None, metavar="ROWS_PER_S",
+                        help="the latency section's maximum for both backends, instead of "
+                        "measuring it (to compare runs at one offered load)")  # fmt: skip
     args = parser.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
-    full = not args.quick and set(only) == set(SECTIONS) and not args.skip
+    full = (not args.quick and set(only) == set(SECTIONS) and not args.skip
+            and args.latency_max is None)
     out_dir = args.out or (ROOT / "bench" / "results" if full
                            else Path(tempfile.mkdtemp(prefix="bench-results-")))  # fmt: skip
     plan = QUICK if args.quick else FULL
@@ -826,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --only {','.join(only)}"
     if args.skip:
         command += f" --skip {args.skip}"
+    if args.latency_max is not None:
+        command += f" --latency-max {args.latency_max:g}"
     results: dict[str, Any] = {
         "command": command,
         "machine": machine(),
@@ -841,7 +854,10 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(plan, repo, k, build_repository(repo), skip)
             sections: dict[str, Callable[[], Any]] = {
                 "streams": lambda: {str(rows): bench.stream(rows, n) for rows, n in plan.streams},
-                "latency": lambda: bench.latency(*_maxima(results, bench, plan, repo, k, skip)),
+                "latency": lambda: bench.latency(
+                    *(({n: args.latency_max for n in BACKENDS}, _response_bytes(bench))
+                      if args.latency_max else _maxima(results, bench, plan, repo, k, skip))
+                ),
                 "cnn": bench.cnn,
                 "scaling": bench.scaling,
             }
