@@ -178,7 +178,8 @@ class Settings(BaseSettings):
     """Runs in parallel, each on its own thread (ONNX Runtime releases the GIL)."""
     inline_below_ms: float = Field(0.15, ge=0, json_schema_extra=_meta("models", metavar="MS"))
     """A model whose runs average less than this runs on the polling thread: handing
-    a run to an inference thread costs more than it overlaps. 0: never."""
+    a run to an inference thread costs more than it overlaps (more throughput, but a
+    burst is cleared by one thread: 0, never, for the lowest tail latency)."""
     optimized_dir: Annotated[Path | None, BeforeValidator(_optional_path)] = Field(
         Path(tempfile.gettempdir()) / "inference-worker-optimized",
         json_schema_extra=_meta("models", metavar="DIR"),
