@@ -11,7 +11,8 @@ Follow one record down this file:
    that is not loaded yet loads on another thread while this one keeps
    polling (paused), so the group never loses the worker.
 3. ``Batcher``: jobs for the same model and row shape are coalesced; due
-   batches go to the inference pool.
+   batches go to the inference pool, or run right here when their model's
+   runs are shorter than ``--inline-below-ms`` (``_submit``).
 4. ``_infer`` (pool thread; ONNX Runtime releases the GIL): one run per
    batch, outputs split per request and encoded into the slot.
 5. ``committer.send``: each line sends its answered head slots, in offset
