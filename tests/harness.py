@@ -192,17 +192,17 @@ def header(record: Any, name: str) -> str | None:
 
 
 def demo_requests(
-    n: int, prefix: str, *, seed: int = 0, key_mod: int | None = None
+    n: int, prefix: str, *, seed: int = 0, key_mod: int | None = None, rows: int = 1
 ) -> list[tuple[bytes, bytes, list]]:
-    """``n`` one-row msgpack requests for the demo MLP, ids ``<prefix>-<i>``, keys
-    ``k<i>`` (or ``k<i % key_mod>``, so several records share a key)."""
+    """``n`` msgpack requests of ``rows`` rows for the demo MLP, ids ``<prefix>-<i>``,
+    keys ``k<i>`` (or ``k<i % key_mod>``, so several records share a key)."""
     from worker.protocol import encode_request
 
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         value, headers = encode_request(
-            {"x": rng.random((1, 784), dtype=np.float32)},
+            {"x": rng.random((rows, 784), dtype=np.float32)},
             format="msgpack",
             model="mnist-mlp",
             request_id=f"{prefix}-{i}",

@@ -17,13 +17,11 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from tests.brokers import private_broker
-from tests.harness import header, settings, worker_process, worker_thread
-from worker.protocol import encode_request
+from tests.harness import demo_requests, header, settings, worker_process, worker_thread
 
 pytestmark = pytest.mark.kafka
 
@@ -33,18 +31,8 @@ KILL_SEED = 9
 QUICK_GROUP = ["session.timeout.ms=3000", "heartbeat.interval.ms=500"]
 
 
-def _requests(n: int, prefix: str, seed: int = 0) -> list[tuple[bytes, bytes, list]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        value, headers = encode_request(
-            {"x": rng.random((2, 784), dtype=np.float32)},
-            format="msgpack",
-            model="mnist-mlp",
-            request_id=f"{prefix}-{i}",
-        )
-        out.append((f"k{i % 13}".encode(), value, headers))
-    return out
+def _requests(n: int, prefix: str) -> list[tuple[bytes, bytes, list]]:
+    return demo_requests(n, prefix, key_mod=13, rows=2)
 
 
 class _Reader:

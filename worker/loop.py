@@ -188,8 +188,9 @@ class Worker:
         self._paused: set[TopicPartition] = set()
         self._spent_since: float | None = None  # when the in-flight budget ran out
         self._run_s: dict[tuple[str, int], float] = {}  # mean run time per model version
-        # ONNX Runtime runs on the calling thread alone (CPU, one intra-op thread)
-        self._one_cpu_thread = settings.intra_op_threads == 1
+        # ONNX Runtime runs on the calling thread alone (CPU, one intra-op thread);
+        # set by run() once the device is known
+        self._one_cpu_thread = False
         self._last_lag = 0.0
         self._last_metadata = 0.0
         self._partitions: dict[str, int | None] = {}  # output/DLQ topic -> partition count
