@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="paced span (latency)")
     parser.add_argument("--messages", type=int, default=5000, help="pre-published (saturation)")
     parser.add_argument("--rows", type=int, default=ROWS, help="rows per message")
-    parser.add_argument("--format", choices=["arrow", "msgpack"], default="msgpack")
+    parser.add_argument("--format", choices=["arrow", "msgpack", "json"], default="msgpack")
     parser.add_argument("--py-spy", metavar="FILE", type=Path, default=None,
                         help="profile the worker at saturation with py-spy (raw folded stacks, "
                         "all threads, 200 Hz) into FILE")  # fmt: skip
