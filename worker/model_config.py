@@ -227,8 +227,7 @@ def _instance_group(message: Any, where: str) -> tuple[int | None, str | None]:
         return None, None
     if len(groups) > 1:
         raise ModelLoadError(
-            f"{where}: {len(groups)} instance_group entries; this worker takes one "
-            "(count and kind)"
+            f"{where}: {len(groups)} instance_group entries; this worker takes one (count and kind)"
         )
     group = groups[0]
     kinds = type(group).Kind
@@ -326,9 +325,7 @@ def parse_model_toml(text: str, where: str) -> ModelSettings:
         raise ModelLoadError(f"{where}: instances must be an integer >= 1, got {instances!r}")
     device = data.get("device")
     if device is not None and not _valid_device(device):
-        raise ModelLoadError(
-            f"{where}: device must be auto, cpu, cuda or cuda:N, got {device!r}"
-        )
+        raise ModelLoadError(f"{where}: device must be auto, cpu, cuda or cuda:N, got {device!r}")
     return ModelSettings(
         source=where,
         max_batch_rows=rows or None,

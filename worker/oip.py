@@ -144,9 +144,7 @@ def oip_app(
     server = {"name": name, "version": version, "extensions": []}
     signatures = reader or SignatureReader()
 
-    def model_route(
-        parts: list[str], start_response: StartResponse
-    ) -> Iterable[bytes]:
+    def model_route(parts: list[str], start_response: StartResponse) -> Iterable[bytes]:
         ready = parts[-1] == "ready"
         if ready:
             parts = parts[:-1]
