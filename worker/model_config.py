@@ -48,6 +48,7 @@ __all__ = [
     "check_signature",
     "parse_config_pbtxt",
     "parse_model_toml",
+    "protocol_datatype",
 ]
 
 CONFIG_PBTXT = "config.pbtxt"
