@@ -9,6 +9,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from tritonclient.http import InferenceServerClient
@@ -184,3 +185,32 @@ def test_metadata_loads_no_session_and_is_cached_by_mtime(
     assert [t["name"] for t in meta["inputs"]] == [
         i["name"] for i in _onnx_io(path)[0]
     ]  # the new graph's inputs
+
+
+def test_model_not_ready_when_its_declarations_disagree(served: Served, repo: Path) -> None:
+    (repo / "two-io" / "config.pbtxt").write_text(
+        'platform: "onnxruntime_onnx"\nmax_batch_size: 4\n'
+        'input [{ name: "a" data_type: TYPE_INT64 dims: [ -1 ] }]\n'
+    )
+    assert not served.client.is_model_ready("two-io")
+    status, body = served.get("/v2/models/two-io")
+    assert status == 503 and "data types differ" in json.loads(body)["error"]
+
+
+def test_initializers_listed_as_graph_inputs_are_not_inputs(served: Served, repo: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "old-style",
+        # IR < 4 exporters list every initializer among the graph's inputs too
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])],
+        initializer=[w],
+    )  # fmt: skip
+    (repo / "old" / "1").mkdir(parents=True)
+    onnx.save(helper.make_model(graph), str(repo / "old" / "1" / "model.onnx"))
+    meta = served.client.get_model_metadata("old")
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}]
