@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from tritonclient.http import InferenceServerClient
 
 from tests import modelzoo
 from tests.harness import consume_ids, header, produce, settings, worker_thread
@@ -120,9 +121,17 @@ def test_version_policy_serves_version_1_and_refuses_2(
     dlq = f"{requests}.dlq"
     produce(kafka_bootstrap, requests, records)
     s = settings(kafka_bootstrap, requests, outputs, tmp_path, group_id)
-    with worker_thread(s):
+    with worker_thread(s) as worker:
         answers = consume_ids(kafka_bootstrap, outputs, {"v1-0", "newest-0"}, timeout=90)
         dead = consume_ids(kafka_bootstrap, dlq, {"v2-0"}, timeout=60)
+        # the same policy on the worker's metrics port, asked by Triton's client
+        client = InferenceServerClient(f"127.0.0.1:{worker.metrics_port}")
+        try:
+            assert client.is_server_live() and client.is_server_ready()
+            assert client.is_model_ready("vm", "1") and not client.is_model_ready("vm", "2")
+            assert client.get_model_metadata("vm")["versions"] == ["1"]
+        finally:
+            client.close()
     by_id = {header(r, "request-id"): r for r in answers}
     assert set(by_id) == {"v1-0", "newest-0"}
     assert header(by_id["v1-0"], "model-version") == "1"
