@@ -154,11 +154,12 @@ class ModelRepository:
         Raises :class:`ModelNotFound` for a bad name, :class:`ModelLoadError`
         for a settings file that cannot be used (the same error until it changes).
         """
-        self._check_name(name)
+        # On every request's path: a cached answer costs a dict read and a clock read
+        # (only valid names are ever stored, so the name rule runs on a miss).
+        cached = self._settings.get(name) if isinstance(name, str) else None
         now = time.monotonic()
-        with self._lock:
-            cached = self._settings.get(name)
         if cached is None or cached[0] <= now:
+            self._check_name(name)
             stamp = self._settings_stamp(name)
             if cached is None or cached[1] != stamp:
                 value: ModelSettings | WorkerError
