@@ -240,8 +240,9 @@ class SessionCache:
 
     def _stale_locked(self, entry: _Entry, settings: ModelSettings) -> bool:
         """True (and the entry removed) when ``settings`` need another session."""
-        if entry.session.ref.settings.session_key == settings.session_key:
-            return False
+        loaded = entry.session.ref.settings
+        if loaded is settings or loaded.session_key == settings.session_key:
+            return False  # the same object while the file is unchanged: one identity test
         log.info(
             "model %s: settings changed (%s): loading it again",
             entry.session.ref,

@@ -114,7 +114,7 @@ class ModelSettings:
     inputs: tuple[TensorDecl, ...] = ()
     outputs: tuple[TensorDecl, ...] = ()
 
-    @property
+    @functools.cached_property
     def session_key(self) -> tuple[Any, ...]:
         """What a loaded session depends on: when it changes, the session is reloaded."""
         return (self.device, self.instances, self.batch_axis, self.inputs, self.outputs)
