@@ -428,3 +428,13 @@ def test_iris_declared_as_triton_documents_it_loads(tmp_path: Path) -> None:
     )
     session = load_session(ModelRepository(tmp_path).resolve("iris"), _options())
     assert session.ref.settings.max_batch_rows == 16
+
+
+def test_cuda_warms_up_at_the_models_own_largest_batch() -> None:
+    from worker.runtime import _warmup_rows
+
+    flags = RuntimeOptions(device="cpu", warmup_max_rows=1024)
+    assert _warmup_rows("cuda:0", ModelSettings(), flags) == 1024
+    assert _warmup_rows("cuda:0", ModelSettings(max_batch_rows=32), flags) == 32
+    assert _warmup_rows("cuda:0", ModelSettings(batch_axis=False), flags) is None
+    assert _warmup_rows("cpu", ModelSettings(max_batch_rows=32), flags) is None

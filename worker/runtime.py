@@ -44,7 +44,7 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.errors import InferenceError, ModelLoadError
-from worker.model_config import check_signature
+from worker.model_config import ModelSettings, check_signature
 from worker.repository import ModelRef
 from worker.samples import SampleError, sample_feeds
 from worker.signature import Signature
@@ -788,6 +788,13 @@ def _refuse_memcpy(ref: ModelRef, path: Path) -> bool:
     return False
 
 
+def _warmup_rows(device: str, settings: ModelSettings, options: RuntimeOptions) -> int | None:
+    """The largest batch to warm up at: on CUDA, the model's own max rows, else the flag's."""
+    if not device.startswith("cuda") or not settings.batch_axis:
+        return None
+    return settings.max_batch_rows or options.warmup_max_rows
+
+
 def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
     """Load, optimize (or reuse the optimized graph) and warm up ``ref``.
 
@@ -895,7 +902,7 @@ def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
             raise
         if options.warmup:
             try:
-                session.warmup(options.warmup_max_rows if device.startswith("cuda") else None)
+                session.warmup(_warmup_rows(device, settings, options))
             except ModelLoadError:
                 session.close()
                 raise
