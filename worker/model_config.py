@@ -215,6 +215,17 @@ def _refuse_unsupported(message: Any, name: str, where: str) -> None:
         )
     if message.model_transaction_policy.decoupled:
         raise ModelLoadError(f"{where}: decoupled models are not supported (one answer per record)")
+    if message.batch_input or message.batch_output:
+        raise ModelLoadError(
+            f"{where}: batch_input/batch_output are not supported (the worker feeds the "
+            "model's inputs as requests carry them)"
+        )
+    for tensor in message.input:
+        if tensor.allow_ragged_batch or tensor.is_shape_tensor:
+            raise ModelLoadError(
+                f"{where}: input {tensor.name!r}: allow_ragged_batch and is_shape_tensor are "
+                "not supported"
+            )
     if message.default_model_filename not in ("", "model.onnx"):
         raise ModelLoadError(
             f"{where}: default_model_filename {message.default_model_filename!r} is not "
