@@ -9,6 +9,13 @@ it runs the request as it came (the protocol layer checked it has k rows).
 A request whose inputs share no batch axis (``Bound.alone``: a ``k``, a target
 shape, a scalar, axis-0 lengths that disagree) runs exactly as sent, in a run
 of its own, never sliced: its outputs need not have a row axis at all.
+
+Each model may carry its own settings (:mod:`worker.model_config`), looked up
+per request through ``settings_for`` so that a changed file applies from the
+next batch: ``max_batch_rows`` and ``max_batch_delay_s`` replace the
+Batcher's own, a model without a batch axis runs every request alone, one
+without coalescing runs each request as its own batch (sliced at its max
+rows), and a coalesced batch that reaches a preferred size runs at once.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from worker.errors import InferenceError, WorkerError
+from worker.model_config import DEFAULT_SETTINGS, ModelSettings
 from worker.signature import DYNAMIC, FIXED, Signature
 
 __all__ = ["Batch", "Batcher", "Job", "RunMode", "run_batch", "run_mode"]
@@ -93,52 +101,98 @@ class Batch:
     model: str
     version: int
     jobs: list[Job]
+    max_rows: int | None = None
+    """Rows per run for this batch's model (``None``: the caller's ``max_rows``)."""
 
     @property
     def rows(self) -> int:
         return sum(j.rows for j in self.jobs)
 
 
+@dataclass(eq=False)
+class _Group:
+    jobs: list[Job]
+    max_rows: int
+    delay_s: float
+    preferred: tuple[int, ...]
+    rows: int = 0
+
+
 class Batcher:
     """Groups jobs by coalescing key; hands out batches when full or due."""
 
-    def __init__(self, max_rows: int, max_delay_s: float, alone_rows: int = 64) -> None:
+    def __init__(
+        self,
+        max_rows: int,
+        max_delay_s: float,
+        alone_rows: int = 64,
+        settings_for: Callable[[str], ModelSettings] | None = None,
+    ) -> None:
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         # A request this large already amortizes a run's fixed cost; copying it
         # into a bigger batch costs more than the run it saves, so it runs alone
         # on the decoder's zero-copy view.
         self.alone_rows = alone_rows
-        self._groups: dict[Hashable, list[Job]] = {}
+        self.settings_for = settings_for
+        """A model's settings (the repository's, re-read on rescan); ``None``: flags only."""
+        self._groups: dict[Hashable, _Group] = {}
 
     def __len__(self) -> int:
-        return sum(len(g) for g in self._groups.values())
+        return sum(len(g.jobs) for g in self._groups.values())
+
+    def _settings(self, model: str) -> ModelSettings:
+        if self.settings_for is None:
+            return DEFAULT_SETTINGS
+        try:
+            return self.settings_for(model)
+        except WorkerError:
+            # The file broke after this request's model loaded: the request was
+            # admitted under the flags' batching; the next resolve dead-letters.
+            return DEFAULT_SETTINGS
 
     def add(self, job: Job) -> list[Batch]:
         """Queue ``job``; returns the batches it completed (full ones)."""
-        if job.mode != RunMode.COALESCE or job.rows >= self.alone_rows:
-            return [Batch(job.model, job.version, [job])]
+        settings = self._settings(job.model)
+        max_rows = settings.max_batch_rows or self.max_rows
+        if not settings.batch_axis:
+            job.mode = RunMode.WHOLE  # max_batch_size 0: the model has no batch axis
+        if job.mode != RunMode.COALESCE or job.rows >= self.alone_rows or not settings.coalesce:
+            return [Batch(job.model, job.version, [job], max_rows)]
         key = job.key
-        group = self._groups.setdefault(key, [])
+        group = self._groups.get(key)
         full: list[Batch] = []
-        if group and sum(j.rows for j in group) + job.rows > self.max_rows:
-            full.append(Batch(job.model, job.version, self._groups.pop(key)))
-            group = self._groups.setdefault(key, [])
-        group.append(job)
-        if sum(j.rows for j in group) >= self.max_rows:
-            full.append(Batch(job.model, job.version, self._groups.pop(key)))
+        if group is not None and group.rows + job.rows > group.max_rows:
+            full.append(self._pop(key))
+            group = None
+        if group is None:
+            delay = settings.max_batch_delay_s
+            group = self._groups[key] = _Group(
+                [],
+                max_rows,
+                self.max_delay_s if delay is None else delay,
+                settings.preferred_batch_rows,
+            )
+        group.jobs.append(job)
+        group.rows += job.rows
+        if group.rows >= group.max_rows or group.rows in group.preferred:
+            full.append(self._pop(key))
         return full
+
+    def _pop(self, key: Hashable) -> Batch:
+        group = self._groups.pop(key)
+        first = group.jobs[0]
+        return Batch(first.model, first.version, group.jobs, group.max_rows)
 
     def due(self, now: float | None = None, *, force: bool = False) -> list[Batch]:
         """Batches whose oldest job has waited long enough (all of them with ``force``)."""
         now = time.monotonic() if now is None else now
         ready = [
-            k for k, g in self._groups.items() if force or now - g[0].arrived >= self.max_delay_s
+            k
+            for k, g in self._groups.items()
+            if force or now - g.jobs[0].arrived >= g.delay_s
         ]
-        return [
-            Batch(self._groups[k][0].model, self._groups[k][0].version, self._groups.pop(k))
-            for k in ready
-        ]
+        return [self._pop(k) for k in ready]
 
     def clear(self) -> None:
         """Drop every queued job (their records are being re-read from Kafka)."""
@@ -147,7 +201,7 @@ class Batcher:
     def next_deadline(self) -> float | None:
         if not self._groups:
             return None
-        return min(g[0].arrived for g in self._groups.values()) + self.max_delay_s
+        return min(g.jobs[0].arrived + g.delay_s for g in self._groups.values())
 
 
 def _concat(jobs: list[Job]) -> Feeds:
@@ -217,6 +271,7 @@ def run_batch(
             on_run(int(first.shape[0]) if first is not None and first.ndim else 1)
         return out
 
+    max_rows = batch.max_rows or max_rows
     if len(batch.jobs) > 1:
         try:
             split = _split(counted(_concat(batch.jobs)), [j.rows for j in batch.jobs])

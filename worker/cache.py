@@ -8,6 +8,11 @@ holds it (reference count), when it was preloaded (pinned), or when it is
 the most recently used one; the budget may then be exceeded until a holder
 lets go, which is when eviction runs again.
 
+A model's settings travel with each resolved reference; when those a
+session depends on change (device, instances, declared inputs and outputs),
+the next checkout after the repository's rescan loads it again and the old
+session is closed once its last run lets go.
+
 Concurrent requests for the same cold model share one load (single flight).
 A failed load is answered to every waiter and remembered for
 ``retry_after_s`` only, so a fixed file is picked up without a restart while a
@@ -25,9 +30,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 from types import TracebackType
 
 from worker.errors import ModelLoadError, ModelNotFound, WorkerError
+from worker.model_config import ModelSettings
 from worker.observability import Metrics
 from worker.repository import ModelRef, ModelRepository
 from worker.runtime import Session
@@ -183,13 +190,19 @@ class SessionCache:
     def _checkout(self, name: str, version: int | None, *, pin: bool) -> _Entry:
         # Unverified first: a loaded session needs no stat of its file.
         ref = self.repository.resolve(name, version, verify=False)
+        # One source for every version's settings (re-read on rescan), so a session
+        # is compared with, and loaded under, the settings the batcher also sees.
+        settings = self.repository.settings(ref.name)
         key = (ref.name, ref.version)
         victims: list[_Entry] = []
         while True:
+            stale: _Entry | None = None
             with self._lock:
                 if self._closed:
                     raise RuntimeError("session cache is closed")
                 entry = self._entries.get(key)
+                if entry is not None and self._stale_locked(entry, settings):
+                    pin, stale, entry = pin or entry.pinned, entry, None
                 if entry is not None:
                     self._entries.move_to_end(key)
                     entry.refs += 1
@@ -197,7 +210,9 @@ class SessionCache:
                     if self._metrics is not None:
                         self._metrics.model_cache_hits.inc()
                     return entry
-            verified = self.repository.resolve(name, version)
+            if stale is not None and not stale.orphaned:
+                self._close_all([stale])
+            verified = replace(self.repository.resolve(name, version), settings=settings)
             if verified != ref:  # the file went away: e.g. newest deleted, fall back
                 ref, key = verified, (verified.name, verified.version)
                 continue
@@ -217,11 +232,27 @@ class SessionCache:
                     victims = self._evict_locked(keep_newest=False)
             if leader:
                 self._close_all(victims)
-                return self._load(key, ref, flight, pin)
+                return self._load(key, verified, flight, pin)
             flight.done.wait()
             if flight.error is not None:
                 raise _copy(flight.error)
             # Loaded: loop to take a reference (or load again if already evicted).
+
+    def _stale_locked(self, entry: _Entry, settings: ModelSettings) -> bool:
+        """True (and the entry removed) when ``settings`` need another session."""
+        loaded = entry.session.ref.settings
+        if loaded is settings or loaded.session_key == settings.session_key:
+            return False  # the same object while the file is unchanged: one identity test
+        log.info(
+            "model %s: settings changed (%s): loading it again",
+            entry.session.ref,
+            settings.source or "the flags",
+        )
+        del self._entries[entry.key]
+        self._bytes -= entry.session.nbytes
+        entry.orphaned = entry.refs > 0  # closed by its last release instead
+        self._update_gauges()
+        return True
 
     def _load(self, key: _Key, ref: ModelRef, flight: _Flight, pin: bool) -> _Entry:
         start = time.monotonic()

@@ -80,6 +80,7 @@ from worker.kafka import (
 from worker.kafka.partition import output_partition
 from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import Entry, OffsetTracker
+from worker.oip import oip_app
 from worker.protocol import (
     Bound,
     Limits,
@@ -259,8 +260,10 @@ class Worker:
         self._closed.clear()
         with ExitStack() as stack:
             stack.callback(self._closed.set)  # the last callback: after every close
+            repository = ModelRepository(s.model_repository)
+            self._batcher.settings_for = repository.settings  # per-model batching
             cache = SessionCache(
-                ModelRepository(s.model_repository),
+                repository,
                 partial(load_session, options=options),
                 max_models=s.cache_max_models,
                 max_bytes=s.cache_max_bytes,
@@ -273,7 +276,13 @@ class Worker:
             stack.callback(cache.close)
             self._cache = cache
             server = stack.enter_context(
-                HealthServer(s.metrics_port, self.metrics, self.health, bind=s.metrics_bind)
+                HealthServer(
+                    s.metrics_port,
+                    self.metrics,
+                    self.health,
+                    bind=s.metrics_bind,
+                    v2=oip_app(repository, self.health),
+                )
             )
             self.metrics_port = server.port
             for name, version in s.preload:

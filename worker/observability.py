@@ -354,11 +354,13 @@ def _text(start_response: StartResponse, status: str, body: str) -> Iterable[byt
     return [data]
 
 
-def _app(metrics: Metrics, health: Health) -> WSGIApplication:
+def _app(metrics: Metrics, health: Health, v2: WSGIApplication | None) -> WSGIApplication:
     metrics_app = make_wsgi_app(metrics.registry)
 
     def route(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
+        if v2 is not None and (path == "/v2" or path.startswith("/v2/")):
+            return v2(environ, start_response)  # the Open Inference Protocol (worker.oip)
         if path == "/metrics":
             return metrics_app(environ, start_response)
         if path == "/healthz":
@@ -398,13 +400,21 @@ def _app(metrics: Metrics, health: Health) -> WSGIApplication:
 class HealthServer:
     """``/metrics``, ``/healthz``, ``/readyz`` on one small threaded HTTP server.
 
+    ``v2`` answers every ``/v2`` path (:func:`worker.oip.oip_app`).
+
     Port 0 takes any free port; ``.port`` says which. A port that is taken,
     out of range or not allowed, or an address that is not this host's,
     raises :class:`ConfigError` naming the flag, never a traceback.
     """
 
     def __init__(
-        self, port: int, metrics: Metrics, health: Health, *, bind: str = "0.0.0.0"
+        self,
+        port: int,
+        metrics: Metrics,
+        health: Health,
+        *,
+        bind: str = "0.0.0.0",
+        v2: WSGIApplication | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError("--metrics-port", f"{port} is not a TCP port (0-65535)")
@@ -423,7 +433,7 @@ class HealthServer:
         metrics.watch_health(health)
         try:
             self._server = make_server(
-                host, port, _app(metrics, health), Server, handler_class=_QuietHandler
+                host, port, _app(metrics, health, v2), Server, handler_class=_QuietHandler
             )
         except OSError as exc:
             raise _bind_error(exc, bind, port) from None

@@ -17,6 +17,14 @@ cached answer costs one ``stat`` (so a deleted version is noticed at once and
 "newest" falls back to the next), and a version directory added while the
 worker runs is served within ``rescan_s``.
 
+Per-model settings (:mod:`worker.model_config`) come from
+``DIR/<name>/config.pbtxt`` or ``DIR/<name>/model.toml`` and are read again
+when they change, at most every ``rescan_s`` (a ``stat`` of each file per
+rescan). Their version policy decides which versions exist for
+:meth:`ModelRepository.resolve`: one outside it is ``model-not-found``, and
+"newest" is the newest inside it. A file that cannot be used makes every
+version of its model a :class:`~worker.errors.ModelLoadError`.
+
 Writing is one method, :meth:`ModelRepository.publish_version`: a version is
 built in a hidden directory next to the versions (:meth:`~ModelRepository.staging`,
 ignored by the scan, on the same file system) and renamed to ``<max+1>`` in
@@ -26,6 +34,7 @@ one step, so a running worker sees the whole version or none of it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -33,12 +42,22 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.errors import ModelNotFound
+from worker.errors import ModelLoadError, ModelNotFound, WorkerError
+from worker.model_config import (
+    CONFIG_PBTXT,
+    DEFAULT_SETTINGS,
+    MODEL_TOML,
+    ModelSettings,
+    parse_config_pbtxt,
+    parse_model_toml,
+)
 
 __all__ = ["MODEL_FILE", "NAME_PATTERN", "ModelRef", "ModelRepository", "valid_name"]
+
+log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -61,6 +80,8 @@ class ModelRef:
     name: str
     version: int
     path: Path
+    settings: ModelSettings = field(default=DEFAULT_SETTINGS, compare=False)
+    """The model's settings when it was resolved (the flags' when it has no file)."""
 
     def __str__(self) -> str:
         return f"{self.name}:{self.version}"
@@ -77,6 +98,9 @@ class ModelRepository:
         self._lock = threading.Lock()
         # (name, version or None for "newest") -> (valid until, ref)
         self._resolved: dict[tuple[str, int | None], tuple[float, ModelRef]] = {}
+        # name -> (valid until, the files' (mtime, size) stamp, settings or the error)
+        self._settings: dict[str, tuple[float, tuple[object, ...], ModelSettings | WorkerError]]
+        self._settings = {}
 
     # -- public API ---------------------------------------------------------
 
@@ -116,6 +140,42 @@ class ModelRepository:
         """Every version of ``name`` present now, ascending ([] if none)."""
         self._check_name(name)
         return sorted(self._scan(name))
+
+    def served_versions(self, name: str) -> list[int]:
+        """The versions of ``name`` its version policy serves, ascending.
+
+        Raises :class:`ModelLoadError` when its settings file cannot be used.
+        """
+        return sorted(self.settings(name).versions.select(self.versions(name)))
+
+    def settings(self, name: str) -> ModelSettings:
+        """``name``'s settings, read again when its files change (checked every ``rescan_s``).
+
+        Raises :class:`ModelNotFound` for a bad name, :class:`ModelLoadError`
+        for a settings file that cannot be used (the same error until it changes).
+        """
+        # On every request's path: a cached answer costs a dict read and a clock read
+        # (only valid names are ever stored, so the name rule runs on a miss).
+        cached = self._settings.get(name) if isinstance(name, str) else None
+        now = time.monotonic()
+        if cached is None or cached[0] <= now:
+            self._check_name(name)
+            stamp = self._settings_stamp(name)
+            if cached is None or cached[1] != stamp:
+                value: ModelSettings | WorkerError
+                try:
+                    value = self._read_settings(name)
+                except ModelLoadError as exc:
+                    log.warning("model %s: %s", name, exc.message)
+                    value = exc
+            else:
+                value = cached[2]
+            cached = (now + self.rescan_s, stamp, value)
+            with self._lock:
+                self._settings[name] = cached
+        if isinstance(cached[2], WorkerError):
+            raise type(cached[2])(cached[2].message)
+        return cached[2]
 
     def names(self) -> list[str]:
         """Every model name with at least one loadable version, sorted."""
@@ -197,6 +257,34 @@ class ModelRepository:
 
     # -- internals ----------------------------------------------------------
 
+    def _settings_stamp(self, name: str) -> tuple[object, ...]:
+        stamp: list[object] = []
+        for file in (CONFIG_PBTXT, MODEL_TOML):
+            try:
+                st = os.stat(os.path.join(self.root, name, file))
+                stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def _read_settings(self, name: str) -> ModelSettings:
+        pbtxt = self._inside(os.path.join(self.root, name, CONFIG_PBTXT))
+        toml = self._inside(os.path.join(self.root, name, MODEL_TOML))
+        if pbtxt is not None and toml is not None:
+            log.info("model %s: both %s and %s exist; %s wins", name, CONFIG_PBTXT, MODEL_TOML,
+                     CONFIG_PBTXT)  # fmt: skip
+        chosen = pbtxt or toml
+        if chosen is None:
+            return DEFAULT_SETTINGS
+        where = f"{name}/{chosen.name}"
+        try:
+            text = chosen.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{where}: cannot read it: {exc}") from None
+        if chosen is pbtxt:
+            return parse_config_pbtxt(text, name, where)
+        return parse_model_toml(text, where)
+
     def _next_version(self, model_dir: Path) -> int:
         # Numeric directories without a model.onnx count too: renaming onto an
         # empty one would silently replace it.
@@ -245,12 +333,25 @@ class ModelRepository:
                 f"model {name!r} not found in the model repository "
                 f"(expected {name}/<version>/{MODEL_FILE} or {name}{_SUFFIX})"
             )
+        settings = self.settings(name)
+        served = settings.versions.select(available)
+        if version is None and not served:
+            raise ModelNotFound(
+                f"model {name!r}: no version present is served (version policy "
+                f"{settings.versions} in {settings.source})"
+            )
         if version is None:
-            version = max(available)
+            version = max(served)
         elif version not in available:
-            listed = ", ".join(str(v) for v in sorted(available)[-10:])
+            listed = ", ".join(str(v) for v in sorted(served)[-10:])
             raise ModelNotFound(f"model {name!r} has no version {version} (available: {listed})")
-        return ModelRef(name=name, version=version, path=available[version])
+        elif version not in served:
+            listed = ", ".join(str(v) for v in sorted(served)[-10:]) or "none"
+            raise ModelNotFound(
+                f"model {name!r} version {version} is not served: version policy "
+                f"{settings.versions} in {settings.source} (served: {listed})"
+            )
+        return ModelRef(name=name, version=version, path=available[version], settings=settings)
 
 
 def _fsync(path: Path) -> None:

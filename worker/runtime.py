@@ -44,6 +44,7 @@ import numpy as np
 import onnxruntime as ort
 
 from worker.errors import InferenceError, ModelLoadError
+from worker.model_config import ModelSettings, check_signature
 from worker.repository import ModelRef
 from worker.samples import SampleError, sample_feeds
 from worker.signature import Signature
@@ -606,6 +607,7 @@ class Session:
         *,
         optimized_path: Path | None = None,
         loaded_optimized: bool = False,
+        instances: int | None = None,
     ) -> None:
         self.ref = ref
         self.device = device
@@ -624,6 +626,9 @@ class Session:
         self._bind = device.startswith("cuda") and _all_tensors(self.signature)
         self._device_id = _device_id(device) if device.startswith("cuda") else 0
         self._output_device = "cuda" if device.startswith("cuda") else "cpu"
+        self.instances = instances
+        """Runs at once at most (a model's ``instances``); ``None``: as many as call."""
+        self._instances = threading.BoundedSemaphore(instances) if instances else None
 
     def __repr__(self) -> str:
         return f"Session({self.ref}, device={self.device}, nbytes={self.nbytes})"
@@ -642,6 +647,12 @@ class Session:
         inner = self._inner
         if inner is None:
             raise InferenceError(f"model {self.ref}: session is closed")
+        if self._instances is None:
+            return self._run(inner, feeds)
+        with self._instances:
+            return self._run(inner, feeds)
+
+    def _run(self, inner: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, object]:
         try:
             if self._bind:
                 values = self._run_bound(inner, feeds)
@@ -777,14 +788,31 @@ def _refuse_memcpy(ref: ModelRef, path: Path) -> bool:
     return False
 
 
+def _warmup_rows(device: str, settings: ModelSettings, options: RuntimeOptions) -> int | None:
+    """The largest batch to warm up at: on CUDA, the model's own max rows, else the flag's."""
+    if not device.startswith("cuda") or not settings.batch_axis:
+        return None
+    return settings.max_batch_rows or options.warmup_max_rows
+
+
 def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
     """Load, optimize (or reuse the optimized graph) and warm up ``ref``.
 
+    The model's own settings (``ref.settings``) choose its device and how
+    many runs it takes at once, and their declared inputs and outputs are
+    checked against the file.
+
     Raises :class:`ModelLoadError` when the file is missing, corrupt or uses
     operators this ONNX Runtime cannot run, when a CUDA session could only be
-    made on CPU, or when the CUDA warm-up fails.
+    made on CPU, when the CUDA warm-up fails, when the model's device is not
+    usable, or when the file does not match its declarations.
     """
-    device = resolve_device(options.device)
+    settings = ref.settings
+    try:
+        device = resolve_device(settings.device or options.device)
+    except ValueError as exc:
+        where = f" ({settings.source})" if settings.device else ""
+        raise ModelLoadError(f"model {ref}: device{where}: {exc}") from None
     providers = _providers(device, options)
     try:
         file_size = os.path.getsize(ref.path)
@@ -865,10 +893,16 @@ def load_session(ref: ModelRef, options: RuntimeOptions) -> Session:
             file_size,
             optimized_path=optimized,
             loaded_optimized=loaded_optimized,
+            instances=settings.instances,
         )
+        try:
+            check_signature(settings, session.signature, str(ref))
+        except ModelLoadError:
+            session.close()
+            raise
         if options.warmup:
             try:
-                session.warmup(options.warmup_max_rows if device.startswith("cuda") else None)
+                session.warmup(_warmup_rows(device, settings, options))
             except ModelLoadError:
                 session.close()
                 raise
