@@ -116,7 +116,9 @@ def _config_error(
     file: ConfigFile | None,
 ) -> ConfigError:
     """The first validation error as one line naming the flag, variable or file key."""
-    error = exc.errors()[0]
+    # a value given wrong says more than one not given at all
+    errors = exc.errors()
+    error = next((e for e in errors if e["type"] != "missing"), errors[0])
     field = str(error["loc"][0]) if error["loc"] else ""
     names = flags()
     # An alias (input_topic, WORKER_INPUT_TOPIC) names its field.

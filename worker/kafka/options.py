@@ -168,7 +168,9 @@ JAAS_MODULES = {
     "org.apache.kafka.common.security.scram.ScramLoginModule": ("SCRAM-SHA-512", "SCRAM-SHA-256"),
 }
 _JAAS = re.compile(r"\s*([\w.$]+)\s+(required|requisite|sufficient|optional)\b(.*?);?\s*", re.S)
-_JAAS_OPTION = re.compile(r'\s*([\w.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s";]+)')
+_JAAS_OPTION = re.compile(
+    r"""\s*([\w.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s"';]+)"""
+)
 
 
 def translate_jaas(value: str, where: str, mechanism: str | None = None) -> dict[str, str]:
@@ -220,7 +222,8 @@ def _parse_jaas(value: str, where: str) -> tuple[str, dict[str, str]]:
         if opt.start() != pos:
             break
         name, raw = opt.groups()
-        options[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        quoted = raw[:1] in ("'", '"')  # either quote, as Java's StreamTokenizer reads them
+        options[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if quoted else raw
         pos = opt.end()
     if rest[pos:].strip():
         raise ConfigError(
@@ -303,6 +306,7 @@ def for_clients(properties: Mapping[str, str], role: str) -> dict[str, str]:
 _KAFKA_PYTHON_ALIASES = {
     "sasl.username": "sasl_plain_username",
     "sasl.password": "sasl_plain_password",
+    "sasl.mechanisms": "sasl_mechanism",
     "ssl.ca.location": "ssl_cafile",
     "ssl.certificate.location": "ssl_certfile",
     "ssl.key.location": "ssl_keyfile",
