@@ -178,3 +178,21 @@ def test_help_names_the_config_flag_and_kafka_bootstrap_servers() -> None:
     ).stdout
     assert "--config FILE" in out and "[WORKER_CONFIG]" in out
     assert "[WORKER_BOOTSTRAP_SERVERS, then KAFKA_BOOTSTRAP_SERVERS]" in " ".join(out.split())
+
+
+def test_the_flag_names_the_file_over_worker_config(config: Path, tmp_path: Path) -> None:
+    other = _write(tmp_path / "other.toml", 'input_topic = "x"\noutput_topic = "y"\n')
+    env = {"WORKER_CONFIG": str(other), "WORKER_MODEL_REPOSITORY": str(tmp_path)}
+    assert parse_settings(["--config", str(config)], env).group_id == "from-file"
+    assert parse_settings([], env).input_topics == ("x",)
+
+
+def test_the_given_environment_replaces_the_process_environment(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORKER_MAX_BATCH_ROWS", "7")
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "process:1")
+    s = parse_settings(["--config", str(config)], {})
+    assert (s.max_batch_rows, s.bootstrap_servers) == (512, "file:9092")
+    s = parse_settings(["--config", str(config)])  # the process's own
+    assert (s.max_batch_rows, s.bootstrap_servers) == (7, "process:1")
