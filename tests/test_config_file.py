@@ -177,7 +177,9 @@ def test_help_names_the_config_flag_and_kafka_bootstrap_servers() -> None:
         timeout=60,
     ).stdout
     assert "--config FILE" in out and "[WORKER_CONFIG]" in out
-    assert "[WORKER_BOOTSTRAP_SERVERS, then KAFKA_BOOTSTRAP_SERVERS]" in " ".join(out.split())
+    text = " ".join(out.split())
+    also = "(also KAFKA_BOOTSTRAP_SERVERS, below WORKER_BOOTSTRAP_SERVERS)"
+    assert f"{also} [WORKER_BOOTSTRAP_SERVERS]" in text
 
 
 def test_the_flag_names_the_file_over_worker_config(config: Path, tmp_path: Path) -> None:

@@ -55,8 +55,10 @@ def _help(info: FieldInfo, flag: str) -> str:
     text = " ".join((info.description or "").split())
     if not info.is_required() and info.default not in (None, (), False):
         text += f" (default {info.default})"
-    variables = ", then ".join([env_name(flag), *filter(None, [_extra(info).get("also_env")])])
-    return f"{text} [{variables}]".replace("%", "%%")
+    also = _extra(info).get("also_env")
+    if also:
+        text += f" (also {also}, below {env_name(flag)})"
+    return f"{text} [{env_name(flag)}]".replace("%", "%%")
 
 
 def _build_parser() -> argparse.ArgumentParser:
