@@ -203,3 +203,32 @@ def test_the_producer_exits_2_naming_the_line(tmp_path: Path) -> None:
     )
     assert out.returncode == 2, out.stderr
     assert f"--kafka-config {path}:1" in out.stderr
+
+
+def test_a_files_bootstrap_servers_unless_one_was_set(tmp_path: Path) -> None:
+    path = _file(tmp_path, CLOUD)
+    args = ["--input-topic", "a", "--output-topic", "o", "--model-repository", str(tmp_path)]
+    args += ["--kafka-config", str(path)]
+    s = parse_settings(args, {})
+    assert s.bootstrap_servers == "pkc-00000.europe-west1.gcp.confluent.cloud:9092"
+    assert "bootstrap.servers" not in s.kafka_properties  # one place says where the cluster is
+    assert parse_settings(args, {"KAFKA_BOOTSTRAP_SERVERS": "k:1"}).bootstrap_servers == "k:1"
+    assert parse_settings([*args, "--bootstrap-server", "f:1"], {}).bootstrap_servers == "f:1"
+
+
+def test_the_producers_bootstrap_servers_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producers.cli import _settings, build_parser
+
+    path = _file(tmp_path, CLOUD.replace("SASL_SSL", "PLAINTEXT"))
+    base = ["collect", "--topic", "t", "--out", str(tmp_path / "o.arrow")]
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    parse = build_parser().parse_args
+    assert _settings(parse(base)).bootstrap_servers == "localhost:9092"
+    s = _settings(parse([*base, "--kafka-config", str(path)]))
+    assert s.bootstrap_servers.startswith("pkc-00000") and "bootstrap.servers" not in s.properties
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:1")
+    assert _settings(parse([*base, "--kafka-config", str(path)])).bootstrap_servers == "k:1"
+    s = _settings(parse([*base, "--kafka-config", str(path), "--bootstrap-server", "f:1"]))
+    assert s.bootstrap_servers == "f:1"

@@ -159,7 +159,13 @@ def parse_settings(argv: Sequence[str], env: Mapping[str, str] | None = None) ->
     properties = kafka_properties(
         settings.kafka_config, environ, settings.kafka_option, settings.kafka_client
     )
-    return settings.model_copy(update={"kafka_properties": properties})
+    update: dict[str, Any] = {"kafka_properties": properties}
+    # A Java client file names its cluster (bootstrap.servers): it is used unless a
+    # flag, variable or --config file named one, as Kafka's tools' flag wins over it.
+    servers = properties.pop("bootstrap.servers", "").strip()
+    if servers and "bootstrap_servers" not in settings.model_fields_set:
+        update["bootstrap_servers"] = servers
+    return settings.model_copy(update=update)
 
 
 def version() -> str:
