@@ -98,7 +98,7 @@ def test_settings_in_code_read_the_same_sources(
         ("max_bach_rows = 5\n", "max_bach_rows", "did you mean max_batch_rows"),
         ("input_topics = ['x']\n", "input_topics", "unknown key"),  # the field, not the flag
         ("kafka_properties = {}\n", "kafka_properties", "unknown key"),  # not a flag
-        ("config = 'other.toml'\n", "config", "unknown key"),
+        ("config = 'other.toml'\n", "config", "cannot name another"),
         ("max_batch_rows = 0\n", "max_batch_rows", "greater than 0"),
         ("max_batch_rows = 'lots'\n", "max_batch_rows", "'lots'"),
         ("device = 'tpu'\n", "device", "'tpu'"),

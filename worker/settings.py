@@ -340,7 +340,6 @@ class Settings(BaseSettings):
         # container), never shared by two workers on one host.
         return self.transactional_id or f"{self.group_id}-{socket.gethostname()}-{os.getpid()}"
 
-
     @classmethod
     def settings_customise_sources(
         cls,
@@ -429,6 +428,8 @@ class ConfigFile(TomlConfigSettingsSource):
         del fields["config"]
         out = {}
         for key, value in data.items():
+            if key == "config":
+                raise ConfigError(f"{file_path}: {key}", "a config file cannot name another")
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
