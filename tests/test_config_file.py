@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -13,6 +15,7 @@ else:
 
 import pytest
 
+from tests.harness import ROOT, consume_ids, demo_requests, header, produce
 from worker.cli import parse_settings
 from worker.errors import ConfigError
 from worker.settings import Settings, flags
@@ -198,3 +201,35 @@ def test_the_given_environment_replaces_the_process_environment(
     assert (s.max_batch_rows, s.bootstrap_servers) == (512, "file:9092")
     s = parse_settings(["--config", str(config)])  # the process's own
     assert (s.max_batch_rows, s.bootstrap_servers) == (7, "process:1")
+
+
+@pytest.mark.kafka
+def test_a_worker_configured_by_its_file_alone_answers(
+    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, model_repo: Path,
+    tmp_path: Path,
+) -> None:
+    """As the Kubernetes ConfigMap runs it: ``--config FILE``, the broker from
+    ``KAFKA_BOOTSTRAP_SERVERS``, no other flag or ``WORKER_*`` variable."""
+    requests, answers = new_topic(), new_topic()
+    path = _write(
+        tmp_path / "config.toml",
+        f'input_topic = ["{requests}"]\noutput_topic = "{answers}"\n'
+        f'model_repository = "{model_repo}"\ngroup_id = "{group_id}"\n'
+        'metrics_port = 0\ndevice = "cpu"\nmax_batch_delay_ms = 1\n',
+    )
+    produce(kafka_bootstrap, requests, demo_requests(3, "cfg"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run", "--config", str(path)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        got = consume_ids(kafka_bootstrap, answers, {f"cfg-{i}" for i in range(3)}, timeout=60)
+    finally:
+        proc.terminate()
+        rc = proc.wait(60)
+    assert {header(r, "request-id") for r in got} >= {"cfg-0", "cfg-1", "cfg-2"}, log.read_text()
+    assert rc == 0, log.read_text()[-3000:]

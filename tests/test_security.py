@@ -286,7 +286,10 @@ def _client_properties(path: Path, broker: Broker, mechanism: str) -> Path:
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
-@pytest.mark.parametrize("backend", ["confluent", "kafka-python"])
+# the kafka-python half runs in `make test-slow`, as every two-client test's
+@pytest.mark.parametrize(
+    "backend", ["confluent", pytest.param("kafka-python", marks=pytest.mark.slow)]
+)
 def test_a_java_client_properties_file_with_jaas(
     secure_broker: Broker, models: Path, tmp_path: Path, mechanism: str, backend: str
 ) -> None:
