@@ -51,9 +51,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--bootstrap-servers",
         "--bootstrap-server",
         dest="bootstrap_servers",
-        default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "localhost:9092"),
+        default=None,
         metavar="HOST:PORT[,...]",
-        help="broker list (env KAFKA_BOOTSTRAP_SERVERS; default localhost:9092)",
+        help="broker list (env KAFKA_BOOTSTRAP_SERVERS, then --kafka-config's "
+        "bootstrap.servers; default localhost:9092)",
     )
     kafka.add_argument(
         "--kafka-client",
@@ -305,7 +306,11 @@ def _settings(args: argparse.Namespace) -> KafkaSettings:
     # credentials from KAFKA_* variables or files, never flags
     properties = kafka_properties(args.kafka_option, args.kafka_config, os.environ,
                                   args.kafka_client)
-    return KafkaSettings(args.bootstrap_servers, properties, args.kafka_client)
+    # the flag, the variable, then a Java client file's own bootstrap.servers
+    servers = (args.bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+               or properties.pop("bootstrap.servers", "").strip() or "localhost:9092")
+    properties.pop("bootstrap.servers", None)
+    return KafkaSettings(servers, properties, args.kafka_client)
 
 
 def _compression(args: argparse.Namespace) -> str | None:

@@ -36,12 +36,7 @@ from worker.kafka import (
     open_consumer,
     open_producer,
 )
-from worker.kafka.options import (
-    check_properties,
-    credentials_from_env,
-    parse_kafka_options,
-    read_properties_file,
-)
+from worker.kafka.options import kafka_properties as _kafka_properties
 
 __all__ = [
     "BACKENDS",
@@ -76,15 +71,9 @@ def kafka_properties(options: Iterable[str], config_file: Path | None,
     The worker's rule, checked against the chosen client before anything connects.
     """
     try:
-        properties = {
-            **(read_properties_file(config_file) if config_file is not None else {}),
-            **credentials_from_env(env),
-            **parse_kafka_options(options),
-        }
-        check_properties(properties, backend)
+        return _kafka_properties(config_file, env, options, backend)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    return properties
 
 
 def record_size(key: bytes | None, value: bytes, headers: Headers) -> int:

@@ -1,9 +1,10 @@
-"""SASL (SCRAM-SHA-512) and TLS against a secured broker of this module's own.
+"""SASL (SCRAM-SHA-512, PLAIN) and TLS against a secured broker of this module's own.
 
 Credentials come only from ``KAFKA_*`` variables or files, never flags; they
 must never appear in anything the worker or the producer tools print; a wrong
 password or an untrusted certificate must end the process within seconds,
-with one clear line and exit status 1, instead of retrying forever.
+with one clear line and exit status 1, instead of retrying forever. A Java
+client's ``client.properties`` (``sasl.jaas.config`` and all) works as it is.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def _publish(
     return _cli("producers.cli", args, env, timeout=120)
 
 
-def _worker_args(bootstrap: str, topic: str, models: Path) -> list[str]:
+def _worker_args(
+    bootstrap: str, topic: str, models: Path, extra: tuple[str, ...] = ()
+) -> list[str]:
     return [
         "run",
         "--bootstrap-servers",
@@ -102,6 +105,7 @@ def _worker_args(bootstrap: str, topic: str, models: Path) -> list[str]:
         "cpu",
         "--log-level",
         "DEBUG",  # the most talkative setting must still not leak a secret
+        *extra,
     ]
 
 
@@ -113,11 +117,12 @@ def _serve_and_collect(
     client: dict[str, object],
     n: int,
     log_path: Path,
+    extra: tuple[str, ...] = (),
 ) -> tuple[list, str]:
     """Run a worker subprocess with ``env`` until ``n`` answers are readable with ``client``."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", *_worker_args(bootstrap, topic, models)],
+            [sys.executable, "-m", "worker.cli", *_worker_args(bootstrap, topic, models, extra)],
             cwd=ROOT,
             env=_clean_env(env),
             stdout=log,
@@ -252,5 +257,66 @@ def test_untrusted_certificate_fails_fast_publish(secure_broker: Broker, foreign
 def test_generated_secrets_are_private(secure_broker: Broker) -> None:
     assert secure_broker.password_file.stat().st_mode & 0o077 == 0
     assert (secure_broker.directory / "tls" / "ca.key").stat().st_mode & 0o077 == 0
+    assert (secure_broker.directory / "jaas.conf").stat().st_mode & 0o077 == 0
     config = (secure_broker.directory / "server.properties").read_text()
     assert secure_broker.password_file.read_text().strip() not in config
+
+
+_MODULES = {
+    "PLAIN": "org.apache.kafka.common.security.plain.PlainLoginModule",
+    "SCRAM-SHA-512": "org.apache.kafka.common.security.scram.ScramLoginModule",
+}
+
+
+def _client_properties(path: Path, broker: Broker, mechanism: str) -> Path:
+    """A client.properties as Confluent Cloud and Kafka's tools hand it out."""
+    password = broker.password_file.read_text().strip()
+    path.write_text(
+        "# Required connection configs for Kafka producer, consumer, and admin\n"
+        f"bootstrap.servers={broker.sasl_bootstrap}\n"
+        "security.protocol=SASL_PLAINTEXT\n"
+        f"sasl.mechanism={mechanism}\n"
+        f"sasl.jaas.config={_MODULES[mechanism]} required \\\n"
+        f"    username='worker' password='{password}';\n"
+        "# Best practice for higher availability in Apache Kafka clients prior to 3.0\n"
+        "session.timeout.ms=45000\n"
+        "acks=all\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
+# the kafka-python half runs in `make test-slow`, as every two-client test's
+@pytest.mark.parametrize(
+    "backend", ["confluent", pytest.param("kafka-python", marks=pytest.mark.slow)]
+)
+def test_a_java_client_properties_file_with_jaas(
+    secure_broker: Broker, models: Path, tmp_path: Path, mechanism: str, backend: str
+) -> None:
+    password = secure_broker.password_file.read_text().strip()
+    props = _client_properties(tmp_path / "client.properties", secure_broker, mechanism)
+    topic = f"jaas-{mechanism.lower()}-{backend}"
+    args = ["publish", "--bootstrap-servers", secure_broker.sasl_bootstrap, "--topic", topic]
+    args += ["--format", "msgpack", "--model", "mnist-mlp", "--synthetic", "784", "--rows", "6"]
+    args += ["--batch-rows", "3", "--kafka-config", str(props), "--kafka-client", backend]
+    rc, out, _ = _cli("producers.cli", args, {}, timeout=120)
+    assert rc == 0, out
+    client = {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": mechanism,
+        "sasl_plain_username": "worker",
+        "sasl_plain_password": password,
+    }
+    answers, log = _serve_and_collect(
+        secure_broker.sasl_bootstrap,
+        topic,
+        models,
+        {},
+        client,
+        n=2,
+        log_path=tmp_path / "worker.log",
+        extra=("--kafka-config", str(props), "--kafka-client", backend),
+    )
+    assert len(answers) == 2, log[-3000:]
+    assert all(header(r, "model") == "mnist-mlp" for r in answers)
+    assert password not in out and password not in log

@@ -1,8 +1,8 @@
-"""``inference-worker``: flags <-> ``WORKER_*`` environment, exit codes; nothing else.
+"""``inference-worker``: flags, ``WORKER_*`` environment, ``--config`` file; exit codes.
 
 The ``run`` flags are generated from :class:`worker.settings.Settings` (one
 definition: name, type, range, default, help); this module maps a validation
-error to the flag or variable that caused it.
+error to the flag, variable or config file key that caused it.
 
 Exit status: 0 after SIGTERM/SIGINT with everything drained; 2 for a
 configuration error (one line naming the flag); 1 for a fatal runtime error.
@@ -16,21 +16,14 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any, NoReturn
-from unittest import mock
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from worker.errors import ConfigError, FatalError
-from worker.kafka.options import (
-    check_properties,
-    credentials_from_env,
-    parse_kafka_options,
-    read_properties_file,
-)
-from worker.settings import GROUPS, Settings
+from worker.kafka.options import kafka_properties
+from worker.settings import GROUPS, ConfigFile, Settings, env_name, flags, sources
 
 __all__ = ["entry", "main", "parse_settings", "version"]
 
@@ -54,20 +47,18 @@ def _extra(info: FieldInfo) -> dict[str, Any]:
 
 def _flags() -> Iterator[tuple[str, str, FieldInfo]]:
     """(field, flag, info) for every field that is a flag."""
-    for name, info in Settings.model_fields.items():
-        if "group" in _extra(info):
-            yield name, str(_extra(info).get("flag", name.replace("_", "-"))), info
-
-
-def _env_name(flag: str) -> str:
-    return "WORKER_" + flag.upper().replace("-", "_")
+    for name, flag in flags().items():
+        yield name, flag, Settings.model_fields[name]
 
 
 def _help(info: FieldInfo, flag: str) -> str:
     text = " ".join((info.description or "").split())
     if not info.is_required() and info.default not in (None, (), False):
         text += f" (default {info.default})"
-    return f"{text} [{_env_name(flag)}]".replace("%", "%%")
+    also = _extra(info).get("also_env")
+    if also:
+        text += f" (also {also}, below {env_name(flag)})"
+    return f"{text} [{env_name(flag)}]".replace("%", "%%")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -77,8 +68,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="consume requests, run models, produce responses",
-        description="Every flag also reads the environment variable shown in brackets; "
-        "a flag wins over its variable.",
+        description="Every flag also reads the environment variable shown in brackets, "
+        "and --config FILE (TOML) holds any of them under the flag's name with _ for -; "
+        "a flag wins over its variable, a variable over the file.",
         argument_default=argparse.SUPPRESS,
     )
     run.add_argument("--version", action="version", version=f"{PROG} {version()}")
@@ -104,32 +96,45 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextmanager
-def _environment(env: Mapping[str, str] | None) -> Iterator[Mapping[str, str]]:
-    """``env`` in place of the process environment while settings are read (tests)."""
-    if env is None:
-        yield os.environ
-        return
-    with mock.patch.dict(os.environ, env, clear=True):
-        yield env
+def _origin(
+    field: str, flag: str, given: set[str], environ: Mapping[str, str], file: ConfigFile | None
+) -> str:
+    """Which flag, variable or config file key gave ``field`` its (bad) value."""
+    info = Settings.model_fields.get(field)
+    also = _extra(info).get("also_env") if info is not None else None
+    if field in given:
+        return f"--{flag}"
+    if env_name(flag) in environ or (also and also in environ):
+        return env_name(flag) if env_name(flag) in environ else str(also)
+    if file is not None and field in file.keys:
+        return f"{file.path}: {file.keys[field]}"
+    return env_name(flag)
 
 
-def _config_error(exc: ValidationError, given: set[str]) -> ConfigError:
-    """The first validation error as one line naming the flag (or the variable)."""
-    error = exc.errors()[0]
+def _config_error(
+    exc: ValidationError,
+    given: set[str],
+    environ: Mapping[str, str],
+    file: ConfigFile | None,
+) -> ConfigError:
+    """The first validation error as one line naming the flag, variable or file key."""
+    # a value given wrong says more than one not given at all
+    errors = exc.errors()
+    error = next((e for e in errors if e["type"] != "missing"), errors[0])
     field = str(error["loc"][0]) if error["loc"] else ""
-    flags = {name: flag for name, flag, _ in _flags()}
+    names = flags()
     # An alias (input_topic, WORKER_INPUT_TOPIC) names its field.
     for name, info in Settings.model_fields.items():
         alias = info.validation_alias
         choices = getattr(alias, "choices", [alias]) if alias is not None else []
         if field in choices:
             field = name
-    flag = flags.get(field, field.replace("_", "-"))
-    where = f"--{flag}" if field in given else _env_name(flag)
+    flag = names.get(field, field.replace("_", "-"))
+    where = _origin(field, flag, given, environ, file)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "missing":
-        return ConfigError(f"--{flag}", f"required (or set {_env_name(flag)})")
+        key = flag.replace("-", "_")
+        return ConfigError(f"--{flag}", f"required (or set {env_name(flag)}, or {key} in --config)")
     value = error.get("input")
     scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
     if scalar and repr(value) not in message:
@@ -138,22 +143,29 @@ def _config_error(exc: ValidationError, given: set[str]) -> ConfigError:
 
 
 def parse_settings(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
-    """Parse ``run`` flags over the environment; raises :class:`ConfigError` naming the flag."""
+    """Parse ``run`` flags over the environment (``env``, else the process's) and the
+    ``--config`` file; raises :class:`ConfigError` naming the flag, variable or key."""
     args = vars(_build_parser().parse_args(["run", *argv]))
     args.pop("command", None)
-    with _environment(env) as environ:
-        try:
-            settings = Settings(**args)
-        except ValidationError as exc:
-            raise _config_error(exc, set(args)) from None
-        properties = {
-            # the file, then the environment's credentials, then flags: the last wins
-            **(read_properties_file(settings.kafka_config) if settings.kafka_config else {}),
-            **credentials_from_env(environ),
-            **parse_kafka_options(settings.kafka_option),
-        }
-    check_properties(properties, settings.kafka_client)
-    return settings.model_copy(update={"kafka_properties": properties})
+    environ = os.environ if env is None else env
+    chain = sources(args, environ)  # raises ConfigError for a missing or malformed file
+    file = next((s for s in chain if isinstance(s, ConfigFile)), None)
+    try:
+        # pydantic-settings' own hook for a prepared chain; its mypy plugin omits it
+        settings = Settings(_build_sources=(chain, args))  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise _config_error(exc, set(args), environ, file) from None
+    # the file, then the environment's credentials, then flags: the last wins
+    properties = kafka_properties(
+        settings.kafka_config, environ, settings.kafka_option, settings.kafka_client
+    )
+    update: dict[str, Any] = {"kafka_properties": properties}
+    # A Java client file names its cluster (bootstrap.servers): it is used unless a
+    # flag, variable or --config file named one, as Kafka's tools' flag wins over it.
+    servers = properties.pop("bootstrap.servers", "").strip()
+    if servers and "bootstrap_servers" not in settings.model_fields_set:
+        update["bootstrap_servers"] = servers
+    return settings.model_copy(update=update)
 
 
 def version() -> str:

@@ -52,6 +52,7 @@ __all__ = [
     "Health",
     "HealthServer",
     "Metrics",
+    "RepeatedLines",
     "configure_logging",
 ]
 
@@ -485,13 +486,74 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class _TextFormatter(logging.Formatter):
+    """``2026-12-01T15:20:03.123Z INFO worker: ...``: UTC, and says so."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{ts}.{int(record.msecs):03d}Z"
+
+
+# The Kafka clients' own loggers: librdkafka's lines, and kafka-python's.
+KAFKA_CLIENT_LOGGERS = ("worker.kafka.librdkafka", "kafka")
+
+
+class RepeatedLines(logging.Filter):
+    """A Kafka client that cannot reach its broker says so many times a second, in
+    several words (kafka-python logs one refused connection four ways).
+
+    Per client logger family, the first warning or error passes; for the next
+    ``interval_s`` the family's warnings and errors are counted instead, and
+    the first one after that passes as one summary line ("N more in the last
+    10 s, the latest: ...") that opens the next window. A family quiet for a
+    whole window starts afresh. Other loggers, and lines below WARNING (asked
+    for with --log-level DEBUG), pass untouched.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        families: tuple[str, ...] = KAFKA_CLIENT_LOGGERS,
+    ) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._families = families
+        self._lock = threading.Lock()
+        # family -> (start of its window, lines held back in it)
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def _family(self, name: str) -> str | None:
+        return next((f for f in self._families if name == f or name.startswith(f + ".")), None)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        family = self._family(record.name)
+        if family is None or record.levelno < logging.WARNING:
+            return True
+        now = self._clock()
+        with self._lock:
+            start, held = self._windows.get(family, (-float("inf"), 0))
+            if now - start < self._interval_s:
+                self._windows[family] = (start, held + 1)
+                return False
+            self._windows[family] = (now, 0)
+        if held:
+            text = record.getMessage()
+            record.msg = f"{held + 1} more in the last {now - start:.0f} s, the latest: {text}"
+            record.args = ()
+        return True
+
+
 def configure_logging(fmt: str = "text", level: str = "INFO") -> None:
-    """One stderr handler on the root logger: ``text`` for people, ``json`` for collectors."""
+    """One stderr handler on the root logger: ``text`` for people, ``json`` for collectors;
+    both with UTC timestamps, and a Kafka client's repeated lines summarised."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatedLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

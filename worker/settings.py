@@ -6,6 +6,11 @@ environment variable; its docstring is its ``--help`` line, its
 and the metavar). :mod:`worker.cli` builds the parser from this class and
 maps validation errors to flag names; nothing below the CLI knows a flag.
 
+Where a value comes from, highest first (:func:`sources`): the flag, its
+``WORKER_*`` variable, ``KAFKA_BOOTSTRAP_SERVERS`` (bootstrap servers only),
+the ``--config`` TOML file (keys are flag names with ``_`` for ``-``), the
+default. Each is a pydantic-settings source, so one validation covers all.
+
 Kafka properties are the exception: ``--kafka-option`` / ``--kafka-config`` /
 ``KAFKA_*`` credentials are merged by the CLI into ``kafka_properties``, which
 keeps Kafka's own names (:mod:`worker.kafka.options` routes them per client)
@@ -14,20 +19,51 @@ and stays out of ``repr`` because it may hold a password.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
+import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the same parser, before it joined the standard library
+    import tomli as tomllib
+
+from worker.errors import ConfigError
 from worker.kafka import BACKENDS
 from worker.observability import DEFAULT_METRICS_PORT
 
-__all__ = ["GROUPS", "MAX_MESSAGE_BYTES", "Settings", "parse_size"]
+__all__ = [
+    "GROUPS",
+    "KAFKA_BOOTSTRAP_ENV",
+    "MAX_MESSAGE_BYTES",
+    "ConfigFile",
+    "Environment",
+    "KafkaBootstrapServers",
+    "Settings",
+    "env_name",
+    "flags",
+    "parse_size",
+    "sources",
+]
 
 # Raised together on broker (scripts/kafka-local), producer and consumer: a
 # 1024-row float32 batch of the demo MLP is 3 MiB; 16 MiB leaves room for
@@ -35,12 +71,16 @@ __all__ = ["GROUPS", "MAX_MESSAGE_BYTES", "Settings", "parse_size"]
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 GROUPS = {
+    "config": "configuration file",
     "kafka": "Kafka",
     "models": "models and runtime",
     "batching": "batching",
     "delivery": "delivery",
     "observability": "observability",
 }
+
+# Kafka's tools and inference-producer read it; below WORKER_BOOTSTRAP_SERVERS.
+KAFKA_BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
 
@@ -119,9 +159,15 @@ class Settings(BaseSettings):
         validate_default=False,
     )
 
+    # -- configuration file ------------------------------------------------------
+    config: Path | None = Field(None, json_schema_extra=_meta("config", metavar="FILE"))
+    """TOML file of any of these settings under the flag's name with _ for -
+    (max_batch_rows = 512); flags and variables win over it."""
+
     # -- Kafka -------------------------------------------------------------------
     bootstrap_servers: str = Field(
-        "localhost:9092", json_schema_extra=_meta("kafka", metavar="HOST:PORT,...")
+        "localhost:9092",
+        json_schema_extra=_meta("kafka", metavar="HOST:PORT,...", also_env=KAFKA_BOOTSTRAP_ENV),
     )
     """Kafka bootstrap servers."""
     input_topics: TopicList = Field(
@@ -293,3 +339,124 @@ class Settings(BaseSettings):
         # Stable across restarts of one pod (its hostname; the pid is 1 in a
         # container), never shared by two workers on one host.
         return self.transactional_id or f"{self.group_id}-{socket.gethostname()}-{os.getpid()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings(...) in code reads the process environment; the CLI builds the same
+        # chain over the environment it was given (sources()).
+        given = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+        return (init_settings, *sources(given, os.environ)[1:])
+
+
+def flags() -> dict[str, str]:
+    """Field name -> flag name (without ``--``) of every field that is a flag."""
+    out = {}
+    for name, info in Settings.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and "group" in extra:
+            out[name] = str(extra.get("flag", name.replace("_", "-")))
+    return out
+
+
+def env_name(flag: str) -> str:
+    """The variable a flag also reads: ``max-batch-rows`` -> ``WORKER_MAX_BATCH_ROWS``."""
+    return "WORKER_" + flag.upper().replace("-", "_")
+
+
+class Environment(EnvSettingsSource):
+    """``WORKER_*`` variables, read from the mapping given (the process environment
+    for the CLI, a plain dict in tests)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(
+            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
+        )
+
+
+class KafkaBootstrapServers(PydanticBaseSettingsSource):
+    """``KAFKA_BOOTSTRAP_SERVERS``, as Kafka's tools read it: the bootstrap servers only."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.value = environ.get(KAFKA_BOOTSTRAP_ENV, "").strip()
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field_name == "bootstrap_servers" and self.value:
+            return self.value, KAFKA_BOOTSTRAP_ENV, False
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {"bootstrap_servers": self.value} if self.value else {}
+
+
+class ConfigFile(TomlConfigSettingsSource):
+    """The ``--config`` TOML file: run settings under their flag names, ``_`` for ``-``.
+
+    A missing file, bad TOML or a key that is no flag raises :class:`ConfigError`
+    naming the file (and the key); ``keys`` maps each field read back to the
+    file's spelling, so a bad value is reported as the file's line would say it.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path, named_by: str) -> None:
+        self.path = path
+        self.named_by = named_by
+        self.keys: dict[str, str] = {}
+        if not path.is_file():
+            raise ConfigError(named_by, f"no such file: {str(path)!r}")
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            with open(file_path, "rb") as f:
+                data = tomllib.load(f)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(self.named_by, f"cannot read {file_path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(file_path), f"not valid TOML: {exc}") from None
+        fields = {flag.replace("-", "_"): name for name, flag in flags().items()}
+        del fields["config"]
+        out = {}
+        for key, value in data.items():
+            if key == "config":
+                raise ConfigError(f"{file_path}: {key}", "a config file cannot name another")
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(
+                    f"{file_path}: {key}",
+                    f"unknown key: not a flag of inference-worker run{hint}",
+                )
+            self.keys[fields[key]] = key
+            out[fields[key]] = value
+        return out
+
+
+def sources(
+    given: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    """The sources of a run's settings, highest first: ``given`` (flags, by field
+    name), ``WORKER_*`` variables, ``KAFKA_BOOTSTRAP_SERVERS``, the ``--config`` file.
+
+    The file is the ``config`` flag's, else ``WORKER_CONFIG``'s.
+    """
+    chain: list[PydanticBaseSettingsSource] = [
+        InitSettingsSource(Settings, init_kwargs=dict(given)),
+        Environment(Settings, environ),
+        KafkaBootstrapServers(Settings, environ),
+    ]
+    if given.get("config"):
+        chain.append(ConfigFile(Settings, Path(given["config"]), "--config"))
+    elif environ.get(env_name("config"), "").strip():
+        chain.append(ConfigFile(Settings, Path(environ[env_name("config")]), env_name("config")))
+    return tuple(chain)

@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("worker.kafka")
+# librdkafka's own words (its log lines, the errors poll() hands back): summarised
+# when repeated (worker.observability.RepeatedLines).
+client_log = logging.getLogger("worker.kafka.librdkafka")
 
 _DEFERRED = {
     ck.KafkaError.REBALANCE_IN_PROGRESS,
@@ -116,7 +119,7 @@ def _common(config: ClientConfig, access: _Access) -> dict[str, Any]:
         "message.max.bytes": config.max_message_bytes + 64 * 1024,
         "topic.metadata.refresh.interval.ms": config.metadata_max_age_ms,
         "error_cb": access,
-        "logger": logging.getLogger("worker.kafka.librdkafka"),
+        "logger": client_log,
     }
 
 
@@ -259,7 +262,7 @@ class ConfluentConsumer:
                     continue
                 if err.fatal():
                     raise FatalError(f"Kafka consumer: {err.str()}")
-                log.warning("Kafka consumer: %s", err.str())
+                client_log.warning("Kafka consumer: %s", err.str())
                 continue
             records.append(_record(m))
         return records

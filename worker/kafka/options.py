@@ -6,25 +6,37 @@ Java ``.properties`` form, ``KAFKA_*`` variables for credentials. librdkafka
 takes the names as they are (it refuses an unknown one when the client is
 built); kafka-python gets each name mapped to its keyword, and a name it has
 no keyword for is refused here, before anything connects.
+
+Java's ``sasl.jaas.config`` (``PlainLoginModule`` / ``ScramLoginModule`` with
+``username`` and ``password``, as Confluent Cloud hands it out) becomes
+``sasl.username`` / ``sasl.password``, which both clients take. Every error
+names where the property came from: ``--kafka-config FILE:LINE``, the
+``KAFKA_*`` variable or ``--kafka-option``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import javaproperties
 
 from worker.errors import ConfigError
 
 __all__ = [
     "CONSUMER_ONLY",
+    "JAAS_MODULES",
     "PRODUCER_ONLY",
     "check_properties",
     "credentials_from_env",
     "for_clients",
+    "kafka_properties",
     "kafka_python_config",
     "parse_kafka_options",
-    "read_properties_file",
+    "read_properties",
+    "translate_jaas",
 ]
 
 # librdkafka properties that only one side accepts ("C"/"P" in its
@@ -95,7 +107,8 @@ PRODUCER_ONLY = frozenset(
 
 
 def parse_kafka_options(pairs: Iterable[str], flag: str = "--kafka-option") -> dict[str, str]:
-    """``["fetch.max.bytes=1048576", "security.protocol=SSL"]`` -> ``{name: value}``."""
+    """``["fetch.max.bytes=1048576", "security.protocol=SSL"]`` -> ``{name: value}``;
+    a ``sasl.jaas.config`` is translated (:func:`translate_jaas`)."""
     options: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -103,29 +116,120 @@ def parse_kafka_options(pairs: Iterable[str], flag: str = "--kafka-option") -> d
         if not sep or not key:
             raise ConfigError(flag, f"expected KEY=VALUE with a Kafka property name, got {pair!r}")
         options[key] = value.strip()
+    if "sasl.jaas.config" in options:
+        options.update(translate_jaas(options.pop("sasl.jaas.config"), flag, _mechanism(options)))
     return options
 
 
-def read_properties_file(path: str | Path, flag: str = "--kafka-config") -> dict[str, str]:
-    """A Java-style ``.properties`` file (``key=value`` or ``key: value``, ``#``/``!``
-    comments), as Kafka's tools take with ``--command-config``."""
+def _mechanism(properties: Mapping[str, str]) -> str | None:
+    # librdkafka also takes the plural spelling
+    return properties.get("sasl.mechanism") or properties.get("sasl.mechanisms")
+
+
+def read_properties(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A Java ``.properties`` file, as Kafka's tools take with ``--command-config``:
+    ``(properties, where)``, ``where`` naming each property's ``--kafka-config FILE:LINE``.
+
+    The format's own parser: ``=``, ``:`` or blanks between key and value,
+    backslash escapes (``\\uXXXX`` too), continuation lines, ``#``/``!`` comments;
+    ``sasl.jaas.config`` is translated (:func:`translate_jaas`).
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(flag, f"cannot read {path}: {exc}") from None
+        raise ConfigError("--kafka-config", f"cannot read {path}: {exc}") from None
+    properties: dict[str, str] = {}
+    where: dict[str, str] = {}
+    line = 1
+    try:
+        for element in javaproperties.parse(text):
+            here = f"--kafka-config {path}:{line}"
+            line += element.source.count("\n")
+            if isinstance(element, javaproperties.KeyValue):
+                key = element.key.strip()
+                if not key:
+                    raise ConfigError(here, f"expected key=value, got {element.source.strip()!r}")
+                properties[key] = element.value.strip()
+                where[key] = here
+    except javaproperties.InvalidUEscapeError as exc:
+        raise ConfigError(f"--kafka-config {path}", f"bad \\u escape: {exc}") from None
+    if "sasl.jaas.config" in properties:
+        here = where.pop("sasl.jaas.config")
+        found = translate_jaas(properties.pop("sasl.jaas.config"), here, _mechanism(properties))
+        properties.update(found)
+        where.update(dict.fromkeys(found, here))
+    return properties, where
+
+
+# Java login modules that carry a user name and password, and the
+# sasl.mechanism values each goes with (the first is assumed when none is set).
+JAAS_MODULES = {
+    "org.apache.kafka.common.security.plain.PlainLoginModule": ("PLAIN",),
+    "org.apache.kafka.common.security.scram.ScramLoginModule": ("SCRAM-SHA-512", "SCRAM-SHA-256"),
+}
+_JAAS = re.compile(r"\s*([\w.$]+)\s+(required|requisite|sufficient|optional)\b(.*?);?\s*", re.S)
+_JAAS_OPTION = re.compile(
+    r"""\s*([\w.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|[^\s"';]+)"""
+)
+
+
+def translate_jaas(value: str, where: str, mechanism: str | None = None) -> dict[str, str]:
+    """``sasl.jaas.config`` as Java clients take it -> ``sasl.username``/``sasl.password``
+    (and ``sasl.mechanism`` when ``mechanism`` is None: PLAIN or SCRAM-SHA-512).
+
+    ``org.apache.kafka.common.security.plain.PlainLoginModule required
+    username="u" password="p";`` (or ``ScramLoginModule``). Any other login
+    module, option or shape, or a module that does not go with ``mechanism``,
+    raises :class:`ConfigError` naming ``where`` and saying what is supported;
+    the password never appears in a message.
+    """
+    module, options = _parse_jaas(value, where)
+    short = module.rsplit(".", 1)[-1]
+    unknown = sorted(set(options) - {"username", "password"})
+    if unknown or not {"username", "password"} <= set(options):
+        what = f"unsupported option {unknown[0]!r}" if unknown else "needs username and password"
+        raise ConfigError(where, f"sasl.jaas.config: {short} {what}; {_SUPPORTED}")
+    mechanisms = JAAS_MODULES[module]
+    if mechanism is not None and mechanism.upper() not in mechanisms:
+        raise ConfigError(
+            where,
+            f"sasl.jaas.config: {short} goes with sasl.mechanism {' or '.join(mechanisms)}, "
+            f"not {mechanism}",
+        )
+    found = {"sasl.username": options["username"], "sasl.password": options["password"]}
+    return found if mechanism is not None else {"sasl.mechanism": mechanisms[0], **found}
+
+
+_SUPPORTED = (
+    "supported: PlainLoginModule or ScramLoginModule with username and password, e.g. "
+    'org.apache.kafka.common.security.plain.PlainLoginModule required username="u" password="p";'
+)
+
+
+def _parse_jaas(value: str, where: str) -> tuple[str, dict[str, str]]:
+    """(login module, options) of a one-module JAAS line."""
+    m = _JAAS.fullmatch(value)
+    if not m:
+        raise ConfigError(where, f"sasl.jaas.config: not a JAAS login module line; {_SUPPORTED}")
+    module, _, rest = m.groups()
+    if module not in JAAS_MODULES:
+        raise ConfigError(
+            where, f"sasl.jaas.config: login module {module} is not supported; {_SUPPORTED}"
+        )
     options: dict[str, str] = {}
-    lines = iter(text.splitlines())
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        while line.endswith("\\"):  # a continued line
-            line = line[:-1] + next(lines, "").strip()
-        if not line or line[0] in "#!":
-            continue
-        cut = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
-        if cut <= 0:
-            raise ConfigError(flag, f"{path}:{number}: expected key=value, got {line!r}")
-        options[line[:cut].strip()] = line[cut + 1 :].strip()
-    return options
+    pos = 0
+    for opt in _JAAS_OPTION.finditer(rest):
+        if opt.start() != pos:
+            break
+        name, raw = opt.groups()
+        quoted = raw[:1] in ("'", '"')  # either quote, as Java's StreamTokenizer reads them
+        options[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if quoted else raw
+        pos = opt.end()
+    if rest[pos:].strip():
+        raise ConfigError(
+            where, f"sasl.jaas.config: cannot read the options of {module}; {_SUPPORTED}"
+        )
+    return module, options
 
 
 # Credentials come from the environment (a Kubernetes Secret) or files, never
@@ -164,6 +268,29 @@ def credentials_from_env(env: Mapping[str, str]) -> dict[str, str]:
     return options
 
 
+def kafka_properties(
+    config_file: str | Path | None,
+    environ: Mapping[str, str],
+    options: Iterable[str],
+    backend: str,
+) -> dict[str, str]:
+    """The ``--kafka-config`` file, then ``KAFKA_*`` credentials, then ``--kafka-option``
+    (the last wins), checked against ``backend``'s client before anything connects.
+
+    A refused property is reported under where it came from: ``--kafka-config
+    FILE:LINE``, its variable, or ``--kafka-option``.
+    """
+    properties, where = read_properties(config_file) if config_file is not None else ({}, {})
+    credentials = credentials_from_env(environ)
+    variables = {key: var for var, key in _CREDENTIAL_ENV.items()}
+    where.update({k: variables.get(k, "KAFKA_SASL_PASSWORD_FILE") for k in credentials})
+    flags = parse_kafka_options(options)
+    where.update(dict.fromkeys(flags, "--kafka-option"))
+    merged = {**properties, **credentials, **flags}
+    check_properties(merged, backend, where)
+    return merged
+
+
 def for_clients(properties: Mapping[str, str], role: str) -> dict[str, str]:
     """The librdkafka properties a ``role`` ("consumer", "producer", "admin") accepts."""
     skip = {
@@ -179,6 +306,7 @@ def for_clients(properties: Mapping[str, str], role: str) -> dict[str, str]:
 _KAFKA_PYTHON_ALIASES = {
     "sasl.username": "sasl_plain_username",
     "sasl.password": "sasl_plain_password",
+    "sasl.mechanisms": "sasl_mechanism",
     "ssl.ca.location": "ssl_cafile",
     "ssl.certificate.location": "ssl_certfile",
     "ssl.key.location": "ssl_keyfile",
@@ -205,10 +333,13 @@ def _coerce(value: str) -> Any:
         return value
 
 
-def kafka_python_config(properties: Mapping[str, str], role: str) -> dict[str, Any]:
+def kafka_python_config(
+    properties: Mapping[str, str], role: str, where: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """kafka-python keywords for ``role`` from Kafka property names.
 
-    Raises :class:`ConfigError` naming a property kafka-python cannot honour.
+    Raises :class:`ConfigError` naming a property kafka-python cannot honour,
+    under ``where[name]`` (default ``--kafka-option``).
     """
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient
@@ -228,7 +359,7 @@ def kafka_python_config(properties: Mapping[str, str], role: str) -> dict[str, A
             typed = _coerce(value)
         if keyword not in known:
             raise ConfigError(
-                "--kafka-option",
+                (where or {}).get(name, "--kafka-option"),
                 f"unknown Kafka property {name!r} for --kafka-client kafka-python",
             )
         if keyword in defaults[role]:
@@ -236,15 +367,19 @@ def kafka_python_config(properties: Mapping[str, str], role: str) -> dict[str, A
     return out
 
 
-def check_properties(properties: Mapping[str, str], backend: str) -> None:
-    """Refuse, before anything connects, a property the chosen client cannot take.
+def check_properties(
+    properties: Mapping[str, str], backend: str, where: Mapping[str, str] | None = None
+) -> None:
+    """Refuse, before anything connects, a property the chosen client cannot take,
+    naming ``where[name]`` (default ``--kafka-option``).
 
     librdkafka checks names and values itself: a throwaway client of each kind
     (no broker, logging off) is built from the properties it would get.
     """
+    where = where or {}
     if backend == "kafka-python":
         for role in ("consumer", "producer", "admin"):
-            kafka_python_config(properties, role)
+            kafka_python_config(properties, role, where)
         return
     import confluent_kafka as ck
 
@@ -259,6 +394,16 @@ def check_properties(properties: Mapping[str, str], backend: str) -> None:
         except ck.KafkaException as exc:
             error = exc.args[0]
             text = error.str() if hasattr(error, "str") else str(exc)
-            raise ConfigError("--kafka-option", f"refused by librdkafka: {text}") from None
+            raise ConfigError(_origin(text, where), f"refused by librdkafka: {text}") from None
         if role == "consumer":
             client.close()
+
+
+def _origin(text: str, where: Mapping[str, str]) -> str:
+    """Where the property a librdkafka message quotes came from; else the one place
+    all came from; else ``--kafka-option``."""
+    quoted = re.search(r'"([\w.-]+)"', text)
+    if quoted and quoted.group(1) in where:
+        return where[quoted.group(1)]
+    places = set(where.values())
+    return places.pop() if len(places) == 1 else "--kafka-option"
