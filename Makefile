@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	  $(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu; fi
 	@set -e; if $(PY) scripts/lock.py check $(LOCK); then \
 	  set -x; $(PY) -m pip install -q -r $(LOCK); \
-	  $(PY) -m pip install -q --no-deps --no-build-isolation -e .; \
+	  PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-deps --no-build-isolation -e .; \
 	else \
-	  set -x; $(PY) -m pip install -q -e ".[$$($(PY) scripts/lock.py extras $(LOCK))]"; \
+	  set -x; PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[$$($(PY) scripts/lock.py extras $(LOCK))]"; \
 	fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
