@@ -26,9 +26,9 @@ $(STAMP): pyproject.toml $(wildcard $(LOCK))
 	  $(PY) -m pip uninstall -q -y onnxruntime onnxruntime-gpu; fi
 	@set -e; if $(PY) scripts/lock.py check $(LOCK); then \
 	  set -x; $(PY) -m pip install -q -r $(LOCK); \
-	  $(PY) -m pip install -q --no-deps --no-build-isolation -e .; \
+	  PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-deps --no-build-isolation -e .; \
 	else \
-	  set -x; $(PY) -m pip install -q -e ".[$$($(PY) scripts/lock.py extras $(LOCK))]"; \
+	  set -x; PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[$$($(PY) scripts/lock.py extras $(LOCK))]"; \
 	fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -60,8 +60,17 @@ kubectl: install
 toxiproxy:
 	@scripts/toxiproxy install >/dev/null
 
+# Prometheus' promtool (the alerting rules' unit tests, the compose Prometheus
+# config) and Helm (the chart's lint, template and install), each built once
+# with `go install` into ~/.cache (a few minutes cold on two cores).
+.PHONY: promtool helm
+promtool:
+	@scripts/promtool install >/dev/null
+helm:
+	@scripts/helm install >/dev/null
+
 # lint first: a lint error fails the run before the slow tests start.
-test: lint kafka-jars kubectl toxiproxy
+test: lint kafka-jars kubectl toxiproxy promtool helm
 	$(PY) -m pytest -m "not slow and not k8s" $(PYTEST_ARGS)
 
 test-slow: install kafka-jars toxiproxy
@@ -88,7 +97,7 @@ clean:
 # Not in `make test`: builds kube-apiserver, controller-manager, scheduler,
 # etcd and KWOK once (~15 min cold on two cores, into ~/.cache/inference-worker-k8s),
 # runs the manifests against them (tests/test_k8s_cluster.py), stops the cluster.
-test-k8s: install kubectl
+test-k8s: install kubectl helm
 	PYTHON=$(PY) scripts/kube-local test $(PYTEST_ARGS)
 
 # On a GPU machine without a package registry: gathers the onnxruntime-gpu

@@ -26,6 +26,11 @@ import yaml
 
 from worker.observability import DEFAULT_METRICS_PORT, Metrics
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the tomli backport the worker depends on there
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -33,7 +38,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "inference-worker.json"
 
 OVERLAYS = ["cpu", "gpu", "keda", "keda-sasl", "keda-topics", "hpa", "servicemonitor"]
 COMPONENTS = ["hpa", "kafka-sasl", "keda", "keda-auth", "models-pvc", "nvidia-runtime",
-              "servicemonitor"]
+              "prometheusrule", "servicemonitor"]
 # Test ids never equal "gpu": conftest skips items with a `gpu` keyword off-GPU.
 _OVERLAY_PARAMS = [pytest.param(o, id=f"overlays/{o}") for o in OVERLAYS]
 # The oldest Kubernetes we support, and the newest schemas the package ships.
@@ -96,11 +101,33 @@ def _container(docs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     return containers[0]
 
 
+CONFIG_DIR = "/etc/inference-worker"
+
+
+def _config_file(docs: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """The config.toml the worker reads with --config, from the ConfigMap mounted for it."""
+    container = _container(docs)
+    assert container["args"] == ["--config", f"{CONFIG_DIR}/config.toml"]
+    (mount,) = (m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_DIR)
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = (v for v in pod["volumes"] if v["name"] == mount["name"])
+    name = volume["configMap"]["name"]
+    maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+    assert maps, f"the config volume names ConfigMap {name}, which the overlay does not render"
+    return tomllib.loads(maps[0]["data"]["config.toml"])
+
+
 def _config(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """Every setting as its WORKER_* variable: config.toml's keys, then the env ConfigMap's."""
+    merged = {
+        f"WORKER_{key.upper()}": ",".join(value) if isinstance(value, list) else str(value)
+        for key, value in _config_file(docs).items()
+    }
     name = _container(docs)["envFrom"][0]["configMapRef"]["name"]
     maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
     assert maps, f"envFrom names ConfigMap {name}, which the overlay does not render"
-    return maps[0]["data"]
+    merged.update(maps[0]["data"])
+    return merged
 
 
 def _exposed_metric_names() -> set[str]:
@@ -567,6 +594,53 @@ def test_compose_demo() -> None:
     assert "inference-producer collect" in script and "--expect 10000" in script
     topics = " ".join(services["topics"]["command"])
     assert worker["environment"]["WORKER_INPUT_TOPIC"] in topics
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """A compose service's bind mounts: container path -> the repository file or folder."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.removesuffix(":ro").split(":", 1)
+        if source.startswith("./"):
+            mounts[target] = ROOT / source
+    return mounts
+
+
+def test_compose_monitoring_profile() -> None:
+    """`--profile monitoring`: Prometheus scraping the worker, Grafana with the dashboard."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    monitoring = {name for name, s in services.items() if "monitoring" in s.get("profiles", [])}
+    assert monitoring == {"prometheus", "grafana"}
+    assert not any(s.get("profiles") for n, s in services.items() if n not in monitoring), (
+        "plain `docker compose up` still runs the whole demo"
+    )
+    for name in monitoring:
+        for target, source in _mounts(services[name]).items():
+            assert source.exists(), f"{name} mounts {source}, which does not exist"
+            assert target.startswith("/"), target
+
+    prometheus = _mounts(services["prometheus"])
+    config = yaml.safe_load(prometheus["/etc/prometheus/prometheus.yml"].read_text())
+    (job,) = config["scrape_configs"]
+    port = services["worker"]["environment"]["WORKER_METRICS_PORT"]
+    assert job["static_configs"][0]["targets"] == [f"worker:{port}"]
+    # The dashboard filters on namespace and pod, as Kubernetes discovery labels them.
+    assert {"namespace", "pod"} <= set(job["static_configs"][0]["labels"])
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert "/etc/prometheus/alerts.yml" in prometheus
+
+    grafana = _mounts(services["grafana"])
+    provisioning = grafana["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load(
+        (provisioning / "dashboards" / "inference-worker.yml").read_text())["providers"]
+    folder = provider["options"]["path"]
+    dashboards = {t: s for t, s in grafana.items() if t.startswith(folder + "/")}
+    assert list(dashboards.values()) == [DASHBOARD]
+    variable = json.loads(DASHBOARD.read_text())["templating"]["list"][0]
+    assert variable["type"] == "datasource" and variable["query"] == source["type"]
 
 
 # ---------------------------------------------------------------- dashboard

@@ -122,6 +122,11 @@ def watch_rollout(ns: str, changed: Path, timeout_s: float = 150) -> list[dict[s
     before = get_json("deployment/inference-worker", "-n", ns)["metadata"]["generation"]
     out = apply(changed, ns)
     assert out.returncode == 0, out.stderr
+    return samples_until_rolled(ns, before, timeout_s)
+
+
+def samples_until_rolled(ns: str, before: int, timeout_s: float = 150) -> list[dict[str, int]]:
+    """Sample the Deployment (past generation ``before``) until its rollout completed."""
     samples: list[dict[str, int]] = []
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -167,7 +172,8 @@ def test_cluster_is_the_simulated_one() -> None:
     assert version["gitVersion"].startswith("v1.34.")
     crds = {c["metadata"]["name"] for c in get_json("crd")["items"]}
     assert {"scaledobjects.keda.sh", "triggerauthentications.keda.sh",
-            "servicemonitors.monitoring.coreos.com"} <= crds
+            "servicemonitors.monitoring.coreos.com",
+            "prometheusrules.monitoring.coreos.com"} <= crds
 
 
 # ---------------------------------------------------------------- dry runs
@@ -395,3 +401,103 @@ def test_scaledobject_is_accepted(name: str, namespace: str) -> None:
         assert {"sasl", "username", "password", "tls", "ca"} <= params
         (trigger,) = scaled["spec"]["triggers"]
         assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+
+
+# ---------------------------------------------------------------- the Helm chart
+
+CHART = ROOT / "deploy" / "helm" / "inference-worker"
+RELEASE = "inference-worker"
+
+
+def helm(*args: str, ns: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    found = subprocess.run([str(ROOT / "scripts" / "helm"), "path"], capture_output=True,
+                           text=True, check=False)
+    if found.returncode != 0:
+        pytest.fail("helm is not built: run `make helm` (make test-k8s does)")
+    return subprocess.run([found.stdout.strip(), *args, "--namespace", ns], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _readme_helm_install() -> str:
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("helm install ")]
+    return line
+
+
+@pytest.mark.parametrize("values", [
+    ["--set", "device=cpu"],
+    [],
+    ["--set", "keda.enabled=true,serviceMonitor.enabled=true,prometheusRule.enabled=true"],
+], ids=["cpu", "gpu", "keda-monitoring"])
+def test_chart_passes_server_side_dry_run(values: list[str], namespace: str) -> None:
+    rendered = helm("template", RELEASE, str(CHART), *values, ns=namespace)
+    assert rendered.returncode == 0, rendered.stderr
+    out = kubectl("apply", "--server-side", "--dry-run=server", "-n", namespace, "-f", "-",
+                  stdin=rendered.stdout, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "deployment.apps/inference-worker serverside-applied (server dry run)" in out.stdout
+    if values[1:] and "keda" in values[1]:
+        for kind in ("scaledobject.keda.sh", "servicemonitor.monitoring.coreos.com",
+                     "prometheusrule.monitoring.coreos.com"):
+            assert f"{kind}/inference-worker serverside-applied" in out.stdout, kind
+
+
+def _release_objects(ns: str) -> list[str]:
+    kinds = "deployments,replicasets,pods,services,configmaps,serviceaccounts,pdb,secrets"
+    items = get_json(kinds, "-n", ns, "-l", f"app.kubernetes.io/instance={RELEASE}")["items"]
+    names = [f"{i['kind']}/{i['metadata']['name']}" for i in items]
+    secrets = get_json("secrets", "-n", ns)["items"]  # helm's release records
+    return names + [f"Secret/{i['metadata']['name']}" for i in secrets
+                    if i["metadata"]["name"].startswith("sh.helm.release")]
+
+
+def test_helm_install_upgrade_uninstall_on_the_cpu_node(namespace: str) -> None:
+    """The README's command as written (HELM_NAMESPACE picks the namespace)."""
+    env = {**os.environ, "HELM_NAMESPACE": namespace}
+    found = subprocess.run([str(ROOT / "scripts" / "helm"), "path"], capture_output=True,
+                           text=True, check=False)
+    assert found.returncode == 0, "helm is not built: make helm"
+    line = _readme_helm_install().replace("helm ", found.stdout.strip() + " ", 1)
+    out = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stderr
+    wait_rollout(namespace)
+    running = pods(namespace)
+    assert len(running) == 2 and {p["spec"]["nodeName"] for p in running} == {CPU_NODE}
+
+    # A settings change moves the config checksum, so the pods roll within
+    # maxSurge 1 / maxUnavailable 0: 2 or 3 pods, never fewer than 2 available.
+    before = get_json("deployment/inference-worker", "-n", namespace)["metadata"]["generation"]
+    up = helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "config.log_level=DEBUG",
+              ns=namespace)
+    assert up.returncode == 0, up.stderr
+    samples = samples_until_rolled(namespace, before)
+    assert max(s["replicas"] for s in samples) == 3, "surges one pod, no more"
+    assert min(s["available"] for s in samples) >= 2, "never one fewer"
+    config = get_json("configmap/inference-worker-file", "-n", namespace)["data"]["config.toml"]
+    assert 'log_level = "DEBUG"' in config and 'device = "cpu"' in config
+
+    assert _release_objects(namespace)
+    gone = helm("uninstall", RELEASE, "--wait", "--timeout", "120s", ns=namespace)
+    assert gone.returncode == 0, gone.stderr
+    deadline = time.monotonic() + 60
+    while (left := _release_objects(namespace)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"left behind: {left}"
+
+
+def test_helm_gpu_install_runs_on_the_cuda13_node_and_upgrades_without_surge(
+    namespace: str,
+) -> None:
+    out = helm("install", RELEASE, str(CHART), ns=namespace)
+    assert out.returncode == 0, out.stderr
+    wait_rollout(namespace)
+    _gpu_pods_placed(namespace)
+    before = get_json("deployment/inference-worker", "-n", namespace)["metadata"]["generation"]
+    up = helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", "config.log_level=DEBUG",
+              ns=namespace)
+    assert up.returncode == 0, up.stderr
+    samples = samples_until_rolled(namespace, before)
+    assert max(s["replicas"] for s in samples) == 2, "a surge pod was asked for"
+    assert min(s["available"] for s in samples) == 1, "one pod at a time"
+    _gpu_pods_placed(namespace)

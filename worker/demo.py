@@ -36,6 +36,7 @@ __all__ = [
     "predict",
     "train_mlp",
     "write_demo_model",
+    "write_held_out",
     "write_trained_model",
 ]
 
@@ -219,12 +220,49 @@ def write_trained_model(repository: Path, trained: Trained, version: int = 1) ->
     return path
 
 
+def write_held_out(path: Path, digits: Digits) -> Path:
+    """The held-out digits as a publish source: ``.npy`` (the rows) or ``.parquet``
+    (column ``x``, one 784-float row each, beside ``label``)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        np.save(path, digits.x_test)
+        return path
+    if path.suffix != ".parquet":
+        raise SystemExit(f"--held-out: expected a .npy or .parquet file name, got {str(path)!r}")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pa.FixedSizeListArray.from_arrays(pa.array(digits.x_test.ravel()), 784)
+    pq.write_table(pa.table({DEMO_INPUT: rows, "label": pa.array(digits.y_test)}), path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the demo MLP into a model repository.")
     parser.add_argument("repository", type=Path, nargs="?", default=Path("models"))
     parser.add_argument("--version", type=int, default=1)
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="train it on scikit-learn's digits (a few seconds) instead of fixed-seed weights",
+    )
+    parser.add_argument(
+        "--held-out",
+        metavar="FILE",
+        type=Path,
+        help="with --trained: also write the held-out digits (.npy or .parquet)",
+    )
     args = parser.parse_args(argv)
-    print(write_demo_model(args.repository, args.version))
+    if args.held_out is not None and not args.trained:
+        parser.error("--held-out needs --trained")
+    if not args.trained:
+        print(write_demo_model(args.repository, args.version))
+        return
+    digits = load_digits_28x28()
+    print(write_trained_model(args.repository, train_mlp(digits.x_train, digits.y_train),
+                              args.version))
+    if args.held_out is not None:
+        print(write_held_out(args.held_out, digits))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ its next version as ``DIR/NAME/2/model.onnx``.
 Modules, each named for what it may touch:
 
 - :mod:`~worker.optimize.candidates`: source file in, candidate file out;
+- :mod:`~worker.optimize.sources`: what ``--sample`` names, read or decoded (reads);
 - :mod:`~worker.optimize.gate`: the sample, the comparison, the timing (reads, runs);
 - :mod:`~worker.optimize.report`: the report and the provenance record (pure data);
 - :mod:`~worker.optimize.pipeline`: the pass above; the only one that touches the repository;

@@ -113,7 +113,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--sample",
         metavar="FILE",
         type=_file,
-        help=".npy (one input) or .npz (by input name); default: generated",
+        help=".npy (one input), .npz (by input name), an `inference-producer record` "
+        "file (decoded as the worker decodes it) or a publish source (.parquet, .arrow, "
+        ".feather, .csv); default: generated",
     )
     p.add_argument(
         "--tolerance",

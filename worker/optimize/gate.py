@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.optimize.errors import RequestError, one_line
+from worker.optimize.errors import RequestError
+from worker.optimize.sources import read_sample
 from worker.runtime import TF32_TOLERANCE, Session
 from worker.samples import SampleError, sample_feeds
 from worker.signature import Signature, format_spec
@@ -91,23 +92,15 @@ class OutputCheck:
 # -- the sample ----------------------------------------------------------------------
 
 
-def load_sample(path: Path, signature: Signature) -> dict[str, np.ndarray]:
-    """Feeds from ``.npy`` (one input) or ``.npz`` (by input name); floats of another width
+def load_sample(
+    path: Path, signature: Signature, model: str | None = None
+) -> tuple[dict[str, np.ndarray], str]:
+    """Feeds from ``path`` (:func:`worker.optimize.sources.read_sample`: ``.npy``/``.npz``,
+    a recording, a publish source) and what the report calls it; floats of another width
     are cast, another kind is refused."""
     names = [s.name for s in signature.inputs]
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            arrays = {names[0] if names else "": loaded}
-        else:
-            with loaded:
-                arrays = {k: loaded[k] for k in loaded.files}
-    except (OSError, ValueError) as exc:
-        raise RequestError("sample", f"cannot read {path}: {one_line(exc)}") from None
-    if isinstance(loaded, np.ndarray) and len(names) != 1:
-        raise RequestError(
-            "sample", f"a .npy holds one array; the model has inputs {names}: use .npz"
-        )
+    sample = read_sample(path, signature, model)
+    arrays = sample.arrays
     missing = [n for n in names if n not in arrays]
     if missing:
         raise RequestError("sample", f"{path} lacks input(s) {missing}; it has {sorted(arrays)}")
@@ -123,7 +116,7 @@ def load_sample(path: Path, signature: Signature) -> dict[str, np.ndarray]:
                 )
             array = array.astype(spec.dtype)  # float64 -> float32 and the like
         feeds[spec.name] = array
-    return feeds
+    return feeds, sample.description
 
 
 def generated_sample(signature: Signature, rows: int) -> dict[str, np.ndarray]:

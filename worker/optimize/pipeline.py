@@ -140,8 +140,7 @@ def _build_and_gate(
 
     # The gate: every output, on every row of the sample.
     if request.sample is not None:
-        feeds = gate.load_sample(request.sample, original.signature)
-        sample = str(request.sample)
+        feeds, sample = gate.load_sample(request.sample, original.signature, source.name)
     else:
         feeds = gate.generated_sample(original.signature, request.rows)
         sample = f"generated (seed {gate.SEED})"
