@@ -43,7 +43,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack, contextmanager
@@ -64,8 +64,10 @@ from worker.errors import (
     WorkerError,
 )
 from worker.kafka import (
+    KAFKA,
     Admin,
     ClientConfig,
+    Clients,
     Consumer,
     Delivery,
     KafkaFailure,
@@ -73,9 +75,6 @@ from worker.kafka import (
     Record,
     TopicPartition,
     fmt_tps,
-    open_admin,
-    open_consumer,
-    open_producer,
 )
 from worker.kafka.partition import output_partition
 from worker.observability import Health, HealthServer, Metrics
@@ -91,8 +90,8 @@ from worker.protocol import (
 )
 from worker.protocol.headers import get_header
 from worker.recovery import CLEAN, RUNNING, Careful, assess, try_marker
-from worker.repository import ModelRepository
-from worker.runtime import RuntimeOptions, device_memory, load_session, resolve_device
+from worker.repository import ModelRef, ModelRepository
+from worker.runtime import RuntimeOptions, Session, device_memory, load_session, resolve_device
 from worker.settings import Settings
 from worker.signature import Signature
 
@@ -151,13 +150,40 @@ class Slot(Entry):
         return self.record.where
 
 
+Loader = Callable[[ModelRef, RuntimeOptions], Session]
+
+
+@dataclass(frozen=True)
+class _Resources:
+    """What exists only while ``run()`` runs (built there, closed by its ExitStack)."""
+
+    cache: SessionCache
+    pool: ThreadPoolExecutor  # inference runs
+    loader: ThreadPoolExecutor  # model loads, off the polling thread
+    admin: Admin
+    consumer: Consumer
+    committer: Committer
+
+
 class Worker:
-    """The whole pipeline for one process; ``run()`` until ``stop()`` or a bound."""
+    """The whole pipeline for one process; ``run()`` until ``stop()`` or a bound.
+
+    ``clients`` opens the Kafka clients (real ones unless a test passes doubles
+    of the seam); ``loader`` turns a model file into a session.
+    """
 
     def __init__(
-        self, settings: Settings, *, metrics: Metrics | None = None, health: Health | None = None
+        self,
+        settings: Settings,
+        *,
+        clients: Clients = KAFKA,
+        loader: Loader = load_session,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self.settings = settings
+        self._clients = clients
+        self._load = loader
         self.metrics = metrics or Metrics()
         # Liveness fails when nothing is committed for longer than a session timeout.
         session_s = float(settings.kafka_properties.get("session.timeout.ms", 45_000)) / 1000
@@ -180,7 +206,6 @@ class Worker:
         self._retries_lock = threading.Lock()
         self._retry_paused: set[TopicPartition] = set()
         self._deferred: deque[Record] = deque()  # polled while a model loaded
-        self._loader: ThreadPoolExecutor | None = None
         self._record_bytes = 1024.0  # mean request size, for the poll budget
         self._new_assigned: set[TopicPartition] = set()  # committed metadata not read yet
         self._careful: dict[TopicPartition, Careful] = {}
@@ -199,17 +224,19 @@ class Worker:
         # abort): dead-lettered at once the next time.
         self._refused_large: set[tuple[str, int, int]] = set()
         self.committed_records = 0
-        self._cache: SessionCache | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._consumer: Consumer | None = None
-        self._committer: Committer | None = None
-        self._admin: Admin | None = None
+        self._resources: _Resources | None = None  # set by run()
         self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
 
     def assignment(self) -> set[TopicPartition]:
         """Partitions this worker owns now (empty before it joined its group)."""
-        consumer = self._consumer
-        return consumer.assignment() if consumer is not None else set()
+        r = self._resources
+        return r.consumer.assignment() if r is not None else set()
+
+    @property
+    def _r(self) -> _Resources:
+        if self._resources is None:
+            raise RuntimeError("the worker is not running: call run() first")
+        return self._resources
 
     def stop(self) -> None:
         """Stop polling, drain what is in flight, commit, leave the group."""
@@ -231,7 +258,7 @@ class Worker:
     def _open_producer(self) -> Producer:
         s = self.settings
         txn = s.txn_id if s.exactly_once else None
-        producer = open_producer(self._client_config("producer", transactional_id=txn))
+        producer = self._clients.producer(self._client_config("producer", transactional_id=txn))
         if s.exactly_once:
             # Fences any earlier producer with this id and aborts its open transaction.
             producer.init_transactions()
@@ -261,7 +288,7 @@ class Worker:
             stack.callback(self._closed.set)  # the last callback: after every close
             cache = SessionCache(
                 ModelRepository(s.model_repository),
-                partial(load_session, options=options),
+                lambda ref: self._load(ref, options),
                 max_models=s.cache_max_models,
                 max_bytes=s.cache_max_bytes,
                 metrics=self.metrics,
@@ -271,7 +298,6 @@ class Worker:
                 on_evict=partial(self._evicted, device) if device.startswith("cuda") else None,
             )
             stack.callback(cache.close)
-            self._cache = cache
             server = stack.enter_context(
                 HealthServer(s.metrics_port, self.metrics, self.health, bind=s.metrics_bind)
             )
@@ -285,15 +311,12 @@ class Worker:
             pool = ThreadPoolExecutor(s.inference_threads, thread_name_prefix="infer")
             # Never wait for a stuck run on the way out (the CLI exits regardless).
             stack.callback(pool.shutdown, wait=False, cancel_futures=True)
-            self._pool = pool
-            self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
-            stack.callback(self._loader.shutdown, wait=False, cancel_futures=True)
-            admin = open_admin(self._client_config("admin"))
+            loader = ThreadPoolExecutor(1, thread_name_prefix="load")
+            stack.callback(loader.shutdown, wait=False, cancel_futures=True)
+            admin = self._clients.admin(self._client_config("admin"))
             stack.callback(admin.close)
-            self._admin = admin
             producer = self._open_producer()
-            consumer = open_consumer(self._client_config("consumer", group_id=s.group_id))
-            self._consumer = consumer
+            consumer = self._clients.consumer(self._client_config("consumer", group_id=s.group_id))
             stack.callback(consumer.close)
             committer: Committer
             if s.exactly_once:
@@ -317,7 +340,7 @@ class Worker:
                     s.commit_interval_ms / 1000,
                     rescue=self._rescue,
                 )
-            self._committer = committer
+            self._resources = _Resources(cache, pool, loader, admin, consumer, committer)
             stack.callback(lambda: committer.producer.close())
             self._refresh_metadata(force=True)
             consumer.subscribe(list(s.input_topics), self)
@@ -519,17 +542,16 @@ class Worker:
         """The model's signature and version; a model not loaded yet loads on the
         loader thread while this one keeps polling with its partitions paused (a
         load longer than max.poll.interval.ms must not cost the group membership)."""
-        assert self._cache is not None and self._loader is not None
-        if any(n == model and version in (None, v) for n, v in self._cache.loaded()):
-            with self._cache.acquire(model, version) as session:
+        r = self._r
+        if any(n == model and version in (None, v) for n, v in r.cache.loaded()):
+            with r.cache.acquire(model, version) as session:
                 return session.signature, session.ref.version
-        future = self._loader.submit(self._load_signature, model, version)
+        future = r.loader.submit(self._load_signature, model, version)
         try:
             return future.result(timeout=0.05)  # a small model: no pause at all
         except FutureTimeout:
             pass
-        consumer = self._consumer
-        assert consumer is not None
+        consumer = r.consumer
         hold = consumer.assignment() - self._paused - self._retry_paused
         consumer.pause(hold)
         try:
@@ -541,8 +563,7 @@ class Worker:
         return future.result()
 
     def _load_signature(self, model: str, version: int | None) -> tuple[Signature, int]:
-        assert self._cache is not None
-        with self._cache.acquire(model, version) as session:
+        with self._r.cache.acquire(model, version) as session:
             return session.signature, session.ref.version
 
     def _failed(self, slot: Slot, exc: WorkerError, model: str | None) -> None:
@@ -596,8 +617,7 @@ class Worker:
 
     def _check_assigned(self) -> None:
         """Read the committed metadata of newly assigned partitions (see the docstring)."""
-        consumer = self._consumer
-        assert consumer is not None
+        consumer, committer = self._r.consumer, self._r.committer
         tps = [tp for tp in self._new_assigned if tp in consumer.assignment()]
         self._new_assigned.clear()
         try:
@@ -611,8 +631,8 @@ class Worker:
             "end",
         )
         for tp, (offset, metadata) in committed.items():
-            if offset is not None and self._committer is not None:
-                self._committer.committed_offsets[tp] = offset
+            if offset is not None:
+                committer.committed_offsets[tp] = offset
             marks = consumer.watermarks(tp)
             if offset is None:
                 # Nothing committed yet: commit the start, so that a crash before the
@@ -621,8 +641,7 @@ class Worker:
                     start = {tp: marks[1] if latest else marks[0]}
                     with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
                         consumer.commit(start, RUNNING)
-                        if self._committer is not None:
-                            self._committer.committed_offsets.update(start)
+                        committer.committed_offsets.update(start)
                 continue
             careful = assess(offset, metadata, marks[1] if marks is not None else None)
             if careful is None:
@@ -640,8 +659,7 @@ class Worker:
     def _run_carefully(self, slot: Slot, careful: Careful) -> None:
         """Commit everything before this record, then ``try:<offset>:<n>``, then run it
         alone: if it takes the process down, the next owner reads how often it did."""
-        consumer, committer = self._consumer, self._committer
-        assert consumer is not None and committer is not None
+        consumer = self._r.consumer
         tp, offset = slot.record.tp, slot.record.offset
         self._settle_before(tp, offset)
         attempt = careful.attempt(offset)
@@ -667,8 +685,7 @@ class Worker:
 
     def _settle_before(self, tp: TopicPartition, offset: int) -> None:
         """Answer and commit every record of ``tp`` before ``offset`` (bounded)."""
-        committer, consumer = self._committer, self._consumer
-        assert committer is not None and consumer is not None
+        committer, consumer = self._r.committer, self._r.consumer
         deadline = time.monotonic() + self.settings.drain_timeout_s
         while time.monotonic() < deadline:
             first = self._tracker.first_offsets().get(tp)
@@ -711,7 +728,6 @@ class Worker:
     # -- 3/4. infer ------------------------------------------------------------
 
     def _submit(self, batch: Batch) -> None:
-        assert self._pool is not None
         mean_s = self._run_s.get((batch.model, batch.version))
         if mean_s is not None and mean_s * 1000 < self.settings.inline_below_ms:
             # A run this short costs less than handing it to another thread and back
@@ -722,7 +738,7 @@ class Worker:
             except Exception as exc:  # as from the pool: the main loop sends the rest
                 log.warning("sending after an inline run failed: %s", exc)
             return
-        future = self._pool.submit(self._infer, batch)
+        future = self._r.pool.submit(self._infer, batch)
         self._running.add(future)
         future.add_done_callback(self._finished)
 
@@ -734,12 +750,12 @@ class Worker:
 
     def _infer(self, batch: Batch) -> None:
         """Pool thread: run one batch and put an answer into every slot."""
-        assert self._cache is not None
+        r = self._r
         metrics, model = self.metrics, batch.model
         if _CRASH_ON is not None:
             _crash_if_asked(batch)
         try:
-            with self._cache.acquire(batch.model, batch.version) as session:
+            with r.cache.acquire(batch.model, batch.version) as session:
 
                 def timed(feeds: dict[str, Any]) -> dict[str, Any]:
                     start, cpu = time.monotonic(), time.thread_time()
@@ -778,9 +794,7 @@ class Worker:
                 self._failed(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
             finally:
                 slot.request = slot.bound = None  # let the input buffers go
-        committer = self._committer
-        if committer is not None:
-            committer.send()  # 5, from this thread: no wait for the next poll
+        r.committer.send()  # 5, from this thread: no wait for the next poll
 
     def _response(self, slot: Slot, model: str, version: int, outputs: dict[str, Any]) -> Outgoing:
         assert slot.request is not None
@@ -883,15 +897,16 @@ class Worker:
     def _refresh_metadata(self, *, force: bool = False) -> None:
         """Partition counts and max.message.bytes of the output and dead-letter topics."""
         now = time.monotonic()
-        if self._admin is None or (not force and now - self._last_metadata < _METADATA_REFRESH_S):
+        if not force and now - self._last_metadata < _METADATA_REFRESH_S:
             return
+        admin = self._r.admin
         self._last_metadata = now
         topics = [self.settings.output_topic, self.settings.dead_letter_topic]
         for topic in topics:
-            count = self._admin.partitions(topic)
+            count = admin.partitions(topic)
             if count is not None or topic not in self._partitions:
                 self._partitions[topic] = count
-        self._size_limits.update(self._admin.max_message_bytes(topics))
+        self._size_limits.update(admin.max_message_bytes(topics))
 
     # -- rebalance (RebalanceHandler; called from inside poll) --------------------
 
@@ -902,10 +917,10 @@ class Worker:
     def on_revoked(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], str]:
         """At-least-once finishes a revoked partition's work (fewer repeats); exactly-once
         abandons it: never committed, the next owner answers it in its own transaction."""
-        committer = self._committer
+        committer = self._r.committer
         offsets: dict[TopicPartition, int] = {}
         try:
-            if committer is not None and not self.settings.exactly_once:
+            if not self.settings.exactly_once:
                 deadline = time.monotonic() + min(self.settings.drain_timeout_s, 10.0)
                 for batch in self._batcher.due(force=True):
                     self._submit(batch)
@@ -932,8 +947,7 @@ class Worker:
         self._new_assigned.difference_update(tps)
         for tp in tps:
             self._careful.pop(tp, None)
-            if self._committer is not None:
-                self._committer.committed_offsets.pop(tp, None)
+            self._r.committer.committed_offsets.pop(tp, None)
         with self._retries_lock:
             self._retries = [(t, s) for t, s in self._retries if s.record.tp not in tps]
 
