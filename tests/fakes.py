@@ -410,6 +410,7 @@ class FakeKafka:
         self.producers: list[FakeProducer] = []
         self.latency_s = latency_s
         self.configs: list[ClientConfig] = []
+        self.setup: Callable[[FakeProducer], None] = lambda p: None  # each producer, as opened
 
     @property
     def producer(self) -> FakeProducer:
@@ -421,6 +422,7 @@ class FakeKafka:
         p = FakeProducer(
             self.group, f"p{len(self.producers) + 1}", clock=self.clock, latency_s=self.latency_s
         )
+        self.setup(p)
         self.producers.append(p)
         return p
 
