@@ -117,9 +117,6 @@ _PAUSE_AFTER_S = 1.0
 # Past --drain-timeout, the time a stop may take to close the clients before the
 # watchdog ends the process (see _install_signal_handlers).
 _STOP_SLACK_S = 2.0
-# Test-only fault hook: a request with this id aborts the process when it runs,
-# as a crash inside a native kernel would (read once; unset in production).
-_CRASH_ON = os.environ.get("INFERENCE_WORKER_TEST_CRASH_ON")
 _POLL_RECORDS = 500
 
 
@@ -752,8 +749,6 @@ class Worker:
         """Pool thread: run one batch and put an answer into every slot."""
         r = self._r
         metrics, model = self.metrics, batch.model
-        if _CRASH_ON is not None:
-            _crash_if_asked(batch)
         try:
             with r.cache.acquire(batch.model, batch.version) as session:
 
@@ -1035,15 +1030,6 @@ class Worker:
             return 1
         log.info("drained: everything polled was answered and committed")
         return 0
-
-
-def _crash_if_asked(batch: Batch) -> None:
-    for job in batch.jobs:
-        request = job.token.request
-        if request is not None and request.request_id == _CRASH_ON:
-            log.error("test fault hook: aborting on request %s", _CRASH_ON)
-            logging.shutdown()
-            os.abort()
 
 
 def _model_header(record: Record) -> str | None:
