@@ -51,6 +51,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from worker.answers import Answers, Outgoing, Slot, log_fields, model_header
 from worker.batching import Batch, Batcher, Job, run_batch
 from worker.cache import ResponseCache, SessionCache
 from worker.commit import AtLeastOnce, Committer, Transactional
@@ -60,7 +61,6 @@ from worker.errors import (
     FatalError,
     InferenceError,
     ModelNotFound,
-    TooLarge,
     WorkerError,
 )
 from worker.kafka import (
@@ -69,26 +69,18 @@ from worker.kafka import (
     ClientConfig,
     Clients,
     Consumer,
-    Delivery,
     KafkaFailure,
     Producer,
     Record,
     TopicPartition,
     fmt_tps,
 )
-from worker.kafka.partition import output_partition
 from worker.observability import Health, HealthServer, Metrics
-from worker.offsets import Entry, OffsetTracker
+from worker.offsets import OffsetTracker
 from worker.protocol import (
-    Bound,
     Limits,
-    Request,
     decode_request,
-    dlq_headers,
-    encode_response,
-    response_headers,
 )
-from worker.protocol.headers import get_header
 from worker.recovery import CLEAN, RUNNING, Careful, assess, try_marker
 from worker.repository import ModelRef, ModelRepository
 from worker.runtime import RuntimeOptions, Session, device_memory, load_session, resolve_device
@@ -105,10 +97,6 @@ __all__ = [
 
 log = logging.getLogger("worker.loop")
 
-# Bytes a record adds to its value inside a one-record batch (batch and record
-# headers, with room to spare), for the check against max.message.bytes.
-_RECORD_OVERHEAD = 128
-_METADATA_REFRESH_S = 30.0
 _MAX_BACKOFF_S = 5.0
 # How long the loop waits for acknowledgements, not polling, with the in-flight
 # budget spent, before the fullest partitions pause (a pause throws librdkafka's
@@ -118,33 +106,6 @@ _PAUSE_AFTER_S = 1.0
 # watchdog ends the process (see _install_signal_handlers).
 _STOP_SLACK_S = 2.0
 _POLL_RECORDS = 500
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[Any, bytes | None]]
-    ok: bool  # a response (True) or a dead letter (False)
-
-
-class Slot(Entry):
-    """One input record's place in its partition's line (``out``: its :class:`Outgoing`)."""
-
-    __slots__ = ("attempts", "bound", "cache_key", "record", "request")
-
-    def __init__(self, record: Record) -> None:
-        super().__init__(record.offset, len(record.value or b""))
-        self.record = record
-        self.attempts = 1  # runs so far, counting the one under way
-        self.request: Request | None = None
-        self.bound: Bound | None = None
-        self.cache_key: bytes | None = None  # response-cache key, when that cache is on
-
-    @property
-    def where(self) -> str:
-        return self.record.where
 
 
 Loader = Callable[[ModelRef, RuntimeOptions], Session]
@@ -214,12 +175,7 @@ class Worker:
         # set by run() once the device is known
         self._one_cpu_thread = False
         self._last_lag = 0.0
-        self._last_metadata = 0.0
-        self._partitions: dict[str, int | None] = {}  # output/DLQ topic -> partition count
-        self._size_limits: dict[str, int] = {}  # output/DLQ topic -> max.message.bytes
-        # Answers the broker refused as too large (exactly-once re-reads them after the
-        # abort): dead-lettered at once the next time.
-        self._refused_large: set[tuple[str, int, int]] = set()
+        self._answers = Answers(settings, self.metrics)
         self.committed_records = 0
         self._resources: _Resources | None = None  # set by run()
         self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
@@ -321,10 +277,10 @@ class Worker:
                     self._tracker,
                     consumer,
                     producer,
-                    self._emit,
-                    self._retire,
+                    self._answers.emit,
+                    self._answers.retire,
                     s.commit_interval_ms / 1000,
-                    rescue=self._rescue,
+                    rescue=self._answers.rescue,
                     reopen=self._open_producer,
                 )
             else:
@@ -332,14 +288,14 @@ class Worker:
                     self._tracker,
                     consumer,
                     producer,
-                    self._emit,
-                    self._retire,
+                    self._answers.emit,
+                    self._answers.retire,
                     s.commit_interval_ms / 1000,
-                    rescue=self._rescue,
+                    rescue=self._answers.rescue,
                 )
             self._resources = _Resources(cache, pool, loader, admin, consumer, committer)
             stack.callback(lambda: committer.producer.close())
-            self._refresh_metadata(force=True)
+            self._answers.refresh(admin, force=True)
             consumer.subscribe(list(s.input_topics), self)
             self.health.broker_ok = True
             self._install_signal_handlers(stack)
@@ -440,7 +396,7 @@ class Worker:
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
             self._backpressure(consumer)
             self._report_lag(consumer)
-            self._refresh_metadata()
+            self._answers.refresh(self._r.admin)
 
     def _budget_spent(self) -> bool:
         """No room in --max-inflight-bytes, for less than _PAUSE_AFTER_S so far."""
@@ -528,7 +484,7 @@ class Worker:
             slot.cache_key = ResponseCache.key(model, version, record.value or b"")
             cached = self._responses.get(slot.cache_key)
             if cached is not None:
-                slot.out = self._response(slot, model, version, cached)  # type: ignore[arg-type]
+                slot.out = self._answers.response(slot, model, version, cached)  # type: ignore[arg-type]
                 slot.request = slot.bound = None
                 return
         job = Job.for_request(slot, model, version, signature, bound)
@@ -578,13 +534,13 @@ class Worker:
                 slot.attempts,
                 s.retry_attempts,
                 delay,
-                extra=_where(slot.record),
+                extra=log_fields(slot.record),
             )
             slot.attempts += 1
             with self._retries_lock:
                 self._retries.append((time.monotonic() + delay, slot))
             return
-        slot.out = self._dead_letter(slot, exc, model)
+        slot.out = self._answers.dead_letter(slot, exc, model)
 
     def _next_retry(self) -> float | None:
         with self._retries_lock:
@@ -661,13 +617,13 @@ class Worker:
         self._settle_before(tp, offset)
         attempt = careful.attempt(offset)
         if careful.give_up(offset):
-            slot.out = self._dead_letter(
+            slot.out = self._answers.dead_letter(
                 slot,
                 InferenceError(
                     f"crashed the worker {attempt} times (the process died while running "
                     "it); dead-lettered without running it again"
                 ),
-                _model_header(slot.record),
+                model_header(slot.record),
             )
             return
         with _logged(KafkaFailure, f"{slot.where}: try marker"):
@@ -699,28 +655,6 @@ class Worker:
     def _waiting(self, slot: Slot) -> bool:
         with self._retries_lock:
             return any(s is slot for _, s in self._retries)
-
-    def _dead_letter(self, slot: Slot, exc: WorkerError, model: str | None) -> Outgoing:
-        r = slot.record
-        log.warning(
-            "%s -> dead letter (%s): %s",
-            slot.where,
-            exc.error_type,
-            exc.message,
-            extra={**_where(r), "error_type": exc.error_type},
-        )
-        self.metrics.dlq.labels(error_type=exc.error_type).inc()
-        headers = dlq_headers(
-            list(r.headers),
-            exc,
-            topic=r.topic,
-            partition=r.partition,
-            offset=r.offset,
-            model=model,
-        )
-        if slot.attempts > 1:
-            headers.append(("error-attempts", str(slot.attempts).encode()))
-        return Outgoing(self.settings.dead_letter_topic, r.key, r.value or b"", headers, ok=False)
 
     # -- 3/4. infer ------------------------------------------------------------
 
@@ -777,7 +711,7 @@ class Worker:
             try:
                 if isinstance(result, WorkerError):
                     raise result
-                slot.out = self._response(slot, batch.model, batch.version, result)
+                slot.out = self._answers.response(slot, batch.model, batch.version, result)
                 # Answers count against --max-inflight-bytes too, until committed.
                 self._tracker.grow(slot, len(slot.out.value))
                 metrics.rows.labels(model=model).inc(job.rows)
@@ -790,118 +724,6 @@ class Worker:
             finally:
                 slot.request = slot.bound = None  # let the input buffers go
         r.committer.send()  # 5, from this thread: no wait for the next poll
-
-    def _response(self, slot: Slot, model: str, version: int, outputs: dict[str, Any]) -> Outgoing:
-        assert slot.request is not None
-        r = slot.record
-        body, content_type = encode_response(
-            slot.request,
-            slot.bound,
-            outputs,
-            model=model,
-            model_version=version,
-            output_format=self.settings.output_format,
-        )
-        headers = response_headers(
-            slot.request,
-            content_type=content_type,
-            model=model,
-            model_version=version,
-            topic=r.topic,
-            partition=r.partition,
-            offset=r.offset,
-        )
-        return Outgoing(self.settings.output_topic, r.key, body, headers, ok=True)
-
-    # -- 5. what an answer is on the wire ----------------------------------------
-
-    def _emit(self, producer: Producer, entry: Entry) -> Delivery:
-        """Send a slot's answer to its partition; one over its topic's limit becomes a
-        dead letter, a dead letter over *its* topic's limit keeps its headers and
-        drops its value."""
-        slot: Slot = entry  # type: ignore[assignment]
-        o: Outgoing = slot.out
-        size, limit = _record_size(o), self._limit(o.topic)
-        if o.ok and (slot.record.topic, slot.record.partition, slot.offset) in self._refused_large:
-            size = max(size, limit + 1)  # refused before: the broker's limit is lower
-        if o.ok and size > limit:  # the response is too large: dead-letter the request
-            o = slot.out = self._dead_letter(
-                slot,
-                TooLarge(
-                    "the response", size, limit, where=f"topic {o.topic!r} (max.message.bytes)"
-                ),
-                get_header(o.headers, "model"),
-            )
-        if not o.ok and _record_size(o) > self._limit(o.topic):
-            log.error("%s: dead letter too large to publish; value omitted", slot.where)
-            o = slot.out = replace(
-                o,
-                value=b"",
-                headers=[*o.headers, ("value-omitted", str(len(o.value)).encode())],
-            )
-        r = slot.record
-        partition = output_partition(r.partition, o.key, self._partitions.get(o.topic))
-        return producer.send(o.topic, o.value, o.key, o.headers, partition)
-
-    def _limit(self, topic: str) -> int:
-        """The largest record ``topic`` takes: its max.message.bytes, within our clients'."""
-        ours = self.settings.max_message_bytes
-        return min(self._size_limits.get(topic, ours), ours)
-
-    def _rescue(self, entry: Entry, error: BaseException) -> bool:
-        """A delivery the broker refused as too large: the answer becomes a dead letter
-        (a dead letter loses its value), and the topic's limit is learnt."""
-        if not isinstance(error, KafkaFailure) or not error.too_large:
-            return False
-        slot: Slot = entry  # type: ignore[assignment]
-        o: Outgoing = slot.out
-        r = slot.record
-        size = _record_size(o)
-        self._size_limits[o.topic] = min(self._size_limits.get(o.topic, size), size - 1)
-        if o.ok:
-            self._refused_large.add((r.topic, r.partition, r.offset))
-            slot.out = self._dead_letter(
-                slot,
-                TooLarge(
-                    "the response, refused by the broker",
-                    size,
-                    self._limit(o.topic),
-                    where=f"topic {o.topic!r} (max.message.bytes)",
-                ),
-                get_header(o.headers, "model"),
-            )
-            return True
-        if o.value:
-            log.error("%s: dead letter too large to publish; value omitted", slot.where)
-            slot.out = replace(
-                o, value=b"", headers=[*o.headers, ("value-omitted", str(len(o.value)).encode())]
-            )
-            return True
-        return False
-
-    def _retire(self, slots: list[Entry]) -> None:
-        now = time.time()
-        for entry in slots:
-            slot: Slot = entry  # type: ignore[assignment]
-            ok = slot.out is not None and slot.out.ok
-            self.metrics.messages.labels(status="ok" if ok else "dlq").inc()
-            ts = slot.record.timestamp_ms
-            if ts and ts > 0:
-                self.metrics.end_to_end_seconds.observe(max(0.0, now - ts / 1000))
-
-    def _refresh_metadata(self, *, force: bool = False) -> None:
-        """Partition counts and max.message.bytes of the output and dead-letter topics."""
-        now = time.monotonic()
-        if not force and now - self._last_metadata < _METADATA_REFRESH_S:
-            return
-        admin = self._r.admin
-        self._last_metadata = now
-        topics = [self.settings.output_topic, self.settings.dead_letter_topic]
-        for topic in topics:
-            count = admin.partitions(topic)
-            if count is not None or topic not in self._partitions:
-                self._partitions[topic] = count
-        self._size_limits.update(admin.max_message_bytes(topics))
 
     # -- rebalance (RebalanceHandler; called from inside poll) --------------------
 
@@ -1032,13 +854,6 @@ class Worker:
         return 0
 
 
-def _model_header(record: Record) -> str | None:
-    try:
-        return get_header(record.headers, "model")
-    except WorkerError:
-        return None
-
-
 @contextmanager
 def _logged(kind: type[BaseException], what: str) -> Iterator[None]:
     """Best effort: a failure of ``kind`` is logged, not raised."""
@@ -1046,15 +861,6 @@ def _logged(kind: type[BaseException], what: str) -> Iterator[None]:
         yield
     except kind as exc:
         log.warning("%s failed: %s", what, exc)
-
-
-def _where(r: Record) -> dict[str, Any]:
-    return {"topic": r.topic, "partition": r.partition, "offset": r.offset}
-
-
-def _record_size(o: Outgoing) -> int:
-    headers = sum(len(k) + len(v or b"") + 4 for k, v in o.headers)
-    return len(o.value) + len(o.key or b"") + headers + _RECORD_OVERHEAD
 
 
 def _nbytes(outputs: dict[str, Any]) -> int:
