@@ -83,6 +83,7 @@ from worker.protocol import (
 )
 from worker.recovery import CLEAN, RUNNING, Careful, assess, try_marker
 from worker.repository import ModelRef, ModelRepository
+from worker.retries import MAX_BACKOFF_S, Retries
 from worker.runtime import RuntimeOptions, Session, device_memory, load_session, resolve_device
 from worker.settings import Settings
 from worker.signature import Signature
@@ -97,7 +98,6 @@ __all__ = [
 
 log = logging.getLogger("worker.loop")
 
-_MAX_BACKOFF_S = 5.0
 # How long the loop waits for acknowledgements, not polling, with the in-flight
 # budget spent, before the fullest partitions pause (a pause throws librdkafka's
 # prefetch away; not polling at all would hold rebalances and max.poll.interval.ms).
@@ -160,8 +160,7 @@ class Worker:
         )
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         # Transient failures waiting for their next try: (due, slot); pool threads add.
-        self._retries: list[tuple[float, Slot]] = []
-        self._retries_lock = threading.Lock()
+        self._retries = Retries(settings.retry_attempts, settings.retry_backoff_ms / 1000)
         self._retry_paused: set[TopicPartition] = set()
         self._deferred: deque[Record] = deque()  # polled while a model loaded
         self._record_bytes = 1024.0  # mean request size, for the poll budget
@@ -247,7 +246,7 @@ class Worker:
                 metrics=self.metrics,
                 # A failed load is remembered no longer than the first retry's wait,
                 # so a model file still being written loads on that retry.
-                retry_after_s=min(_MAX_BACKOFF_S, s.retry_backoff_ms / 1000),
+                retry_after_s=min(MAX_BACKOFF_S, s.retry_backoff_ms / 1000),
                 on_evict=partial(self._evicted, device) if device.startswith("cuda") else None,
             )
             stack.callback(cache.close)
@@ -422,7 +421,7 @@ class Worker:
         # with --exactly-once it checks back often while answers are due.
         if self.settings.exactly_once and (self._running or self._tracker.has_due_answers()):
             return 0.002
-        deadlines = [d for d in (self._batcher.next_deadline(), self._next_retry()) if d]
+        deadlines = [d for d in (self._batcher.next_deadline(), self._retries.next_due()) if d]
         if deadlines:
             return max(0.0, min(min(deadlines) - time.monotonic(), 0.1))
         return 0.1
@@ -522,36 +521,24 @@ class Worker:
     def _failed(self, slot: Slot, exc: WorkerError, model: str | None) -> None:
         """A transient failure waits and tries again (its partition paused, so order
         holds); anything else, or the last try, becomes the slot's dead letter."""
-        s = self.settings
-        if exc.transient and slot.attempts <= s.retry_attempts:
-            delay = min(_MAX_BACKOFF_S, s.retry_backoff_ms / 1000 * 2 ** (slot.attempts - 1))
-            self.metrics.retries.labels(error_type=exc.error_type).inc()
-            log.warning(
-                "%s: %s (%s); retry %d of %d in %.2f s",
-                slot.where,
-                exc.error_type,
-                exc.message,
-                slot.attempts,
-                s.retry_attempts,
-                delay,
-                extra=log_fields(slot.record),
-            )
-            slot.attempts += 1
-            with self._retries_lock:
-                self._retries.append((time.monotonic() + delay, slot))
+        delay = self._retries.retry(slot, exc)
+        if delay is None:
+            slot.out = self._answers.dead_letter(slot, exc, model)
             return
-        slot.out = self._answers.dead_letter(slot, exc, model)
-
-    def _next_retry(self) -> float | None:
-        with self._retries_lock:
-            return min((due for due, _ in self._retries), default=None)
+        self.metrics.retries.labels(error_type=exc.error_type).inc()
+        log.warning(
+            "%s: %s (%s); retry %d of %d in %.2f s",
+            slot.where,
+            exc.error_type,
+            exc.message,
+            slot.attempts - 1,
+            self._retries.attempts,
+            delay,
+            extra=log_fields(slot.record),
+        )
 
     def _retry_due(self, consumer: Consumer) -> None:
-        now = time.monotonic()
-        with self._retries_lock:
-            due = [slot for t, slot in self._retries if t <= now]
-            self._retries = [(t, slot) for t, slot in self._retries if t > now]
-            waiting = {slot.record.tp for _, slot in self._retries}
+        due, waiting = self._retries.take_due()
         for slot in due:
             if slot.out is None and slot.record.tp in self._tracker.partitions():
                 self._admit(slot)
@@ -632,7 +619,7 @@ class Worker:
         for batch in self._batcher.due(force=True):
             self._submit(batch)
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while slot.out is None and time.monotonic() < deadline and not self._waiting(slot):
+        while slot.out is None and time.monotonic() < deadline and not self._retries.waiting(slot):
             time.sleep(0.001)
         self.health.beat()
 
@@ -651,10 +638,6 @@ class Worker:
             committer.producer.flush(0.05)
             self._committed(committer.commit(force=True))
             self.health.beat()
-
-    def _waiting(self, slot: Slot) -> bool:
-        with self._retries_lock:
-            return any(s is slot for _, s in self._retries)
 
     # -- 3/4. infer ------------------------------------------------------------
 
@@ -765,8 +748,7 @@ class Worker:
         for tp in tps:
             self._careful.pop(tp, None)
             self._r.committer.committed_offsets.pop(tp, None)
-        with self._retries_lock:
-            self._retries = [(t, s) for t, s in self._retries if s.record.tp not in tps]
+        self._retries.forget(tps)
 
     # -- backpressure and lag --------------------------------------------------
 
