@@ -63,6 +63,7 @@ from worker.errors import (
     ModelNotFound,
     WorkerError,
 )
+from worker.flow import POLL_RECORDS, Budget, poll_wait_s, to_pause, to_resume
 from worker.kafka import (
     KAFKA,
     Admin,
@@ -77,6 +78,7 @@ from worker.kafka import (
 )
 from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
+from worker.partitions import BACKPRESSURE, DRAINING, LOADING, RETRY, Partitions
 from worker.protocol import (
     Limits,
     decode_request,
@@ -98,14 +100,9 @@ __all__ = [
 
 log = logging.getLogger("worker.loop")
 
-# How long the loop waits for acknowledgements, not polling, with the in-flight
-# budget spent, before the fullest partitions pause (a pause throws librdkafka's
-# prefetch away; not polling at all would hold rebalances and max.poll.interval.ms).
-_PAUSE_AFTER_S = 1.0
 # Past --drain-timeout, the time a stop may take to close the clients before the
 # watchdog ends the process (see _install_signal_handlers).
 _STOP_SLACK_S = 2.0
-_POLL_RECORDS = 500
 
 
 Loader = Callable[[ModelRef, RuntimeOptions], Session]
@@ -161,14 +158,10 @@ class Worker:
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         # Transient failures waiting for their next try: (due, slot); pool threads add.
         self._retries = Retries(settings.retry_attempts, settings.retry_backoff_ms / 1000)
-        self._retry_paused: set[TopicPartition] = set()
         self._deferred: deque[Record] = deque()  # polled while a model loaded
-        self._record_bytes = 1024.0  # mean request size, for the poll budget
-        self._new_assigned: set[TopicPartition] = set()  # committed metadata not read yet
-        self._careful: dict[TopicPartition, Careful] = {}
+        self._budget = Budget(settings.max_inflight_bytes)
+        self._partitions = Partitions()
         self._running: set[Future[None]] = set()
-        self._paused: set[TopicPartition] = set()
-        self._spent_since: float | None = None  # when the in-flight budget ran out
         self._run_s: dict[tuple[str, int], float] = {}  # mean run time per model version
         # ONNX Runtime runs on the calling thread alone (CPU, one intra-op thread);
         # set by run() once the device is known
@@ -376,14 +369,15 @@ class Worker:
             # budget spent, wait for acknowledgements instead: librdkafka keeps its
             # prefetch, which a pause throws away (partitions pause only when the
             # budget stays spent, see _backpressure).
-            if self._budget_spent():
+            if self._budget.waiting(self._tracker.inflight_bytes):
                 committer.producer.poll(self._poll_wait_s())
                 # Bytes leave the budget when committed: commit what is acknowledged
                 # now, not at the next interval (at 275 MB/s of requests, 200 ms of
                 # them spend 64 MiB, and every record would wait for the interval).
                 self._committed(committer.commit(force=True))
             else:
-                for record in consumer.poll(self._poll_records(), self._poll_wait_s()):
+                room = self._budget.poll_records(self._tracker.inflight_bytes)
+                for record in consumer.poll(room, self._poll_wait_s()):
                     self._accept(record)  # 2. decode, bind, batch (or dead-letter)
             while self._deferred:  # polled while a model was loading
                 self._accept(self._deferred.popleft())
@@ -397,34 +391,15 @@ class Worker:
             self._report_lag(consumer)
             self._answers.refresh(self._r.admin)
 
-    def _budget_spent(self) -> bool:
-        """No room in --max-inflight-bytes, for less than _PAUSE_AFTER_S so far."""
-        if self._tracker.inflight_bytes < self.settings.max_inflight_bytes:
-            self._spent_since = None
-            return False
-        now = time.monotonic()
-        if self._spent_since is None:
-            self._spent_since = now
-        return now - self._spent_since < _PAUSE_AFTER_S
-
-    def _poll_records(self) -> int:
-        """No more records than the in-flight budget has room for, so that one poll
-        does not pause its own partitions (a pause throws librdkafka's prefetch away)."""
-        room = self.settings.max_inflight_bytes - self._tracker.inflight_bytes
-        if room <= 0:
-            return 1
-        return max(1, min(_POLL_RECORDS, int(room / self._record_bytes)))
-
     def _poll_wait_s(self) -> float:
         # At-least-once: pool threads send their own answers, so the main thread
         # may wait in poll() for records. A transaction is driven from here, so
         # with --exactly-once it checks back often while answers are due.
-        if self.settings.exactly_once and (self._running or self._tracker.has_due_answers()):
-            return 0.002
-        deadlines = [d for d in (self._batcher.next_deadline(), self._retries.next_due()) if d]
-        if deadlines:
-            return max(0.0, min(min(deadlines) - time.monotonic(), 0.1))
-        return 0.1
+        txn_due = self.settings.exactly_once and bool(
+            self._running or self._tracker.has_due_answers()
+        )
+        deadlines = (self._batcher.next_deadline(), self._retries.next_due())
+        return poll_wait_s(time.monotonic(), deadlines, txn_answers_due=txn_due)
 
     def _committed(self, records: int) -> None:
         if records:
@@ -435,17 +410,17 @@ class Worker:
     # -- 2. decode -------------------------------------------------------------
 
     def _accept(self, record: Record) -> None:
-        if self._new_assigned:
+        if self._partitions.has_unchecked:
             self._check_assigned()
         slot = Slot(record)
         self._tracker.add(record.tp, slot)
-        self._record_bytes += (max(slot.nbytes, 1) - self._record_bytes) / 16  # running mean
-        careful = self._careful.get(record.tp)
+        self._budget.polled(slot.nbytes)
+        careful = self._partitions.careful(record.tp)
         if careful is not None:
             if careful.covers(record.offset):
                 self._run_carefully(slot, careful)
                 return
-            del self._careful[record.tp]
+            self._partitions.set_careful(record.tp, None)
             log.info("%s[%d]: back to normal", record.topic, record.partition)
         self._admit(slot)
 
@@ -504,14 +479,14 @@ class Worker:
         except FutureTimeout:
             pass
         consumer = r.consumer
-        hold = consumer.assignment() - self._paused - self._retry_paused
-        consumer.pause(hold)
+        consumer.pause(self._partitions.hold(consumer.assignment(), LOADING))
         try:
             while not future.done():
                 self.health.beat()
-                self._deferred.extend(consumer.poll(_POLL_RECORDS, 0.05))
+                self._deferred.extend(consumer.poll(POLL_RECORDS, 0.05))
         finally:
-            consumer.resume(hold & consumer.assignment())
+            loaded = self._partitions.release(self._partitions.held(LOADING), LOADING)
+            consumer.resume(loaded & consumer.assignment())
         return future.result()
 
     def _load_signature(self, model: str, version: int | None) -> tuple[Signature, int]:
@@ -544,22 +519,20 @@ class Worker:
                 self._admit(slot)
         # A partition with a record waiting for its retry takes nothing new meanwhile.
         assigned = consumer.assignment()
-        new = (waiting & assigned) - self._retry_paused - self._paused
+        new = self._partitions.hold(waiting & assigned, RETRY)
         if new:
             consumer.pause(new)
-        self._retry_paused |= new
-        done = (self._retry_paused - waiting) & assigned
+        done = self._partitions.release((self._partitions.held(RETRY) - waiting) & assigned, RETRY)
         if done:
-            consumer.resume(done - self._paused)
-            self._retry_paused -= done
+            consumer.resume(done)
 
     # -- poison pills ------------------------------------------------------------
 
     def _check_assigned(self) -> None:
         """Read the committed metadata of newly assigned partitions (see the docstring)."""
         consumer, committer = self._r.consumer, self._r.committer
-        tps = [tp for tp in self._new_assigned if tp in consumer.assignment()]
-        self._new_assigned.clear()
+        assigned = consumer.assignment()
+        tps = [tp for tp in self._partitions.take_unchecked() if tp in assigned]
         try:
             committed = consumer.committed_metadata(tps)
         except KafkaFailure as exc:
@@ -586,14 +559,14 @@ class Worker:
             careful = assess(offset, metadata, marks[1] if marks is not None else None)
             if careful is None:
                 continue
-            self._careful[tp] = careful
+            self._partitions.set_careful(tp, careful)
             log.warning(
                 "%s[%d]: the last owner stopped mid-stream at offset %d; records up to %d "
                 "run one at a time",
                 tp.topic,
                 tp.partition,
                 offset,
-                self._careful[tp].until,
+                careful.until,
             )
 
     def _run_carefully(self, slot: Slot, careful: Careful) -> None:
@@ -712,7 +685,7 @@ class Worker:
 
     def on_assigned(self, tps: list[TopicPartition]) -> None:
         log.info("assigned %s", fmt_tps(tps))
-        self._new_assigned.update(tps)  # checked on this thread before their first record
+        self._partitions.assigned(tps)  # checked on this thread before their first record
 
     def on_revoked(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], str]:
         """At-least-once finishes a revoked partition's work (fewer repeats); exactly-once
@@ -742,11 +715,8 @@ class Worker:
 
     def _forget(self, tps: Collection[TopicPartition]) -> None:
         self._tracker.forget(tps)
-        self._paused.difference_update(tps)
-        self._retry_paused.difference_update(tps)
-        self._new_assigned.difference_update(tps)
+        self._partitions.forget(tps)
         for tp in tps:
-            self._careful.pop(tp, None)
             self._r.committer.committed_offsets.pop(tp, None)
         self._retries.forget(tps)
 
@@ -755,35 +725,24 @@ class Worker:
     def _backpressure(self, consumer: Consumer) -> None:
         """Pause the partitions holding the most bytes while over the limit; resume each
         as it drains below half its share."""
-        limit = self.settings.max_inflight_bytes
+        limit, parts = self.settings.max_inflight_bytes, self._partitions
         held = self._tracker.bytes_by_partition()
         total = self._tracker.inflight_bytes
         assigned = consumer.assignment()
-        spent_s = 0.0 if self._spent_since is None else time.monotonic() - self._spent_since
-        if total > limit and spent_s >= _PAUSE_AFTER_S:
-            over = total - limit // 2
-            pause: set[TopicPartition] = set()
-            for tp, nbytes in sorted(held.items(), key=lambda kv: -kv[1]):
-                if over <= 0:
-                    break
-                pause.add(tp)
-                over -= nbytes
-            new = (pause & assigned) - self._paused
-            if new:
-                consumer.pause(new)
-                self._paused |= new
-        if self._paused and total < limit:
-            share = max(1, limit // (2 * max(1, len(self._paused))))
-            drained = {tp for tp in self._paused if held.get(tp, 0) < share}
-            if total < limit // 2:
-                drained = set(self._paused)
-            # Only what really was resumed leaves the set: a partition the client does
-            # not list as assigned right now stays paused in our books and in its.
-            resumed = drained & assigned
-            if resumed:
-                consumer.resume(resumed)
-                self._paused -= resumed
-        self.metrics.paused_partitions.set(len(self._paused))
+        paused = parts.held(BACKPRESSURE)
+        pause = to_pause(held, total, limit, self._budget.spent_s(), paused) & assigned
+        newly = parts.hold(pause, BACKPRESSURE)
+        if newly:
+            consumer.pause(newly)
+        paused |= pause
+        # Only what really was resumed leaves the set: a partition the client does
+        # not list as assigned right now stays paused in our books and in its.
+        resumed = to_resume(held, total, limit, paused) & assigned
+        freed = parts.release(resumed, BACKPRESSURE)
+        if freed:
+            consumer.resume(freed)
+        paused -= resumed
+        self.metrics.paused_partitions.set(len(paused))
         self.metrics.inflight_bytes.set(total)
 
     def _report_lag(self, consumer: Consumer) -> None:
@@ -805,7 +764,9 @@ class Worker:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         # No new records from here on; poll() still drives the group protocol, so
         # a rebalance under way completes and the last commit can go through.
-        consumer.pause(consumer.assignment())
+        assigned = consumer.assignment()
+        self._partitions.hold(assigned, DRAINING)
+        consumer.pause(assigned)
         for batch in self._batcher.due(force=True):
             self._submit(batch)
         while self._tracker.pending() and time.monotonic() < deadline:
