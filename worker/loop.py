@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import signal
 import threading
 import time
 from collections import deque
@@ -76,6 +74,7 @@ from worker.kafka import (
     TopicPartition,
     fmt_tps,
 )
+from worker.lifecycle import Deadline, install_stop_signals
 from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.partitions import BACKPRESSURE, DRAINING, LOADING, RETRY, Partitions
@@ -99,10 +98,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("worker.loop")
-
-# Past --drain-timeout, the time a stop may take to close the clients before the
-# watchdog ends the process (see _install_signal_handlers).
-_STOP_SLACK_S = 2.0
 
 
 Loader = Callable[[ModelRef, RuntimeOptions], Session]
@@ -315,43 +310,7 @@ class Worker:
             self.metrics.device_memory_bytes.set(used)
 
     def _install_signal_handlers(self, stack: ExitStack) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # embedded (tests): the owner calls stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous = signal.signal(sig, lambda *_: self.stop())
-            stack.callback(signal.signal, sig, previous)
-        # That handler runs only once this thread is back in Python. A call stuck in
-        # the Kafka client (librdkafka holds a commit for a whole rebalance, and a
-        # group whose other member hangs does not settle for its session timeout)
-        # would hold the stop past --drain-timeout. Python's C-level handler writes
-        # the signal to this pipe at once; a watchdog exits when the drain's time is
-        # up, as kill -9 would, which loses nothing: offsets only follow answers.
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        stack.callback(os.close, write_fd)  # the watchdog's read ends: it returns
-        stack.callback(signal.set_wakeup_fd, signal.set_wakeup_fd(write_fd))
-        threading.Thread(
-            target=self._exit_if_drain_overruns,
-            args=(read_fd,),
-            name="drain-watchdog",
-            daemon=True,
-        ).start()
-
-    def _exit_if_drain_overruns(self, read_fd: int) -> None:
-        with open(read_fd, "rb", buffering=0) as signals:
-            while (got := signals.read(64)) and not {signal.SIGTERM, signal.SIGINT} & set(got):
-                pass
-        if not got or self._closed.wait(self.settings.drain_timeout_s + _STOP_SLACK_S):
-            return  # stopped in time (or never asked to)
-        log.error(
-            "still running %g s after the stop signal (--drain-timeout %g): a call into "
-            "the Kafka client is stuck; exiting without waiting for it (what was not "
-            "committed is answered again after a restart)",
-            self.settings.drain_timeout_s + _STOP_SLACK_S,
-            self.settings.drain_timeout_s,
-        )
-        logging.shutdown()
-        os._exit(1)
+        install_stop_signals(stack, self.stop, self._closed, self.settings.drain_timeout_s)
 
     # -- the loop --------------------------------------------------------------
 
@@ -591,26 +550,45 @@ class Worker:
         self._admit(slot)
         for batch in self._batcher.due(force=True):
             self._submit(batch)
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        while slot.out is None and time.monotonic() < deadline and not self._retries.waiting(slot):
-            time.sleep(0.001)
+        Deadline(self.settings.drain_timeout_s).wait(
+            lambda: slot.out is not None or self._retries.waiting(slot), 0.001
+        )
         self.health.beat()
 
     def _settle_before(self, tp: TopicPartition, offset: int) -> None:
         """Answer and commit every record of ``tp`` before ``offset`` (bounded)."""
-        committer, consumer = self._r.committer, self._r.consumer
-        deadline = time.monotonic() + self.settings.drain_timeout_s
-        while time.monotonic() < deadline:
+
+        def settled() -> bool:
             first = self._tracker.first_offsets().get(tp)
-            if first is None or first >= offset:
-                return
+            return first is None or first >= offset
+
+        self._pump(settled, Deadline(self.settings.drain_timeout_s), flush_s=0.05)
+
+    def _pump(
+        self,
+        until: Callable[[], bool],
+        deadline: Deadline,
+        *,
+        flush_s: float,
+        metadata: str = RUNNING,
+        poll: bool = False,
+    ) -> None:
+        """Retry, run, send and commit, forced, until ``until()`` or the deadline; with
+        ``poll``, poll (paused) between rounds so the group protocol goes on."""
+        consumer, committer = self._r.consumer, self._r.committer
+        while not until() and not deadline.passed:
+            self._retry_due(consumer)
             for batch in self._batcher.due(force=True):
                 self._submit(batch)
-            self._retry_due(consumer)
             committer.send()
-            committer.producer.flush(0.05)
-            self._committed(committer.commit(force=True))
+            committer.producer.flush(deadline.left(flush_s))
+            self._committed(committer.commit(force=True, metadata=metadata))
             self.health.beat()
+            if poll and not until():
+                for record in consumer.poll(1, 0.01):
+                    # Paused: only a record fetched before the pause; it is not ours
+                    # to answer now (the next owner reads it from the committed offset).
+                    log.debug("%s: left for after the restart", record.where)
 
     # -- 3/4. infer ------------------------------------------------------------
 
@@ -694,12 +672,10 @@ class Worker:
         offsets: dict[TopicPartition, int] = {}
         try:
             if not self.settings.exactly_once:
-                deadline = time.monotonic() + min(self.settings.drain_timeout_s, 10.0)
                 for batch in self._batcher.due(force=True):
                     self._submit(batch)
-                while not self._tracker.answered(tps) and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                if self._tracker.answered(tps):
+                deadline = Deadline(min(self.settings.drain_timeout_s, 10.0))
+                if deadline.wait(lambda: self._tracker.answered(tps), 0.005):
                     offsets, settled = committer.revoke(tps)
                     self.committed_records += settled
                 else:
@@ -761,7 +737,7 @@ class Worker:
 
     def _drain(self, consumer: Consumer, committer: Committer) -> int:
         """Answer and commit everything already polled, within --drain-timeout."""
-        deadline = time.monotonic() + self.settings.drain_timeout_s
+        deadline = Deadline(self.settings.drain_timeout_s)
         # No new records from here on; poll() still drives the group protocol, so
         # a rebalance under way completes and the last commit can go through.
         assigned = consumer.assignment()
@@ -769,18 +745,9 @@ class Worker:
         consumer.pause(assigned)
         for batch in self._batcher.due(force=True):
             self._submit(batch)
-        while self._tracker.pending() and time.monotonic() < deadline:
-            self._retry_due(consumer)
-            for batch in self._batcher.due(force=True):
-                self._submit(batch)
-            committer.send()
-            committer.producer.flush(max(0.0, min(0.2, deadline - time.monotonic())))
-            self._committed(committer.commit(force=True, metadata=CLEAN))
-            if self._tracker.pending():
-                for record in consumer.poll(1, 0.01):
-                    # Paused: only a record fetched before the pause; it is not ours
-                    # to answer now (the next owner reads it from the committed offset).
-                    log.debug("%s: left for after the restart", record.where)
+        self._pump(
+            lambda: not self._tracker.pending(), deadline, flush_s=0.2, metadata=CLEAN, poll=True
+        )
         left = self._tracker.pending()
         clean = committer.clean_offsets(consumer.assignment())
         if not left and clean:
