@@ -12,9 +12,10 @@ Follow one record down this file:
    polling (paused), so the group never loses the worker.
 3. ``Batcher``: jobs for the same model and row shape are coalesced; due
    batches go to the inference pool, or run right here when their model's
-   runs are shorter than ``--inline-below-ms`` (``_submit``).
-4. ``_infer`` (pool thread; ONNX Runtime releases the GIL): one run per
-   batch, outputs split per request and encoded into the slot.
+   runs are shorter than ``--inline-below-ms`` (``_dispatch``).
+4. :class:`~worker.inference.Inference` (pool thread; ONNX Runtime releases
+   the GIL): one run per batch, outputs split per request and encoded into
+   the slot.
 5. ``committer.send``: each line sends its answered head slots, in offset
    order (``_emit`` picks the topic, partition and size check).
 6. ``committer.commit``: the acknowledged head of each line is committed;
@@ -42,7 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -50,7 +51,7 @@ from functools import partial
 from typing import Any
 
 from worker.answers import Answers, Outgoing, Slot, log_fields, model_header
-from worker.batching import Batch, Batcher, Job, run_batch
+from worker.batching import Batcher, Job
 from worker.cache import ResponseCache, SessionCache
 from worker.commit import AtLeastOnce, Committer, Transactional
 from worker.errors import (
@@ -62,6 +63,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.flow import POLL_RECORDS, Budget, poll_wait_s, to_pause, to_resume
+from worker.inference import Inference
 from worker.kafka import (
     KAFKA,
     Admin,
@@ -113,6 +115,7 @@ class _Resources:
     admin: Admin
     consumer: Consumer
     committer: Committer
+    inference: Inference
 
 
 class Worker:
@@ -156,11 +159,6 @@ class Worker:
         self._deferred: deque[Record] = deque()  # polled while a model loaded
         self._budget = Budget(settings.max_inflight_bytes)
         self._partitions = Partitions()
-        self._running: set[Future[None]] = set()
-        self._run_s: dict[tuple[str, int], float] = {}  # mean run time per model version
-        # ONNX Runtime runs on the calling thread alone (CPU, one intra-op thread);
-        # set by run() once the device is known
-        self._one_cpu_thread = False
         self._last_lag = 0.0
         self._answers = Answers(settings, self.metrics)
         self.committed_records = 0
@@ -211,7 +209,6 @@ class Worker:
             device = resolve_device(s.device)
         except ValueError as exc:
             raise ConfigError("--device", str(exc)) from None
-        self._one_cpu_thread = device == "cpu" and s.intra_op_threads == 1
         options = RuntimeOptions(
             device=device,
             intra_op_threads=s.intra_op_threads,
@@ -280,7 +277,20 @@ class Worker:
                     s.commit_interval_ms / 1000,
                     rescue=self._answers.rescue,
                 )
-            self._resources = _Resources(cache, pool, loader, admin, consumer, committer)
+            inference = Inference(
+                cache,
+                pool,
+                metrics=self.metrics,
+                answers=self._answers,
+                tracker=self._tracker,
+                responses=self._responses,
+                failed=self._failed,
+                sent=lambda: committer.send(),
+                max_rows=s.max_batch_rows,
+                inline_below_ms=s.inline_below_ms,
+                one_cpu_thread=device == "cpu" and s.intra_op_threads == 1,
+            )
+            self._resources = _Resources(cache, pool, loader, admin, consumer, committer, inference)
             stack.callback(lambda: committer.producer.close())
             self._answers.refresh(admin, force=True)
             consumer.subscribe(list(s.input_topics), self)
@@ -342,8 +352,7 @@ class Worker:
                 self._accept(self._deferred.popleft())
             self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
             # 3. batches whose window closed go to the inference pool
-            for batch in self._batcher.due():
-                self._submit(batch)
+            self._dispatch()
             committer.send()  # 5. dead letters; pool threads send the rest
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
             self._backpressure(consumer)
@@ -355,7 +364,7 @@ class Worker:
         # may wait in poll() for records. A transaction is driven from here, so
         # with --exactly-once it checks back often while answers are due.
         txn_due = self.settings.exactly_once and bool(
-            self._running or self._tracker.has_due_answers()
+            self._r.inference.running or self._tracker.has_due_answers()
         )
         deadlines = (self._batcher.next_deadline(), self._retries.next_due())
         return poll_wait_s(time.monotonic(), deadlines, txn_answers_due=txn_due)
@@ -422,7 +431,7 @@ class Worker:
                 return
         job = Job.for_request(slot, model, version, signature, bound)
         for batch in self._batcher.add(job):
-            self._submit(batch)
+            self._r.inference.submit(batch)
 
     def _signature(self, model: str, version: int | None) -> tuple[Signature, int]:
         """The model's signature and version; a model not loaded yet loads on the
@@ -548,8 +557,7 @@ class Worker:
         with _logged(KafkaFailure, f"{slot.where}: try marker"):
             consumer.commit({tp: offset}, try_marker(offset, attempt))
         self._admit(slot)
-        for batch in self._batcher.due(force=True):
-            self._submit(batch)
+        self._dispatch(force=True)
         Deadline(self.settings.drain_timeout_s).wait(
             lambda: slot.out is not None or self._retries.waiting(slot), 0.001
         )
@@ -578,8 +586,7 @@ class Worker:
         consumer, committer = self._r.consumer, self._r.committer
         while not until() and not deadline.passed:
             self._retry_due(consumer)
-            for batch in self._batcher.due(force=True):
-                self._submit(batch)
+            self._dispatch(force=True)
             committer.send()
             committer.producer.flush(deadline.left(flush_s))
             self._committed(committer.commit(force=True, metadata=metadata))
@@ -590,74 +597,12 @@ class Worker:
                     # to answer now (the next owner reads it from the committed offset).
                     log.debug("%s: left for after the restart", record.where)
 
-    # -- 3/4. infer ------------------------------------------------------------
+    # -- 3. dispatch (4, the run: worker.inference) ------------------------------
 
-    def _submit(self, batch: Batch) -> None:
-        mean_s = self._run_s.get((batch.model, batch.version))
-        if mean_s is not None and mean_s * 1000 < self.settings.inline_below_ms:
-            # A run this short costs less than handing it to another thread and back
-            # (docs/performance.md): run it here, as a one-thread loop would.
-            self.metrics.inline_batches.inc()
-            try:
-                self._infer(batch)
-            except Exception as exc:  # as from the pool: the main loop sends the rest
-                log.warning("sending after an inline run failed: %s", exc)
-            return
-        future = self._r.pool.submit(self._infer, batch)
-        self._running.add(future)
-        future.add_done_callback(self._finished)
-
-    def _finished(self, future: Future[None]) -> None:
-        self._running.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            # answers stay unsent; the main loop sends them
-            log.warning("sending from the inference pool failed: %s", future.exception())
-
-    def _infer(self, batch: Batch) -> None:
-        """Pool thread: run one batch and put an answer into every slot."""
-        r = self._r
-        metrics, model = self.metrics, batch.model
-        try:
-            with r.cache.acquire(batch.model, batch.version) as session:
-
-                def timed(feeds: dict[str, Any]) -> dict[str, Any]:
-                    start, cpu = time.monotonic(), time.thread_time()
-                    out = session.run(feeds)
-                    took = time.monotonic() - start
-                    metrics.inference_seconds.labels(model=model).observe(took)
-                    # For the inline rule: on one CPU thread, the run's own CPU time (the
-                    # wall time of a pool thread includes waiting for the GIL back).
-                    run_s = time.thread_time() - cpu if self._one_cpu_thread else took
-                    key = (model, batch.version)
-                    mean = self._run_s.get(key)
-                    self._run_s[key] = run_s if mean is None else 0.8 * mean + 0.2 * run_s
-                    return out
-
-                results = run_batch(
-                    timed, batch, self.settings.max_batch_rows, on_run=metrics.batch_rows.observe
-                )
-        except WorkerError as exc:
-            results = [exc] * len(batch.jobs)
-        except Exception as exc:
-            results = [InferenceError(f"{type(exc).__name__}: {exc}")] * len(batch.jobs)
-        for job, result in zip(batch.jobs, results, strict=True):
-            slot: Slot = job.token
-            try:
-                if isinstance(result, WorkerError):
-                    raise result
-                slot.out = self._answers.response(slot, batch.model, batch.version, result)
-                # Answers count against --max-inflight-bytes too, until committed.
-                self._tracker.grow(slot, len(slot.out.value))
-                metrics.rows.labels(model=model).inc(job.rows)
-                if slot.cache_key is not None:
-                    self._responses.put(slot.cache_key, result, _nbytes(result))
-            except WorkerError as exc:
-                self._failed(slot, exc, model)
-            except Exception as exc:
-                self._failed(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
-            finally:
-                slot.request = slot.bound = None  # let the input buffers go
-        r.committer.send()  # 5, from this thread: no wait for the next poll
+    def _dispatch(self, *, force: bool = False) -> None:
+        """Batches whose window closed (all of them, forced) go to their run."""
+        for batch in self._batcher.due(force=force):
+            self._r.inference.submit(batch)
 
     # -- rebalance (RebalanceHandler; called from inside poll) --------------------
 
@@ -672,8 +617,7 @@ class Worker:
         offsets: dict[TopicPartition, int] = {}
         try:
             if not self.settings.exactly_once:
-                for batch in self._batcher.due(force=True):
-                    self._submit(batch)
+                self._dispatch(force=True)
                 deadline = Deadline(min(self.settings.drain_timeout_s, 10.0))
                 if deadline.wait(lambda: self._tracker.answered(tps), 0.005):
                     offsets, settled = committer.revoke(tps)
@@ -743,8 +687,7 @@ class Worker:
         assigned = consumer.assignment()
         self._partitions.hold(assigned, DRAINING)
         consumer.pause(assigned)
-        for batch in self._batcher.due(force=True):
-            self._submit(batch)
+        self._dispatch(force=True)
         self._pump(
             lambda: not self._tracker.pending(), deadline, flush_s=0.2, metadata=CLEAN, poll=True
         )
@@ -771,10 +714,6 @@ def _logged(kind: type[BaseException], what: str) -> Iterator[None]:
         yield
     except kind as exc:
         log.warning("%s failed: %s", what, exc)
-
-
-def _nbytes(outputs: dict[str, Any]) -> int:
-    return sum(v.nbytes if hasattr(v, "nbytes") else 64 * len(v) for v in outputs.values())
 
 
 def run_worker(settings: Settings) -> int:
