@@ -11,12 +11,12 @@ committers for real; test_flow runs the whole loop on these fakes.
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import pytest
 
 from tests.fakes import FakeConsumer, FakeProducer, Group
-from worker.commit import AtLeastOnce, Committer, Transactional
+from worker.commit import AtLeastOnce, Committer, Transactional, committer_for
 from worker.errors import FatalError
 from worker.kafka import (
     CommitDeferred,
@@ -38,15 +38,11 @@ def _value(tp: TopicPartition, offset: int) -> bytes:
     return f"{tp.partition}@{offset}".encode()
 
 
-def emit(producer: Producer, entry: Entry) -> Delivery:
-    return producer.send("out", entry.out, None, [], None)
-
-
 class Rig:
-    """A tracker, the fakes, and what the committer retired."""
+    """A tracker, the fakes, and the committers' outbox: what it sent, rescued, retired."""
 
     def __init__(self, assigned: Collection[TopicPartition] = (A, B)) -> None:
-        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.tracker: OffsetTracker[TopicPartition, Entry] = OffsetTracker()
         self.group: Group = {}
         self.consumer = FakeConsumer(self.group, assigned)
         self.producer = FakeProducer(self.group)
@@ -54,8 +50,19 @@ class Rig:
         self.opened: list[FakeProducer] = []
         self.rescued: list[tuple[Entry, BaseException]] = []
         self.rescue_as: bytes | None = None  # what a refused answer becomes; None: cannot
+        self.rescuing = False  # an outbox that never rescues (and is never seen asked)
+
+    # -- the outbox ----------------------------------------------------------------
+
+    def emit(self, producer: Producer, entry: Entry) -> Delivery:
+        return producer.send("out", entry.out, None, [], None)
+
+    def retire(self, entries: Sequence[Entry]) -> None:
+        self.retired.extend(entries)
 
     def rescue(self, entry: Entry, error: BaseException) -> bool:
+        if not self.rescuing:
+            return False
         self.rescued.append((entry, error))
         if self.rescue_as is None:
             return False
@@ -72,32 +79,19 @@ class Rig:
             entries.append(e)
         return entries
 
-    def at_least_once(self, interval_s: float = 0.0, rescue: bool = False) -> AtLeastOnce:
-        return AtLeastOnce(
-            self.tracker,
-            self.consumer,
-            self.producer,
-            emit,
-            self.retired.extend,
-            interval_s,
-            rescue=self.rescue if rescue else None,
-        )
+    def at_least_once(self, interval_s: float = 0.0, rescue: bool = False) -> AtLeastOnce[Entry]:
+        self.rescuing = rescue
+        return AtLeastOnce(self.tracker, self.consumer, self.producer, self, interval_s)
 
     def reopen(self) -> FakeProducer:
         p = FakeProducer(self.group, f"p{len(self.opened) + 2}")
         self.opened.append(p)
         return p
 
-    def transactional(self, interval_s: float = 0.0, rescue: bool = False) -> Transactional:
+    def transactional(self, interval_s: float = 0.0, rescue: bool = False) -> Transactional[Entry]:
+        self.rescuing = rescue
         return Transactional(
-            self.tracker,
-            self.consumer,
-            self.producer,
-            emit,
-            self.retired.extend,
-            interval_s,
-            rescue=self.rescue if rescue else None,
-            reopen=self.reopen,
+            self.tracker, self.consumer, self.producer, self, interval_s, reopen=self.reopen
         )
 
 
@@ -122,7 +116,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
 
 
 def test_the_base_committer_leaves_the_steps_to_its_subclasses(rig: Rig) -> None:
-    base = Committer(rig.tracker, rig.consumer, rig.producer, emit, rig.retired.extend, 0.0)
+    base: Committer[Entry] = Committer(rig.tracker, rig.consumer, rig.producer, rig, 0.0)
     with pytest.raises(NotImplementedError):
         base.send()
     with pytest.raises(NotImplementedError):
@@ -743,3 +737,18 @@ def test_the_fake_producer_acknowledges_only_what_is_due_within_the_timeout(rig:
     assert not d.done
     assert p.flush(0.5) == 1 and not d.done
     assert p.flush(0.5) == 0 and d.done and d.error is None
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_the_committer_is_chosen_once_by_the_mode_and_answers_the_loops_questions(
+    rig: Rig, exactly_once: bool
+) -> None:
+    c = committer_for(
+        exactly_once, rig.tracker, rig.consumer, rig.producer, rig, 0.0, reopen=rig.reopen
+    )
+    assert type(c) is (Transactional if exactly_once else AtLeastOnce)
+    assert c.producer is rig.producer and c.outbox is rig
+    # at-least-once finishes a revoked partition's work; a transaction abandons it
+    assert c.finishes_revoked is not exactly_once
+    # a transaction's answers leave only when the loop commits
+    assert c.sends_on_commit is exactly_once

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any
 
 from worker.errors import TooLarge, WorkerError
 from worker.kafka import Admin, Delivery, KafkaFailure, Producer, Record
@@ -195,11 +195,10 @@ class Answers:
 
     # -- the committers' outbox --------------------------------------------------------
 
-    def emit(self, producer: Producer, entry: Entry) -> Delivery:
+    def emit(self, producer: Producer, slot: Slot) -> Delivery:
         """Send a slot's answer to its partition; one over its topic's limit becomes a
         dead letter, a dead letter over *its* topic's limit keeps its headers and
         drops its value."""
-        slot = cast(Slot, entry)
         o: Outgoing = slot.out
         size, limit = record_size(o), self.limit(o.topic)
         if o.ok and (slot.record.topic, slot.record.partition, slot.offset) in self.refused_large:
@@ -219,12 +218,11 @@ class Answers:
         partition = output_partition(r.partition, o.key, self.partitions.get(o.topic))
         return producer.send(o.topic, o.value, o.key, o.headers, partition)
 
-    def rescue(self, entry: Entry, error: BaseException) -> bool:
+    def rescue(self, slot: Slot, error: BaseException) -> bool:
         """A delivery the broker refused as too large: the answer becomes a dead letter
         (a dead letter loses its value), and the topic's limit is learnt."""
         if not isinstance(error, KafkaFailure) or not error.too_large:
             return False
-        slot = cast(Slot, entry)
         o: Outgoing = slot.out
         r = slot.record
         size = record_size(o)
@@ -248,11 +246,10 @@ class Answers:
             return True
         return False
 
-    def retire(self, entries: list[Entry]) -> None:
+    def retire(self, slots: Sequence[Slot]) -> None:
         """Committed: count each as answered or dead-lettered, and its end-to-end time."""
         now = self._wall_clock()
-        for entry in entries:
-            slot = cast(Slot, entry)
+        for slot in slots:
             ok = slot.out is not None and slot.out.ok
             self.metrics.messages.labels(status="ok" if ok else "dlq").inc()
             ts = slot.record.timestamp_ms

@@ -43,7 +43,7 @@ class Inference:
         *,
         metrics: Metrics,
         answers: Answers,
-        tracker: OffsetTracker[Any],
+        tracker: OffsetTracker[Any, Slot],
         responses: ResponseCache,
         failed: Callable[[Slot, WorkerError, str | None], None],
         sent: Callable[[], None],

@@ -53,7 +53,7 @@ from typing import Any
 from worker.answers import Answers, Outgoing, Slot, log_fields, model_header
 from worker.batching import Batcher, Job
 from worker.cache import ResponseCache, SessionCache
-from worker.commit import AtLeastOnce, Committer, Transactional
+from worker.commit import Committer, committer_for
 from worker.errors import (
     ConfigError,
     DecodeError,
@@ -114,7 +114,7 @@ class _Resources:
     loader: ThreadPoolExecutor  # model loads, off the polling thread
     admin: Admin
     consumer: Consumer
-    committer: Committer
+    committer: Committer[Slot]
     inference: Inference
 
 
@@ -153,7 +153,7 @@ class Worker:
             settings.max_batch_delay_ms / 1000,
             settings.coalesce_below_rows,
         )
-        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._tracker: OffsetTracker[TopicPartition, Slot] = OffsetTracker()
         # Transient failures waiting for their next try: (due, slot); pool threads add.
         self._retries = Retries(settings.retry_attempts, settings.retry_backoff_ms / 1000)
         self._deferred: deque[Record] = deque()  # polled while a model loaded
@@ -255,28 +255,15 @@ class Worker:
             producer = self._open_producer()
             consumer = self._clients.consumer(self._client_config("consumer", group_id=s.group_id))
             stack.callback(consumer.close)
-            committer: Committer
-            if s.exactly_once:
-                committer = Transactional(
-                    self._tracker,
-                    consumer,
-                    producer,
-                    self._answers.emit,
-                    self._answers.retire,
-                    s.commit_interval_ms / 1000,
-                    rescue=self._answers.rescue,
-                    reopen=self._open_producer,
-                )
-            else:
-                committer = AtLeastOnce(
-                    self._tracker,
-                    consumer,
-                    producer,
-                    self._answers.emit,
-                    self._answers.retire,
-                    s.commit_interval_ms / 1000,
-                    rescue=self._answers.rescue,
-                )
+            committer = committer_for(
+                s.exactly_once,
+                self._tracker,
+                consumer,
+                producer,
+                self._answers,
+                s.commit_interval_ms / 1000,
+                reopen=self._open_producer,
+            )
             inference = Inference(
                 cache,
                 pool,
@@ -325,7 +312,11 @@ class Worker:
     # -- the loop --------------------------------------------------------------
 
     def _serve(
-        self, consumer: Consumer, committer: Committer, count: int | None, timeout: float | None
+        self,
+        consumer: Consumer,
+        committer: Committer[Slot],
+        count: int | None,
+        timeout: float | None,
     ) -> None:
         end = None if timeout is None else time.monotonic() + timeout
         while not self._stopping.is_set():
@@ -363,7 +354,7 @@ class Worker:
         # At-least-once: pool threads send their own answers, so the main thread
         # may wait in poll() for records. A transaction is driven from here, so
         # with --exactly-once it checks back often while answers are due.
-        txn_due = self.settings.exactly_once and bool(
+        txn_due = self._r.committer.sends_on_commit and bool(
             self._r.inference.running or self._tracker.has_due_answers()
         )
         deadlines = (self._batcher.next_deadline(), self._retries.next_due())
@@ -616,7 +607,7 @@ class Worker:
         committer = self._r.committer
         offsets: dict[TopicPartition, int] = {}
         try:
-            if not self.settings.exactly_once:
+            if committer.finishes_revoked:
                 self._dispatch(force=True)
                 deadline = Deadline(min(self.settings.drain_timeout_s, 10.0))
                 if deadline.wait(lambda: self._tracker.answered(tps), 0.005):
@@ -679,7 +670,7 @@ class Worker:
 
     # -- shutdown --------------------------------------------------------------
 
-    def _drain(self, consumer: Consumer, committer: Committer) -> int:
+    def _drain(self, consumer: Consumer, committer: Committer[Slot]) -> int:
         """Answer and commit everything already polled, within --drain-timeout."""
         deadline = Deadline(self.settings.drain_timeout_s)
         # No new records from here on; poll() still drives the group protocol, so
