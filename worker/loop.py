@@ -84,7 +84,7 @@ from worker.protocol import (
     Limits,
     decode_request,
 )
-from worker.recovery import CLEAN, RUNNING, Careful, assess, try_marker
+from worker.recovery import CLEAN, LATEST_RESETS, RUNNING, Careful, plan, try_marker
 from worker.repository import ModelRef, ModelRepository
 from worker.retries import MAX_BACKOFF_S, Retries
 from worker.runtime import RuntimeOptions, Session, device_memory, load_session, resolve_device
@@ -497,25 +497,16 @@ class Worker:
         except KafkaFailure as exc:
             log.warning("committed offsets unknown (%s): no poison-pill check this time", exc)
             return
-        latest = self.settings.kafka_properties.get("auto.offset.reset", "") in (
-            "latest",
-            "largest",
-            "end",
-        )
+        latest = self.settings.kafka_properties.get("auto.offset.reset", "") in LATEST_RESETS
         for tp, (offset, metadata) in committed.items():
             if offset is not None:
                 committer.committed_offsets[tp] = offset
-            marks = consumer.watermarks(tp)
-            if offset is None:
-                # Nothing committed yet: commit the start, so that a crash before the
-                # first real commit is recognised as one.
-                if marks is not None:
-                    start = {tp: marks[1] if latest else marks[0]}
-                    with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
-                        consumer.commit(start, RUNNING)
-                        committer.committed_offsets.update(start)
-                continue
-            careful = assess(offset, metadata, marks[1] if marks is not None else None)
+            p = plan(offset, metadata, consumer.watermarks(tp), latest=latest)
+            if p.start is not None:
+                with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
+                    consumer.commit({tp: p.start}, RUNNING)
+                    committer.committed_offsets[tp] = p.start
+            careful = p.careful
             if careful is None:
                 continue
             self._partitions.set_careful(tp, careful)
