@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.fakes import Clock, FakeAdmin, FakeProducer
@@ -16,9 +17,10 @@ from worker.answers import (
     omit_value,
     record_size,
 )
-from worker.errors import DecodeError
+from worker.errors import DecodeError, ModelNotFound, TooLarge
 from worker.kafka import KafkaFailure, Record
 from worker.observability import Metrics
+from worker.protocol import encode_request
 from worker.settings import Settings
 
 TOO_LARGE = KafkaFailure("too large", name="MSG_SIZE_TOO_LARGE")
@@ -165,3 +167,44 @@ def test_retire_counts_each_outcome_and_its_end_to_end_time(ok: bool) -> None:
     a.retire([slot])
     assert _sample(a, "messages_total", status="ok" if ok else "dlq") == 1
     assert _sample(a, "end_to_end_seconds_sum") == pytest.approx(1.0)
+
+
+def _request_record(model: str | None, header_error: str | None = None) -> Record:
+    value, headers = encode_request(
+        {"x": np.zeros((1, 3), np.float32)}, format="msgpack", model=model, request_id="r-1"
+    )
+    return Record("in", 0, 5, None, value, list(headers), 1, header_error=header_error)
+
+
+def test_decode_reads_the_request_and_the_model_it_names() -> None:
+    request, model = _answers().decode(_request_record("m"))
+    assert model == "m" and request.request_id == "r-1"
+
+
+def test_decode_falls_back_to_the_default_model() -> None:
+    _, model = _answers(default_model="fallback").decode(_request_record(None))
+    assert model == "fallback"
+
+
+def test_decode_without_any_model_is_model_not_found() -> None:
+    with pytest.raises(ModelNotFound, match="no model named"):
+        _answers().decode(_request_record(None))
+
+
+def test_headers_the_client_could_not_read_are_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match="bad header"):
+        _answers().decode(_request_record("m", header_error="bad header"))
+
+
+def test_decode_holds_requests_to_the_request_limits() -> None:
+    with pytest.raises(TooLarge):
+        _answers(max_request_rows=0 + 1).decode(
+            Record(
+                "in",
+                0,
+                0,
+                None,
+                *encode_request({"x": np.zeros((2, 3), np.float32)}, format="msgpack", model="m"),
+                1,
+            )
+        )

@@ -22,12 +22,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from worker.errors import TooLarge, WorkerError
+from worker.errors import DecodeError, ModelNotFound, TooLarge, WorkerError
 from worker.kafka import Admin, Delivery, KafkaFailure, Producer, Record
 from worker.kafka.partition import output_partition
 from worker.observability import Metrics
 from worker.offsets import Entry
-from worker.protocol import Bound, Request, dlq_headers, encode_response, response_headers
+from worker.protocol import (
+    Bound,
+    Limits,
+    Request,
+    decode_request,
+    dlq_headers,
+    encode_response,
+    response_headers,
+)
 from worker.protocol.headers import get_header
 from worker.settings import Settings
 
@@ -115,6 +123,10 @@ class Answers:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._limits = Limits(
+            max_bytes=settings.max_request_bytes or settings.max_message_bytes,
+            max_rows=settings.max_request_rows,
+        )
         self._clock = clock
         self._wall_clock = wall_clock
         self._last_metadata: float | None = None
@@ -125,6 +137,26 @@ class Answers:
         self.refused_large: set[tuple[str, int, int]] = set()
 
     # -- what a record becomes ---------------------------------------------------
+
+    def decode(self, record: Record) -> tuple[Request, str]:
+        """The record's request and the model it names (its header or body, else
+        ``--default-model``); a :class:`~worker.errors.WorkerError` says why not."""
+        if record.header_error is not None:
+            raise DecodeError(record.header_error)
+        request = decode_request(
+            record.value,  # type: ignore[arg-type]
+            record.headers,
+            default_id=f"{record.topic}/{record.partition}/{record.offset}",
+            limits=self._limits,
+            key=record.key,
+        )
+        model = request.model or self.settings.default_model
+        if not model:
+            raise ModelNotFound(
+                "no model named: expected a `model` header or body field "
+                "(or a worker started with --default-model)"
+            )
+        return request, model
 
     def response(self, slot: Slot, model: str, version: int, outputs: dict[str, Any]) -> Outgoing:
         request = slot.request

@@ -17,7 +17,8 @@ Follow one record down this file:
    the GIL): one run per batch, outputs split per request and encoded into
    the slot.
 5. ``committer.send``: each line sends its answered head slots, in offset
-   order (``_emit`` picks the topic, partition and size check).
+   order (:meth:`~worker.answers.Answers.emit` picks the topic, partition
+   and size check).
 6. ``committer.commit``: the acknowledged head of each line is committed;
    with ``--exactly-once`` steps 5 and 6 are one transaction instead
    (:mod:`worker.commit` numbers the steps of both).
@@ -56,10 +57,8 @@ from worker.cache import ResponseCache, SessionCache
 from worker.commit import Committer, committer_for
 from worker.errors import (
     ConfigError,
-    DecodeError,
     FatalError,
     InferenceError,
-    ModelNotFound,
     WorkerError,
 )
 from worker.flow import POLL_RECORDS, Budget, poll_wait_s, to_pause, to_resume
@@ -80,10 +79,6 @@ from worker.lifecycle import Deadline, install_stop_signals
 from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.partitions import BACKPRESSURE, DRAINING, LOADING, RETRY, Partitions
-from worker.protocol import (
-    Limits,
-    decode_request,
-)
 from worker.recovery import CLEAN, LATEST_RESETS, RUNNING, Careful, plan, try_marker
 from worker.repository import ModelRef, ModelRepository
 from worker.retries import MAX_BACKOFF_S, Retries
@@ -144,10 +139,6 @@ class Worker:
         self.metrics_port: int | None = None
         self._stopping = threading.Event()
         self._closed = threading.Event()  # set once run() has closed every client
-        self._limits = Limits(
-            max_bytes=settings.max_request_bytes or settings.max_message_bytes,
-            max_rows=settings.max_request_rows,
-        )
         self._batcher = Batcher(
             settings.max_batch_rows,
             settings.max_batch_delay_ms / 1000,
@@ -388,21 +379,7 @@ class Worker:
         record = slot.record
         model: str | None = None
         try:
-            if record.header_error is not None:
-                raise DecodeError(record.header_error)
-            request = decode_request(
-                record.value,  # type: ignore[arg-type]
-                record.headers,
-                default_id=f"{record.topic}/{record.partition}/{record.offset}",
-                limits=self._limits,
-                key=record.key,
-            )
-            model = request.model or self.settings.default_model
-            if not model:
-                raise ModelNotFound(
-                    "no model named: expected a `model` header or body field "
-                    "(or a worker started with --default-model)"
-                )
+            request, model = self._answers.decode(record)
             signature, version = self._signature(model, request.model_version)
             bound = request.bind(signature)
         except WorkerError as exc:
