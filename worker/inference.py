@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from dataclasses import replace
 from typing import Any
 
 from worker.answers import Answers, Slot
@@ -25,8 +26,14 @@ from worker.cache import ResponseCache, SessionCache
 from worker.errors import InferenceError, WorkerError
 from worker.observability import Metrics
 from worker.offsets import OffsetTracker
+from worker.repository import ModelRef, ModelRepository
+from worker.retries import MAX_BACKOFF_S
+from worker.runtime import RuntimeOptions, Session, device_memory
+from worker.settings import Settings
 
-__all__ = ["RUN_TIME_WEIGHT", "Inference"]
+__all__ = ["RUN_TIME_WEIGHT", "Inference", "Loader", "session_cache"]
+
+Loader = Callable[[ModelRef, RuntimeOptions], Session]
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +136,38 @@ class Inference:
         self.run_s[key] = (
             run_s if mean is None else (1 - RUN_TIME_WEIGHT) * mean + RUN_TIME_WEIGHT * run_s
         )
+
+
+def session_cache(settings: Settings, device: str, load: Loader, metrics: Metrics) -> SessionCache:
+    """The sessions the runs use: ``load`` turns a model file into one, on ``device``."""
+    s = settings
+    options = RuntimeOptions(
+        device=device,
+        intra_op_threads=s.intra_op_threads,
+        optimized_dir=s.optimized_dir,
+        cuda_mem_limit=s.cuda_mem_limit,
+        # Warm up (and measure device memory) at the largest batch a run can have.
+        warmup_max_rows=s.max_batch_rows,
+    )
+    if s.cudnn_conv_algo_search:
+        options = replace(options, cudnn_conv_algo_search=s.cudnn_conv_algo_search)
+
+    def evicted(_sessions: list[Any]) -> None:
+        used, _how = device_memory(device)
+        if used is not None:
+            metrics.device_memory_bytes.set(used)
+
+    return SessionCache(
+        ModelRepository(s.model_repository),
+        lambda ref: load(ref, options),
+        max_models=s.cache_max_models,
+        max_bytes=s.cache_max_bytes,
+        metrics=metrics,
+        # A failed load is remembered no longer than the first retry's wait,
+        # so a model file still being written loads on that retry.
+        retry_after_s=min(MAX_BACKOFF_S, s.retry_backoff_ms / 1000),
+        on_evict=evicted if device.startswith("cuda") else None,
+    )
 
 
 def _nbytes(outputs: dict[str, Any]) -> int:

@@ -47,8 +47,7 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 from worker.answers import Answers, Outgoing, Slot, log_fields, model_header
@@ -62,7 +61,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.flow import POLL_RECORDS, Budget, poll_wait_s, to_pause, to_resume
-from worker.inference import Inference
+from worker.inference import Inference, Loader, session_cache
 from worker.kafka import (
     KAFKA,
     Admin,
@@ -80,9 +79,8 @@ from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.partitions import BACKPRESSURE, DRAINING, LOADING, RETRY, Partitions
 from worker.recovery import CLEAN, LATEST_RESETS, RUNNING, Careful, plan, try_marker
-from worker.repository import ModelRef, ModelRepository
-from worker.retries import MAX_BACKOFF_S, Retries
-from worker.runtime import RuntimeOptions, Session, device_memory, load_session, resolve_device
+from worker.retries import Retries
+from worker.runtime import load_session, resolve_device
 from worker.settings import Settings
 from worker.signature import Signature
 
@@ -95,9 +93,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("worker.loop")
-
-
-Loader = Callable[[ModelRef, RuntimeOptions], Session]
 
 
 @dataclass(frozen=True)
@@ -200,31 +195,11 @@ class Worker:
             device = resolve_device(s.device)
         except ValueError as exc:
             raise ConfigError("--device", str(exc)) from None
-        options = RuntimeOptions(
-            device=device,
-            intra_op_threads=s.intra_op_threads,
-            optimized_dir=s.optimized_dir,
-            cuda_mem_limit=s.cuda_mem_limit,
-            # Warm up (and measure device memory) at the largest batch a run can have.
-            warmup_max_rows=s.max_batch_rows,
-        )
-        if s.cudnn_conv_algo_search:
-            options = replace(options, cudnn_conv_algo_search=s.cudnn_conv_algo_search)
         self.metrics.set_build_info(kafka_client=s.kafka_client)
         self._closed.clear()
         with ExitStack() as stack:
             stack.callback(self._closed.set)  # the last callback: after every close
-            cache = SessionCache(
-                ModelRepository(s.model_repository),
-                lambda ref: self._load(ref, options),
-                max_models=s.cache_max_models,
-                max_bytes=s.cache_max_bytes,
-                metrics=self.metrics,
-                # A failed load is remembered no longer than the first retry's wait,
-                # so a model file still being written loads on that retry.
-                retry_after_s=min(MAX_BACKOFF_S, s.retry_backoff_ms / 1000),
-                on_evict=partial(self._evicted, device) if device.startswith("cuda") else None,
-            )
+            cache = session_cache(s, device, self._load, self.metrics)
             stack.callback(cache.close)
             server = stack.enter_context(
                 HealthServer(s.metrics_port, self.metrics, self.health, bind=s.metrics_bind)
@@ -292,11 +267,6 @@ class Worker:
             self._serve(consumer, committer, count, timeout)
             return self._drain(consumer, committer)
 
-    def _evicted(self, device: str, _sessions: list[Any]) -> None:
-        used, _how = device_memory(device)
-        if used is not None:
-            self.metrics.device_memory_bytes.set(used)
-
     def _install_signal_handlers(self, stack: ExitStack) -> None:
         install_stop_signals(stack, self.stop, self._closed, self.settings.drain_timeout_s)
 
@@ -309,9 +279,9 @@ class Worker:
         count: int | None,
         timeout: float | None,
     ) -> None:
-        end = None if timeout is None else time.monotonic() + timeout
+        end = None if timeout is None else Deadline(timeout)
         while not self._stopping.is_set():
-            if end is not None and time.monotonic() >= end:
+            if end is not None and end.passed:
                 break
             if count is not None and self.committed_records >= count:
                 break
