@@ -752,3 +752,15 @@ def test_the_committer_is_chosen_once_by_the_mode_and_answers_the_loops_question
     assert c.finishes_revoked is not exactly_once
     # a transaction's answers leave only when the loop commits
     assert c.sends_on_commit is exactly_once
+
+
+def test_offsets_found_at_assignment_are_committed_again_as_clean_until_forgotten(
+    rig: Rig,
+) -> None:
+    c = rig.at_least_once()
+    c.found(A, 7)
+    c.found(B, 3)
+    assert c.clean_offsets([A]) == {A: 7}
+    assert c.revoke([A, B]) == ({A: 7, B: 3}, 0)
+    c.forget([A])
+    assert c.clean_offsets([A, B]) == {B: 3}

@@ -79,6 +79,15 @@ class Committer(Generic[E]):
         # What the group has committed for each partition (ours, or found at assignment).
         self.committed_offsets: dict[TopicPartition, int] = {}
 
+    def found(self, tp: TopicPartition, offset: int) -> None:
+        """The group's committed offset of ``tp``, read (or committed) at assignment."""
+        self.committed_offsets[tp] = offset
+
+    def forget(self, tps: Collection[TopicPartition]) -> None:
+        """``tps`` were given up: their committed offsets are another owner's now."""
+        for tp in tps:
+            self.committed_offsets.pop(tp, None)
+
     def clean_offsets(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         """The committed offsets of ``tps``, to commit again as "clean" on the way out."""
         return {tp: o for tp, o in self.committed_offsets.items() if tp in tps}

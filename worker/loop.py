@@ -447,12 +447,12 @@ class Worker:
         latest = self.settings.kafka_properties.get("auto.offset.reset", "") in LATEST_RESETS
         for tp, (offset, metadata) in committed.items():
             if offset is not None:
-                committer.committed_offsets[tp] = offset
+                committer.found(tp, offset)
             p = plan(offset, metadata, consumer.watermarks(tp), latest=latest)
             if p.start is not None:
                 with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
                     consumer.commit({tp: p.start}, RUNNING)
-                    committer.committed_offsets[tp] = p.start
+                    committer.found(tp, p.start)
             careful = p.careful
             if careful is None:
                 continue
@@ -565,8 +565,7 @@ class Worker:
     def _forget(self, tps: Collection[TopicPartition]) -> None:
         self._tracker.forget(tps)
         self._partitions.forget(tps)
-        for tp in tps:
-            self._r.committer.committed_offsets.pop(tp, None)
+        self._r.committer.forget(tps)
         self._retries.forget(tps)
 
     # -- backpressure and lag --------------------------------------------------
