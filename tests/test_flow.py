@@ -157,6 +157,20 @@ def test_a_refused_answer_stops_the_worker_and_nothing_at_or_after_it_is_committ
     assert kafka.landed("out") == []
 
 
+def test_exactly_once_answers_and_offsets_land_together_in_transactions(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 3)
+    kafka.consumer.append(IN0, b"not a request")
+    with serving(repo, kafka, exactly_once=True):
+        _until(lambda: kafka.group.get(IN0) == 4)
+    assert kafka.configs[1].transactional_id is not None  # the producer, opened second
+    assert kafka.producer.calls[0] == "init_transactions"
+    assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"] and len(kafka.landed("in.dlq")) == 1
+    sent = [v for values, *_ in kafka.producer.transactions for v in values]
+    assert len(sent) == 4  # every answer and dead letter went out in a transaction
+    assert kafka.producer.transactions[-1][1] == {IN0: 4}
+
+
 # -- revocation -----------------------------------------------------------------------------------
 
 
