@@ -1,29 +1,28 @@
 """The committers' logic over in-memory fakes of the Kafka seam (no broker).
 
-The fakes behave as the Protocols in ``worker.kafka`` say: a send returns a
-pending :class:`Delivery` that ``poll``/``flush`` resolve later (as a
-client's delivery callbacks do), a commit may be deferred, every
-transaction step can fail, and so can an abort. The broker-backed tests
-(test_loop, test_faults, test_loss) run the same committers for real.
+The fakes (:mod:`tests.fakes`) behave as the Protocols in ``worker.kafka``
+say: a send returns a pending :class:`Delivery` that ``poll``/``flush``
+resolve later, within their timeout (as a client's delivery callbacks do), a
+commit may be deferred, every transaction step can fail, and so can an abort.
+The broker-backed tests (test_loop, test_faults, test_loss) run the same
+committers for real; test_flow runs the whole loop on these fakes.
 """
 
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Collection, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import pytest
 
-from worker.commit import AtLeastOnce, Committer, Transactional
+from tests.fakes import FakeConsumer, FakeProducer, Group
+from worker.commit import AtLeastOnce, Committer, Transactional, committer_for
 from worker.errors import FatalError
 from worker.kafka import (
     CommitDeferred,
     Delivery,
     KafkaFailure,
     Producer,
-    RebalanceHandler,
-    Record,
     TopicPartition,
     TransactionFailed,
 )
@@ -35,189 +34,15 @@ C = TopicPartition("in", 2)
 NEVER = 3600.0  # an interval that never comes due within a test
 
 
-Group = dict[TopicPartition, int]  # what the broker holds as the group's committed offsets
-
-
-class FakeProducer:
-    """Sends stay pending until ``poll``/``flush``; ``fail`` makes a step raise once."""
-
-    def __init__(self, group: Group, name: str = "p1") -> None:
-        self.group = group
-        self.name = name
-        self.calls: list[str] = []
-        self.sent: list[tuple[bytes, Delivery]] = []
-        self.refuse: dict[bytes, BaseException] = {}  # value -> the error its delivery gets
-        self.hold: set[bytes] = set()  # values whose delivery never comes back
-        self.fail: dict[str, BaseException] = {}  # step -> raised on its next call
-        # kafka-python's fault: commit_transaction returns although a send failed,
-        # and nothing lands.
-        self.lenient = False
-        # The transaction lands, then commit_transaction raises all the same (a timeout).
-        self.land_then_fail: BaseException | None = None
-        self.in_txn = False
-        self.txn: list[bytes] = []
-        self.txn_offsets: tuple[dict[TopicPartition, int], Any, str] | None = None
-        self.transactions: list[tuple[list[bytes], dict[TopicPartition, int], Any, str]] = []
-        self.closed = False
-
-    def _step(self, name: str) -> None:
-        self.calls.append(name)
-        if name in self.fail:
-            raise self.fail.pop(name)
-
-    def _resolve(self) -> int:
-        left = 0
-        for value, d in self.sent:
-            if d.done:
-                continue
-            if value in self.hold:
-                left += 1
-            else:
-                d.resolve(self.refuse.get(value))
-        return left
-
-    def send(
-        self,
-        topic: str,
-        value: bytes,
-        key: bytes | None,
-        headers: list[tuple[Any, bytes | None]],
-        partition: int | None = None,
-    ) -> Delivery:
-        self._step("send")
-        d = Delivery()
-        self.sent.append((value, d))
-        if self.in_txn:
-            self.txn.append(value)
-        return d
-
-    def poll(self, timeout_s: float = 0.0) -> None:
-        self.calls.append("poll")
-        self._resolve()
-
-    def flush(self, timeout_s: float) -> int:
-        self.calls.append("flush")
-        return self._resolve()
-
-    def init_transactions(self) -> None:
-        self._step("init_transactions")
-
-    def begin_transaction(self) -> None:
-        self._step("begin_transaction")
-        assert not self.in_txn, "begin inside an open transaction"
-        self.in_txn, self.txn, self.txn_offsets = True, [], None
-
-    def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
-    ) -> None:
-        self._step("send_offsets_to_transaction")
-        assert self.in_txn
-        self.txn_offsets = (dict(offsets), group_metadata, metadata)
-
-    def commit_transaction(self) -> None:
-        self._step("commit_transaction")
-        assert self.in_txn
-        self._resolve()
-        unsure = any(d.failed or not d.done for _, d in self.sent)
-        if unsure and not self.lenient:
-            raise TransactionFailed("a send failed or timed out", name="_DELIVERY_FAILED")
-        assert self.txn_offsets is not None
-        self.in_txn = False
-        if unsure:
-            return  # lenient: "committed", and nothing landed
-        self.transactions.append((self.txn, *self.txn_offsets))
-        self.group.update(self.txn_offsets[0])
-        if self.land_then_fail is not None:
-            raise self.land_then_fail
-
-    def abort_transaction(self) -> None:
-        self._step("abort_transaction")
-        self.in_txn = False
-
-    def close(self) -> None:
-        self.calls.append("close")
-        self.closed = True
-
-
-class FakeConsumer:
-    def __init__(self, group: Group, assigned: Collection[TopicPartition] = (A, B)) -> None:
-        self.group = group
-        self.assigned = set(assigned)
-        self.asked: list[list[TopicPartition]] = []  # calls to committed()
-        self.committed_fails: BaseException | None = None
-        self.commits: list[tuple[dict[TopicPartition, int], str]] = []
-        self.fail: list[BaseException] = []  # raised by the next commits, in order
-        self.seeks: list[tuple[TopicPartition, int | None]] = []
-        self.metadata = object()
-
-    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
-        if self.fail:
-            raise self.fail.pop(0)
-        self.commits.append((dict(offsets), metadata))
-        self.group.update(offsets)
-
-    def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
-        self.asked.append(sorted(tps))
-        if self.committed_fails is not None:
-            raise self.committed_fails
-        return {tp: self.group.get(tp) for tp in tps}
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.assigned)
-
-    def seek(self, tp: TopicPartition, offset: int | None) -> None:
-        self.seeks.append((tp, offset))
-
-    def group_metadata(self) -> Any:
-        return self.metadata
-
-    # The rest of the Protocol: the committers never call these.
-    def subscribe(self, topics: list[str], handler: RebalanceHandler) -> None:
-        raise AssertionError("not a committer's call")
-
-    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        raise AssertionError("not a committer's call")
-
-    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
-        raise AssertionError("not a committer's call")
-
-    def position(self, tp: TopicPartition) -> int | None:
-        raise AssertionError("not a committer's call")
-
-    def pause(self, tps: Collection[TopicPartition]) -> None:
-        raise AssertionError("not a committer's call")
-
-    def resume(self, tps: Collection[TopicPartition]) -> None:
-        raise AssertionError("not a committer's call")
-
-    def committed_metadata(
-        self, tps: Collection[TopicPartition]
-    ) -> dict[TopicPartition, tuple[int | None, str]]:
-        raise AssertionError("not a committer's call")
-
-    def watermarks(self, tp: TopicPartition) -> tuple[int, int] | None:
-        raise AssertionError("not a committer's call")
-
-    def lag(self, tp: TopicPartition) -> int | None:
-        raise AssertionError("not a committer's call")
-
-    def close(self) -> None:
-        raise AssertionError("not a committer's call")
-
-
 def _value(tp: TopicPartition, offset: int) -> bytes:
     return f"{tp.partition}@{offset}".encode()
 
 
-def emit(producer: Producer, entry: Entry) -> Delivery:
-    return producer.send("out", entry.out, None, [], None)
-
-
 class Rig:
-    """A tracker, the fakes, and what the committer retired."""
+    """A tracker, the fakes, and the committers' outbox: what it sent, rescued, retired."""
 
     def __init__(self, assigned: Collection[TopicPartition] = (A, B)) -> None:
-        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.tracker: OffsetTracker[TopicPartition, Entry] = OffsetTracker()
         self.group: Group = {}
         self.consumer = FakeConsumer(self.group, assigned)
         self.producer = FakeProducer(self.group)
@@ -225,8 +50,19 @@ class Rig:
         self.opened: list[FakeProducer] = []
         self.rescued: list[tuple[Entry, BaseException]] = []
         self.rescue_as: bytes | None = None  # what a refused answer becomes; None: cannot
+        self.rescuing = False  # an outbox that never rescues (and is never seen asked)
+
+    # -- the outbox ----------------------------------------------------------------
+
+    def emit(self, producer: Producer, entry: Entry) -> Delivery:
+        return producer.send("out", entry.out, None, [], None)
+
+    def retire(self, entries: Sequence[Entry]) -> None:
+        self.retired.extend(entries)
 
     def rescue(self, entry: Entry, error: BaseException) -> bool:
+        if not self.rescuing:
+            return False
         self.rescued.append((entry, error))
         if self.rescue_as is None:
             return False
@@ -243,32 +79,19 @@ class Rig:
             entries.append(e)
         return entries
 
-    def at_least_once(self, interval_s: float = 0.0, rescue: bool = False) -> AtLeastOnce:
-        return AtLeastOnce(
-            self.tracker,
-            self.consumer,
-            self.producer,
-            emit,
-            self.retired.extend,
-            interval_s,
-            rescue=self.rescue if rescue else None,
-        )
+    def at_least_once(self, interval_s: float = 0.0, rescue: bool = False) -> AtLeastOnce[Entry]:
+        self.rescuing = rescue
+        return AtLeastOnce(self.tracker, self.consumer, self.producer, self, interval_s)
 
     def reopen(self) -> FakeProducer:
         p = FakeProducer(self.group, f"p{len(self.opened) + 2}")
         self.opened.append(p)
         return p
 
-    def transactional(self, interval_s: float = 0.0, rescue: bool = False) -> Transactional:
+    def transactional(self, interval_s: float = 0.0, rescue: bool = False) -> Transactional[Entry]:
+        self.rescuing = rescue
         return Transactional(
-            self.tracker,
-            self.consumer,
-            self.producer,
-            emit,
-            self.retired.extend,
-            interval_s,
-            rescue=self.rescue if rescue else None,
-            reopen=self.reopen,
+            self.tracker, self.consumer, self.producer, self, interval_s, reopen=self.reopen
         )
 
 
@@ -293,7 +116,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
 
 
 def test_the_base_committer_leaves_the_steps_to_its_subclasses(rig: Rig) -> None:
-    base = Committer(rig.tracker, rig.consumer, rig.producer, emit, rig.retired.extend, 0.0)
+    base: Committer[Entry] = Committer(rig.tracker, rig.consumer, rig.producer, rig, 0.0)
     with pytest.raises(NotImplementedError):
         base.send()
     with pytest.raises(NotImplementedError):
@@ -889,3 +712,55 @@ def test_a_refusal_seen_during_a_revocation_is_still_fatal_at_the_next_commit(ri
     with pytest.raises(FatalError, match="MSG_SIZE_TOO_LARGE"):
         c.commit(force=True)
     assert rig.consumer.commits == []
+
+
+def test_a_transaction_waits_up_to_its_timeout_for_slow_acknowledgements(rig: Rig) -> None:
+    rig.producer.latency_s = 1.0  # the broker takes a second to acknowledge
+    c = rig.transactional()
+    rig.add(A, range(0, 2))
+    assert c.commit() == 2
+    assert rig.group == {A: 2} and c.aborted == 0
+
+
+def test_a_revocation_waits_for_slow_acknowledgements_before_it_gives_offsets(rig: Rig) -> None:
+    rig.producer.latency_s = 1.0
+    c = rig.at_least_once()
+    rig.add(A, range(0, 3))
+    assert c.revoke([A]) == ({A: 3}, 3)
+
+
+def test_the_fake_producer_acknowledges_only_what_is_due_within_the_timeout(rig: Rig) -> None:
+    p = rig.producer
+    p.latency_s = 1.0
+    d = p.send("out", b"v", None, [])
+    p.poll(0.0)
+    assert not d.done
+    assert p.flush(0.5) == 1 and not d.done
+    assert p.flush(0.5) == 0 and d.done and d.error is None
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_the_committer_is_chosen_once_by_the_mode_and_answers_the_loops_questions(
+    rig: Rig, exactly_once: bool
+) -> None:
+    c = committer_for(
+        exactly_once, rig.tracker, rig.consumer, rig.producer, rig, 0.0, reopen=rig.reopen
+    )
+    assert type(c) is (Transactional if exactly_once else AtLeastOnce)
+    assert c.producer is rig.producer and c.outbox is rig
+    # at-least-once finishes a revoked partition's work; a transaction abandons it
+    assert c.finishes_revoked is not exactly_once
+    # a transaction's answers leave only when the loop commits
+    assert c.sends_on_commit is exactly_once
+
+
+def test_offsets_found_at_assignment_are_committed_again_as_clean_until_forgotten(
+    rig: Rig,
+) -> None:
+    c = rig.at_least_once()
+    c.found(A, 7)
+    c.found(B, 3)
+    assert c.clean_offsets([A]) == {A: 7}
+    assert c.revoke([A, B]) == ({A: 7, B: 3}, 0)
+    c.forget([A])
+    assert c.clean_offsets([A, B]) == {B: 3}

@@ -1,13 +1,15 @@
-"""A record that kills the process natively is dead-lettered after at most 3 crashes.
+"""A record that kills the process natively is dead-lettered after its 3rd crash.
 
-The crash is real: the test fault hook ``INFERENCE_WORKER_TEST_CRASH_ON`` makes
-the worker process abort (SIGABRT, as a crash inside a native kernel would)
-when it runs the request with that id. Each crash is a real process death;
-the test restarts the worker as Kubernetes would.
+The crash is real: the worker process (tests/poison_worker.py) loads sessions
+that abort the process (SIGABRT, as a crash inside a native kernel would) when
+they run the poison request's row. Each crash is a real process death; the test
+restarts the worker as Kubernetes would.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from tests.conftest import BOTH_CLIENTS
 from tests.harness import (
     FAST_GROUP,
+    ROOT,
     committed,
     consume,
     consume_ids,
@@ -31,6 +34,18 @@ from worker.protocol import encode_request
 pytestmark = pytest.mark.kafka
 
 POISON = "r-10"
+N = 30  # requests; request r-<i> holds rows of i / N, so the poison row is all 10 / N
+
+
+def _poisoned_worker(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """The worker, its sessions aborting the process on the poison request's row."""
+    with open(log_path, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.poison_worker", str(10 / N), *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _args(
@@ -60,7 +75,7 @@ def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_go
     repo = tmp_path / "models"
     write_demo_model(repo)
     requests, outputs = new_topic(), new_topic()
-    n = 30
+    n = N
     records = []
     for i in range(n):
         value, headers = encode_request(
@@ -75,11 +90,7 @@ def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_go
     crashes = 0
     want = {f"r-{i}" for i in range(n)} - {POISON}
     for attempt in range(6):
-        proc = worker_process(
-            args,
-            env={"INFERENCE_WORKER_TEST_CRASH_ON": POISON},
-            log_path=tmp_path / f"worker-{attempt}.log",
-        )
+        proc = _poisoned_worker(args, tmp_path / f"worker-{attempt}.log")
         try:
             # Either it dies on the poison pill, or it gets past it.
             deadline = time.monotonic() + 60
@@ -100,7 +111,8 @@ def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_go
         break
     else:
         pytest.fail(f"still crashing after {crashes} restarts")
-    assert 1 <= crashes <= 3, crashes
+    # one unnoticed crash, then two careful runs that crash; the third is not run
+    assert crashes == 3, crashes
     assert len(dlq) == 1 and header(dlq[0], "request-id") == POISON
     assert header(dlq[0], "error-type") == "inference-error"
     assert "crashed the worker" in (header(dlq[0], "error-message") or "")

@@ -5,16 +5,17 @@ Both have the same small interface, called from the loop's thread:
 ``commit(force)`` makes acknowledged progress durable and returns how many
 records it settled, ``revoke(tps)`` gives the offsets to commit before a
 partition is given up, ``pending()`` counts what is not yet committed.
-What an answer *is* (its topic, partition, headers) is the loop's business:
-it passes ``emit(producer, entry) -> Delivery``.
+:func:`committer_for` chooses one, once; what the loop does differently per
+mode it reads from the committer's attributes. What an answer *is* (its
+topic, partition, headers) is the :class:`Outbox`'s business.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from worker.errors import FatalError
 from worker.kafka import (
@@ -30,38 +31,62 @@ from worker.kafka import (
 from worker.offsets import Entry, OffsetTracker
 from worker.recovery import RUNNING
 
-__all__ = ["AtLeastOnce", "Committer", "Transactional"]
+__all__ = ["AtLeastOnce", "Committer", "Outbox", "Transactional", "committer_for"]
 
 log = logging.getLogger("worker.commit")
 
-Emit = Callable[[Producer, Entry], Delivery]
-# Turns an answer the broker refused into one it takes (a too-large response into
-# a dead letter); False when nothing can be done.
-Rescue = Callable[[Entry, BaseException], bool]
-Retire = Callable[[list[Entry]], None]
+E = TypeVar("E", bound=Entry)
+E_contra = TypeVar("E_contra", bound=Entry, contravariant=True)
 
 
-class Committer:
+class Outbox(Protocol[E_contra]):
+    """Where the committers' answers come from and go: :class:`worker.answers.Answers`."""
+
+    def emit(self, producer: Producer, entry: E_contra) -> Delivery:
+        """Send ``entry``'s answer."""
+        ...
+
+    def rescue(self, entry: E_contra, error: BaseException) -> bool:
+        """Turn an answer the broker refused into one it takes (a too-large response
+        into a dead letter); False when nothing can be done."""
+        ...
+
+    def retire(self, entries: Sequence[E_contra]) -> None:
+        """``entries`` are settled (committed)."""
+        ...
+
+
+class Committer(Generic[E]):
+    # At-least-once answers and commits a revoked partition's work before it goes.
+    finishes_revoked: ClassVar[bool] = True
+    # Answers leave only when the loop commits (a transaction): poll briefly meanwhile.
+    sends_on_commit: ClassVar[bool] = False
+
     def __init__(
         self,
-        tracker: OffsetTracker[TopicPartition],
+        tracker: OffsetTracker[TopicPartition, E],
         consumer: Consumer,
         producer: Producer,
-        emit: Emit,
-        retire: Retire,
+        outbox: Outbox[E],
         interval_s: float,
-        rescue: Rescue | None = None,
     ) -> None:
         self.tracker = tracker
         self.consumer = consumer
         self.producer = producer
-        self._emit = emit
-        self._retire = retire
-        self._rescue = rescue
+        self.outbox = outbox
         self._interval_s = interval_s
         self.last_commit = time.monotonic()
         # What the group has committed for each partition (ours, or found at assignment).
         self.committed_offsets: dict[TopicPartition, int] = {}
+
+    def found(self, tp: TopicPartition, offset: int) -> None:
+        """The group's committed offset of ``tp``, read (or committed) at assignment."""
+        self.committed_offsets[tp] = offset
+
+    def forget(self, tps: Collection[TopicPartition]) -> None:
+        """``tps`` were given up: their committed offsets are another owner's now."""
+        for tp in tps:
+            self.committed_offsets.pop(tp, None)
 
     def clean_offsets(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         """The committed offsets of ``tps``, to commit again as "clean" on the way out."""
@@ -86,7 +111,7 @@ class Committer:
         raise NotImplementedError
 
 
-class AtLeastOnce(Committer):
+class AtLeastOnce(Committer[E]):
     """Commit only offsets whose answers the broker acknowledged."""
 
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
@@ -94,18 +119,18 @@ class AtLeastOnce(Committer):
         t = self.tracker
         with t.lock:
             for _tp, entry in t.sendable(tps):
-                entry.deliveries.append(self._emit(self.producer, entry))
+                entry.deliveries.append(self.outbox.emit(self.producer, entry))
 
     def commit(self, *, force: bool = False, metadata: str = RUNNING) -> int:
         # 1. Deliveries are reported from the producer's poll.
         self.producer.poll(0)
         # 2. Acknowledged heads become offsets; a refused answer stops its line.
         acked = self.tracker.acknowledge()
-        self._retire(acked.retired)
+        self.outbox.retire(acked.retired)
         for tp, entry, error in acked.refusals:
-            if self._rescue is not None and self._rescue(entry, error):
+            if self.outbox.rescue(entry, error):
                 # Sent again as what the broker takes; its line goes on from here.
-                entry.deliveries = [self._emit(self.producer, entry)]
+                entry.deliveries = [self.outbox.emit(self.producer, entry)]
                 self.tracker.clear_refusal(tp)
                 continue
             raise FatalError(
@@ -137,15 +162,18 @@ class AtLeastOnce(Committer):
         if left:
             log.warning("revocation: %d answers unacknowledged after 5 s", left)
         acked = self.tracker.acknowledge(tps)
-        self._retire(acked.retired)
+        self.outbox.retire(acked.retired)
         offsets = self.tracker.to_commit(tps)
         settled = self.tracker.committed(offsets)
         # Committed as "clean" by the client: the next owner need not be careful.
         return {**self.clean_offsets(tps), **offsets}, settled
 
 
-class Transactional(Committer):
+class Transactional(Committer[E]):
     """Answers, dead letters and offsets in one Kafka transaction per batch window."""
+
+    finishes_revoked = False
+    sends_on_commit = True
 
     def __init__(
         self,
@@ -177,7 +205,7 @@ class Transactional(Committer):
         try:
             # 2. Begin; 3. send every answer and dead letter of the window.
             p.begin_transaction()
-            deliveries.extend(self._emit(p, entry) for _, entry in window)
+            deliveries.extend(self.outbox.emit(p, entry) for _, entry in window)
             # 4. Every send acknowledged, none refused, *before* the commit: a send the
             # client refused at once never joined the transaction, and kafka-python can
             # report a commit after an epoch bump that dropped a send; either would
@@ -188,16 +216,15 @@ class Transactional(Committer):
             p.send_offsets_to_transaction(offsets, self.consumer.group_metadata(), metadata)
             p.commit_transaction()
         except (TransactionFailed, KafkaFailure) as exc:
-            if self._rescue is not None:
-                # Remembered, so the answer is sent as what the broker takes next time.
-                for (_, entry), d in zip(window, deliveries, strict=False):
-                    if d.error is not None:
-                        self._rescue(entry, d.error)
+            # Remembered, so the answer is sent as what the broker takes next time.
+            for (_, entry), d in zip(window, deliveries, strict=False):
+                if d.error is not None:
+                    self.outbox.rescue(entry, d.error)
             self._abort(exc)
             return 0
         # 7. Settled: drop the window from the lines.
         self.tracker.settle_window(window)
-        self._retire([entry for _, entry in window])
+        self.outbox.retire([entry for _, entry in window])
         self.last_commit = time.monotonic()
         self.committed_offsets.update(offsets)
         return len(window)
@@ -244,3 +271,20 @@ def _check(deliveries: list[Delivery], when: str) -> None:
         raise TransactionFailed(f"a send of the transaction was refused {when}: {failed}")
     if not all(d.done for d in deliveries):
         raise TransactionFailed(f"a send of the transaction is unacknowledged {when}")
+
+
+def committer_for(
+    exactly_once: bool,
+    tracker: OffsetTracker[TopicPartition, E],
+    consumer: Consumer,
+    producer: Producer,
+    outbox: Outbox[E],
+    interval_s: float,
+    *,
+    reopen: Callable[[], Producer],
+) -> Committer[E]:
+    """The committer of the delivery mode; ``reopen`` opens a fresh producer (after
+    a failed abort, with exactly-once)."""
+    if exactly_once:
+        return Transactional(tracker, consumer, producer, outbox, interval_s, reopen=reopen)
+    return AtLeastOnce(tracker, consumer, producer, outbox, interval_s)

@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 __all__ = ["Acknowledged", "Entry", "OffsetTracker"]
 
 K = TypeVar("K", bound=Hashable)  # a partition, whatever the caller names it by
+E = TypeVar("E", bound="Entry")  # the caller's entry: an Entry with its own fields
 
 
 class Entry:
@@ -44,35 +45,37 @@ class Entry:
 
 
 @dataclass
-class Acknowledged:
+class Acknowledged(Generic[K, E]):
     """What :meth:`OffsetTracker.acknowledge` found."""
 
-    retired: list[Entry] = field(default_factory=list)
-    refused: Entry | None = None  # the first entry whose delivery the broker refused
+    retired: list[E] = field(default_factory=list)
+    refused: E | None = None  # the first entry whose delivery the broker refused
     error: BaseException | None = None
     # Every head refused for the first time by this call: (partition, entry, error).
-    refusals: list[tuple[Any, Entry, BaseException]] = field(default_factory=list)
+    refusals: list[tuple[K, E, BaseException]] = field(default_factory=list)
 
 
-class OffsetTracker(Generic[K]):
+class OffsetTracker(Generic[K, E]):
+    """Lines of ``E`` entries by partition ``K``."""
+
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self._lines: dict[K, deque[Entry]] = {}
-        self._unsent: dict[K, deque[Entry]] = {}  # the tail of each line not yet sent
+        self._lines: dict[K, deque[E]] = {}
+        self._unsent: dict[K, deque[E]] = {}  # the tail of each line not yet sent
         self._to_commit: dict[K, int] = {}  # next offset to read, per partition
         self._uncommitted: dict[K, int] = {}  # acknowledged records not yet committed
-        self._refused: dict[K, Entry] = {}
+        self._refused: dict[K, E] = {}
         self.inflight_bytes = 0
 
     # -- 1. polled -------------------------------------------------------------
 
-    def add(self, tp: K, entry: Entry) -> None:
+    def add(self, tp: K, entry: E) -> None:
         with self.lock:
             self._lines.setdefault(tp, deque()).append(entry)
             self._unsent.setdefault(tp, deque()).append(entry)
             self.inflight_bytes += entry.nbytes
 
-    def grow(self, entry: Entry, nbytes: int) -> None:
+    def grow(self, entry: E, nbytes: int) -> None:
         """``entry``'s answer adds ``nbytes`` in flight until it is committed."""
         with self.lock:
             if entry.live:
@@ -81,7 +84,7 @@ class OffsetTracker(Generic[K]):
 
     # -- 5. sent ---------------------------------------------------------------
 
-    def sendable(self, tps: Collection[K] | None = None) -> Iterator[tuple[K, Entry]]:
+    def sendable(self, tps: Collection[K] | None = None) -> Iterator[tuple[K, E]]:
         """Answered entries at the head of each unsent queue, in offset order.
 
         Call with :attr:`lock` held; an entry counts as sent once the caller
@@ -98,9 +101,9 @@ class OffsetTracker(Generic[K]):
 
     # -- 6. acknowledged -> committed -----------------------------------------------
 
-    def acknowledge(self, tps: Collection[K] | None = None) -> Acknowledged:
+    def acknowledge(self, tps: Collection[K] | None = None) -> Acknowledged[K, E]:
         """Move acknowledged heads of lines to the offsets to commit."""
-        result = Acknowledged()
+        result: Acknowledged[K, E] = Acknowledged()
         with self.lock:
             for tp, line in self._lines.items():
                 if tps is not None and tp not in tps:
@@ -127,7 +130,7 @@ class OffsetTracker(Generic[K]):
                     result.retired.append(head)
         return result
 
-    def refused(self) -> list[tuple[K, Entry]]:
+    def refused(self) -> list[tuple[K, E]]:
         with self.lock:
             return list(self._refused.items())
 
@@ -155,14 +158,14 @@ class OffsetTracker(Generic[K]):
 
     # -- exactly-once ----------------------------------------------------------
 
-    def window(self) -> list[tuple[K, Entry]]:
+    def window(self) -> list[tuple[K, E]]:
         """Every answered entry at the head of each line (one transaction's worth)."""
         with self.lock:
             return [
                 (tp, entry) for tp, line in self._lines.items() for entry in _answered_prefix(line)
             ]
 
-    def settle_window(self, window: list[tuple[K, Entry]]) -> None:
+    def settle_window(self, window: list[tuple[K, E]]) -> None:
         """The transaction holding ``window`` committed: drop those entries."""
         with self.lock:
             for tp, entry in window:
@@ -215,7 +218,7 @@ class OffsetTracker(Generic[K]):
             return any(q and q[0].out is not None for q in self._unsent.values())
 
 
-def _answered_prefix(line: deque[Entry]) -> Iterator[Entry]:
+def _answered_prefix(line: deque[E]) -> Iterator[E]:
     for entry in line:
         if entry.out is None:
             return

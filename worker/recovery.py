@@ -15,12 +15,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CAREFUL_RECORDS", "CLEAN", "CRASH_LIMIT", "RUNNING", "Careful", "assess", "try_marker"]
+__all__ = [
+    "CAREFUL_RECORDS",
+    "CLEAN",
+    "CRASH_LIMIT",
+    "LATEST_RESETS",
+    "RUNNING",
+    "Careful",
+    "Plan",
+    "assess",
+    "plan",
+    "try_marker",
+]
 
 CLEAN = "clean"
 RUNNING = "run"
 CAREFUL_RECORDS = 500  # after an unclean stop, at most this many records run one at a time
 CRASH_LIMIT = 3  # crashes on one record (the unnoticed first one included) before it is dropped
+LATEST_RESETS = ("latest", "largest", "end")  # auto.offset.reset values that start at the end
 
 
 def try_marker(offset: int, attempt: int) -> str:
@@ -64,3 +76,28 @@ def assess(committed: int | None, metadata: str, high_watermark: int | None) -> 
     if kind == "try" and at == str(committed) and count.isdigit():
         crashes = int(count)
     return Careful(committed, min(high, committed + CAREFUL_RECORDS), crashes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a new owner does with a partition before its first record."""
+
+    start: int | None = None  # nothing committed yet: commit this offset as "run" now
+    careful: Careful | None = None  # the last owner stopped mid-stream
+
+
+def plan(
+    committed: int | None,
+    metadata: str,
+    watermarks: tuple[int, int] | None,
+    *,
+    latest: bool = False,
+) -> Plan:
+    """From a newly assigned partition's committed offset and metadata and its
+    (low, high) watermarks: commit its start (so that a crash before the first
+    real commit is recognised as one), run it carefully, or nothing."""
+    if committed is None:
+        if watermarks is None:
+            return Plan()
+        return Plan(start=watermarks[1] if latest else watermarks[0])
+    return Plan(careful=assess(committed, metadata, None if watermarks is None else watermarks[1]))

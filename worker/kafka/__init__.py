@@ -12,6 +12,10 @@ The loop (and the producer tools) speak to three small objects, built by
   and the transaction calls;
 - :class:`Admin`: partition counts and ``max.message.bytes`` of topics.
 
+:class:`Clients` groups the three ``open_*`` functions: the worker opens its
+clients through one, so a test can hand it doubles of this seam instead of a
+broker (:data:`KAFKA` is the real one).
+
 Two backends implement them: :mod:`.confluent` (confluent-kafka, i.e.
 librdkafka, the default) and :mod:`.kafka_python` (the pure-Python client).
 Settings use Kafka's own property names (``security.protocol``,
@@ -31,9 +35,11 @@ from worker.errors import BrokerAccessError, FatalError
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
+    "KAFKA",
     "Admin",
     "BrokerAccessError",
     "ClientConfig",
+    "Clients",
     "CommitDeferred",
     "Consumer",
     "Delivery",
@@ -251,6 +257,18 @@ def open_producer(config: ClientConfig, **overrides: str) -> Producer:
 def open_admin(config: ClientConfig) -> Admin:
     admin: Admin = _backend(config).open_admin(config)
     return admin
+
+
+@dataclass(frozen=True)
+class Clients:
+    """How a worker opens its three clients; :data:`KAFKA` opens real ones."""
+
+    consumer: Callable[[ClientConfig], Consumer] = open_consumer
+    producer: Callable[[ClientConfig], Producer] = open_producer
+    admin: Callable[[ClientConfig], Admin] = open_admin
+
+
+KAFKA = Clients()
 
 
 def fmt_tps(tps: Collection[TopicPartition]) -> str:

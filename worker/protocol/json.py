@@ -381,9 +381,7 @@ class JsonCodec:
             raise DecodeError(f"V2 request: 'id' must be a string, got {type(body_id).__name__}")
         parameters = body.get("parameters")
         passthrough = parameters.get(_PASSTHROUGH_KEY) if isinstance(parameters, dict) else None
-        request_id = (
-            envelope.request_id or _key_id(envelope.key) or body_id or envelope.default_id
-        )
+        request_id = envelope.request_id or _key_id(envelope.key) or body_id or envelope.default_id
         return Request(
             format=self.name,
             model=envelope.model,

@@ -44,8 +44,18 @@ __all__ = [
 DTYPES: dict[str, np.dtype | None] = {
     name: np.dtype(name).newbyteorder("<")
     for name in (
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64",
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
     )
 }
 DTYPES["string"] = None
@@ -248,9 +258,7 @@ class MsgpackCodec:
             tensors[name] = tensor_from_wire(name, obj, limits)
         passthrough = body.get("passthrough")
         if passthrough is not None and not _depth_ok(passthrough, _PASSTHROUGH_DEPTH):
-            raise DecodeError(
-                f"msgpack body: 'passthrough' nests deeper than {_PASSTHROUGH_DEPTH}"
-            )
+            raise DecodeError(f"msgpack body: 'passthrough' nests deeper than {_PASSTHROUGH_DEPTH}")
         version = envelope.model_version
         if version is None and body.get("model_version") is not None:
             version = parse_version(body["model_version"], "msgpack body 'model_version'")

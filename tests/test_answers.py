@@ -1,0 +1,210 @@
+"""What a record becomes and how it goes out (worker.answers), on the fakes: no broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fakes import Clock, FakeAdmin, FakeProducer
+from worker.answers import (
+    METADATA_REFRESH_S,
+    RECORD_OVERHEAD,
+    Answers,
+    Outgoing,
+    Slot,
+    omit_value,
+    record_size,
+)
+from worker.errors import DecodeError, ModelNotFound, TooLarge
+from worker.kafka import KafkaFailure, Record
+from worker.observability import Metrics
+from worker.protocol import encode_request
+from worker.settings import Settings
+
+TOO_LARGE = KafkaFailure("too large", name="MSG_SIZE_TOO_LARGE")
+
+
+def _answers(clock: Clock | None = None, **overrides: object) -> Answers:
+    s = Settings(input_topics=("in",), output_topic="out", model_repository=Path("."), **overrides)
+    clock = clock or Clock()
+    return Answers(s, Metrics(), clock=clock.monotonic, wall_clock=lambda: 2000.0)
+
+
+def _slot(offset: int = 3, partition: int = 1, value: bytes = b"req") -> Slot:
+    record = Record("in", partition, offset, b"key", value, [("model", b"m")], 1_999_000)
+    return Slot(record)
+
+
+def _response(slot: Slot, nbytes: int) -> Outgoing:
+    return Outgoing("out", slot.record.key, b"x" * nbytes, [("model", b"m")], ok=True)
+
+
+def _sample(a: Answers, name: str, **labels: str) -> float | None:
+    return a.metrics.registry.get_sample_value(f"inference_worker_{name}", labels)
+
+
+def test_record_size_counts_value_key_headers_and_the_batch_overhead() -> None:
+    o = Outgoing("out", b"kk", b"v" * 10, [("ab", b"cde"), ("f", None)], ok=True)
+    assert record_size(o) == 10 + 2 + (2 + 3 + 4) + (1 + 0 + 4) + RECORD_OVERHEAD
+
+
+def test_omit_value_keeps_the_headers_and_says_how_many_bytes_went() -> None:
+    o = Outgoing("dlq", None, b"v" * 7, [("error-type", b"x")], ok=False)
+    assert omit_value(o) == Outgoing(
+        "dlq", None, b"", [("error-type", b"x"), ("value-omitted", b"7")], ok=False
+    )
+
+
+def test_a_dead_letter_keeps_the_record_and_says_why_with_its_attempts() -> None:
+    a, slot = _answers(), _slot()
+    slot.attempts = 3
+    dead = a.dead_letter(slot, DecodeError("bad body"), "m")
+    assert (dead.topic, dead.key, dead.value, dead.ok) == ("in.dlq", b"key", b"req", False)
+    headers = dict(dead.headers)
+    assert headers["error-type"] == b"decode-error"
+    assert headers["error-attempts"] == b"3"
+    assert headers["source-offset"] == b"3"
+    assert _sample(a, "dlq_total", error_type="decode-error") == 1
+
+
+def test_emit_sends_to_the_input_partition_when_the_topic_has_it() -> None:
+    a, p, slot = _answers(), FakeProducer({}), _slot(partition=1)
+    a.partitions["out"] = 4
+    slot.out = _response(slot, 10)
+    a.emit(p, slot)
+    (sent,) = p.records
+    assert (sent.topic, sent.partition, sent.value) == ("out", 1, b"x" * 10)
+
+
+def test_emit_dead_letters_a_response_over_its_topics_limit() -> None:
+    a, p, slot = _answers(), FakeProducer({}), _slot()
+    a.size_limits["out"] = 1000
+    slot.out = _response(slot, 1000 - RECORD_OVERHEAD)  # with its headers: over
+    a.emit(p, slot)
+    (sent,) = p.records
+    assert sent.topic == "in.dlq" and sent.header("error-type") == "too-large"
+    assert slot.out.ok is False
+
+
+def test_emit_sends_a_response_just_within_its_limit() -> None:
+    a, p, slot = _answers(), FakeProducer({}), _slot()
+    slot.out = _response(slot, 100)
+    a.size_limits["out"] = record_size(slot.out)
+    a.emit(p, slot)
+    assert [s.topic for s in p.records] == ["out"]
+
+
+def test_our_clients_limit_caps_the_topics() -> None:
+    a = _answers(max_message_bytes=5000)
+    a.size_limits["out"] = 10_000
+    assert a.limit("out") == 5000 and a.limit("unknown") == 5000
+
+
+def test_emit_drops_the_value_of_a_dead_letter_over_its_topics_limit() -> None:
+    a, p, slot = _answers(), FakeProducer({}), _slot(value=b"r" * 5000)
+    a.size_limits["in.dlq"] = 1000
+    slot.out = a.dead_letter(slot, DecodeError("bad"), None)
+    a.emit(p, slot)
+    (sent,) = p.records
+    assert sent.value == b"" and sent.header("value-omitted") == "5000"
+
+
+def test_rescue_turns_a_refused_response_into_a_dead_letter_and_learns_the_limit() -> None:
+    a, p, slot = _answers(), FakeProducer({}), _slot()
+    slot.out = _response(slot, 500)
+    size = record_size(slot.out)
+    assert a.rescue(slot, TOO_LARGE) is True
+    assert slot.out.topic == "in.dlq" and slot.out.ok is False
+    assert a.size_limits["out"] == size - 1
+    # the same record read again (exactly-once rewinds): dead-lettered before sending
+    again = _slot()
+    again.out = _response(again, 10)
+    a.emit(p, again)
+    assert [s.topic for s in p.records] == ["in.dlq"]
+
+
+def test_rescue_drops_a_refused_dead_letters_value_once_then_gives_up() -> None:
+    a, slot = _answers(), _slot(value=b"r" * 50)
+    slot.out = a.dead_letter(slot, DecodeError("bad"), None)
+    assert a.rescue(slot, TOO_LARGE) is True
+    assert slot.out.value == b"" and dict(slot.out.headers)["value-omitted"] == b"50"
+    assert a.rescue(slot, TOO_LARGE) is False
+
+
+def test_rescue_leaves_other_refusals_alone() -> None:
+    a, slot = _answers(), _slot()
+    slot.out = _response(slot, 10)
+    assert a.rescue(slot, KafkaFailure("denied", name="TOPIC_AUTHORIZATION_FAILED")) is False
+    assert a.rescue(slot, ValueError("not kafka")) is False
+    assert slot.out.ok and a.size_limits == {}
+
+
+def test_refresh_asks_the_admin_at_most_every_interval_and_keeps_a_known_count() -> None:
+    clock = Clock()
+    a, admin = _answers(clock), FakeAdmin()
+    admin.partition_counts["out"] = 3
+    admin.limits["out"] = 4096
+    a.refresh(admin)
+    assert a.partitions == {"out": 3, "in.dlq": None} and a.size_limits == {"out": 4096}
+    admin.partition_counts["out"] = 6
+    clock.sleep(METADATA_REFRESH_S - 1)
+    a.refresh(admin)
+    assert a.partitions["out"] == 3
+    a.refresh(admin, force=True)
+    assert a.partitions["out"] == 6
+    del admin.partition_counts["out"]  # the admin cannot say now: keep what we knew
+    clock.sleep(METADATA_REFRESH_S)
+    a.refresh(admin)
+    assert a.partitions["out"] == 6
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_retire_counts_each_outcome_and_its_end_to_end_time(ok: bool) -> None:
+    a, slot = _answers(), _slot()
+    slot.out = _response(slot, 1) if ok else a.dead_letter(slot, DecodeError("x"), None)
+    a.retire([slot])
+    assert _sample(a, "messages_total", status="ok" if ok else "dlq") == 1
+    assert _sample(a, "end_to_end_seconds_sum") == pytest.approx(1.0)
+
+
+def _request_record(model: str | None, header_error: str | None = None) -> Record:
+    value, headers = encode_request(
+        {"x": np.zeros((1, 3), np.float32)}, format="msgpack", model=model, request_id="r-1"
+    )
+    return Record("in", 0, 5, None, value, list(headers), 1, header_error=header_error)
+
+
+def test_decode_reads_the_request_and_the_model_it_names() -> None:
+    request, model = _answers().decode(_request_record("m"))
+    assert model == "m" and request.request_id == "r-1"
+
+
+def test_decode_falls_back_to_the_default_model() -> None:
+    _, model = _answers(default_model="fallback").decode(_request_record(None))
+    assert model == "fallback"
+
+
+def test_decode_without_any_model_is_model_not_found() -> None:
+    with pytest.raises(ModelNotFound, match="no model named"):
+        _answers().decode(_request_record(None))
+
+
+def test_headers_the_client_could_not_read_are_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match="bad header"):
+        _answers().decode(_request_record("m", header_error="bad header"))
+
+
+def test_decode_holds_requests_to_the_request_limits() -> None:
+    with pytest.raises(TooLarge):
+        _answers(max_request_rows=0 + 1).decode(
+            Record(
+                "in",
+                0,
+                0,
+                None,
+                *encode_request({"x": np.zeros((2, 3), np.float32)}, format="msgpack", model="m"),
+                1,
+            )
+        )

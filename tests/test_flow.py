@@ -1,0 +1,336 @@
+"""The whole loop on fake clients (tests/fakes.py): no broker, the real model runs.
+
+Each test starts a :class:`~worker.loop.Worker` with ``clients=`` the fakes
+and watches what lands on the fake topics and what the fake group commits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.fakes import FakeKafka, FakeProducer
+from worker.demo import write_demo_model
+from worker.errors import FatalError, ModelLoadError
+from worker.kafka import KafkaFailure, TopicPartition
+from worker.loop import Worker
+from worker.protocol import encode_request
+from worker.recovery import CLEAN, RUNNING, try_marker
+from worker.repository import ModelRef
+from worker.runtime import RuntimeOptions, Session, load_session
+from worker.settings import Settings
+
+IN0 = TopicPartition("in", 0)
+IN1 = TopicPartition("in", 1)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models")
+    write_demo_model(path)
+    return path
+
+
+def _settings(repo: Path, **overrides: Any) -> Settings:
+    return Settings(
+        input_topics=("in",),
+        output_topic="out",
+        model_repository=repo,
+        metrics_port=0,
+        metrics_bind="127.0.0.1",
+        device="cpu",
+        drain_timeout_s=10.0,
+        **overrides,
+    )
+
+
+def _produce(kafka: FakeKafka, tp: TopicPartition, n: int, first: int = 0) -> None:
+    for i in range(first, first + n):
+        value, headers = encode_request(
+            {"x": np.full((1, 784), i / 100, np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id=f"{tp.partition}-{i}",
+        )
+        kafka.consumer.append(tp, value, f"k{i}".encode(), headers)
+
+
+def _until(what: Callable[[], object], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class Serving:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.rc: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="worker", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.rc = self.worker.run()
+        except BaseException as exc:
+            self.error = exc
+
+    @property
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+
+@contextmanager
+def serving(
+    repo: Path, kafka: FakeKafka, loader: Any = load_session, **overrides: Any
+) -> Iterator[Serving]:
+    """The worker in a thread; stopped (and its drain waited for) on exit."""
+    s = Serving(Worker(_settings(repo, **overrides), clients=kafka.clients, loader=loader))
+    s.thread.start()
+    try:
+        yield s
+    finally:
+        s.worker.stop()
+        s.thread.join(30)
+        assert s.done, "the worker did not stop within 30 s"
+
+
+def _ids(kafka: FakeKafka, topic: str) -> list[str | None]:
+    return [s.header("request-id") for s in kafka.landed(topic)]
+
+
+# -- records in, answers and dead letters out ----------------------------------------------------
+
+
+def test_records_in_answers_and_dead_letters_out_and_everything_committed(repo: Path) -> None:
+    kafka = FakeKafka()
+    kafka.admin.partition_counts.update({"out": 2, "in.dlq": 2})
+    _produce(kafka, IN0, 5)
+    kafka.consumer.append(IN1, b"not a request", b"bad")
+    with serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 5 and kafka.group.get(IN1) == 1)
+    assert sorted(_ids(kafka, "out")) == [f"0-{i}" for i in range(5)]
+    (dead,) = kafka.landed("in.dlq")
+    assert dead.header("error-type") == "decode-error"
+    assert (dead.key, dead.value, dead.partition) == (b"bad", b"not a request", 1)
+    assert all(s.header("content-type") for s in kafka.landed("out"))
+    # answers keep their key and go to the input's partition
+    assert {(s.key, s.partition) for s in kafka.landed("out")} == {
+        (f"k{i}".encode(), 0) for i in range(5)
+    }
+
+
+def test_offsets_are_committed_only_after_the_answers_are_acknowledged(repo: Path) -> None:
+    kafka = FakeKafka()
+    kafka.setup = lambda p: setattr(p, "hold_all", True)
+    _produce(kafka, IN0, 3)
+    with serving(repo, kafka, commit_interval_ms=0):
+        _until(lambda: kafka.producers and len(kafka.producer.records) == 3)
+        time.sleep(0.3)  # many commit rounds
+        assert kafka.group.get(IN0, 0) == 0  # answered, sent, not acknowledged: not committed
+        kafka.producer.hold_all = False
+        _until(lambda: kafka.group.get(IN0) == 3)
+    assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"]
+
+
+def test_a_refused_answer_stops_the_worker_and_nothing_at_or_after_it_is_committed(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+
+    def refuse(p: FakeProducer) -> None:
+        p.refuse_topic["out"] = KafkaFailure("not authorised", name="TOPIC_AUTHORIZATION_FAILED")
+
+    kafka.setup = refuse
+    _produce(kafka, IN0, 3)
+    with serving(repo, kafka) as s:
+        _until(lambda: s.done)
+    assert isinstance(s.error, FatalError) and "refused an answer" in str(s.error)
+    assert kafka.group.get(IN0, 0) == 0
+    assert kafka.landed("out") == []
+
+
+def test_exactly_once_answers_and_offsets_land_together_in_transactions(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 3)
+    kafka.consumer.append(IN0, b"not a request")
+    with serving(repo, kafka, exactly_once=True):
+        _until(lambda: kafka.group.get(IN0) == 4)
+    assert kafka.configs[1].transactional_id is not None  # the producer, opened second
+    assert kafka.producer.calls[0] == "init_transactions"
+    assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"] and len(kafka.landed("in.dlq")) == 1
+    sent = [v for values, *_ in kafka.producer.transactions for v in values]
+    assert len(sent) == 4  # every answer and dead letter went out in a transaction
+    assert kafka.producer.transactions[-1][1] == {IN0: 4}
+
+
+# -- revocation -----------------------------------------------------------------------------------
+
+
+def test_at_least_once_revocation_commits_what_was_answered(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 4)
+    # No commit comes due while serving: only the revocation can commit the answers.
+    with serving(repo, kafka, commit_interval_ms=600_000):
+        _until(lambda: len(kafka.landed("out")) == 4)
+        assert kafka.group.get(IN0) == 0  # the start, committed at assignment
+        kafka.consumer.rebalance("revoke", [IN0])
+        _until(lambda: IN0 not in kafka.consumer.assigned)
+        assert kafka.consumer.commits[-1] == ({IN0: 4}, CLEAN)
+    assert kafka.group[IN0] == 4
+
+
+def test_exactly_once_revocation_abandons_uncommitted_work_and_commits_nothing(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 4)
+    with serving(repo, kafka, exactly_once=True, commit_interval_ms=600_000) as s:
+        _until(lambda: kafka.consumer.positions.get(IN0) == 4 and kafka.group.get(IN0) == 0)
+        _until(lambda: s.worker._tracker.answered([IN0]))
+        before = list(kafka.consumer.commits)
+        kafka.consumer.rebalance("revoke", [IN0])
+        _until(lambda: IN0 not in kafka.consumer.assigned)
+        # the next owner answers them again, in its own transaction
+        assert kafka.consumer.commits == before
+        assert kafka.group[IN0] == 0
+    assert kafka.producer.transactions == [] and kafka.landed("out") == []
+
+
+# -- backpressure ---------------------------------------------------------------------------------
+
+
+def test_backpressure_pauses_the_fullest_partitions_and_resumes_them(repo: Path) -> None:
+    kafka = FakeKafka()
+    kafka.setup = lambda p: setattr(p, "hold_all", True)
+    _produce(kafka, IN0, 12)
+    _produce(kafka, IN1, 2)
+    one = len(kafka.consumer.log[IN0][0].value or b"")
+    with serving(repo, kafka, max_inflight_bytes=4 * one, commit_interval_ms=0):
+        # acknowledgements held: the budget stays spent, and after a second IN0 pauses
+        _until(lambda: any(IN0 in p for p in kafka.consumer.pauses), timeout=10)
+        assert IN0 in kafka.consumer.paused
+        kafka.producer.hold_all = False
+        _until(lambda: kafka.group.get(IN0) == 12 and kafka.group.get(IN1) == 2)
+        assert any(IN0 in r for r in kafka.consumer.resumes)
+        assert IN0 not in kafka.consumer.paused
+
+
+# -- transient failures ---------------------------------------------------------------------------
+
+
+class FlakyLoader:
+    """Fails the first ``fails`` loads as a model file still being written would."""
+
+    def __init__(self, fails: int) -> None:
+        self.fails = fails
+        self.calls = 0
+
+    def __call__(self, ref: ModelRef, options: RuntimeOptions) -> Session:
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise ModelLoadError(f"model {ref}: half written")
+        return load_session(ref, options)
+
+
+def test_a_retry_that_succeeds_answers_and_holds_its_partition_meanwhile(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    loader = FlakyLoader(fails=1)
+    with serving(repo, kafka, loader=loader, retry_backoff_ms=50):
+        _until(lambda: kafka.group.get(IN0) == 1)
+    assert _ids(kafka, "out") == ["0-0"] and kafka.landed("in.dlq") == []
+    assert loader.calls == 2
+    assert any(IN0 in p for p in kafka.consumer.pauses)  # nothing new while waiting
+    assert any(IN0 in r for r in kafka.consumer.resumes)
+
+
+def test_a_retry_that_keeps_failing_dead_letters_after_the_last_attempt(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    loader = FlakyLoader(fails=100)
+    with serving(repo, kafka, loader=loader, retry_backoff_ms=10, retry_attempts=2):
+        _until(lambda: kafka.group.get(IN0) == 1)
+    (dead,) = kafka.landed("in.dlq")
+    assert dead.header("error-type") == "model-load-error"
+    assert dead.header("error-attempts") == "3"
+    assert kafka.landed("out") == []
+
+
+# -- size limits ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("who", ["topic config", "broker refusal"])
+def test_an_answer_over_the_output_topics_limit_becomes_a_dead_letter(repo: Path, who: str) -> None:
+    kafka = FakeKafka()
+    if who == "topic config":
+        kafka.admin.limits["out"] = 200
+    else:  # the admin does not know; the broker refuses the send
+        kafka.setup = lambda p: p.max_bytes.update({"out": 20})
+    _produce(kafka, IN0, 2)
+    with serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 2)
+    assert kafka.landed("out") == []
+    dead = kafka.landed("in.dlq")
+    assert [d.header("request-id") for d in dead] == ["0-0", "0-1"]
+    assert {d.header("error-type") for d in dead} == {"too-large"}
+
+
+# -- after an unclean stop ------------------------------------------------------------------------
+
+
+def test_after_an_unclean_stop_each_record_runs_alone_behind_a_try_marker(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 3)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING  # the last owner died mid-stream
+    with serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 3)
+    markers = [(o, m) for o, m in kafka.consumer.commits if m.startswith("try:")]
+    assert markers == [({IN0: i}, try_marker(i, 1)) for i in range(3)]
+    assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"]
+
+
+def test_a_record_that_crashed_the_worker_three_times_is_dead_lettered_unrun(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = try_marker(0, 2)  # two careful runs of 0 crashed
+    with serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 2)
+    (dead,) = kafka.landed("in.dlq")
+    assert dead.header("request-id") == "0-0"
+    assert "crashed the worker 3 times" in (dead.header("error-message") or "")
+    assert _ids(kafka, "out") == ["0-1"]
+
+
+def test_after_a_clean_stop_nothing_runs_alone(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = CLEAN
+    with serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 2)
+    assert not [m for _, m in kafka.consumer.commits if m.startswith("try:")]
+
+
+# -- stop -----------------------------------------------------------------------------------------
+
+
+def test_a_stop_drains_commits_everything_as_clean_and_returns_0(repo: Path) -> None:
+    kafka = FakeKafka(latency_s=0.3)  # acknowledgements still on their way at the stop
+    _produce(kafka, IN0, 5)
+    with serving(repo, kafka, commit_interval_ms=600_000) as s:
+        _until(lambda: kafka.producers and len(kafka.producer.records) == 5)
+    assert s.rc == 0 and s.error is None
+    assert IN0 in kafka.consumer.pauses[-1]  # no new records during the drain
+    assert kafka.consumer.commits[-1] == ({IN0: 5}, CLEAN)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(5)]
+    assert kafka.consumer.closed and kafka.producer.closed and kafka.admin.closed

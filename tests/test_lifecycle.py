@@ -1,0 +1,88 @@
+"""Deadline and the drain watchdog (worker.lifecycle); test_stuck runs them in a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from tests.fakes import Clock
+from worker.lifecycle import STOP_SLACK_S, Deadline, watch_the_drain
+
+
+def test_a_deadline_counts_down_on_its_clock_and_caps_what_is_left() -> None:
+    clock = Clock()
+    d = Deadline(2.0, clock=clock.monotonic, sleep=clock.sleep)
+    assert d.left() == 2.0 and d.left(0.5) == 0.5 and not d.passed
+    clock.sleep(1.9)
+    assert d.left() == pytest.approx(0.1) and d.left(0.5) == pytest.approx(0.1)
+    clock.sleep(0.1)
+    assert d.passed and d.left() == 0.0
+    clock.sleep(5)
+    assert d.left() == 0.0  # never negative
+
+
+def test_wait_checks_every_step_until_the_condition_holds() -> None:
+    clock = Clock()
+    d = Deadline(1.0, clock=clock.monotonic, sleep=clock.sleep)
+    start = clock.now
+    assert d.wait(lambda: clock.now >= start + 0.3, 0.1) is True
+    assert clock.now == pytest.approx(start + 0.3)
+
+
+def test_wait_gives_up_when_the_deadline_passes_without_sleeping_past_it() -> None:
+    clock = Clock()
+    d = Deadline(0.25, clock=clock.monotonic, sleep=clock.sleep)
+    start = clock.now
+    assert d.wait(lambda: False, 0.1) is False
+    assert clock.now == pytest.approx(start + 0.25)
+
+
+def test_a_met_condition_does_not_wait_even_past_the_deadline() -> None:
+    clock = Clock()
+    d = Deadline(0.0, clock=clock.monotonic, sleep=clock.sleep)
+    assert d.wait(lambda: True, 0.1) is True
+
+
+def _watch(
+    payload: bytes | None, closed: threading.Event, timeout_s: float = 0.05
+) -> tuple[list[int], threading.Thread]:
+    read_fd, write_fd = os.pipe()
+    exits: list[int] = []
+    thread = threading.Thread(
+        target=watch_the_drain,
+        args=(read_fd, closed, timeout_s - STOP_SLACK_S),
+        kwargs={"exit_now": exits.append},
+        daemon=True,
+    )
+    thread.start()
+    if payload:
+        os.write(write_fd, payload)
+    os.close(write_fd)
+    return exits, thread
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_watchdog_ends_the_process_when_a_stop_overruns_the_drain(
+    sig: signal.Signals, caplog: pytest.LogCaptureFixture
+) -> None:
+    exits, thread = _watch(bytes([sig]), threading.Event())
+    thread.join(5)
+    assert exits == [1]
+    assert "a call into the Kafka client is stuck" in caplog.text
+
+
+def test_the_watchdog_lets_a_stop_that_closed_in_time_be() -> None:
+    closed = threading.Event()
+    closed.set()
+    exits, thread = _watch(bytes([signal.SIGTERM]), closed)
+    thread.join(5)
+    assert exits == [] and not thread.is_alive()
+
+
+def test_the_watchdog_ignores_other_signals_and_returns_when_the_pipe_closes() -> None:
+    exits, thread = _watch(bytes([signal.SIGCHLD, signal.SIGUSR1]), threading.Event())
+    thread.join(5)
+    assert exits == [] and not thread.is_alive()
