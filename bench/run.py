@@ -471,18 +471,21 @@ class Bench:
             "message.max.bytes": MAX_MESSAGE_BYTES + 65536,
         })  # fmt: skip
         try:
+            # Answers, not commits, mark progress: the per-message app commits every 5 s.
             with start(in_t, out_t, group, total) as proc:
                 proc.wait_ready()
                 _paced(producer, in_t, msgs, 200.0, warm, b"warm")
                 producer.flush(30)
-                self.k.wait_committed(group, {0: warm}, 60, proc.alive)
+                self.k.read(out_t, warm, 60)
                 for name, per_s in schedule:
                     _paced(producer, in_t, msgs, per_s, counts[name], name.encode())
                 producer.flush(60)
-                if not self.k.wait_committed(group, {0: total}, 120, proc.alive):
-                    raise RuntimeError(f"{label}: did not finish: {proc.stderr_tail()}")
+                answers = self.k.read(out_t, total, 120)
+                if len(answers) < total:
+                    raise RuntimeError(f"{label}: {len(answers)} answers to {total} requests: "
+                                       f"{proc.stderr_tail()}")  # fmt: skip
             requests = {_header(r, "seq"): r.timestamp for r in self.k.read(in_t, total)}
-            for r in self.k.read(out_t, total):
+            for r in answers:
                 sent = requests.get(_header(r, "seq"))
                 phase = _header(r, "phase")
                 if sent is not None and phase in per_level:
