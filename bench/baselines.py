@@ -394,19 +394,27 @@ def per_row(
 
 
 def _main(argv: list[str] | None = None) -> None:
-    """``baselines.py drain ...``: the drain as its own process (the latency comparison)."""
+    """``baselines.py drain|per-message ...``: the drain, or the per-message app, as its own
+    process (the latency comparisons)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="run the drain loop in its own process")
-    parser.add_argument("loop", choices=["drain"])
+    parser = argparse.ArgumentParser(description="run a baseline loop in its own process")
+    parser.add_argument("loop", choices=["drain", "per-message"])
     parser.add_argument("--client", choices=["confluent", "kafka-python"], default="confluent")
     parser.add_argument("--bootstrap-servers", required=True)
     parser.add_argument("--input-topic", required=True)
     parser.add_argument("--output-topic", required=True)
     parser.add_argument("--group-id", required=True)
     parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--response-bytes", type=int, required=True)
+    parser.add_argument("--response-bytes", type=int, default=0, help="drain: record size")
+    parser.add_argument("--model", type=Path, default=None, help="per-message: the ONNX file")
     args = parser.parse_args(argv)
+    if args.loop == "per-message":
+        if args.model is None:
+            parser.error("per-message needs --model PATH (an ONNX file)")
+        per_message_app(args.bootstrap_servers, args.input_topic, args.output_topic,
+                        args.group_id, args.count, ort_session(args.model))  # fmt: skip
+        return
     blob = bytes(args.response_bytes)
     # Request headers ride along, as the worker copies them (the bench joins on them).
     if args.client == "confluent":

@@ -1,8 +1,21 @@
-"""Quick A/B probes of one worker setting: paced latency, or throughput at saturation.
+"""Quick A/B probes of one worker setting: paced latency, throughput at saturation, or
+where a message's time and CPU go at a given offered load (the timeline).
 
     bench/probe.py latency --rate 315 -- --coalesce-below-rows 1024
     bench/probe.py saturation --messages 5000 -- --coalesce-below-rows 1024
     bench/probe.py saturation --rows 64 --py-spy /tmp/worker.txt -- --kafka-client confluent
+    bench/probe.py timeline --rows 16 --rate 228 --py-spy /tmp/spy.txt --py-spy-flag=--gil
+
+The timeline, at ``--rate`` messages/s of ``--rows``-row Arrow requests (LogAppendTime
+input, a paced librdkafka producer): request append -> answer timestamp p50/p99; the
+worker's CPU µs per message (every thread); each ``*_seconds`` histogram of its
+/metrics over the paced span (count, mean, p50, p99 from the buckets), by stage
+(poll -> run start: ``queue_seconds``, where the worker has it; the run:
+``inference_seconds``; record timestamp -> acknowledged: ``end_to_end_seconds``);
+and with ``--py-spy``, the worker's Python samples (every thread) per stage, from the
+innermost frame a rule of :data:`STAGES` names, as a share and as µs per message.
+Without ``--gil`` py-spy counts a thread waiting inside librdkafka or ``select`` as
+busy; with it, only time holding the GIL (a run, which releases it, looks small).
 
 Everything after ``--`` goes to ``inference-worker run``. Run the two settings
 alternately, several times, and compare medians: this machine is noisy. The
@@ -28,11 +41,35 @@ from kafka.admin import KafkaAdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import Kafka, bootstrap_servers  # noqa: E402
+from bench.workloads import Kafka, WorkerProcess, bootstrap_servers, percentiles  # noqa: E402
 from worker.demo import write_demo_model  # noqa: E402
 from worker.protocol import encode_request  # noqa: E402
 
 ROWS = 64
+MODEL = "mnist-mlp"
+SPY_HZ = 200
+
+# (stage, substrings of a py-spy frame "function (path:line)"): the innermost frame
+# that matches names the stage of a sample; the order settles a frame matching two.
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("run", ("run (onnxruntime", "worker/runtime.py")),
+    ("encode", ("encode_response", "response_headers", "_response (worker/")),
+    ("decode", ("decode_request", "read_stream", "_bind (worker/protocol", "envelope (worker/")),
+    ("acknowledgement", ("done (worker/kafka", "_acked", "_delivered")),
+    ("produce", ("send (worker/kafka", "_emit (worker/", "produce")),
+    ("commit", ("worker/commit.py", "commit (worker/kafka", "worker/offsets.py")),
+    ("poll", ("poll (worker/kafka", "_poll_records", "consume")),
+    ("wait for company / queue for a run", ("worker/batching.py", "worker/inference.py",
+                                            "_submit (worker/", "_admit (worker/")),
+    ("metrics, health", ("worker/observability.py", "prometheus_client", "http/server.py",
+                         "socketserver.py")),
+)
+# The worker's /metrics histograms per stage (namespace left out); the rest have none yet.
+SERIES = {
+    "queue_seconds": "poll -> run start (wait for company + queue for a run)",
+    "inference_seconds": "run (session.run)",
+    "end_to_end_seconds": "record timestamp -> answer acknowledged",
+}
 
 
 def _worker(
@@ -96,26 +133,180 @@ def _saturation(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, r
     return 0
 
 
+def stage_of(frames: list[str]) -> str:
+    """The stage of one sampled stack (outermost frame first)."""
+    for frame in reversed(frames):
+        for stage, marks in STAGES:
+            if any(mark in frame for mark in marks):
+                return stage
+    return "the loop's own bookkeeping" if any("worker/" in f for f in frames) else "other"
+
+
+def stage_shares(raw: str) -> dict[str, int]:
+    """Samples per stage of py-spy's raw (folded) output: ``frame;frame;... count`` lines."""
+    out: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        stage = stage_of(stack.split(";"))
+        out[stage] = out.get(stage, 0) + int(count)
+    return out
+
+
+def histograms(metrics: dict[str, float]) -> dict[str, dict[float, float]]:
+    """``name -> {le: cumulative count}`` of every ``*_seconds`` histogram, summed over
+    its other labels (models, versions), from WorkerProcess.metrics()'s keys."""
+    out: dict[str, dict[float, float]] = {}
+    for key, value in metrics.items():
+        name, _, labels = key.partition("{")
+        if not name.endswith("_seconds_bucket"):
+            continue
+        le = next((x.split("=", 1)[1].strip('"') for x in labels.rstrip("}").split(",")
+                   if x.startswith("le=")), None)  # fmt: skip
+        if le is None:
+            continue
+        buckets = out.setdefault(name.removesuffix("_bucket"), {})
+        bound = float("inf") if le == "+Inf" else float(le)
+        buckets[bound] = buckets.get(bound, 0.0) + value
+    return out
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """The ``q`` quantile of a cumulative histogram, linear within its bucket (as
+    Prometheus' histogram_quantile); the last finite bound when it falls in +Inf."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if total <= 0:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
+def _series(before: dict[str, float], after: dict[str, float]) -> list[str]:
+    lines = []
+    old, new = histograms(before), histograms(after)
+    sums = {k.partition("{")[0]: 0.0 for k in after}
+    for key, value in after.items():
+        name = key.partition("{")[0]
+        if name.endswith("_seconds_sum"):
+            sums[name] = sums.get(name, 0.0) + value - before.get(key, 0.0)
+    for name in sorted(new):
+        delta = {b: c - old.get(name, {}).get(b, 0.0) for b, c in new[name].items()}
+        count = max(delta.values(), default=0.0)
+        if count <= 0:
+            continue
+        short = name.removeprefix("inference_worker_")
+        what = SERIES.get(short, "")
+        mean = sums.get(f"{name}_sum", float("nan")) / count * 1e3
+        lines.append(f"  {short:<24} {what:<52} n {count:>6,.0f}  mean {mean:7.2f}  "
+                     f"p50 {bucket_quantile(delta, 0.5) * 1e3:7.2f}  "
+                     f"p99 {bucket_quantile(delta, 0.99) * 1e3:7.2f} ms")  # fmt: skip
+    missing = [s for s in SERIES if f"inference_worker_{s}" not in new]
+    if missing:
+        lines.append(f"  not in this worker's /metrics: {', '.join(missing)}")
+    return lines
+
+
+def _timeline(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, repo: Path,
+              extra: list[str], message: tuple[bytes, list[Any]]) -> int:  # fmt: skip
+    """The worker under ``args.rate`` messages/s: latency, CPU per message, its histograms
+    per stage, and (``--py-spy``) where its Python threads spend their CPU."""
+    import confluent_kafka as ck
+
+    from bench.run import _header, _paced
+
+    k = Kafka(bootstrap)
+    group, warm = f"g-{tin}", 20
+    n = max(1, int(args.rate * args.seconds))
+    producer = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 0,
+                            "message.max.bytes": 16 << 20})  # fmt: skip
+    spy = None
+    try:
+        with WorkerProcess(bootstrap, tin, tout, repo, MODEL, group, extra) as w:
+            w.wait_ready()
+            _paced(producer, tin, [message], 200.0, warm, b"warm")
+            producer.flush(30)
+            if not k.wait_committed(group, {0: warm}, 120, w.alive):
+                print(f"the worker did not answer the warm-up: {w.stderr_tail()}", file=sys.stderr)
+                return 1
+            before, cpu = w.metrics(), w.cpu_seconds()
+            if args.py_spy is not None:
+                exe = Path(sys.executable).with_name("py-spy")
+                spy = subprocess.Popen([str(exe) if exe.exists() else "py-spy", "record",
+                                        "-p", str(w.proc.pid if w.proc else 0), "-r", str(SPY_HZ),
+                                        "-f", "raw", "--threads", "--nonblocking",
+                                        "-o", str(args.py_spy), *args.py_spy_flag],
+                                       stdout=subprocess.DEVNULL)  # fmt: skip
+            _paced(producer, tin, [message], args.rate, n, b"paced")
+            producer.flush(60)
+            if not k.wait_committed(group, {0: warm + n}, 300, w.alive):
+                print(f"the worker did not finish: {w.stderr_tail()}", file=sys.stderr)
+                return 1
+            cpu = w.cpu_seconds() - cpu
+            after = w.metrics()
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+        sent = {_header(r, "seq"): r.timestamp for r in k.read(tin, warm + n)}
+        lat = [r.timestamp - sent[seq] for r in k.read(tout, warm + n)
+               if _header(r, "phase") == "paced" and (seq := _header(r, "seq")) in sent]
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+        k.close()
+    p50, _, p99 = percentiles(lat)
+    print(f"timeline: {args.rate:g} messages/s of {args.rows} rows ({args.rate * args.rows:,.0f} "
+          f"rows/s) for {args.seconds:g} s, {extra}")
+    print(f"  request append -> answer timestamp: p50 {p50:.0f} ms, p99 {p99:.0f} ms "
+          f"over {len(lat)} answers")
+    print(f"  worker CPU (every thread): {cpu / n * 1e6:,.0f} µs per message, "
+          f"{cpu / args.seconds:.0%} of a core")
+    print("  /metrics over the paced span:")
+    print("\n".join(_series(before, after)))
+    if args.py_spy is not None and args.py_spy.exists():
+        shares = stage_shares(args.py_spy.read_text())
+        total = sum(shares.values()) or 1
+        print(f"  py-spy {' '.join(args.py_spy_flag)}: {total:,} samples at {SPY_HZ} Hz of the "
+              f"worker's Python threads (librdkafka's own threads are not sampled), per stage:")
+        for stage, samples in sorted(shares.items(), key=lambda x: -x[1]):
+            print(f"    {stage:<36} {samples / total:6.1%}  "
+                  f"{samples / SPY_HZ / n * 1e6:6,.0f} µs/message")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["latency", "saturation"])
-    parser.add_argument("--rate", type=float, default=315.0, help="messages/s (latency)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="paced span (latency)")
+    parser.add_argument("mode", choices=["latency", "saturation", "timeline"])
+    parser.add_argument("--rate", type=float, default=315.0,
+                        help="messages/s (latency, timeline)")
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="paced span (latency, timeline)")
     parser.add_argument("--messages", type=int, default=5000, help="pre-published (saturation)")
     parser.add_argument("--rows", type=int, default=ROWS, help="rows per message")
-    parser.add_argument("--format", choices=["arrow", "msgpack", "json"], default="msgpack")
+    parser.add_argument("--format", choices=["arrow", "msgpack", "json"], default=None,
+                        help="request format (default: arrow for the timeline, else msgpack)")
     parser.add_argument("--py-spy", metavar="FILE", type=Path, default=None,
-                        help="profile the worker at saturation with py-spy (raw folded stacks, "
-                        "all threads, 200 Hz) into FILE")  # fmt: skip
+                        help="profile the worker with py-spy (raw folded stacks, all threads, "
+                        "200 Hz) into FILE: at saturation, or over the timeline's paced span")
     parser.add_argument("--switch-interval", type=float, default=None, metavar="S",
                         help="run the worker with sys.setswitchinterval(S) (an A/B experiment "
                         "on GIL hand-offs; Python's default is 0.005)")  # fmt: skip
     parser.add_argument("--py-spy-flag", action="append", default=[], metavar="FLAG",
                         help="extra py-spy record flag, e.g. --py-spy-flag=--gil (repeatable)")
     args = parser.parse_args(own)
+    if args.format is None:
+        args.format = "arrow" if args.mode == "timeline" else "msgpack"
 
     bootstrap = bootstrap_servers()
     run = uuid.uuid4().hex[:8]
@@ -137,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mode == "saturation":
             return _saturation(args, bootstrap, tin, tout, repo, extra, (value, headers))
+        if args.mode == "timeline":
+            return _timeline(args, bootstrap, tin, tout, repo, extra, (value, headers))
         worker = _worker(bootstrap, tin, tout, repo, extra, args.switch_interval)
         warm = 20  # the worker joins its group before the clock starts
         for _ in range(warm):

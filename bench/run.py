@@ -3,7 +3,7 @@
 Against one broker (``KAFKA_BOOTSTRAP_SERVERS``, else ``scripts/kafka-local
 start``), for the demo MLP (I/O-bound) and ResNet-50 (compute-bound):
 
-- MLP streams of 256-row and 64-row Arrow messages: the worker at saturation
+- MLP streams of 256-, 64- and 16-row Arrow messages: the worker at saturation
   (messages published before it starts; first to last response timestamp) on
   both Kafka backends (confluent, the default, and kafka-python), next to a
   librdkafka drain and a kafka-python drain (the worker's own clients, no
@@ -13,6 +13,9 @@ start``), for the demo MLP (I/O-bound) and ResNet-50 (compute-bound):
 - CPU time per message of every loop's process (every thread, the Kafka
   client's included), which depends far less on the machine's other load than
   rows/s; mean rows per ``session.run`` and peak RSS of the worker process;
+- the tail: the worker and the per-message app, each its own process, under a
+  paced producer of 16-row messages at 10%, 25% and 50% of the app's own
+  maximum, alternating which goes first, p50/p95/p99 over 3 rounds;
 - end-to-end latency (request append to response record timestamp) under a
   paced producer at 10% and 50% of each backend's own measured maximum, next
   to the librdkafka drain under the same schedule;
@@ -24,7 +27,7 @@ repetition), and every figure is the median over repetitions. A full run writes
 ``bench/results/latest.{json,md,png}``; ``--quick`` and ``--only`` write to
 ``--out`` (default a temporary directory) and leave those alone.
 
-    .venv/bin/python bench/run.py [--quick] [--only streams,latency,cnn,scaling] [--out DIR]
+    .venv/bin/python bench/run.py [--quick] [--only streams,tail,latency,cnn,scaling] [--out DIR]
 """
 
 from __future__ import annotations
@@ -72,13 +75,19 @@ from worker.signature import Signature  # noqa: E402
 GOALS = {
     "worker_vs_per_message": 1.3,
     "worker_vs_rdkafka_drain": 0.8,
-    "p99_ms_at_50pct": 25.0,  # an upper bound
+    "p99_ms_at_50pct": 25.0,  # an upper bound, or the app's p99 where larger (tail section)
     "worker_vs_naive": 30.0,
     "worker_vs_per_row": 5.0,
     "cnn_worker_vs_raw_ort": 0.9,
 }
 LATEST = ROOT / "bench" / "results" / "latest.json"
-SECTIONS = ("streams", "latency", "cnn", "scaling")
+SECTIONS = ("streams", "tail", "latency", "cnn", "scaling")
+TAIL_LEVELS = (("10%", 0.10), ("25%", 0.25), ("50%", 0.50))
+"""The tail section's offered loads, as fractions of the per-message app's own maximum."""
+CPU_GOAL = 0.8
+"""CPU per message, worker / per-message app: an upper bound."""
+TUNED_ROWS = (64, 256)
+"""The streams that also run the tuned-fetch worker and app (an experiment, not a goal)."""
 BACKENDS = {"worker": "confluent", "worker_kafka_python": "kafka-python"}
 # Not the defaults: librdkafka's fetch queue (64 MiB) kept well below --max-inflight-bytes,
 # a full queue not answered by a 1 s fetch pause, and room enough in flight that the
@@ -111,10 +120,10 @@ class Plan:
     """Repetitions of the latency and 1-vs-2-worker runs (>= 3)."""
 
 
-FULL = Plan(reps=5, streams=((256, 800), (64, 2400)), loop_messages=80, cnn_messages=12,
-            scale_messages=1200, latency_s=4.0, side_reps=3)  # fmt: skip
-QUICK = Plan(reps=3, streams=((256, 300), (64, 800)), loop_messages=40, cnn_messages=4,
-             scale_messages=400, latency_s=3.0, side_reps=3)  # fmt: skip
+FULL = Plan(reps=3, streams=((256, 800), (64, 2400), (16, 4000)), loop_messages=80,
+            cnn_messages=12, scale_messages=1200, latency_s=4.0, side_reps=3)  # fmt: skip
+QUICK = Plan(reps=3, streams=((256, 300), (64, 800), (16, 1200)), loop_messages=40,
+             cnn_messages=4, scale_messages=400, latency_s=3.0, side_reps=3)  # fmt: skip
 
 # name -> (what it is, in the tables)
 LOOPS = {
@@ -247,6 +256,7 @@ class Bench:
         batches = [decode_request(v, h, default_id="b/0/0").bind(sig).feeds for v, h in msgs]
         response = worker_response(session, msgs[0], m.name)
         names = [n for n in LOOPS if (loops or n not in ("naive", "per_row"))
+                 and (rows in TUNED_ROWS or "tuned" not in n)
                  and n not in self.skip]  # fmt: skip
         samples: dict[str, list[float]] = {n: [] for n in names}
         per_run: dict[str, list[float]] = {n: [] for n in WORKERS if n in names}
@@ -311,6 +321,11 @@ class Bench:
                 ratios[f"{a}_vs_{b}"] = med([x / y for x, y in zip(samples[a], samples[b],
                                                                     strict=True)])  # fmt: skip
                 best[f"{a}_vs_{b}"] = _max(samples[a]) / _max(samples[b])
+        cpu_ratios = {}
+        if "worker" in cpu_per_msg and "per_message" in cpu_per_msg:
+            cpu_ratios["worker_vs_per_message"] = med([
+                x / y for x, y in zip(cpu_per_msg["worker"], cpu_per_msg["per_message"],
+                                      strict=True)])  # fmt: skip
         return {
             "model": asdict(m),
             "messages": count,
@@ -323,6 +338,7 @@ class Bench:
             "rows_per_run": {k: med(v) for k, v in per_run.items()},
             "cpu_us_per_message": {k: med(v) for k, v in cpu_per_msg.items()},
             "cpu_us_per_message_samples": cpu_per_msg,
+            "cpu_ratios": cpu_ratios,
             "peak_rss_bytes": {k: med(v) for k, v in rss.items()},
             "response_bytes": len(response[0]),
             "errors": errors,
@@ -382,67 +398,105 @@ class Bench:
         targets = {"worker": maxima["worker"], "rdkafka_drain": maxima["worker"],
                    "worker_kafka_python": maxima["worker_kafka_python"]}  # fmt: skip
         targets = {t: top for t, top in targets.items() if top == top and t not in self.skip}
-        warm = 20
         got: dict[str, dict[str, list[list[float]]]] = {
             t: {name: [] for name, _ in levels} for t in targets
         }
         for i in range(p.side_reps):
             for target, top in targets.items():
-                counts = {name: max(1, int(f * top / m.rows_per_message * p.latency_s))
-                          for name, f in levels}  # fmt: skip
-                total = warm + sum(counts.values())
                 log(f"latency rep {i + 1}/{p.side_reps}: {target} (max {top:,.0f} rows/s)")
+                schedule = [(name, f * top / m.rows_per_message) for name, f in levels]
+
+                def start(in_t: str, out_t: str, group: str, total: int, target: str = target
+                          ) -> Any:  # fmt: skip
+                    if target in BACKENDS:
+                        return self._worker(m, in_t, out_t, group,
+                                            ["--kafka-client", BACKENDS[target]])  # fmt: skip
+                    return BaselineProcess(self.bootstrap, in_t, out_t, group, total, "drain",
+                                           ["--response-bytes", str(response_bytes)])  # fmt: skip
+
                 label = f"lat-{target}{i}".replace("_", "-")
-                in_t = self.k.topic(label, append_time=True)
-                out_t, group = self.k.topic(f"{label}-out"), self.k.group(label)
-                if target in BACKENDS:
-                    proc: Any = self._worker(m, in_t, out_t, group,
-                                             ["--kafka-client", BACKENDS[target]])  # fmt: skip
-                else:
-                    proc = DrainProcess(self.bootstrap, in_t, out_t, group, total, response_bytes)
-                producer = ck.Producer({
-                    "bootstrap.servers": self.bootstrap, "linger.ms": 0,
-                    "message.max.bytes": MAX_MESSAGE_BYTES + 65536,
-                })  # fmt: skip
-                try:
-                    with proc:
-                        proc.wait_ready()
-                        _paced(producer, in_t, msgs, 200.0, warm, b"warm")
-                        producer.flush(30)
-                        self.k.wait_committed(group, {0: warm}, 60, proc.alive)
-                        for name, fraction in levels:
-                            per_s = fraction * top / m.rows_per_message
-                            _paced(producer, in_t, msgs, per_s, counts[name], name.encode())
-                        producer.flush(60)
-                        if not self.k.wait_committed(group, {0: total}, 120, proc.alive):
-                            raise RuntimeError(f"{label}: did not finish: {proc.stderr_tail()}")
-                    requests = {_header(r, "seq"): r.timestamp for r in self.k.read(in_t, total)}
-                    per_level: dict[str, list[float]] = {name: [] for name, _ in levels}
-                    for r in self.k.read(out_t, total):
-                        sent = requests.get(_header(r, "seq"))
-                        phase = _header(r, "phase")
-                        if sent is not None and phase in per_level:
-                            per_level[phase].append(r.timestamp - sent)
-                    self.k.drop(in_t, out_t)
-                    for name, values in per_level.items():
-                        got[target][name].append(percentiles(values))
-                except Exception as exc:  # one failed run must not cost the whole bench
-                    log(f"latency {target} rep {i + 1} failed: {exc}", force=True)
-                    self.errors.append(f"latency {target} rep {i + 1}: {exc}")
-                    self.k.drop(in_t, out_t)
-        out: dict[str, Any] = {}
-        for target, top in targets.items():
-            out[target] = {}
-            for name, fraction in levels:
-                reps = got[target][name]
-                out[target][name] = {
-                    "offered_rows_per_s": fraction * top,
-                    "p50_ms": med([r[0] for r in reps]),
-                    "p95_ms": med([r[1] for r in reps]),
-                    "p99_ms": med([r[2] for r in reps]),
-                    "samples_ms": reps,
-                }
-        return out
+                for name, values in self._paced_run(label, start, msgs, schedule).items():
+                    got[target][name].append(percentiles(values))
+        return _latency_table(targets, levels, got)
+
+    def tail(self, app_max: float) -> dict[str, Any]:
+        """The worker (confluent) and the per-message app, each its own process, at 10%, 25%
+        and 50% of the app's own maximum (``app_max``, rows/s on 16-row messages).
+
+        Rounds alternate which of the two goes first; every figure is the median
+        over rounds. Latency: request append time to answer record timestamp, as
+        in :meth:`latency`.
+        """
+        m, p = replace(self.models["mlp"], rows_per_message=16), self.plan
+        msgs = make_messages(m, 16)
+        levels = TAIL_LEVELS
+        path = self._model_path(m)
+        targets = {t: app_max for t in ("worker", "per_message") if t not in self.skip}
+        got: dict[str, dict[str, list[list[float]]]] = {
+            t: {name: [] for name, _ in levels} for t in targets
+        }
+        schedule = [(name, f * app_max / m.rows_per_message) for name, f in levels]
+        names = list(targets)
+        for i in range(p.side_reps):
+            for target in names[i % len(names):] + names[: i % len(names)]:
+                log(f"tail round {i + 1}/{p.side_reps}: {target} (app max {app_max:,.0f} rows/s)")
+
+                def start(in_t: str, out_t: str, group: str, total: int, target: str = target
+                          ) -> Any:  # fmt: skip
+                    if target == "worker":
+                        return self._worker(m, in_t, out_t, group)
+                    return BaselineProcess(self.bootstrap, in_t, out_t, group, total,
+                                           "per-message", ["--model", str(path)])  # fmt: skip
+
+                label = f"tail-{target}{i}".replace("_", "-")
+                for name, values in self._paced_run(label, start, msgs, schedule).items():
+                    got[target][name].append(percentiles(values))
+        return {"rows_per_message": m.rows_per_message, "app_max_rows_per_s": app_max,
+                **_latency_table(targets, levels, got)}  # fmt: skip
+
+    def _paced_run(self, label: str, start: Callable[[str, str, str, int], Any],
+                   msgs: Sequence[tuple[bytes, list]], schedule: Sequence[tuple[str, float]]
+                   ) -> dict[str, list[float]]:  # fmt: skip
+        """One process (``start(in, out, group, total)``) under 20 warm-up messages, then
+        each ``(level, messages/s)`` of ``schedule`` for ``plan.latency_s`` seconds:
+        milliseconds from request append to answer, per level (empty after a failure)."""
+        warm = 20
+        counts = {name: max(1, int(per_s * self.plan.latency_s)) for name, per_s in schedule}
+        total = warm + sum(counts.values())
+        in_t = self.k.topic(label, append_time=True)
+        out_t, group = self.k.topic(f"{label}-out"), self.k.group(label)
+        per_level: dict[str, list[float]] = {name: [] for name, _ in schedule}
+        producer = ck.Producer({
+            "bootstrap.servers": self.bootstrap, "linger.ms": 0,
+            "message.max.bytes": MAX_MESSAGE_BYTES + 65536,
+        })  # fmt: skip
+        try:
+            # Answers, not commits, mark progress: the per-message app commits every 5 s.
+            with start(in_t, out_t, group, total) as proc:
+                proc.wait_ready()
+                _paced(producer, in_t, msgs, 200.0, warm, b"warm")
+                producer.flush(30)
+                self.k.read(out_t, warm, 60)
+                for name, per_s in schedule:
+                    _paced(producer, in_t, msgs, per_s, counts[name], name.encode())
+                producer.flush(60)
+                answers = self.k.read(out_t, total, 120)
+                if len(answers) < total:
+                    raise RuntimeError(f"{label}: {len(answers)} answers to {total} requests: "
+                                       f"{proc.stderr_tail()}")  # fmt: skip
+            requests = {_header(r, "seq"): r.timestamp for r in self.k.read(in_t, total)}
+            for r in answers:
+                sent = requests.get(_header(r, "seq"))
+                phase = _header(r, "phase")
+                if sent is not None and phase in per_level:
+                    per_level[phase].append(r.timestamp - sent)
+        except Exception as exc:  # one failed run must not cost the whole bench
+            log(f"{label} failed: {exc}", force=True)
+            self.errors.append(f"{label}: {exc}")
+            per_level = {name: [] for name, _ in schedule}
+        finally:
+            self.k.drop(in_t, out_t)
+        return per_level
 
     # -- 1 vs 2 workers ------------------------------------------------------------
 
@@ -505,20 +559,37 @@ def _header(record: Any, name: str) -> str | None:
     return None
 
 
-class DrainProcess:
-    """``bench/baselines.py drain --client confluent`` as its own process, shaped like a
-    WorkerProcess."""
+def _latency_table(targets: dict[str, float], levels: Sequence[tuple[str, float]],
+                   got: dict[str, dict[str, list[list[float]]]]) -> dict[str, Any]:  # fmt: skip
+    """Medians over repetitions of each target's p50/p95/p99 per level (failed runs left out)."""
+    out: dict[str, Any] = {}
+    for target, top in targets.items():
+        out[target] = {}
+        for name, fraction in levels:
+            reps = [r for r in got[target][name] if r and r[0] == r[0]]
+            out[target][name] = {
+                "offered_rows_per_s": fraction * top,
+                "p50_ms": med([r[0] for r in reps]),
+                "p95_ms": med([r[1] for r in reps]),
+                "p99_ms": med([r[2] for r in reps]),
+                "samples_ms": reps,
+            }
+    return out
+
+
+class BaselineProcess:
+    """``bench/baselines.py LOOP --client confluent ...`` (the drain or the per-message app)
+    as its own process, shaped like a WorkerProcess."""
 
     def __init__(self, bootstrap: str, in_topic: str, out_topic: str, group: str, count: int,
-                 response_bytes: int) -> None:  # fmt: skip
-        self.args = [sys.executable, str(ROOT / "bench" / "baselines.py"), "drain",
+                 loop: str, extra: list[str]) -> None:  # fmt: skip
+        self.args = [sys.executable, str(ROOT / "bench" / "baselines.py"), loop,
                      "--bootstrap-servers", bootstrap, "--input-topic", in_topic,
                      "--output-topic", out_topic, "--group-id", group, "--count", str(count),
-                     "--client", "confluent",
-                     "--response-bytes", str(response_bytes)]  # fmt: skip
+                     "--client", "confluent", *extra]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> DrainProcess:
+    def __enter__(self) -> BaselineProcess:
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=subprocess.DEVNULL)
         return self
 
@@ -599,7 +670,10 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
              GOALS["worker_vs_per_message"]),
             (f"{key}-row: worker / librdkafka drain", q.get("worker_vs_rdkafka_drain", nan), ">=",
              GOALS["worker_vs_rdkafka_drain"]),
+            (f"{key}-row: CPU per message, worker / per-message app",
+             st.get("cpu_ratios", {}).get("worker_vs_per_message", nan), "<=", CPU_GOAL),
         ]  # fmt: skip
+    rows += _tail_goals(results.get("tail"))
     lat = results.get("latency")
     if lat and "worker" in lat:
         rows.append(("64-row: worker p99 at 50% of its max (ms)", lat["worker"]["50%"]["p99_ms"],
@@ -607,17 +681,19 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     ref = results.get("kafka_python_reference")
     if ref and "64" in streams:
         st = streams["64"]
+        kp = st["rows_per_s"].get("worker_kafka_python", nan)
         rows += [
-            ("64-row: kafka-python worker rows/s, vs before the seam",
-             st["rows_per_s"].get("worker_kafka_python", nan), ">=", ref["worker_rows_per_s"]),
-            ("64-row: kafka-python worker / kafka-python drain, vs before",
-             st["ratios"].get("worker_kafka_python_vs_kafka_python_drain", nan), ">=",
-             ref["worker_vs_drain"]),
+            (f"64-row: kafka-python worker rows/s / before the seam ({_fmt(kp)} / "
+             f"{_fmt(ref['worker_rows_per_s'])})", kp / ref["worker_rows_per_s"], ">=", 1.0),
+            ("64-row: (kafka-python worker / kafka-python drain) / the same before",
+             st["ratios"].get("worker_kafka_python_vs_kafka_python_drain", nan)
+             / ref["worker_vs_drain"], ">=", 1.0),
         ]  # fmt: skip
         if lat and "worker_kafka_python" in lat:
-            rows.append(("64-row: kafka-python worker p99 at 50% (ms), vs before",
-                         lat["worker_kafka_python"]["50%"]["p99_ms"], "<=",
-                         ref["p99_ms_at_50pct"]))  # fmt: skip
+            p99 = lat["worker_kafka_python"]["50%"]["p99_ms"]
+            rows.append((f"64-row: kafka-python worker p99 at 50% / before ({_fmt(p99)} / "
+                         f"{_fmt(ref['p99_ms_at_50pct'])} ms)", p99 / ref["p99_ms_at_50pct"],
+                         "<=", 1.0))  # fmt: skip
     if "64" in streams:
         q = streams["64"]["ratios"]
         rows += [
@@ -634,6 +710,26 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
          "met": value >= target if op == ">=" else value <= target}
         for name, value, op, target in rows
     ]  # fmt: skip
+
+
+def _tail_goals(tail: dict[str, Any] | None) -> list[tuple[str, float, str, float]]:
+    """At 10% and 25% of the app's maximum: worker p99 <= app p99 and p50 <= app p50 + 1 ms;
+    at 50%: worker p99 <= 25 ms or the app's p99, whichever is larger."""
+    if not tail or "worker" not in tail or "per_message" not in tail:
+        return []
+    w, a = tail["worker"], tail["per_message"]
+    rows: list[tuple[str, float, str, float]] = []
+
+    def ratio(what: str, level: str, worker: float, bound: float, bound_is: str) -> None:
+        rows.append((f"16-row at {level} of the app's max: worker {what} / {bound_is} "
+                     f"({_fmt(worker)} / {_fmt(bound)} ms)", worker / bound, "<=", 1.0))
+
+    for level in ("10%", "25%"):
+        ratio("p99", level, w[level]["p99_ms"], a[level]["p99_ms"], "app p99")
+        ratio("p50", level, w[level]["p50_ms"], a[level]["p50_ms"] + 1.0, "(app p50 + 1 ms)")
+    top = max(GOALS["p99_ms_at_50pct"], a["50%"]["p99_ms"])
+    ratio("p99", "50%", w["50%"]["p99_ms"], top, "max(25 ms, app p99)")
+    return rows
 
 
 def _fmt(v: float) -> str:
@@ -683,6 +779,9 @@ def markdown(results: dict[str, Any]) -> str:
         ):  # fmt: skip
             if key2 in q:
                 lines.append(f"| *{what}* | | {q[key2]:.2f} | {bq[key2]:.2f} | |")
+        cq = st.get("cpu_ratios", {}).get("worker_vs_per_message")
+        if cq is not None:
+            lines.append(f"| *CPU per message, worker / per-message app* | | | | {cq:.2f} |")
     if "cnn" in results:
         cnn = results["cnn"]
         cq, cb = cnn["ratios"], cnn["best_ratios"]
@@ -695,7 +794,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| raw ONNX Runtime (same batches) | {cnn['rows_per_s']['raw_ort']:.2f} "
             f"| {cq['worker_vs_raw_ort']:.2f} | {cb['worker_vs_raw_ort']:.2f} |",
         ]
-    lines += ["", "| figure | value |", "| --- | ---: |"]
+    figures = ["", "| figure | value |", "| --- | ---: |"]
+    lines += figures
     for key, st in results.get("streams", {}).items():
         for name in st["rows_per_run"]:
             lines.append(f"| MLP {key}-row, {LOOPS[name]}: mean rows per session.run, peak RSS "
@@ -712,6 +812,26 @@ def markdown(results: dict[str, Any]) -> str:
             f"| MLP 64-row, 2 workers, one group | {sc['rows_per_s']['2']:,.0f} rows/s "
             f"({sc['speedup']:.2f}x) |",
         ]
+    if lines[-3:] == figures:  # none to show
+        del lines[-3:]
+    if "tail" in results:
+        tail = results["tail"]
+        lines += [
+            "",
+            f"| MLP {tail['rows_per_message']}-row latency at a fixed offered load (fractions "
+            f"of the per-message app's {tail['app_max_rows_per_s']:,.0f} rows/s) "
+            "| offered rows/s | p50 ms | p95 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, _ in TAIL_LEVELS:
+            for target in ("worker", "per_message"):
+                if target in tail:
+                    x = tail[target][name]
+                    lines.append(
+                        f"| {LOOPS[target].split(' (')[0]}, at {name} "
+                        f"| {x['offered_rows_per_s']:,.0f} "
+                        f"| {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |"
+                    )
     if "latency" in results:
         lat = results["latency"]
         lines += [
@@ -806,6 +926,23 @@ def _maxima(results: dict[str, Any], bench: Bench, plan: Plan, repo: Path, k: Ka
     return {n: st["rows_per_s"].get(n, float("nan")) for n in BACKENDS}, st["response_bytes"]
 
 
+def _app_max(results: dict[str, Any], bench: Bench, plan: Plan, repo: Path, k: Kafka,
+             skip: list[str]) -> float:  # fmt: skip
+    """The per-message app's maximum on 16-row messages: from this run's 16-row stream,
+    else one saturation run of the app alone (for ``--only tail``)."""
+    if "per_message" in skip:
+        raise RuntimeError("the tail section needs the per-message app (it is in --skip)")
+    top = results.get("streams", {}).get("16", {}).get("rows_per_s", {}).get("per_message")
+    if top is None or top != top:  # not measured, or every run failed
+        others = [n for n in LOOPS if n != "per_message"]
+        count = next((n for rows, n in plan.streams if rows == 16), 1200)
+        st = Bench(replace(plan, reps=1), repo, k, bench.models, others).stream(16, count)
+        top = st["rows_per_s"]["per_message"]
+    if top != top:
+        raise RuntimeError("no maximum of the per-message app on 16-row messages")
+    return float(top)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer messages (about 4 minutes)")
@@ -854,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(plan, repo, k, build_repository(repo), skip)
             sections: dict[str, Callable[[], Any]] = {
                 "streams": lambda: {str(rows): bench.stream(rows, n) for rows, n in plan.streams},
+                "tail": lambda: bench.tail(_app_max(results, bench, plan, repo, k, skip)),
                 "latency": lambda: bench.latency(
                     *(({n: args.latency_max for n in BACKENDS}, _response_bytes(bench))
                       if args.latency_max else _maxima(results, bench, plan, repo, k, skip))

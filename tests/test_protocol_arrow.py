@@ -339,3 +339,51 @@ def test_write_stream_is_what_pyarrows_writer_writes(columns: dict[str, pa.Array
     batch = pa.record_batch(columns, metadata={b"k": b"v"})
     assert write_stream(batch) == stream(batch)
     assert pa.ipc.open_stream(write_stream(batch)).read_all().equals(pa.Table.from_batches([batch]))
+
+
+def _answer(outputs: dict[str, np.ndarray], rows: int, whole: bool = False) -> bytes:
+    """What pyarrow's own stream writer makes of an answer: the general path's columns."""
+    from worker.protocol import arrow
+
+    arrays = [arrow._output_array(n, v, rows, whole) for n, v in outputs.items()]
+    metadata = {arrow.OUTPUTS_METADATA_KEY: arrow._names_json(tuple(outputs))}
+    if whole:
+        metadata[arrow.WHOLE_METADATA_KEY] = b"true"
+    return stream(pa.RecordBatch.from_arrays(arrays, names=list(outputs), metadata=metadata))
+
+
+_RNG = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize("outputs, rows, whole", [
+    ({"probs": _RNG.random((16, 10), dtype=np.float32)}, 16, False),
+    ({"probs": _RNG.random((16, 10)).astype(np.float64)}, 16, False),  # same name, new dtype
+    ({"probs": _RNG.random((16, 5), dtype=np.float32)}, 16, False),  # same name, new shape
+    ({"probs": _RNG.random((4, 3, 2), dtype=np.float32),
+      "label": np.arange(4, dtype=np.int64)}, 4, False),
+    ({"label": np.arange(4, dtype=np.int64),
+      "probs": _RNG.random((4, 3, 2), dtype=np.float32)}, 4, False),  # same columns, new order
+    ({"probs": np.asfortranarray(_RNG.random((3, 7), dtype=np.float32))}, 3, False),
+    ({"probs": _RNG.random((6, 7), dtype=np.float32)[::2]}, 3, False),  # strided rows
+    ({"probs": _RNG.random((0, 7), dtype=np.float32)}, 0, False),
+    ({"score": np.array(0.5, np.float32)}, 1, False),
+    ({"probs": _RNG.random(5, dtype=np.float32)}, 1, True),  # a whole answer: one row
+    ({"probs": _RNG.random((5,), dtype=np.float32)}, 5, False),  # the same column, not whole
+], ids=["f32", "f64", "narrower", "two", "reordered", "fortran", "strided", "empty", "scalar",
+        "whole", "not-whole"])  # fmt: skip
+def test_numeric_answers_reuse_their_schema_and_write_pyarrows_bytes(
+    outputs: dict[str, np.ndarray], rows: int, whole: bool
+) -> None:
+    """The answer's schema message is written once per layout and reused: every answer
+    is still byte for byte what pyarrow's stream writer writes, whatever came before."""
+    from worker.protocol import arrow
+
+    before = arrow._layout.cache_info()
+    for _ in range(2):
+        value = arrow._encode_response(outputs, rows, whole, None)
+        assert value == _answer(outputs, rows, whole)
+        table = pa.ipc.open_stream(value).read_all()
+        assert table.num_rows == rows
+    after = arrow._layout.cache_info()
+    assert after.hits + after.misses - before.hits - before.misses == 2  # the fast path ran
+    assert after.hits > before.hits  # the second answer reused the first one's schema

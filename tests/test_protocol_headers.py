@@ -80,6 +80,23 @@ def test_response_headers_copy_the_request_and_replace_ours() -> None:
     ]
 
 
+def test_response_headers_of_each_model_version_and_format_are_their_own() -> None:
+    """The answer's content-type, model and model-version are encoded once per model
+    version and reused: answers of another version, model or format never get them."""
+    value, _ = encode_request({"x": X}, format="msgpack")
+    request = decode_request(value, [("request-id", b"r")], default_id="d")
+    seen = []
+    for ctype, model, version in [(ARROW, "m", 1), (ARROW, "m", 2), (MSGPACK, "m", 2),
+                                  (ARROW, "n", 2), (ARROW, "m", 1)]:  # fmt: skip
+        headers = dict(response_headers(request, content_type=ctype, model=model,
+                                        model_version=version, topic="t", partition=0,
+                                        offset=5))  # fmt: skip
+        seen.append((headers["content-type"], headers["model"], headers["model-version"]))
+    assert seen == [(ARROW.encode(), b"m", b"1"), (ARROW.encode(), b"m", b"2"),
+                    (MSGPACK.encode(), b"m", b"2"), (ARROW.encode(), b"n", b"2"),
+                    (ARROW.encode(), b"m", b"1")]  # fmt: skip
+
+
 def test_dlq_headers_keep_the_original_and_add_the_error() -> None:
     original = [("content-type", MSGPACK.encode()), ("trace", b"abc")]
     headers = dlq_headers(original, SchemaMismatch("input 'x': expected float32[?,784]"),

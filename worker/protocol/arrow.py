@@ -22,7 +22,7 @@ import functools
 import json
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack as _mp
 import numpy as np
@@ -441,7 +441,78 @@ def _passthrough_table(
     return None, {PASSTHROUGH_METADATA_KEY: packed}
 
 
+class _Layout(NamedTuple):
+    """An answer's schema, written once: its IPC message and the storage types of its
+    columns (an IPC record batch carries only storage; the schema names the tensor type)."""
+
+    schema_message: bytes
+    storage: pa.Schema
+    row_sizes: tuple[int | None, ...]
+    """Values per row of each column (None: a flat column)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(
+    columns: tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], whole: bool
+) -> _Layout | None:
+    """The schema of an answer whose outputs are numeric arrays of these names, dtypes and
+    row shapes (the same for every answer of a model version); None: no such schema."""
+    try:
+        fields: list[pa.Field] = []
+        storage: list[pa.Field] = []
+        sizes: list[int | None] = []
+        for name, dtype, row_shape in columns:
+            value_type = pa.from_numpy_dtype(dtype)
+            if not row_shape:
+                fields.append(pa.field(name, value_type))
+                storage.append(pa.field(name, value_type))
+                sizes.append(None)
+                continue
+            size = math.prod(row_shape)
+            fields.append(pa.field(name, _tensor_type(value_type, row_shape)))
+            storage.append(pa.field(name, pa.list_(value_type, size)))
+            sizes.append(size)
+        metadata = {OUTPUTS_METADATA_KEY: _names_json(tuple(c[0] for c in columns))}
+        if whole:
+            metadata[WHOLE_METADATA_KEY] = b"true"
+        schema = pa.schema(fields, metadata=metadata)
+        return _Layout(schema.serialize().to_pybytes(), pa.schema(storage), tuple(sizes))
+    except (pa.ArrowException, TypeError, ValueError):
+        return None
+
+
+def _encode_numeric(outputs: Outputs, rows: int, whole: bool) -> bytes | None:
+    """The common answer (numeric tensors, no passthrough) without building its schema:
+    the cached schema message, then this answer's record batch, then end of stream; the
+    very bytes pyarrow's stream writer produces. None: not that answer (the general path
+    writes it, or says what is wrong with it)."""
+    arrays: list[np.ndarray] = []
+    for value in outputs.values():
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
+            return None
+        if whole or value.ndim == 0:
+            value = value[np.newaxis] if whole and value.ndim else value.reshape(1)
+        if value.shape[0] != rows or 0 in value.shape[1:]:
+            return None
+        arrays.append(value)
+    layout = _layout(
+        tuple((n, a.dtype, a.shape[1:]) for n, a in zip(outputs, arrays, strict=True)), whole
+    )
+    if layout is None:
+        return None
+    columns = []
+    for arr, size in zip(arrays, layout.row_sizes, strict=True):
+        flat = pa.array(np.ascontiguousarray(arr).reshape(-1))  # wraps the buffer, no copy
+        columns.append(flat if size is None else pa.FixedSizeListArray.from_arrays(flat, size))
+    batch = pa.RecordBatch.from_arrays(columns, schema=layout.storage)
+    return b"".join((layout.schema_message, batch.serialize(), _END_OF_STREAM))
+
+
 def _encode_response(outputs: Outputs, rows: int, whole: bool, passthrough: object) -> bytes:
+    if passthrough is None:
+        fast = _encode_numeric(outputs, rows, whole)
+        if fast is not None:
+            return fast
     table, extra_metadata = _passthrough_table(passthrough, rows)
     arrays = [_output_array(name, value, rows, whole) for name, value in outputs.items()]
     names = list(outputs)

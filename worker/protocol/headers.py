@@ -14,7 +14,8 @@ MLServer's ``mlserver-model`` / ``mlserver-version`` are synonyms of ``model``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Container, Sequence
 
 from worker.errors import DecodeError, WorkerError
 
@@ -149,8 +150,23 @@ def parse_version(raw: object, where: str) -> int:
     return version
 
 
-def _without(headers: HeadersIn, names: tuple[str, ...]) -> Headers:
+_RESPONSE_REPLACED_SET = frozenset(_RESPONSE_REPLACED)
+
+
+def _without(headers: HeadersIn, names: Container[str]) -> Headers:
     return [(k, v) for k, v in headers if isinstance(k, str) and k.lower() not in names]
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_headers(
+    content_type: str, model: str, model_version: int
+) -> tuple[tuple[str, bytes], tuple[str, bytes], tuple[str, bytes]]:
+    """content-type, model and model-version, encoded once per model version."""
+    return (
+        ("content-type", content_type.encode()),
+        ("model", model.encode()),
+        ("model-version", str(model_version).encode()),
+    )
 
 
 def _source(topic: str, partition: int, offset: int) -> Headers:
@@ -175,13 +191,16 @@ def response_headers(
 ) -> Headers:
     """The request's headers minus the ones replaced, then the response headers,
     then the format's ``extra`` ones (which also replace same-named request headers)."""
-    replaced = _RESPONSE_REPLACED + tuple(k.lower() for k, _ in extra)
+    replaced: Container[str] = _RESPONSE_REPLACED_SET
+    if extra:
+        replaced = _RESPONSE_REPLACED_SET.union(k.lower() for k, _ in extra)
+    ctype, name, version = _answer_headers(content_type, model, model_version)
     return [
         *_without(request_headers, replaced),
-        ("content-type", content_type.encode()),
+        ctype,
         ("request-id", request_id.encode()),
-        ("model", model.encode()),
-        ("model-version", str(model_version).encode()),
+        name,
+        version,
         *_source(topic, partition, offset),
         *extra,
     ]
