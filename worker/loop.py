@@ -78,7 +78,7 @@ from worker.kafka import (
     open_producer,
 )
 from worker.kafka.partition import output_partition
-from worker.observability import Health, HealthServer, Metrics
+from worker.observability import Health, HealthServer, Metrics, ModelSeries
 from worker.offsets import Entry, OffsetTracker
 from worker.protocol import (
     Bound,
@@ -136,7 +136,7 @@ class Outgoing:
 class Slot(Entry):
     """One input record's place in its partition's line (``out``: its :class:`Outgoing`)."""
 
-    __slots__ = ("attempts", "bound", "cache_key", "record", "request")
+    __slots__ = ("attempts", "bound", "cache_key", "polled", "record", "request", "series")
 
     def __init__(self, record: Record) -> None:
         super().__init__(record.offset, len(record.value or b""))
@@ -145,6 +145,8 @@ class Slot(Entry):
         self.request: Request | None = None
         self.bound: Bound | None = None
         self.cache_key: bytes | None = None  # response-cache key, when that cache is on
+        self.polled = time.monotonic()  # for queue_seconds
+        self.series: ModelSeries | None = None  # its model version's metrics, once resolved
 
     @property
     def where(self) -> str:
@@ -225,6 +227,7 @@ class Worker:
             client_id=f"{s.group_id}-{role}",
             max_message_bytes=s.max_message_bytes,
             properties=s.kafka_properties,
+            on_stats=self.metrics.kafka_statistics(role),
             **kwargs,
         )
 
@@ -297,7 +300,7 @@ class Worker:
             stack.callback(consumer.close)
             committer: Committer
             if s.exactly_once:
-                committer = Transactional(
+                txn = Transactional(
                     self._tracker,
                     consumer,
                     producer,
@@ -307,6 +310,8 @@ class Worker:
                     rescue=self._rescue,
                     reopen=self._open_producer,
                 )
+                self.metrics.watch_transactions(lambda: txn.aborted)
+                committer = txn
             else:
                 committer = AtLeastOnce(
                     self._tracker,
@@ -495,6 +500,7 @@ class Worker:
                     "(or a worker started with --default-model)"
                 )
             signature, version = self._signature(model, request.model_version)
+            slot.series = self.metrics.series(model, version)
             bound = request.bind(signature)
         except WorkerError as exc:
             self._failed(slot, exc, model)
@@ -736,16 +742,18 @@ class Worker:
         """Pool thread: run one batch and put an answer into every slot."""
         assert self._cache is not None
         metrics, model = self.metrics, batch.model
+        series = metrics.series(model, batch.version)
         if _CRASH_ON is not None:
             _crash_if_asked(batch)
         try:
             with self._cache.acquire(batch.model, batch.version) as session:
+                series.queued(time.monotonic(), (job.token.polled for job in batch.jobs))
 
                 def timed(feeds: dict[str, Any]) -> dict[str, Any]:
                     start, cpu = time.monotonic(), time.thread_time()
                     out = session.run(feeds)
                     took = time.monotonic() - start
-                    metrics.inference_seconds.labels(model=model).observe(took)
+                    series.inference_seconds.observe(took)
                     # For the inline rule: on one CPU thread, the run's own CPU time (the
                     # wall time of a pool thread includes waiting for the GIL back).
                     run_s = time.thread_time() - cpu if self._one_cpu_thread else took
@@ -755,7 +763,7 @@ class Worker:
                     return out
 
                 results = run_batch(
-                    timed, batch, self.settings.max_batch_rows, on_run=metrics.batch_rows.observe
+                    timed, batch, self.settings.max_batch_rows, on_run=series.batch_rows.observe
                 )
         except WorkerError as exc:
             results = [exc] * len(batch.jobs)
@@ -769,7 +777,7 @@ class Worker:
                 slot.out = self._response(slot, batch.model, batch.version, result)
                 # Answers count against --max-inflight-bytes too, until committed.
                 self._tracker.grow(slot, len(slot.out.value))
-                metrics.rows.labels(model=model).inc(job.rows)
+                series.rows.inc(job.rows)
                 if slot.cache_key is not None:
                     self._responses.put(slot.cache_key, result, _nbytes(result))
             except WorkerError as exc:
@@ -874,11 +882,16 @@ class Worker:
         now = time.time()
         for entry in slots:
             slot: Slot = entry  # type: ignore[assignment]
-            ok = slot.out is not None and slot.out.ok
-            self.metrics.messages.labels(status="ok" if ok else "dlq").inc()
+            series = slot.series or self.metrics.unknown
+            out = slot.out
+            if out is not None and out.ok:
+                series.ok.inc()
+            else:
+                failure = get_header(out.headers, "error-type") if out is not None else None
+                series.failed(failure or "").inc()
             ts = slot.record.timestamp_ms
             if ts and ts > 0:
-                self.metrics.end_to_end_seconds.observe(max(0.0, now - ts / 1000))
+                series.end_to_end_seconds.observe(max(0.0, now - ts / 1000))
 
     def _refresh_metadata(self, *, force: bool = False) -> None:
         """Partition counts and max.message.bytes of the output and dead-letter topics."""
@@ -897,6 +910,7 @@ class Worker:
 
     def on_assigned(self, tps: list[TopicPartition]) -> None:
         log.info("assigned %s", fmt_tps(tps))
+        self.metrics.rebalanced(assigned=tps)
         self._new_assigned.update(tps)  # checked on this thread before their first record
 
     def on_revoked(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], str]:
@@ -904,6 +918,7 @@ class Worker:
         abandons it: never committed, the next owner answers it in its own transaction."""
         committer = self._committer
         offsets: dict[TopicPartition, int] = {}
+        self.metrics.rebalanced(revoked=tps)
         try:
             if committer is not None and not self.settings.exactly_once:
                 deadline = time.monotonic() + min(self.settings.drain_timeout_s, 10.0)
@@ -923,6 +938,7 @@ class Worker:
     def on_lost(self, tps: list[TopicPartition]) -> None:
         # Evicted: a commit would be refused, and another member owns them now.
         log.warning("lost %s: in-flight work abandoned", fmt_tps(tps))
+        self.metrics.rebalanced(revoked=tps)
         self._forget(tps)
 
     def _forget(self, tps: Collection[TopicPartition]) -> None:
