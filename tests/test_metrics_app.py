@@ -72,9 +72,7 @@ def test_record_outcome_counters(metrics: Metrics) -> None:
     series.rows.inc(3)
     metrics.series("mnist-mlp", 1).rows.inc(5)  # the same children, bound once
     assert _value(metrics, "messages_total", status="ok", error_type="", **MV) == 2
-    assert (
-        _value(metrics, "messages_total", status="dlq", error_type="schema-mismatch", **MV) == 1
-    )
+    assert _value(metrics, "messages_total", status="dlq", error_type="schema-mismatch", **MV) == 1
     unknown = {"model": "", "version": ""}
     assert (
         _value(metrics, "messages_total", status="dlq", error_type="model-not-found", **unknown)
