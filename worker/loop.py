@@ -95,6 +95,7 @@ from worker.repository import ModelRepository
 from worker.runtime import RuntimeOptions, device_memory, load_session, resolve_device
 from worker.settings import Settings
 from worker.signature import Signature
+from worker.tracing import Trace, Tracing
 
 __all__ = [
     "FatalError",
@@ -136,7 +137,16 @@ class Outgoing:
 class Slot(Entry):
     """One input record's place in its partition's line (``out``: its :class:`Outgoing`)."""
 
-    __slots__ = ("attempts", "bound", "cache_key", "polled", "record", "request", "series")
+    __slots__ = (
+        "attempts",
+        "bound",
+        "cache_key",
+        "polled",
+        "record",
+        "request",
+        "series",
+        "trace",
+    )
 
     def __init__(self, record: Record) -> None:
         super().__init__(record.offset, len(record.value or b""))
@@ -147,6 +157,7 @@ class Slot(Entry):
         self.cache_key: bytes | None = None  # response-cache key, when that cache is on
         self.polled = time.monotonic()  # for queue_seconds
         self.series: ModelSeries | None = None  # its model version's metrics, once resolved
+        self.trace: Trace | None = None  # set while tracing is on
 
     @property
     def where(self) -> str:
@@ -157,10 +168,20 @@ class Worker:
     """The whole pipeline for one process; ``run()`` until ``stop()`` or a bound."""
 
     def __init__(
-        self, settings: Settings, *, metrics: Metrics | None = None, health: Health | None = None
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics | None = None,
+        health: Health | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing.from_environment()
+        # _infer inside the batch's process span (itself when tracing is off)
+        self._run_batch = self.tracing.around_batch(
+            self._infer, lambda batch: [job.token.trace for job in batch.jobs]
+        )
         # Liveness fails when nothing is committed for longer than a session timeout.
         session_s = float(settings.kafka_properties.get("session.timeout.ms", 45_000)) / 1000
         self.health = health or Health(commit_stall_after_s=session_s)
@@ -262,6 +283,7 @@ class Worker:
         self._closed.clear()
         with ExitStack() as stack:
             stack.callback(self._closed.set)  # the last callback: after every close
+            stack.callback(self.tracing.close)
             cache = SessionCache(
                 ModelRepository(s.model_repository),
                 partial(load_session, options=options),
@@ -477,7 +499,8 @@ class Worker:
                 return
             del self._careful[record.tp]
             log.info("%s[%d]: back to normal", record.topic, record.partition)
-        self._admit(slot)
+        with self.tracing.decoding(slot):
+            self._admit(slot)
 
     def _admit(self, slot: Slot) -> None:
         """Decode and bind a slot's request and hand it to the batcher (or fail it)."""
@@ -712,6 +735,7 @@ class Worker:
         )
         if slot.attempts > 1:
             headers.append(("error-attempts", str(slot.attempts).encode()))
+        headers = self.tracing.stamp(slot.trace, headers, r, model, None)
         return Outgoing(self.settings.dead_letter_topic, r.key, r.value or b"", headers, ok=False)
 
     # -- 3/4. infer ------------------------------------------------------------
@@ -724,11 +748,11 @@ class Worker:
             # (docs/performance.md): run it here, as a one-thread loop would.
             self.metrics.inline_batches.inc()
             try:
-                self._infer(batch)
+                self._run_batch(batch)
             except Exception as exc:  # as from the pool: the main loop sends the rest
                 log.warning("sending after an inline run failed: %s", exc)
             return
-        future = self._pool.submit(self._infer, batch)
+        future = self._pool.submit(self._run_batch, batch)
         self._running.add(future)
         future.add_done_callback(self._finished)
 
@@ -751,7 +775,8 @@ class Worker:
 
                 def timed(feeds: dict[str, Any]) -> dict[str, Any]:
                     start, cpu = time.monotonic(), time.thread_time()
-                    out = session.run(feeds)
+                    with self.tracing.running(model, batch.version):
+                        out = session.run(feeds)
                     took = time.monotonic() - start
                     series.inference_seconds.observe(took)
                     # For the inline rule: on one CPU thread, the run's own CPU time (the
@@ -810,6 +835,7 @@ class Worker:
             partition=r.partition,
             offset=r.offset,
         )
+        headers = self.tracing.stamp(slot.trace, headers, r, model, version)
         return Outgoing(self.settings.output_topic, r.key, body, headers, ok=True)
 
     # -- 5. what an answer is on the wire ----------------------------------------
@@ -882,6 +908,8 @@ class Worker:
         now = time.time()
         for entry in slots:
             slot: Slot = entry  # type: ignore[assignment]
+            if slot.trace is not None:
+                self.tracing.delivered(slot.trace)
             series = slot.series or self.metrics.unknown
             out = slot.out
             if out is not None and out.ok:

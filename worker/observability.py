@@ -667,7 +667,7 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("topic", "partition", "offset", "model", "error_type"):
+        for key in ("topic", "partition", "offset", "model", "error_type", "trace_id", "span_id"):
             if hasattr(record, key):
                 doc[key] = getattr(record, key)
         if record.exc_info:
