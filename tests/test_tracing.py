@@ -228,3 +228,44 @@ def test_configured_only_by_otel_variables() -> None:
     assert enabled(OTEL_TRACES_EXPORTER="console", OTEL_SDK_DISABLED="true") == "False"
     refused = enabled(OTEL_TRACES_EXPORTER="no-such-exporter")
     assert "OTEL_TRACES_EXPORTER" in refused and "no-such-exporter" in refused
+
+
+@pytest.mark.kafka
+def test_publish_trace_and_collect_report_the_trace_ids(
+    kafka_bootstrap: str,
+    new_topic: Any,
+    group_id: str,
+    model_repo: Path,
+    exporter: InMemorySpanExporter,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """publish --trace starts a trace per message; the worker continues each; collect
+    reports the ids it saw, one per message."""
+    from producers.cli import main
+
+    requests, outputs = new_topic(), new_topic()
+    boot = ["--bootstrap-servers", kafka_bootstrap]
+    assert main(["publish", *boot, "--topic", requests, "--format", "msgpack", "--model",
+                 "mnist-mlp", "--synthetic", "784", "--rows", "12", "--batch-rows", "3",
+                 "--trace"]) == 0  # fmt: skip
+    sent = [_parse(header(r, "traceparent")) for r in consume(kafka_bootstrap, requests, 4)]
+    assert len({trace_id for trace_id, _ in sent}) == 4
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id)
+    _serve(Worker(s, tracing=Tracing(provider)), count=4)
+    capsys.readouterr()
+    assert main(["collect", *boot, "--topic", outputs, "--out", str(tmp_path / "a.arrow"),
+                 "--expect", "12", "--timeout", "60"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("trace ids:"))
+    assert line.startswith("trace ids: 4 distinct in 4 response(s): ")
+    assert set(line.split(": ", 2)[2].split(", ")) == {trace_id for trace_id, _ in sent}
+    # Without --trace: no traceparent, and collect reports none.
+    plain = new_topic()
+    assert main(["publish", *boot, "--topic", plain, "--format", "msgpack", "--model",
+                 "mnist-mlp", "--synthetic", "784", "--rows", "3"]) == 0  # fmt: skip
+    (record,) = consume(kafka_bootstrap, plain, 1)
+    assert header(record, "traceparent") is None
