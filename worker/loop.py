@@ -182,6 +182,7 @@ class Worker:
         self._run_batch = self.tracing.around_batch(
             self._infer, lambda batch: [job.token.trace for job in batch.jobs]
         )
+        self._admit_first = self.tracing.around_decode(self._admit)  # in its decode span
         # Liveness fails when nothing is committed for longer than a session timeout.
         session_s = float(settings.kafka_properties.get("session.timeout.ms", 45_000)) / 1000
         self.health = health or Health(commit_stall_after_s=session_s)
@@ -499,8 +500,7 @@ class Worker:
                 return
             del self._careful[record.tp]
             log.info("%s[%d]: back to normal", record.topic, record.partition)
-        with self.tracing.decoding(slot):
-            self._admit(slot)
+        self._admit_first(slot)
 
     def _admit(self, slot: Slot) -> None:
         """Decode and bind a slot's request and hand it to the batcher (or fail it)."""
@@ -735,7 +735,8 @@ class Worker:
         )
         if slot.attempts > 1:
             headers.append(("error-attempts", str(slot.attempts).encode()))
-        headers = self.tracing.stamp(slot.trace, headers, r, model, None)
+        if slot.trace is not None:
+            headers = self.tracing.stamp(slot.trace, headers, r, model, None)
         return Outgoing(self.settings.dead_letter_topic, r.key, r.value or b"", headers, ok=False)
 
     # -- 3/4. infer ------------------------------------------------------------
@@ -835,7 +836,8 @@ class Worker:
             partition=r.partition,
             offset=r.offset,
         )
-        headers = self.tracing.stamp(slot.trace, headers, r, model, version)
+        if slot.trace is not None:
+            headers = self.tracing.stamp(slot.trace, headers, r, model, version)
         return Outgoing(self.settings.output_topic, r.key, body, headers, ok=True)
 
     # -- 5. what an answer is on the wire ----------------------------------------

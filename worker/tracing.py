@@ -100,15 +100,21 @@ class Tracing:
 
     # -- per record ------------------------------------------------------------------
 
-    def decoding(self, slot: Any) -> AbstractContextManager[Any]:
-        """Around a record's decode: its ``decode`` span, current meanwhile (for logs).
+    def around_decode(self, admit: Callable[[Any], None]) -> Callable[[Any], None]:
+        """``admit`` (a record's decode) inside its ``decode`` span, current meanwhile
+        (for logs); ``admit`` itself when tracing is off, so that costs nothing.
 
-        ``slot`` has the ``record`` and gets its :class:`Trace` as ``slot.trace``;
-        ``slot.series``, when set by then, names the model version.
+        The slot ``admit`` takes has the ``record`` and gets its :class:`Trace` as
+        ``slot.trace``; ``slot.series``, when set by then, names the model version.
         """
         if not self.enabled:
-            return _NULL
-        return self._decoding(slot)
+            return admit
+
+        def traced(slot: Any) -> None:
+            with self._decoding(slot):
+                admit(slot)
+
+        return traced
 
     @contextmanager
     def _decoding(self, slot: Any) -> Iterator[Any]:
@@ -131,7 +137,7 @@ class Tracing:
 
     def stamp(
         self,
-        state: Trace | None,
+        state: Trace,
         headers: list[tuple[Any, bytes | None]],
         record: Record,
         model: str | None,
@@ -139,8 +145,6 @@ class Tracing:
     ) -> list[tuple[Any, bytes | None]]:
         """Open the record's ``produce`` span and write its context into ``headers``
         (in place of the request's): the answer continues the request's trace."""
-        if state is None:
-            return headers
         from opentelemetry import propagate
 
         if state.produce is not None:
@@ -164,9 +168,9 @@ class Tracing:
         kept = [(k, v) for k, v in headers if k not in carrier and k not in _HEADERS]
         return [*kept, *((k, v.encode()) for k, v in carrier.items())]
 
-    def delivered(self, state: Trace | None) -> None:
+    def delivered(self, state: Trace) -> None:
         """The record's answer or dead letter is acknowledged: ``produce`` ends."""
-        if state is not None and state.produce is not None:
+        if state.produce is not None:
             state.produce.end()
             state.produce = None
 
