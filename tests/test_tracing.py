@@ -269,3 +269,40 @@ def test_publish_trace_and_collect_report_the_trace_ids(
                  "mnist-mlp", "--synthetic", "784", "--rows", "3"]) == 0  # fmt: skip
     (record,) = consume(kafka_bootstrap, plain, 1)
     assert header(record, "traceparent") is None
+
+
+@pytest.mark.kafka
+def test_inference_worker_run_exports_spans_configured_by_otel_variables(
+    kafka_bootstrap: str, new_topic: Any, group_id: str, model_repo: Path, tmp_path: Path
+) -> None:
+    """The real command, configured only by OTEL_* variables (the SDK's console
+    exporter): the answer's traceparent names a span the worker exported."""
+    import signal
+
+    from tests.harness import worker_process
+
+    requests, outputs = new_topic(), new_topic()
+    trace_id, span_id, parent = _traceparent()
+    ((key, value, headers),) = demo_requests(1, "env")
+    produce(kafka_bootstrap, requests, [(key, value, [*headers, ("traceparent", parent)])])
+    args = ["--bootstrap-servers", kafka_bootstrap, "--input-topic", requests,
+            "--output-topic", outputs, "--model-repository", str(model_repo),
+            "--group-id", group_id, "--metrics-port", "0", "--device", "cpu"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    log = tmp_path / "worker.log"
+    proc = worker_process(
+        args,
+        env={**env, "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "iw-test"},
+        log_path=log,
+    )
+    try:
+        (answer,) = consume(kafka_bootstrap, outputs, 1, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    got_trace, got_span = _parse(header(answer, "traceparent"))
+    assert got_trace == trace_id and got_span != span_id
+    text = log.read_text()
+    assert f'"span_id": "0x{got_span}"' in text, text[-3000:]
+    assert f'"trace_id": "0x{trace_id}"' in text
+    assert '"service.name": "iw-test"' in text
