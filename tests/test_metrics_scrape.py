@@ -37,8 +37,6 @@ NS = "inference_worker"
 MV = {"model": "mnist-mlp", "version": "1"}
 UNKNOWN = {"model": "", "version": ""}
 PER_MODEL = ("rows", "batch_rows", "inference_seconds", "queue_seconds", "end_to_end_seconds")
-# Prometheus' promtool, built once with `go install` into a cache outside the repository.
-PROMTOOL_VERSION = os.environ.get("PROMTOOL_VERSION", "v0.316.0")
 
 
 def _scrape(port: int) -> str:
@@ -194,28 +192,12 @@ def test_no_created_series(served: str) -> None:
 
 
 def _promtool() -> Path:
-    """promtool from the cache, built once (as scripts/promtool does, where it exists)."""
-    script = ROOT / "scripts" / "promtool"
-    if script.exists():
-        built = subprocess.run([str(script), "install"], capture_output=True, text=True)
-        assert built.returncode == 0, f"scripts/promtool install failed:\n{built.stderr[-3000:]}"
-        return Path(built.stdout.strip())
-    cache = os.environ.get("PROMTOOL_CACHE") or str(
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "inference-worker-promtool"
+    """promtool, built once by ``scripts/promtool install`` (cached outside the repository)."""
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "promtool"), "install"], capture_output=True, text=True
     )
-    bin_dir = Path(cache) / PROMTOOL_VERSION / "bin"
-    binary = bin_dir / "promtool"
-    if not binary.exists():
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        built = subprocess.run(
-            ["nice", "-n", "19", "go", "install", "-trimpath", "-ldflags", "-s -w",
-             f"github.com/prometheus/prometheus/cmd/promtool@{PROMTOOL_VERSION}"],
-            env={**os.environ, "GOBIN": str(bin_dir), "GOFLAGS": "-buildvcs=false"},
-            capture_output=True,
-            text=True,
-        )  # fmt: skip
-        assert built.returncode == 0, f"go install promtool failed:\n{built.stderr[-3000:]}"
-    return binary
+    assert built.returncode == 0, f"scripts/promtool install failed:\n{built.stderr[-3000:]}"
+    return Path(built.stdout.strip())
 
 
 @pytest.mark.kafka
