@@ -453,15 +453,27 @@ class WorkerProcess:
         raise RuntimeError(f"worker not ready within {timeout} s: {self.stderr_tail()}")
 
     def metrics(self) -> dict[str, float]:
-        """Unlabelled samples plus ``name{labels}`` keys, from ``/metrics``."""
+        """Samples from ``/metrics`` by ``name{labels}``, and summed over the other labels
+        by ``name`` and by each single ``name{label="value"}`` (e.g. every model's
+        ``inference_worker_messages_total{status="dlq"}``)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
             text = r.read().decode()
         out: dict[str, float] = {}
+        sums: dict[str, float] = {}
         for line in text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?)\s+(\S+)$", line)
-            if m:
-                out[m.group(1)] = float(m.group(2))
-        return out
+            m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
+            if not m:
+                continue
+            name, labels, value = m.group(1), m.group(2), float(m.group(3))
+            if not labels:
+                out[name] = value
+                continue
+            out[name + labels] = value
+            sums[name] = sums.get(name, 0.0) + value
+            for pair in re.findall(r'\w+="(?:\\.|[^"\\])*"', labels):
+                key = f"{name}{{{pair}}}"
+                sums[key] = sums.get(key, 0.0) + value
+        return {**sums, **out}
 
     def peak_rss(self) -> int | None:
         """VmHWM (the kernel's high-water mark of resident memory), else psutil's current RSS."""

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rate", type=float, metavar="ROWS_PER_S", help="pace to this many rows/s")
     p.add_argument("--key-column", metavar="C", help="table column whose value keys each row")
+    p.add_argument("--trace", action="store_true",
+                   help="start a trace per message (a fresh W3C traceparent header)")
     _progress(p)
     _sending(p)
     _common(p)
@@ -350,6 +352,7 @@ def _publish(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         compression=_compression(args),
         progress=args.progress,
+        trace=args.trace,
     )
     return 0
 

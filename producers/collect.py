@@ -24,6 +24,10 @@ joined by request id), else from the ``produced-at`` header that ``publish``
 and ``replay`` set and the worker copies back. Without either it is unknown,
 and collect says so instead of guessing.
 
+Responses that carry a W3C ``traceparent`` (``publish --trace`` and a worker
+with tracing on) are reported by trace id: how many distinct, and the first
+few, to look up in the tracing backend.
+
 ``.npy`` output keeps only the stacked first (or ``--output``) tensor output,
 in the order the responses were read.
 
@@ -197,6 +201,7 @@ class CollectResult:
     expected: int | None
     latency: dict[str, float] | None
     latency_source: str
+    trace_ids: tuple[str, ...] = ()  # distinct W3C trace ids seen, in order of arrival
 
     @property
     def complete(self) -> bool:
@@ -240,6 +245,7 @@ def collect(settings: KafkaSettings, topic: str, out: Path, *, expect: int | Non
     undecodable = skipped = 0
     wanted = list(match_headers or [])
     sources: set[str] = set()
+    traces: dict[str, None] = {}  # an ordered set
     with settings.consumer() as consumer:
         parts = consumer.assign_all(topic, from_beginning=from_beginning)
         print(f"collecting from {topic} ({len(parts)} partition(s))", file=sys.stderr)
@@ -268,13 +274,16 @@ def collect(settings: KafkaSettings, topic: str, out: Path, *, expect: int | Non
                     if source:
                         sources.add(source)
                     collection.add(response, r, latency)
+                    trace_id = _trace_id(r.headers)
+                    if trace_id is not None:
+                        traces.setdefault(trace_id)
         except KeyboardInterrupt:
             pass
     _write(collection, out, output)
     rows = collection.rows
     summary = latency_summary(collection.latencies_ms)
     result = CollectResult(collection.messages, rows, skipped, undecodable, expect, summary,
-                           " and ".join(sorted(sources)) or "none")
+                           " and ".join(sorted(sources)) or "none", tuple(traces))
     line = f"collected {result.messages} response(s) ({rows} rows) from {topic} into {out}"
     if skipped:
         line += f"; {skipped} not matching --match-header skipped"
@@ -287,10 +296,30 @@ def collect(settings: KafkaSettings, topic: str, out: Path, *, expect: int | Non
         print(f"latency ms: p50 {summary['p50']:.1f}  p95 {summary['p95']:.1f}  "
               f"p99 {summary['p99']:.1f}  (n={len(collection.latencies_ms)}, "
               f"from {result.latency_source})")
+    if traces:
+        shown = ", ".join(list(traces)[:_TRACES_SHOWN])
+        more = f" and {len(traces) - _TRACES_SHOWN} more" if len(traces) > _TRACES_SHOWN else ""
+        print(f"trace ids: {len(traces)} distinct in {result.messages} response(s): {shown}{more}")
     if not result.complete and expect is not None:
         print(f"timed out after {timeout_s:g} s: {expect - result.rows} of {expect} "
               "expected rows missing", file=sys.stderr)
     return result
+
+
+_TRACES_SHOWN = 10
+
+
+def _trace_id(headers: list[tuple[str, bytes | None]]) -> str | None:
+    """The trace id of a W3C ``traceparent`` header (version 00), if one is there."""
+    for key, value in headers:
+        if key == "traceparent" and value is not None:
+            parts = value.split(b"-")
+            if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != b"0" * 32:
+                try:
+                    return parts[1].decode("ascii") if int(parts[1], 16) else None
+                except ValueError:
+                    return None
+    return None
 
 
 def _latency(record: Record, request_id: str | None,

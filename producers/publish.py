@@ -9,10 +9,13 @@ before anything is sent for it.
 Each message carries ``request-id: <run>-<n>`` (so responses join to requests
 even across replays) and ``produced-at`` (send time, ms since the epoch), which
 the worker copies to the response and ``collect`` reads as a latency source.
+With ``--trace`` each message also starts a trace of its own (a W3C
+``traceparent``), which a worker with tracing on continues on its answer.
 """
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 import uuid
@@ -28,16 +31,19 @@ from producers.sources import Source
 
 __all__ = [
     "PRODUCED_AT",
+    "TRACEPARENT",
     "Message",
     "PublishStats",
     "Sender",
     "make_encoder",
+    "new_traceparent",
     "publish",
     "record_bytes",
     "split_messages",
 ]
 
 PRODUCED_AT = "produced-at"
+TRACEPARENT = "traceparent"
 Headers = list[tuple[str, bytes | None]]
 # (rows, request id) -> (value, headers): the codec, bound to format and model.
 Encoder = Callable[[np.ndarray, str], tuple[bytes, Headers]]
@@ -159,10 +165,11 @@ class Sender:
 def publish(settings: KafkaSettings, source: Source, topic: str, *, encode: Encoder,
             batch_rows: int = 256, rate: float | None = None,
             max_message_bytes: int | None = None, compression: str | None = None,
-            progress: bool | None = None) -> PublishStats:
+            progress: bool | None = None, trace: bool = False) -> PublishStats:
     """Send ``source`` to ``topic``; pace to ``rate`` rows/s when given.
 
-    ``progress=None`` shows a bar only when stderr is a terminal.
+    ``progress=None`` shows a bar only when stderr is a terminal. ``trace``
+    starts a trace per message: a fresh W3C ``traceparent`` header, sampled.
     """
     from tqdm import tqdm
 
@@ -183,7 +190,10 @@ def publish(settings: KafkaSettings, source: Source, topic: str, *, encode: Enco
                 if pause > 0:
                     time.sleep(pause)
             stamp = str(time.time_ns() // 1_000_000).encode()
-            sender.send(message.key, message.value, [*message.headers, (PRODUCED_AT, stamp)])
+            headers = [*message.headers, (PRODUCED_AT, stamp)]
+            if trace:
+                headers.append((TRACEPARENT, new_traceparent()))
+            sender.send(message.key, message.value, headers)
             messages += 1
             rows_sent += message.rows
             bytes_sent += len(message.value)
@@ -197,6 +207,13 @@ def publish(settings: KafkaSettings, source: Source, topic: str, *, encode: Enco
           f"largest {stats.largest} of {stats.limit} allowed by {limit_source}) to {topic} "
           f"in {stats.seconds:.2f} s: {stats.rows_per_s:.0f} rows/s")
     return stats
+
+
+def new_traceparent() -> bytes:
+    """A W3C ``traceparent`` that starts a new, sampled trace (random ids, never zero)."""
+    trace_id = secrets.randbits(128) or 1
+    span_id = secrets.randbits(64) or 1
+    return f"00-{trace_id:032x}-{span_id:016x}-01".encode()
 
 
 def make_encoder(*, fmt: str, input_name: str, model: str | None,

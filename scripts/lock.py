@@ -12,8 +12,8 @@ one file for every Python the lock supports; the markers pick the versions).
 
     cpu.lock       the worker's dependencies + onnxruntime        (CPU image)
     gpu.lock       the worker's dependencies + onnxruntime-gpu    (GPU image)
-    dev-cpu.lock   cpu.lock's pins + the test, dev and plot extras (make install, CI)
-    dev-gpu.lock   gpu.lock's pins + the test, dev and plot extras (make install on a GPU)
+    dev-cpu.lock   cpu.lock's pins + the test, dev, plot and otel extras (make install, CI)
+    dev-gpu.lock   gpu.lock's pins + the test, dev, plot and otel extras (make install on a GPU)
 
 The dev locks are compiled under the image locks as constraints, so the tests
 run the versions the images ship. Every lock also pins pyproject.toml's build
@@ -47,7 +47,7 @@ PYPROJECT = ROOT / "pyproject.toml"
 DOCKERFILE = ROOT / "Dockerfile"
 REQUIREMENTS = ROOT / "requirements"
 DIGEST_PREFIX = "# inputs-sha256: "
-DEV_EXTRAS = ("test", "dev", "plot")
+DEV_EXTRAS = ("test", "dev", "plot", "otel")
 # Both wheels install the module `onnxruntime` and overwrite each other's files.
 ORT = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu"}
 

@@ -161,12 +161,25 @@ def test_refresh_asks_the_admin_at_most_every_interval_and_keeps_a_known_count()
 
 
 @pytest.mark.parametrize("ok", [True, False])
-def test_retire_counts_each_outcome_and_its_end_to_end_time(ok: bool) -> None:
+def test_retire_counts_each_outcome_and_its_end_to_end_time_by_model_version(ok: bool) -> None:
     a, slot = _answers(), _slot()
-    slot.out = _response(slot, 1) if ok else a.dead_letter(slot, DecodeError("x"), None)
+    slot.series = a.metrics.series("m", 2)  # resolved at decode
+    slot.out = _response(slot, 1) if ok else a.dead_letter(slot, DecodeError("x"), "m")
     a.retire([slot])
-    assert _sample(a, "messages_total", status="ok" if ok else "dlq") == 1
-    assert _sample(a, "end_to_end_seconds_sum") == pytest.approx(1.0)
+    status, error_type = ("ok", "") if ok else ("dlq", "decode-error")
+    labels = {"model": "m", "version": "2"}
+    assert _sample(a, "messages_total", status=status, error_type=error_type, **labels) == 1
+    assert _sample(a, "end_to_end_seconds_sum", **labels) == pytest.approx(1.0)
+
+
+def test_retire_counts_a_record_whose_model_never_resolved_without_its_name() -> None:
+    a, slot = _answers(), _slot()
+    slot.out = a.dead_letter(slot, ModelNotFound("no model 'typo'"), "typo")
+    a.retire([slot])
+    labels = {"model": "", "version": "", "error_type": "model-not-found"}
+    assert _sample(a, "messages_total", status="dlq", **labels) == 1
+    names = {s.labels.get("model") for m in a.metrics.registry.collect() for s in m.samples}
+    assert "typo" not in names
 
 
 def _request_record(model: str | None, header_error: str | None = None) -> Record:

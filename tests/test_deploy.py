@@ -707,8 +707,23 @@ def test_dashboard_queries_only_real_metrics() -> None:
         "inference_worker_end_to_end_seconds_bucket", "inference_worker_inference_seconds_bucket",
         "inference_worker_batch_rows_bucket", "inference_worker_consumer_lag",
         "inference_worker_dlq_total", "inference_worker_model_cache_hits_total",
+        "inference_worker_queue_seconds_bucket", "inference_worker_rebalances_total",
+        "inference_worker_assigned_partitions", "inference_worker_kafka_broker_rtt_seconds",
     ):
         assert required in used, f"the dashboard does not show {required}"
+
+
+def test_dashboard_splits_per_model_panels_by_version() -> None:
+    """Panels per model show each version apart, and the $model variable filters them."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    titled = [p for p in dashboard["panels"] if "by model version" in p["title"]]
+    assert len(titled) >= 4, [p["title"] for p in titled]
+    for panel in titled:
+        for target in panel["targets"]:
+            assert re.search(r"by \((le, )?model, version\b", target["expr"]), target["expr"]
+            assert 'model=~"$model"' in target["expr"], target["expr"]
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert "model" in variables
 
 
 # ---------------------------------------------------------------- docs

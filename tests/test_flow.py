@@ -19,8 +19,9 @@ import pytest
 from tests.fakes import FakeKafka, FakeProducer
 from worker.demo import write_demo_model
 from worker.errors import FatalError, ModelLoadError
-from worker.kafka import KafkaFailure, TopicPartition
+from worker.kafka import KafkaFailure, TopicPartition, TransactionFailed
 from worker.loop import Worker
+from worker.observability import Metrics
 from worker.protocol import encode_request
 from worker.recovery import CLEAN, RUNNING, try_marker
 from worker.repository import ModelRef
@@ -334,3 +335,70 @@ def test_a_stop_drains_commits_everything_as_clean_and_returns_0(repo: Path) -> 
     assert kafka.consumer.commits[-1] == ({IN0: 5}, CLEAN)
     assert _ids(kafka, "out") == [f"0-{i}" for i in range(5)]
     assert kafka.consumer.closed and kafka.producer.closed and kafka.admin.closed
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+MV = {"model": "mnist-mlp", "version": "1"}
+UNKNOWN = {"model": "", "version": ""}
+
+
+def _sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(f"inference_worker_{name}", labels)
+
+
+def test_outcomes_rows_and_times_are_counted_by_model_version_and_error_type(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 3)
+    kafka.consumer.append(IN1, b"not a request")
+    value, headers = encode_request(
+        {"x": np.zeros((1, 784), np.float32)}, format="msgpack", model="no-such-model"
+    )
+    kafka.consumer.append(IN1, value, None, list(headers))
+    with serving(repo, kafka) as s:
+        _until(lambda: kafka.group.get(IN0) == 3 and kafka.group.get(IN1) == 2)
+    m = s.worker.metrics
+    assert _sample(m, "messages_total", status="ok", error_type="", **MV) == 3
+    assert _sample(m, "messages_total", status="dlq", error_type="decode-error", **UNKNOWN) == 1
+    assert _sample(m, "messages_total", status="dlq", error_type="model-not-found", **UNKNOWN) == 1
+    assert _sample(m, "rows_total", **MV) == 3
+    # every answered record waited from its poll to its run, and ran
+    assert _sample(m, "queue_seconds_count", **MV) == 3
+    assert (_sample(m, "queue_seconds_sum", **MV) or 0.0) > 0
+    assert _sample(m, "batch_rows_sum", **MV) == 3
+    assert (_sample(m, "inference_seconds_count", **MV) or 0.0) >= 1
+    assert _sample(m, "end_to_end_seconds_count", **MV) == 3
+    # a name from a request never becomes a label value
+    labelled = {
+        sample.labels.get("model") for family in m.registry.collect() for sample in family.samples
+    }
+    assert "no-such-model" not in labelled
+
+
+def test_rebalances_and_assigned_partitions_follow_every_callback(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    _produce(kafka, IN1, 1)
+    with serving(repo, kafka) as s:
+        m = s.worker.metrics
+        _until(lambda: kafka.group.get(IN0) == 1 and kafka.group.get(IN1) == 1)
+        assert (_sample(m, "rebalances_total"), _sample(m, "assigned_partitions")) == (1, 2)
+        kafka.consumer.rebalance("revoke", [IN1])
+        _until(lambda: _sample(m, "rebalances_total") == 2)
+        assert _sample(m, "assigned_partitions") == 1
+        kafka.consumer.rebalance("lose", [IN0])
+        _until(lambda: _sample(m, "rebalances_total") == 3)
+        assert _sample(m, "assigned_partitions") == 0
+        kafka.consumer.rebalance("assign", [IN0, IN1])
+        _until(lambda: _sample(m, "rebalances_total") == 4)
+        assert _sample(m, "assigned_partitions") == 2
+
+
+def test_an_aborted_transaction_is_counted(repo: Path) -> None:
+    kafka = FakeKafka()
+    kafka.setup = lambda p: p.fail.update(commit_transaction=TransactionFailed("fenced"))
+    _produce(kafka, IN0, 2)
+    with serving(repo, kafka, exactly_once=True) as s:
+        _until(lambda: kafka.group.get(IN0) == 2)  # answered again after the abort
+    assert "abort_transaction" in kafka.producer.calls
+    assert _sample(s.worker.metrics, "transactions_aborted_total") == 1

@@ -99,7 +99,7 @@ class Rig:
     def batch(self, n: int = 2) -> tuple[Batch, list[Slot]]:
         slots, jobs = [], []
         for i in range(n):
-            slot = Slot(Record("in", 0, i, None, b"v", [], None))
+            slot = Slot(Record("in", 0, i, None, b"v", [], None), polled=self.clock.monotonic())
             self.tracker.add("in-0", slot)
             x = np.full((1, 3), i, np.float32)
             jobs.append(Job(slot, "m", 1, RunMode.WHOLE, {"x": x}, 1))
@@ -122,6 +122,23 @@ def test_a_run_answers_every_slot_counts_the_answer_in_flight_and_sends() -> Non
     assert rig.tracker.inflight_bytes == before + 2 * 12
     assert rig.sends == 1 and rig.failed == []
     assert all(s.request is None and s.bound is None for s in slots)
+
+
+def test_a_run_observes_queue_time_run_time_and_rows_under_its_model_version() -> None:
+    rig = Rig(took_s=0.01)
+    batch, _ = rig.batch(2)  # both polled now
+    rig.clock.sleep(0.5)  # waiting for their run
+    rig.inference.run(batch)
+
+    def sample(name: str) -> float | None:
+        labels = {"model": "m", "version": "1"}
+        return rig.metrics.registry.get_sample_value(f"inference_worker_{name}", labels)
+
+    assert sample("queue_seconds_count") == 2
+    assert sample("queue_seconds_sum") == pytest.approx(2 * 0.5)
+    assert sample("inference_seconds_sum") == pytest.approx(0.01)
+    assert (sample("batch_rows_count"), sample("batch_rows_sum")) == (1, 2)
+    assert sample("rows_total") == 2
 
 
 def test_the_first_batch_of_a_model_goes_to_the_pool_and_its_run_time_is_learnt() -> None:

@@ -8,6 +8,7 @@ the real server on a free port.
 from __future__ import annotations
 
 import gzip
+import json
 import platform
 import socket
 import urllib.error
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from importlib import metadata
 
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.errors import ConfigError
@@ -57,42 +58,61 @@ def _value(metrics: Metrics, name: str, **labels: str) -> float | None:
 # -- every metric the worker promises, by its samples ----------------------------------
 
 
+MV = {"model": "mnist-mlp", "version": "1"}
+
+
 def test_record_outcome_counters(metrics: Metrics) -> None:
-    metrics.messages.labels(status="ok").inc()
-    metrics.messages.labels(status="ok").inc()
-    metrics.messages.labels(status="dlq").inc()
+    series = metrics.series("mnist-mlp", 1)
+    series.ok.inc()
+    series.ok.inc()
+    series.failed("schema-mismatch").inc()
+    metrics.unknown.failed("model-not-found").inc()
     metrics.dlq.labels(error_type="decode-error").inc()
     metrics.retries.labels(error_type="broker-timeout").inc(3)
-    metrics.rows.labels(model="mnist-mlp").inc(3)
-    metrics.rows.labels(model="mnist-mlp").inc(5)
-    assert _value(metrics, "messages_total", status="ok") == 2
-    assert _value(metrics, "messages_total", status="dlq") == 1
+    series.rows.inc(3)
+    metrics.series("mnist-mlp", 1).rows.inc(5)  # the same children, bound once
+    assert _value(metrics, "messages_total", status="ok", error_type="", **MV) == 2
+    assert _value(metrics, "messages_total", status="dlq", error_type="schema-mismatch", **MV) == 1
+    unknown = {"model": "", "version": ""}
+    assert (
+        _value(metrics, "messages_total", status="dlq", error_type="model-not-found", **unknown)
+        == 1
+    )
     assert _value(metrics, "dlq_total", error_type="decode-error") == 1
     assert _value(metrics, "dlq_total", error_type="too-large") is None  # labels stay apart
     assert _value(metrics, "retries_total", error_type="broker-timeout") == 3
-    assert _value(metrics, "rows_total", model="mnist-mlp") == 8
+    assert _value(metrics, "rows_total", **MV) == 8
+    assert _value(metrics, "rows_total", model="mnist-mlp", version="2") is None
 
 
 def test_histograms_bucket_count_and_sum(metrics: Metrics) -> None:
-    metrics.batch_rows.observe(3)
-    metrics.batch_rows.observe(1024)
-    assert _value(metrics, "batch_rows_bucket", le="4.0") == 1
-    assert _value(metrics, "batch_rows_bucket", le="1024.0") == 2
-    assert _value(metrics, "batch_rows_count") == 2
-    assert _value(metrics, "batch_rows_sum") == 1027
+    series = metrics.series("mnist-mlp", 1)
+    series.batch_rows.observe(3)
+    series.batch_rows.observe(1024)
+    assert _value(metrics, "batch_rows_bucket", le="4.0", **MV) == 1
+    assert _value(metrics, "batch_rows_bucket", le="1024.0", **MV) == 2
+    assert _value(metrics, "batch_rows_count", **MV) == 2
+    assert _value(metrics, "batch_rows_sum", **MV) == 1027
 
-    metrics.inference_seconds.labels(model="m").observe(0.004)
-    assert _value(metrics, "inference_seconds_bucket", model="m", le="0.0025") == 0
-    assert _value(metrics, "inference_seconds_bucket", model="m", le="0.005") == 1
-    assert _value(metrics, "inference_seconds_count", model="m") == 1
-    assert _value(metrics, "inference_seconds_sum", model="m") == pytest.approx(0.004)
+    m2 = {"model": "m", "version": "2"}
+    metrics.series("m", 2).inference_seconds.observe(0.004)
+    assert _value(metrics, "inference_seconds_bucket", le="0.0025", **m2) == 0
+    assert _value(metrics, "inference_seconds_bucket", le="0.005", **m2) == 1
+    assert _value(metrics, "inference_seconds_count", **m2) == 1
+    assert _value(metrics, "inference_seconds_sum", **m2) == pytest.approx(0.004)
 
-    metrics.end_to_end_seconds.observe(0.2)
-    metrics.end_to_end_seconds.observe(45.0)  # beyond the last bucket: only +Inf
-    assert _value(metrics, "end_to_end_seconds_bucket", le="0.25") == 1
-    assert _value(metrics, "end_to_end_seconds_bucket", le="30.0") == 1
-    assert _value(metrics, "end_to_end_seconds_bucket", le="+Inf") == 2
-    assert _value(metrics, "end_to_end_seconds_sum") == pytest.approx(45.2)
+    series.end_to_end_seconds.observe(0.2)
+    series.end_to_end_seconds.observe(45.0)  # beyond the last bucket: only +Inf
+    assert _value(metrics, "end_to_end_seconds_bucket", le="0.25", **MV) == 1
+    assert _value(metrics, "end_to_end_seconds_bucket", le="30.0", **MV) == 1
+    assert _value(metrics, "end_to_end_seconds_bucket", le="+Inf", **MV) == 2
+    assert _value(metrics, "end_to_end_seconds_sum", **MV) == pytest.approx(45.2)
+
+    series.queued(10.0, [9.997, 9.5, 10.5])  # a clock step back counts as no wait
+    assert _value(metrics, "queue_seconds_bucket", le="0.0", **MV) is None
+    assert _value(metrics, "queue_seconds_bucket", le="0.005", **MV) == 2
+    assert _value(metrics, "queue_seconds_bucket", le="0.5", **MV) == 3
+    assert _value(metrics, "queue_seconds_sum", **MV) == pytest.approx(0.503)
 
     metrics.model_load_seconds.observe(1.5)
     assert _value(metrics, "model_load_seconds_bucket", le="1.0") == 0
@@ -141,9 +161,11 @@ def test_build_info(metrics: Metrics) -> None:
 def test_each_metrics_has_its_own_registry() -> None:
     """No process-wide singleton: two workers in one process never share a counter."""
     a, b = Metrics(), Metrics(CollectorRegistry())
-    a.messages.labels(status="ok").inc()
-    assert _value(b, "messages_total", status="ok") is None
-    assert REGISTRY.get_sample_value(f"{NS}_messages_total", {"status": "ok"}) is None
+    a.series("m", 1).ok.inc()
+    ok = {"status": "ok", "model": "m", "version": "1", "error_type": ""}
+    assert _value(a, "messages_total", **ok) == 1
+    assert _value(b, "messages_total", **ok) is None
+    assert REGISTRY.get_sample_value(f"{NS}_messages_total", ok) is None
     assert b.registry.get_sample_value("process_cpu_seconds_total") is not None
 
 
@@ -172,6 +194,13 @@ def test_every_promised_family_is_served(metrics: Metrics, port: int) -> None:
         "last_commit_age_seconds": "gauge",
         "build_info": "gauge",
         "retries": "counter",
+        "queue_seconds": "histogram",
+        "rebalances": "counter",
+        "assigned_partitions": "gauge",
+        "transactions_aborted": "counter",
+        "kafka_broker_rtt_seconds": "gauge",
+        "kafka_fetch_queue_messages": "gauge",
+        "kafka_producer_queue_messages": "gauge",
     }
     for name, kind in promised.items():
         assert families[f"{NS}_{name}"].type == kind, name
@@ -186,7 +215,7 @@ def test_every_promised_family_is_served(metrics: Metrics, port: int) -> None:
 
 
 def test_openmetrics_is_negotiated(metrics: Metrics, port: int) -> None:
-    metrics.messages.labels(status="ok").inc()
+    metrics.series("m", 3).ok.inc()
     accept = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"
     status, headers, body = _request(port, "/metrics", headers={"Accept": accept})
     assert status == 200
@@ -194,7 +223,8 @@ def test_openmetrics_is_negotiated(metrics: Metrics, port: int) -> None:
     text = body.decode()
     assert text.endswith("# EOF\n")
     assert f"# TYPE {NS}_messages counter\n" in text
-    assert f'{NS}_messages_total{{status="ok"}} 1.0\n' in text
+    assert f'{NS}_messages_total{{error_type="",model="m",status="ok",version="3"}} 1.0\n' in text
+    assert "_created" not in text
     assert f"# TYPE {NS}_build info\n" in text
 
 
@@ -297,3 +327,71 @@ def test_default_port_collides_with_no_common_exporter() -> None:
     assert not 9090 <= DEFAULT_METRICS_PORT <= 9999
     assert DEFAULT_METRICS_PORT not in {8000, 8001, 8002, 8080, 8081, 8082, 8083, 8089}
     assert 1024 <= DEFAULT_METRICS_PORT < 32768
+
+
+def test_rebalances_and_assigned_partitions(metrics: Metrics) -> None:
+    metrics.rebalanced(assigned=[("t", 0), ("t", 1), ("t", 2)])
+    metrics.rebalanced(revoked=[("t", 1)])
+    metrics.rebalanced(assigned=[("t", 1)])  # cooperative: the same partition back
+    metrics.rebalanced(revoked=[("t", 0), ("t", 9)])  # lost, one never owned
+    assert _value(metrics, "rebalances_total") == 4
+    assert _value(metrics, "assigned_partitions") == 2
+
+
+def test_transactions_aborted_is_read_at_each_scrape(metrics: Metrics) -> None:
+    assert _value(metrics, "transactions_aborted_total") == 0
+    aborted = [0]
+    metrics.watch_transactions(lambda: aborted[0])
+    aborted[0] = 3
+    assert _value(metrics, "transactions_aborted_total") == 3
+
+
+# A librdkafka statistics document, cut down to the fields read (STATISTICS.md).
+_CONSUMER_STATS = {
+    "name": "g-consumer#consumer-1",
+    "type": "consumer",
+    "msg_cnt": 0,
+    "brokers": {
+        "localhost:9092/bootstrap": {"name": "localhost:9092/bootstrap", "nodeid": -1,
+                                     "rtt": {"avg": 900}},
+        "127.0.0.1:9092/1": {"name": "127.0.0.1:9092/1", "nodeid": 1, "rtt": {"avg": 2500}},
+    },
+    "topics": {
+        "requests": {"partitions": {
+            "0": {"partition": 0, "fetchq_cnt": 7},
+            "1": {"partition": 1, "fetchq_cnt": 5},
+            "-1": {"partition": -1, "fetchq_cnt": 100},
+        }},
+    },
+}  # fmt: skip
+
+
+def test_librdkafka_statistics_become_gauges(metrics: Metrics) -> None:
+    metrics.kafka_statistics("consumer")(json.dumps(_CONSUMER_STATS))
+    rtt = _value(metrics, "kafka_broker_rtt_seconds", client="consumer", broker="127.0.0.1:9092/1")
+    assert rtt == pytest.approx(0.0025)
+    bootstrap = {"client": "consumer", "broker": "localhost:9092/bootstrap"}
+    assert _value(metrics, "kafka_broker_rtt_seconds", **bootstrap) is None
+    assert _value(metrics, "kafka_fetch_queue_messages", client="consumer") == 12
+    producer = {"type": "producer", "msg_cnt": 42, "msg_size": 4096, "brokers": {}}
+    metrics.kafka_statistics("producer")(json.dumps(producer))
+    assert _value(metrics, "kafka_producer_queue_messages", client="producer") == 42
+    assert _value(metrics, "kafka_producer_queue_bytes", client="producer") == 4096
+    metrics.kafka_statistics("producer")("{not json")  # one sample lost, nothing raised
+    assert _value(metrics, "kafka_producer_queue_messages", client="producer") == 42
+
+
+def test_no_created_series_and_no_global_switch(metrics: Metrics, port: int) -> None:
+    metrics.series("m", 1).ok.inc()
+    metrics.model_cache_hits.inc()
+    _, _, body = _request(port, "/metrics")
+    assert b"_created" not in body
+    assert b"inference_worker_model_cache_hits_total 1.0" in body
+    assert b"_created" not in metrics.exposition()
+    _, _, only = _request(port, "/metrics?name[]=inference_worker_model_cache_hits_created"
+                          "&name[]=inference_worker_model_cache_hits_total")  # fmt: skip
+    assert b"_created" not in only and b"model_cache_hits_total 1.0" in only
+    # Other registries in the process keep prometheus_client's default.
+    other = CollectorRegistry()
+    Counter("other", "x", registry=other).inc()
+    assert b"other_created" in generate_latest(other)

@@ -32,15 +32,23 @@ dynamic_batching {{ max_queue_delay_microseconds: 300000 }}
 """
 
 
+def _per_model(metrics: Metrics, name: str, model: str) -> float:
+    """Sample ``name`` of ``model``, summed over its versions."""
+    return sum(
+        sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == name and sample.labels.get("model") == model
+    )
+
+
 def _runs(metrics: Metrics, model: str) -> float:
     """Calls of session.run for ``model`` (the count of its run-time histogram)."""
-    return metrics.registry.get_sample_value(
-        "inference_worker_inference_seconds_count", {"model": model}
-    ) or 0.0
+    return _per_model(metrics, "inference_worker_inference_seconds_count", model)
 
 
 def _rows(metrics: Metrics, model: str) -> float:
-    return metrics.registry.get_sample_value("inference_worker_rows_total", {"model": model}) or 0.0
+    return _per_model(metrics, "inference_worker_rows_total", model)
 
 
 def _requests(model: str, n: int, prefix: str, version: int | None = None) -> list:

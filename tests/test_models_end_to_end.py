@@ -114,5 +114,6 @@ def test_response_cache_answers_a_redelivered_duplicate_without_running(
     assert len(answers) == 2
     assert answers[0].value == answers[1].value
     hits = metrics.registry.get_sample_value("inference_worker_response_cache_hits_total")
-    runs = metrics.registry.get_sample_value("inference_worker_batch_rows_count")
+    mv = {"model": "mnist-mlp", "version": "1"}
+    runs = metrics.registry.get_sample_value("inference_worker_batch_rows_count", mv)
     assert hits == 1 and runs == 1

@@ -77,7 +77,7 @@ def test_endpoints_and_every_spec_metric(
     assert status == 200
     for name in SPEC_METRICS:
         assert f"# TYPE {name.removesuffix('_total')}" in body, name
-    assert 'inference_worker_rows_total{model="mnist-mlp"} 3.0' in body
+    assert 'inference_worker_rows_total{model="mnist-mlp",version="1"} 3.0' in body
     assert lag in body
     assert 'inference_worker_dlq_total{error_type="decode-error"} 1.0' in body
 

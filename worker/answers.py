@@ -25,7 +25,7 @@ from typing import Any
 from worker.errors import DecodeError, ModelNotFound, TooLarge, WorkerError
 from worker.kafka import Admin, Delivery, KafkaFailure, Producer, Record
 from worker.kafka.partition import output_partition
-from worker.observability import Metrics
+from worker.observability import Metrics, ModelSeries
 from worker.offsets import Entry
 from worker.protocol import (
     Bound,
@@ -38,6 +38,7 @@ from worker.protocol import (
 )
 from worker.protocol.headers import get_header
 from worker.settings import Settings
+from worker.tracing import Trace, Tracing
 
 __all__ = [
     "METADATA_REFRESH_S",
@@ -71,15 +72,28 @@ class Outgoing:
 class Slot(Entry):
     """One input record's place in its partition's line (``out``: its :class:`Outgoing`)."""
 
-    __slots__ = ("attempts", "bound", "cache_key", "record", "request")
+    __slots__ = (
+        "attempts",
+        "bound",
+        "cache_key",
+        "polled",
+        "record",
+        "request",
+        "series",
+        "trace",
+    )
 
-    def __init__(self, record: Record) -> None:
+    def __init__(self, record: Record, polled: float | None = None) -> None:
         super().__init__(record.offset, len(record.value or b""))
         self.record = record
         self.attempts = 1  # runs so far, counting the one under way
         self.request: Request | None = None
         self.bound: Bound | None = None
         self.cache_key: bytes | None = None  # response-cache key, when that cache is on
+        # When it was polled (monotonic), for queue_seconds.
+        self.polled = time.monotonic() if polled is None else polled
+        self.series: ModelSeries | None = None  # its model version's metrics, once resolved
+        self.trace: Trace | None = None  # set while tracing is on
 
     @property
     def where(self) -> str:
@@ -111,18 +125,24 @@ def model_header(record: Record) -> str | None:
 
 
 class Answers:
-    """Builds answers and dead letters, and sends them within their topics' limits."""
+    """Builds answers and dead letters, and sends them within their topics' limits.
+
+    With ``tracing`` on, each answer and dead letter carries its own ``produce``
+    span's ``traceparent``, and that span ends when the record is settled.
+    """
 
     def __init__(
         self,
         settings: Settings,
         metrics: Metrics,
         *,
+        tracing: Tracing | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing or Tracing()
         self._limits = Limits(
             max_bytes=settings.max_request_bytes or settings.max_message_bytes,
             max_rows=settings.max_request_rows,
@@ -180,6 +200,8 @@ class Answers:
             partition=r.partition,
             offset=r.offset,
         )
+        if slot.trace is not None:
+            headers = self.tracing.stamp(slot.trace, headers, r, model, version)
         return Outgoing(self.settings.output_topic, r.key, body, headers, ok=True)
 
     def dead_letter(self, slot: Slot, exc: WorkerError, model: str | None) -> Outgoing:
@@ -202,6 +224,8 @@ class Answers:
         )
         if slot.attempts > 1:
             headers.append(("error-attempts", str(slot.attempts).encode()))
+        if slot.trace is not None:
+            headers = self.tracing.stamp(slot.trace, headers, r, model, None)
         return Outgoing(self.settings.dead_letter_topic, r.key, r.value or b"", headers, ok=False)
 
     # -- the output topics ---------------------------------------------------------
@@ -279,11 +303,19 @@ class Answers:
         return False
 
     def retire(self, slots: Sequence[Slot]) -> None:
-        """Committed: count each as answered or dead-lettered, and its end-to-end time."""
+        """Committed: end each one's trace, count it as answered or dead-lettered (by
+        error type) under its model version, and observe its end-to-end time."""
         now = self._wall_clock()
         for slot in slots:
-            ok = slot.out is not None and slot.out.ok
-            self.metrics.messages.labels(status="ok" if ok else "dlq").inc()
+            if slot.trace is not None:
+                self.tracing.delivered(slot.trace)
+            series = slot.series or self.metrics.unknown
+            out = slot.out
+            if out is not None and out.ok:
+                series.ok.inc()
+            else:
+                failure = get_header(out.headers, "error-type") if out is not None else None
+                series.failed(failure or "").inc()
             ts = slot.record.timestamp_ms
             if ts and ts > 0:
-                self.metrics.end_to_end_seconds.observe(max(0.0, now - ts / 1000))
+                series.end_to_end_seconds.observe(max(0.0, now - ts / 1000))

@@ -78,6 +78,7 @@ class Committer(Generic[E]):
         self.last_commit = time.monotonic()
         # What the group has committed for each partition (ours, or found at assignment).
         self.committed_offsets: dict[TopicPartition, int] = {}
+        self.aborted = 0  # transactions aborted (only a transactional committer has any)
 
     def found(self, tp: TopicPartition, offset: int) -> None:
         """The group's committed offset of ``tp``, read (or committed) at assignment."""
@@ -185,7 +186,6 @@ class Transactional(Committer[E]):
         super().__init__(*args, **kwargs)
         self._reopen = reopen
         self._txn_timeout_s = txn_timeout_s
-        self.aborted = 0
 
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
         """Nothing leaves outside a transaction."""

@@ -8,6 +8,9 @@ version is learnt from the runs themselves; on one CPU thread it is the run's
 own CPU time, since a pool thread's wall time includes waiting for the GIL.
 Each job's outputs are encoded into its slot (or its error goes to
 ``failed``), then ``sent`` hands the answers to the producer at once.
+Metrics go to the batch's model version (its ``queue_seconds``: each record's
+poll to the start of its run); with tracing on, a batch runs inside its
+``process`` span and each ``session.run`` in a ``run`` span.
 No Kafka client inside; the clocks are injected.
 """
 
@@ -30,6 +33,7 @@ from worker.repository import ModelRef, ModelRepository
 from worker.retries import MAX_BACKOFF_S
 from worker.runtime import RuntimeOptions, Session, device_memory
 from worker.settings import Settings
+from worker.tracing import Tracing
 
 __all__ = ["RUN_TIME_WEIGHT", "Inference", "Loader", "session_cache"]
 
@@ -57,6 +61,7 @@ class Inference:
         max_rows: int,
         inline_below_ms: float,
         one_cpu_thread: bool,
+        tracing: Tracing | None = None,
         clock: Callable[[], float] = time.monotonic,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
@@ -71,6 +76,11 @@ class Inference:
         self._clock, self._cpu_clock = clock, cpu_clock
         self.run_s: dict[tuple[str, int], float] = {}  # mean run time per model version
         self.running: set[Future[None]] = set()
+        self._tracing = tracing or Tracing()
+        # run() inside the batch's process span (run itself when tracing is off)
+        self._run = self._tracing.around_batch(
+            self.run, lambda batch: [job.token.trace for job in batch.jobs]
+        )
 
     def submit(self, batch: Batch) -> None:
         """3. Run ``batch`` here when its model's runs are short, else on the pool."""
@@ -78,11 +88,11 @@ class Inference:
         if mean_s is not None and mean_s * 1000 < self._inline_below_ms:
             self.metrics.inline_batches.inc()
             try:
-                self.run(batch)
+                self._run(batch)
             except Exception as exc:  # as from the pool: the main loop sends the rest
                 log.warning("sending after an inline run failed: %s", exc)
             return
-        future = self._pool.submit(self.run, batch)
+        future = self._pool.submit(self._run, batch)
         self.running.add(future)
         future.add_done_callback(self._finished)
 
@@ -94,20 +104,23 @@ class Inference:
 
     def run(self, batch: Batch) -> None:
         """4. Run one batch and put an answer into every slot; then send them."""
-        metrics, model = self.metrics, batch.model
+        model, tracing = batch.model, self._tracing
+        series = self.metrics.series(model, batch.version)
         try:
             with self._cache.acquire(batch.model, batch.version) as session:
+                series.queued(self._clock(), (job.token.polled for job in batch.jobs))
 
                 def timed(feeds: dict[str, Any]) -> dict[str, Any]:
                     start, cpu = self._clock(), self._cpu_clock()
-                    out = session.run(feeds)
+                    with tracing.running(model, batch.version):
+                        out = session.run(feeds)
                     took = self._clock() - start
-                    metrics.inference_seconds.labels(model=model).observe(took)
+                    series.inference_seconds.observe(took)
                     run_s = self._cpu_clock() - cpu if self._one_cpu_thread else took
                     self._learn((model, batch.version), run_s)
                     return out
 
-                results = run_batch(timed, batch, self._max_rows, on_run=metrics.batch_rows.observe)
+                results = run_batch(timed, batch, self._max_rows, on_run=series.batch_rows.observe)
         except WorkerError as exc:
             results = [exc] * len(batch.jobs)
         except Exception as exc:
@@ -120,7 +133,7 @@ class Inference:
                 slot.out = self._answers.response(slot, batch.model, batch.version, result)
                 # Answers count against --max-inflight-bytes too, until committed.
                 self._tracker.grow(slot, len(slot.out.value))
-                metrics.rows.labels(model=model).inc(job.rows)
+                series.rows.inc(job.rows)
                 if slot.cache_key is not None:
                     self._responses.put(slot.cache_key, result, _nbytes(result))
             except WorkerError as exc:

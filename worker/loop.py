@@ -85,6 +85,7 @@ from worker.retries import Retries
 from worker.runtime import load_session, resolve_device
 from worker.settings import Settings
 from worker.signature import Signature
+from worker.tracing import Tracing
 
 __all__ = [
     "FatalError",
@@ -114,7 +115,8 @@ class Worker:
     """The whole pipeline for one process; ``run()`` until ``stop()`` or a bound.
 
     ``clients`` opens the Kafka clients (real ones unless a test passes doubles
-    of the seam); ``loader`` turns a model file into a session.
+    of the seam); ``loader`` turns a model file into a session; ``tracing``
+    makes the spans (by default as the ``OTEL_*`` variables say).
     """
 
     def __init__(
@@ -125,11 +127,14 @@ class Worker:
         loader: Loader = load_session,
         metrics: Metrics | None = None,
         health: Health | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self._clients = clients
         self._load = loader
         self.metrics = metrics or Metrics()
+        self.tracing = tracing or Tracing.from_environment()
+        self._admit_first = self.tracing.around_decode(self._admit)  # in its decode span
         # Liveness fails when nothing is committed for longer than a session timeout.
         session_s = float(settings.kafka_properties.get("session.timeout.ms", 45_000)) / 1000
         self.health = health or Health(commit_stall_after_s=session_s)
@@ -148,7 +153,7 @@ class Worker:
         self._budget = Budget(settings.max_inflight_bytes)
         self._partitions = Partitions()
         self._last_lag = 0.0
-        self._answers = Answers(settings, self.metrics)
+        self._answers = Answers(settings, self.metrics, tracing=self.tracing)
         self.committed_records = 0
         self._resources: _Resources | None = None  # set by run()
         self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
@@ -178,6 +183,7 @@ class Worker:
             client_id=f"{s.group_id}-{role}",
             max_message_bytes=s.max_message_bytes,
             properties=s.kafka_properties,
+            on_stats=self.metrics.kafka_statistics(role),
             **kwargs,
         )
 
@@ -201,6 +207,7 @@ class Worker:
         self._closed.clear()
         with ExitStack() as stack:
             stack.callback(self._closed.set)  # the last callback: after every close
+            stack.callback(self.tracing.close)
             repository = ModelRepository(s.model_repository)
             self._batcher.settings_for = repository.settings  # per-model batching
             cache = session_cache(s, device, repository, self._load, self.metrics)
@@ -240,6 +247,7 @@ class Worker:
                 s.commit_interval_ms / 1000,
                 reopen=self._open_producer,
             )
+            self.metrics.watch_transactions(lambda: committer.aborted)
             inference = Inference(
                 cache,
                 pool,
@@ -252,6 +260,7 @@ class Worker:
                 max_rows=s.max_batch_rows,
                 inline_below_ms=s.inline_below_ms,
                 one_cpu_thread=device == "cpu" and s.intra_op_threads == 1,
+                tracing=self.tracing,
             )
             self._resources = _Resources(cache, pool, loader, admin, consumer, committer, inference)
             stack.callback(lambda: committer.producer.close())
@@ -352,7 +361,7 @@ class Worker:
                 return
             self._partitions.set_careful(record.tp, None)
             log.info("%s[%d]: back to normal", record.topic, record.partition)
-        self._admit(slot)
+        self._admit_first(slot)
 
     def _admit(self, slot: Slot) -> None:
         """Decode and bind a slot's request and hand it to the batcher (or fail it)."""
@@ -361,6 +370,7 @@ class Worker:
         try:
             request, model = self._answers.decode(record)
             signature, version = self._signature(model, request.model_version)
+            slot.series = self.metrics.series(model, version)
             bound = request.bind(signature)
         except WorkerError as exc:
             self._failed(slot, exc, model)
@@ -547,6 +557,7 @@ class Worker:
 
     def on_assigned(self, tps: list[TopicPartition]) -> None:
         log.info("assigned %s", fmt_tps(tps))
+        self.metrics.rebalanced(assigned=tps)
         self._partitions.assigned(tps)  # checked on this thread before their first record
 
     def on_revoked(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], str]:
@@ -554,6 +565,7 @@ class Worker:
         abandons it: never committed, the next owner answers it in its own transaction."""
         committer = self._r.committer
         offsets: dict[TopicPartition, int] = {}
+        self.metrics.rebalanced(revoked=tps)
         try:
             if committer.finishes_revoked:
                 self._dispatch(force=True)
@@ -570,6 +582,7 @@ class Worker:
     def on_lost(self, tps: list[TopicPartition]) -> None:
         # Evicted: a commit would be refused, and another member owns them now.
         log.warning("lost %s: in-flight work abandoned", fmt_tps(tps))
+        self.metrics.rebalanced(revoked=tps)
         self._forget(tps)
 
     def _forget(self, tps: Collection[TopicPartition]) -> None:

@@ -4,7 +4,15 @@ Metrics live in an injected :class:`prometheus_client.CollectorRegistry` (no
 process-wide singleton), so tests build a fresh :class:`Metrics` and read it
 with ``registry.get_sample_value``. Every name carries the
 ``inference_worker_`` prefix, next to the standard ``process_*``,
-``python_info`` and ``python_gc_*`` series.
+``python_info`` and ``python_gc_*`` series. A scrape leaves out the
+``_created`` series prometheus_client adds beside each counter and histogram
+(filtered at the scrape, so other registries in the process keep theirs).
+
+Per-model series carry ``model`` and ``version``; the loop observes through a
+:class:`ModelSeries`, whose label children are bound once per model version,
+so a record costs no label look-up. Only a model version the repository
+resolved becomes a label value: anything else (a misspelt name in a request,
+a record that never decoded) is counted under ``model=""``, ``version=""``.
 
 ``/metrics`` is prometheus_client's own WSGI app (gzip, OpenMetrics
 negotiation, ``name[]`` filtering); the health endpoints share its small
@@ -22,7 +30,9 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from copy import copy
+from functools import partial
 from importlib import metadata
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -39,6 +49,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import generate_latest
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -52,6 +63,7 @@ __all__ = [
     "Health",
     "HealthServer",
     "Metrics",
+    "ModelSeries",
     "RepeatedLines",
     "configure_logging",
 ]
@@ -125,15 +137,21 @@ class Metrics:
             "kafka_client": "unknown",
         }
         self.build_info.info(self._build)
+        per_model = ["model", "version"]
         self.messages = Counter(
-            "messages", "Input records by outcome (ok, dlq).", ["status"], namespace=ns, registry=r
+            "messages",
+            "Input records by outcome (ok, dlq), model version and, for dead letters, error type.",
+            ["status", *per_model, "error_type"],
+            namespace=ns,
+            registry=r,
         )
         self.rows = Counter(
-            "rows", "Rows answered, per model.", ["model"], namespace=ns, registry=r
+            "rows", "Rows answered, per model version.", per_model, namespace=ns, registry=r
         )
         self.batch_rows = Histogram(
             "batch_rows",
             "Rows per session.run call.",
+            per_model,
             namespace=ns,
             registry=r,
             buckets=_ROW_BUCKETS,
@@ -141,7 +159,15 @@ class Metrics:
         self.inference_seconds = Histogram(
             "inference_seconds",
             "Wall time of one session.run.",
-            ["model"],
+            per_model,
+            namespace=ns,
+            registry=r,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.queue_seconds = Histogram(
+            "queue_seconds",
+            "Time from poll to the start of the run that answers the record.",
+            per_model,
             namespace=ns,
             registry=r,
             buckets=_LATENCY_BUCKETS,
@@ -149,10 +175,55 @@ class Metrics:
         self.end_to_end_seconds = Histogram(
             "end_to_end_seconds",
             "Record timestamp to response acknowledged.",
+            per_model,
             namespace=ns,
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
+        self.rebalances = Counter(
+            "rebalances",
+            "Rebalances that changed this worker's partitions (each assignment, "
+            "revocation or loss counts one).",
+            namespace=ns,
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "assigned_partitions", "Input partitions this worker owns.", namespace=ns, registry=r
+        )
+        self._owned: set[Any] = set()
+        self._aborted: Callable[[], int] = lambda: 0
+        r.register(_AbortedTransactions(f"{ns}_transactions_aborted", lambda: self._aborted()))
+        self.kafka_broker_rtt_seconds = Gauge(
+            "kafka_broker_rtt_seconds",
+            "Mean broker round-trip time librdkafka measured over its last statistics "
+            "interval (set statistics.interval.ms with --kafka-option).",
+            ["client", "broker"],
+            namespace=ns,
+            registry=r,
+        )
+        self.kafka_fetch_queue_messages = Gauge(
+            "kafka_fetch_queue_messages",
+            "Messages librdkafka has fetched and the worker has not polled yet.",
+            ["client"],
+            namespace=ns,
+            registry=r,
+        )
+        self.kafka_producer_queue_messages = Gauge(
+            "kafka_producer_queue_messages",
+            "Messages waiting in librdkafka's producer queues (sent or not, unacknowledged).",
+            ["client"],
+            namespace=ns,
+            registry=r,
+        )
+        self.kafka_producer_queue_bytes = Gauge(
+            "kafka_producer_queue_bytes",
+            "Bytes of the messages waiting in librdkafka's producer queues.",
+            ["client"],
+            namespace=ns,
+            registry=r,
+        )
+        self._series: dict[tuple[str, int], ModelSeries] = {}
+        self.unknown = ModelSeries(self, "", "")
         self.dlq = Counter(
             "dlq", "Dead-letter records by error type.", ["error_type"], namespace=ns, registry=r
         )
@@ -248,9 +319,138 @@ class Metrics:
         """Compute ``last_commit_age_seconds`` from ``health`` at each scrape."""
         self.last_commit_age_seconds.set_function(health.last_commit_age)
 
+    def series(self, model: str, version: int) -> ModelSeries:
+        """The bound series of a model version the repository resolved."""
+        found = self._series.get((model, version))
+        if found is None:
+            bound = ModelSeries(self, model, str(version))
+            found = self._series.setdefault((model, version), bound)
+        return found
+
+    def rebalanced(self, *, assigned: Collection[Any] = (), revoked: Collection[Any] = ()) -> None:
+        """Partitions assigned, or revoked or lost, in one rebalance callback."""
+        self.rebalances.inc()
+        self._owned |= set(assigned)
+        self._owned -= set(revoked)
+        self.assigned_partitions.set(len(self._owned))
+
+    def watch_transactions(self, aborted: Callable[[], int]) -> None:
+        """Read ``transactions_aborted_total`` from ``aborted`` at each scrape."""
+        self._aborted = aborted
+
+    def kafka_statistics(self, client: str) -> Callable[[str], None]:
+        """A librdkafka ``stats_cb`` that sets the ``kafka_*`` gauges of ``client``."""
+        return partial(self._kafka_statistics, client)
+
+    def _kafka_statistics(self, client: str, text: str) -> None:
+        try:
+            stats = json.loads(text)
+        except ValueError:
+            return  # librdkafka writes valid JSON; a bad document only loses one sample
+        for broker in stats.get("brokers", {}).values():
+            rtt = broker.get("rtt", {}).get("avg", 0)
+            if broker.get("nodeid", -1) >= 0 and rtt:  # not the bootstrap entries
+                self.kafka_broker_rtt_seconds.labels(client, broker["name"]).set(rtt / 1e6)
+        if stats.get("type") == "consumer":
+            fetchq = sum(
+                p.get("fetchq_cnt", 0)
+                for topic in stats.get("topics", {}).values()
+                for p in topic.get("partitions", {}).values()
+                if p.get("partition", -1) >= 0
+            )
+            self.kafka_fetch_queue_messages.labels(client).set(fetchq)
+        else:
+            self.kafka_producer_queue_messages.labels(client).set(stats.get("msg_cnt", 0))
+            self.kafka_producer_queue_bytes.labels(client).set(stats.get("msg_size", 0))
+
     def exposition(self) -> bytes:
         """The text format, as ``/metrics`` serves it without content negotiation."""
-        return generate_latest(self.registry)
+        return generate_latest(_Scraped(self.registry))
+
+
+class ModelSeries:
+    """One model version's label children, bound once: the hot path looks nothing up."""
+
+    __slots__ = (
+        "_failed",
+        "_messages",
+        "batch_rows",
+        "end_to_end_seconds",
+        "inference_seconds",
+        "model",
+        "ok",
+        "queue_seconds",
+        "rows",
+        "version",
+    )
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.model, self.version = model, version
+        self._messages = metrics.messages
+        self.ok = metrics.messages.labels("ok", model, version, "")
+        self.rows = metrics.rows.labels(model, version)
+        self.batch_rows = metrics.batch_rows.labels(model, version)
+        self.inference_seconds = metrics.inference_seconds.labels(model, version)
+        self.queue_seconds = metrics.queue_seconds.labels(model, version)
+        self.end_to_end_seconds = metrics.end_to_end_seconds.labels(model, version)
+        self._failed: dict[str, Any] = {}
+
+    def failed(self, error_type: str) -> Any:
+        """The ``messages_total{status="dlq"}`` child of ``error_type``."""
+        child = self._failed.get(error_type)
+        if child is None:
+            child = self._failed[error_type] = self._messages.labels(
+                "dlq", self.model, self.version, error_type
+            )
+        return child
+
+    def queued(self, now: float, polled: Iterable[float]) -> None:
+        """Observe the time from each record's poll (monotonic) to its run's start."""
+        observe = self.queue_seconds.observe
+        for at in polled:
+            observe(max(0.0, now - at))
+
+
+class _AbortedTransactions:
+    """``transactions_aborted_total``, read from the committer at each scrape."""
+
+    def __init__(self, name: str, count: Callable[[], int]) -> None:
+        self._name, self._count = name, count
+
+    def describe(self) -> list[Metric]:
+        return [self._family(0)]
+
+    def collect(self) -> list[Metric]:
+        return [self._family(self._count())]
+
+    def _family(self, value: int) -> Metric:
+        return CounterMetricFamily(
+            self._name,
+            "Transactions aborted (--exactly-once); their records are answered again.",
+            value=value,
+        )
+
+
+class _Scraped:
+    """A registry as ``/metrics`` serves it: no ``_created`` samples.
+
+    prometheus_client's own switch (``disable_created_metrics``) is process-wide;
+    this view leaves every other registry as it is.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            samples = [s for s in family.samples if not s.name.endswith("_created")]
+            if len(samples) != len(family.samples):
+                family = copy(family)
+                family.samples = samples
+            yield family
+
+    def restricted_registry(self, names: Iterable[str]) -> _Scraped:
+        return _Scraped(self._registry.restricted_registry(names))
 
 
 class Health:
@@ -356,7 +556,7 @@ def _text(start_response: StartResponse, status: str, body: str) -> Iterable[byt
 
 
 def _app(metrics: Metrics, health: Health, v2: WSGIApplication | None) -> WSGIApplication:
-    metrics_app = make_wsgi_app(metrics.registry)
+    metrics_app = make_wsgi_app(_Scraped(metrics.registry))
 
     def route(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
@@ -478,7 +678,7 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("topic", "partition", "offset", "model", "error_type"):
+        for key in ("topic", "partition", "offset", "model", "error_type", "trace_id", "span_id"):
             if hasattr(record, key):
                 doc[key] = getattr(record, key)
         if record.exc_info:

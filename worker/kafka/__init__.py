@@ -228,6 +228,8 @@ class ClientConfig:
     # librdkafka's default is 5 minutes: a topic created after start would wait that long.
     metadata_max_age_ms: int = 30_000
     on_error: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+    # librdkafka's statistics JSON, every statistics.interval.ms (confluent only).
+    on_stats: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
 
 def _backend(config: ClientConfig) -> Any:

@@ -123,6 +123,12 @@ def _common(config: ClientConfig, access: _Access) -> dict[str, Any]:
     }
 
 
+def _statistics(conf: dict[str, Any], config: ClientConfig) -> None:
+    """Hand librdkafka's statistics to ``on_stats`` when statistics.interval.ms asks for them."""
+    if config.on_stats is not None and int(conf.get("statistics.interval.ms", 0) or 0) > 0:
+        conf["stats_cb"] = config.on_stats
+
+
 def _build(factory: Any, conf: dict[str, Any]) -> Any:
     try:
         return factory(conf)
@@ -191,6 +197,7 @@ class ConfluentConsumer:
         conf["receive.message.max.bytes"] = max(
             int(conf["receive.message.max.bytes"]), fetch + 1024 * 1024
         )
+        _statistics(conf, config)
         self._c = _build(ck.Consumer, conf)
         self._handler: RebalanceHandler | None = None
         # Kept from the rebalance callbacks: librdkafka answers assignment() through
@@ -393,6 +400,7 @@ class ConfluentProducer:
             conf["transaction.timeout.ms"] = 10_000
         conf.update(for_clients(config.properties, "producer"))
         conf.update(overrides)
+        _statistics(conf, config)
         self._p = _build(ck.Producer, conf)
         self.transactional = bool(conf.get("transactional.id"))
         _reach(self._p, self._access)
