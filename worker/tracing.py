@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from worker.batching import Batch
     from worker.kafka import Record
 
-__all__ = ["Trace", "Tracing"]
+__all__ = ["Trace", "TraceLogFilter", "Tracing"]
 
 log = logging.getLogger("worker.tracing")
 
