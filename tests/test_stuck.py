@@ -247,6 +247,8 @@ def test_sigterm_while_the_group_never_settles_exits_within_drain_timeout(
         # Exit 0 says everything answered was committed; answers past the committed
         # offset (one partition, published in order) make it exit 1.
         uncommitted = len({i for i in answered if i >= committed_now})
+        print(f"{kafka_client}: exit {proc.returncode} {took:.1f} s after SIGTERM, {uncommitted} "
+              f"answers uncommitted (committed offset {committed_now})")
         assert proc.returncode == (1 if uncommitted else 0), (
             f"exit {proc.returncode} with {uncommitted} answers uncommitted:\n"
             + log.read_text()[-3000:]
