@@ -381,7 +381,7 @@ def test_partitions_added_while_running_are_consumed_and_committed(
 
 
 # librdkafka 2.16.0: rd_kafka_send_offsets_to_transaction() ignores the timeout it is
-# given (confluentinc/librdkafka#5456; the fix is not in a release yet), so after the
+# given (confluentinc/librdkafka#5456, not fixed in that release), so after the
 # resets the loop thread waits in it for minutes. Meanwhile the worker guarantees what
 # the test after this one checks: a stop signal ends the process within
 # --drain-timeout + 2 s (the stop watchdog), and a restart answers each input once.
