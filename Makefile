@@ -71,10 +71,10 @@ helm:
 
 # lint first: a lint error fails the run before the slow tests start.
 test: lint kafka-jars kubectl toxiproxy promtool helm
-	$(PY) -m pytest -m "not slow and not k8s" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not k8s" --durations=25 $(PYTEST_ARGS)
 
 test-slow: install kafka-jars toxiproxy
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow --durations=25 $(PYTEST_ARGS)
 
 demo: install kafka-jars
 	$(PY) scripts/demo.py

@@ -40,14 +40,21 @@ def settings(
 
 
 @contextmanager
-def worker_thread(s: Settings, metrics: Metrics | None = None) -> Iterator[Worker]:
-    """A worker serving in a background thread; stopped and joined on exit."""
+def worker_thread(
+    s: Settings, metrics: Metrics | None = None, *, exit_code: int | None = 0
+) -> Iterator[Worker]:
+    """A worker serving in a background thread; stopped and joined on exit.
+
+    ``Worker.run()`` must then have returned ``exit_code``: 0 (the default) says
+    the stop answered and committed everything polled; ``None`` checks nothing.
+    """
     worker = Worker(s, metrics=metrics)
     errors: list[BaseException] = []
+    codes: list[int] = []
 
     def target() -> None:
         try:
-            worker.run()
+            codes.append(worker.run())
         except BaseException as exc:
             errors.append(exc)
 
@@ -55,12 +62,17 @@ def worker_thread(s: Settings, metrics: Metrics | None = None) -> Iterator[Worke
     thread.start()
     try:
         yield worker
-    finally:
+    except BaseException:
         worker.stop()
         thread.join(60)
-        if errors:
-            raise errors[0]
-        assert not thread.is_alive(), "worker did not stop within 60 s"
+        raise  # the test's own failure first
+    worker.stop()
+    thread.join(60)
+    if errors:
+        raise errors[0]
+    assert not thread.is_alive(), "worker did not stop within 60 s"
+    if exit_code is not None:
+        assert codes == [exit_code], f"Worker.run() returned {codes[0]}, not {exit_code}"
 
 
 def produce(
@@ -87,8 +99,13 @@ def _read(
     timeout: float,
     isolation: str,
     settle: float,
+    missing: Callable[[list[Any]], str] | None = None,
 ) -> list[Any]:
-    """Read ``topic`` from the beginning until ``done(records)``, then ``settle`` s more."""
+    """Read ``topic`` from the beginning until ``done(records)``, then ``settle`` s more.
+
+    With ``missing``, a read that times out first fails with ``missing(records)``
+    (what never came); without it, it returns what came and the caller counts.
+    """
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -105,6 +122,10 @@ def _read(
         while not done(out) and time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=200).values():
                 out.extend(records)
+        if missing is not None and not done(out):
+            raise AssertionError(
+                f"{topic}: after {timeout:.0f} s {len(out)} records, {missing(out)}"
+            )
         end = time.monotonic() + settle
         while time.monotonic() < end:
             for records in consumer.poll(timeout_ms=200).values():
@@ -122,7 +143,8 @@ def consume(
     isolation: str = "read_uncommitted",
     settle: float = 0.0,
 ) -> list[Any]:
-    """Read ``n`` records from the beginning (then ``settle`` s more, to catch extras)."""
+    """Up to ``n`` records from the beginning (then ``settle`` s more, to catch extras),
+    or what came within ``timeout``: the caller asserts how many it needs."""
     return _read(bootstrap, topic, lambda out: len(out) >= n, timeout, isolation, settle)
 
 
@@ -134,12 +156,17 @@ def consume_ids(
     isolation: str = "read_uncommitted",
     settle: float = 0.0,
 ) -> list[Any]:
-    """Read from the beginning until every request id in ``want`` has an answer."""
+    """Read from the beginning until every request id in ``want`` has an answer;
+    fails, naming the ids still missing, if they do not all come within ``timeout``."""
 
     def done(out: list[Any]) -> bool:
         return want <= {header(r, "request-id") for r in out}
 
-    return _read(bootstrap, topic, done, timeout, isolation, settle)
+    def missing(out: list[Any]) -> str:
+        absent = sorted(want - {header(r, "request-id") for r in out})
+        return f"no answer to {len(absent)} of {len(want)} request ids: {absent[:10]}"
+
+    return _read(bootstrap, topic, done, timeout, isolation, settle, missing)
 
 
 def assert_same_outputs(got: object, want: object) -> None:

@@ -129,20 +129,7 @@ def _topics(broker: Broker, name: str) -> tuple[str, str, str]:
     "kafka_client",
     [
         "confluent",
-        pytest.param(
-            "kafka-python",
-            marks=[
-                pytest.mark.slow,
-                pytest.mark.xfail(
-                    strict=False,
-                    reason=(
-                        "intermittent: a kafka-python worker's commits can be refused with "
-                        "RebalanceInProgressError until the broker evicts it (22 s seen), so "
-                        "SIGTERM exits 1 with its answers uncommitted"
-                    ),
-                ),
-            ],
-        ),
+        pytest.param("kafka-python", marks=pytest.mark.slow),  # the kafka-python half: slow
     ],
 )
 def test_refused_dead_letter_at_least_once_never_committed_past_then_answered(

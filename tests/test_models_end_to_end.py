@@ -81,7 +81,16 @@ def test_new_version_served_without_restart_and_old_still_reachable(
         ask("before")
         consume_ids(kafka_bootstrap, outputs, {"before"}, timeout=60)
         v2 = write_demo_model(model_repo, version=2, seed=99)
-        time.sleep(5.5)  # the repository rescans the newest version within 5 s
+        # The newest version is rescanned within 5 s: ask until an answer says so.
+        deadline, probe = time.monotonic() + 30, 0
+        while True:
+            rid = f"probe-{probe}"
+            ask(rid)
+            got = consume_ids(kafka_bootstrap, outputs, {rid}, timeout=60)
+            if [header(r, "model-version") for r in got if header(r, "request-id") == rid] == ["2"]:
+                break
+            assert time.monotonic() < deadline, "version 2 not served within 30 s"
+            probe += 1
         ask("after")
         ask("pinned-v1", version=1)
         answers = consume_ids(
@@ -108,7 +117,7 @@ def test_response_cache_answers_a_redelivered_duplicate_without_running(
     s = settings(kafka_bootstrap, requests, outputs, model_repo, group_id, response_cache_size=16)
     with worker_thread(s, metrics):
         produce(kafka_bootstrap, requests, [(None, value, headers)])
-        consume(kafka_bootstrap, outputs, 1, timeout=60)
+        assert len(consume(kafka_bootstrap, outputs, 1, timeout=60)) == 1
         produce(kafka_bootstrap, requests, [(None, value, headers)])
         answers = consume(kafka_bootstrap, outputs, 2, timeout=60)
     assert len(answers) == 2

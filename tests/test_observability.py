@@ -12,12 +12,13 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from tests import modelzoo
-from tests.harness import consume_ids, produce, settings, worker_thread
+from tests.harness import consume_ids, header, produce, settings, worker_thread
 from worker.observability import Metrics, configure_logging
-from worker.protocol import encode_request
+from worker.protocol import decode_response, encode_request
 
 SPEC_METRICS = [
     "inference_worker_messages_total",
@@ -88,14 +89,16 @@ def test_slow_model_pauses_partitions_and_still_answers_everything(
 ) -> None:
     repo = tmp_path / "models"
     # A run that outlasts the second a spent budget waits before partitions pause.
-    modelzoo.write_slow(repo, ms_per_run=1500)
+    path = modelzoo.write_slow(repo, ms_per_run=1500)
     requests, outputs = new_topic(partitions=2), new_topic()
-    records = []
+    records, inputs = [], {}
     for i in range(4):
+        x = np.random.default_rng(i).random((1, 16), dtype=np.float32)
         value, headers = encode_request(
-            {"x": np.ones((1, 16), np.float32)}, format="msgpack", model="slow", request_id=f"p{i}"
+            {"x": x}, format="msgpack", model="slow", request_id=f"p{i}"
         )
         records.append((None, value, headers))
+        inputs[f"p{i}"] = x
     produce(kafka_bootstrap, requests, records)
     metrics = Metrics()
     s = settings(
@@ -109,8 +112,18 @@ def test_slow_model_pauses_partitions_and_still_answers_everything(
                 metrics.registry.get_sample_value("inference_worker_paused_partitions") or 0.0
             )
             time.sleep(0.02)
-        consume_ids(kafka_bootstrap, outputs, {f"p{i}" for i in range(4)}, timeout=90)
+        answers = consume_ids(kafka_bootstrap, outputs, set(inputs), timeout=90, settle=1.0)
+        resumed = metrics.registry.get_sample_value("inference_worker_paused_partitions")
     assert paused_seen > 0
+    assert resumed == 0, f"{resumed} partitions still paused after everything was answered"
+    ids = [header(r, "request-id") for r in answers]
+    assert sorted(ids) == sorted(inputs), f"each request answered once: {ids}"
+    session = ort.InferenceSession(str(path))
+    for record in answers:
+        assert header(record, "error-type") is None, header(record, "error-message")
+        x = inputs[header(record, "request-id") or ""]
+        got = decode_response(record.value, record.headers).outputs["y"]
+        np.testing.assert_allclose(got, session.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
 
 
 def test_json_logs_carry_partition_and_offset(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from worker import repository
 from worker.errors import ModelNotFound
 from worker.repository import MODEL_FILE, ModelRef, ModelRepository, valid_name
 
@@ -91,24 +93,62 @@ BAD_NAMES = [
 ]
 
 
+class _Guarded:
+    """Stands for a module inside ``worker.repository`` only: the listed calls fail the
+    test, everything else is the real module's (pytest's own file access goes on)."""
+
+    def __init__(self, real: object, forbidden: set[str], **inner: object) -> None:
+        self._real, self._forbidden, self._inner = real, forbidden, inner
+
+    def __getattr__(self, attr: str) -> object:
+        if attr in self._forbidden:
+            return partial(_touched, attr)
+        return self._inner.get(attr, getattr(self._real, attr))
+
+
+def _touched(call: str, *args: object, **kwargs: object) -> None:
+    raise AssertionError(f"file system touched for a bad name: {call}{args}")
+
+
+class _GuardedPath(type(Path())):  # type: ignore[misc]
+    """The repository's root: a path whose file-system methods fail the test."""
+
+    def _touch_fs(self, *args: object, **kwargs: object) -> None:
+        _touched("Path", self, *args)
+
+    stat = lstat = iterdir = open = resolve = readlink = glob = _touch_fs
+    exists = is_dir = is_file = is_symlink = _touch_fs
+
+
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_names_refused_before_any_filesystem_access(
     root: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = ModelRepository(root)
-
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"file system touched for a bad name: {args}")
-
-    for attr in ("scandir", "stat", "lstat", "listdir", "open", "readlink"):
-        monkeypatch.setattr(os, attr, forbidden)
-    for attr in ("realpath", "isfile", "isdir", "exists", "join"):
-        monkeypatch.setattr(os.path, attr, forbidden)
+    repo.root = _GuardedPath(repo.root)
+    fs = {"scandir", "stat", "lstat", "listdir", "open", "readlink", "walk"}
+    paths = {"realpath", "isfile", "isdir", "exists", "join"}
+    monkeypatch.setattr(repository, "os", _Guarded(os, fs, path=_Guarded(os.path, paths)))
     with pytest.raises(ModelNotFound, match="invalid model name"):
         repo.resolve(name)
     with pytest.raises(ModelNotFound, match="invalid model name"):
         repo.versions(name)
     assert not valid_name(name)
+
+
+def test_the_guard_of_the_bad_names_test_sees_the_repositorys_file_access(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = ModelRepository(root)
+    guard = _Guarded(os, {"scandir"}, path=_Guarded(os.path, {"join"}))
+    monkeypatch.setattr(repository, "os", guard)
+    with pytest.raises(AssertionError, match=r"file system touched for a bad name: join"):
+        repo.resolve("a")  # a good name: the repository looks on disk
+    assert os.path.isdir(os.path.join(root, "a"))  # the process's own os is untouched
+    monkeypatch.setattr(repository, "os", os)
+    repo.root = _GuardedPath(repo.root)
+    with pytest.raises(AssertionError, match="file system touched for a bad name: Path"):
+        repo.root.is_dir()
 
 
 def test_name_rule_accepts_the_documented_alphabet() -> None:

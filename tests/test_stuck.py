@@ -225,7 +225,9 @@ def test_sigterm_while_the_group_never_settles_exits_within_drain_timeout(
         with reading(kafka_bootstrap, outputs) as out:
             assert out.until(lambda rs: len(rs) >= 10, 60), log.read_text()[-3000:]
         sockets += _unsettle(kafka_bootstrap, group_id, silent_s)
-        time.sleep(3.0)  # the rebalance is under way; commits are refused
+        time.sleep(1.0)  # a commit already on the wire lands or is refused
+        committed_then = committed_offsets(kafka_bootstrap, group_id, requests).get(0, 0)
+        time.sleep(2.0)  # the rebalance is under way; commits are refused
         assert proc.poll() is None, log.read_text()[-3000:]
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -236,7 +238,21 @@ def test_sigterm_while_the_group_never_settles_exits_within_drain_timeout(
             f"still running {took:.0f} s after SIGTERM (--drain-timeout {drain_s:g}):\n"
             + log.read_text()[-3000:]
         )
-        assert proc.returncode in (0, 1), log.read_text()[-3000:]
+        # Commits were refused from the rebalance to the exit, drain included.
+        committed_now = committed_offsets(kafka_bootstrap, group_id, requests).get(0, 0)
+        assert committed_now == committed_then, (committed_then, committed_now)
+        with reading(kafka_bootstrap, outputs) as out:
+            out.settle(2.0)
+            answered = {int((r.header("request-id") or "t--1")[2:]) for r in out.records}
+        # Exit 0 says everything answered was committed; answers past the committed
+        # offset (one partition, published in order) make it exit 1.
+        uncommitted = len({i for i in answered if i >= committed_now})
+        print(f"{kafka_client}: exit {proc.returncode} {took:.1f} s after SIGTERM, {uncommitted} "
+              f"answers uncommitted (committed offset {committed_now})")
+        assert proc.returncode == (1 if uncommitted else 0), (
+            f"exit {proc.returncode} with {uncommitted} answers uncommitted:\n"
+            + log.read_text()[-3000:]
+        )
     finally:
         feeder.halt.set()
         for s in sockets:

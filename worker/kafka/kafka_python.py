@@ -11,6 +11,8 @@ other connection failure until ``bootstrap_timeout_ms`` (30 s), then raises a
 bare "Unable to bootstrap". :func:`_open` turns those into one
 :class:`BrokerAccessError` that says what was refused, within a few seconds.
 
+Where kafka-python itself is patched, and why: :mod:`worker.kafka.kafka_python_patches`.
+
 Known limits of this client (use the default ``confluent`` backend where they
 matter): it cannot send a header whose value is NULL (sent as an empty value
 here), and a header *name* that is not UTF-8 fails the whole fetch.
@@ -46,6 +48,7 @@ from worker.kafka import (
     TransactionFailed,
     fmt_offsets,
     fmt_tps,
+    kafka_python_patches,
 )
 from worker.kafka.options import kafka_python_config
 
@@ -175,89 +178,7 @@ _FENCED = (
 )
 
 
-def _tolerate_undecodable_header_names() -> None:
-    """Let kafka-python read a record whose header *name* is not UTF-8.
-
-    Legal on the wire (librdkafka and Java producers can send one), but
-    kafka-python's record reader decodes names strictly and fails the whole
-    fetch, so the partition would crash-loop. The patched reader keeps such a
-    name as a :class:`_RawName`; :func:`_headers` hands it on as ``bytes``, and
-    the record becomes a dead letter. Only the failing record takes the slow path.
-    """
-    from kafka.record.default_records import DefaultRecordBatch
-    from kafka.record.util import decode_varint
-
-    strict = DefaultRecordBatch._read_msg
-    if getattr(strict, "_tolerant", False):
-        return
-
-    def read_msg(self: Any, decode_varint: Any = decode_varint) -> Any:
-        try:
-            return strict(self, decode_varint)
-        except UnicodeDecodeError:
-            pass
-        # The strict reader left self._pos where the record starts: read the record
-        # again, the same way, with a tolerant decoding of header names.
-        buffer, pos = self._buffer, self._pos
-        length, pos = decode_varint(buffer, pos)
-        start = pos
-        _, pos = decode_varint(buffer, pos)
-        ts_delta, pos = decode_varint(buffer, pos)
-        timestamp = (
-            self.max_timestamp
-            if self.timestamp_type == self.LOG_APPEND_TIME
-            else self.first_timestamp + ts_delta
-        )
-        offset_delta, pos = decode_varint(buffer, pos)
-        fields: list[bytes | None] = []
-        for _ in range(2):  # key, value
-            size, pos = decode_varint(buffer, pos)
-            fields.append(bytes(buffer[pos : pos + size]) if size >= 0 else None)
-            pos += max(size, 0)
-        count, pos = decode_varint(buffer, pos)
-        headers = []
-        for _ in range(count):
-            size, pos = decode_varint(buffer, pos)
-            name = _RawName.of(bytes(buffer[pos : pos + size]))
-            pos += size
-            size, pos = decode_varint(buffer, pos)
-            headers.append((name, bytes(buffer[pos : pos + size]) if size >= 0 else None))
-            pos += max(size, 0)
-        if pos - start != length:
-            raise Errors.CorruptRecordError(f"record size {length}, read {pos - start}")
-        self._pos = pos
-        from kafka.record.default_records import DefaultRecord
-
-        return DefaultRecord(
-            length,
-            self.base_offset + offset_delta,
-            timestamp,
-            self.timestamp_type,
-            fields[0],
-            fields[1],
-            headers,
-        )
-
-    read_msg._tolerant = True  # type: ignore[attr-defined]
-    DefaultRecordBatch._read_msg = read_msg
-
-
-_tolerate_undecodable_header_names()
-
-
-class _RawName(str):
-    """A header name that is not UTF-8: text kafka-python can measure, with its bytes."""
-
-    raw: bytes
-
-    @classmethod
-    def of(cls, raw: bytes) -> _RawName:
-        try:
-            return cls(raw.decode("utf-8"))  # only the name that failed is not
-        except UnicodeDecodeError:
-            name = cls(raw.decode("latin-1"))
-            name.raw = raw
-            return name
+kafka_python_patches.apply()
 
 
 def _headers(raw: Any) -> list[tuple[Any, bytes | None]]:
