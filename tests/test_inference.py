@@ -224,7 +224,8 @@ def test_what_one_poll_brought_runs_together_when_a_slot_is_free() -> None:
 
 
 def test_requests_arriving_while_every_slot_is_busy_coalesce_until_one_frees() -> None:
-    rig, batcher = Rig(hold=True), _batcher()
+    # Runs take no time on the rig's clock: the delay cannot be what lets them go.
+    rig, batcher = Rig(hold=True, took_s=0.0, inline_below_ms=0.0), _batcher()
     batcher.add(rig.job(0))
     rig.inference.dispatch(batcher)  # the one slot is busy from here on
     for i in (1, 2):
@@ -265,7 +266,8 @@ def test_a_models_own_delay_bounds_the_wait_for_a_busy_slot() -> None:
 
 
 def test_a_model_at_its_instances_waits_though_a_pool_thread_is_free() -> None:
-    rig, batcher = Rig(hold=True, slots=2), _batcher(ModelSettings(instances=1))
+    rig = Rig(hold=True, slots=2, took_s=0.0, inline_below_ms=0.0)
+    batcher = _batcher(ModelSettings(instances=1))
     batcher.add(rig.job(0))
     rig.inference.dispatch(batcher)
     batcher.add(rig.job(1))
