@@ -316,7 +316,8 @@ class Worker:
             while self._deferred:  # polled while a model was loading
                 self._accept(self._deferred.popleft())
             self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
-            # 3. batches whose window closed go to the inference pool
+            # 3. waiting batches run: at once with a slot free, else when it frees or
+            # their window closes
             self._dispatch()
             committer.send()  # 5. dead letters; pool threads send the rest
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
