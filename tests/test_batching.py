@@ -7,6 +7,7 @@ import pytest
 
 from worker.batching import Batch, Batcher, Job, RunMode, run_batch, run_mode
 from worker.errors import InferenceError
+from worker.model_config import ModelSettings
 from worker.signature import Signature, TensorSpec
 
 
@@ -121,3 +122,23 @@ def test_clear_drops_queued_jobs() -> None:
     b.add(_job(2))
     b.clear()
     assert len(b) == 0 and b.due(now=10.0, force=True) == [] and b.next_deadline() is None
+
+
+def test_take_hands_out_the_oldest_group_whose_model_has_a_free_slot() -> None:
+    b = Batcher(max_rows=100, max_delay_s=1.0, settings_for=lambda m: ModelSettings(instances=2))
+    b.add(_job(2, model="busy", token="busy"))
+    b.add(_job(2, model="a", token="a1"))
+    b.add(_job(2, model="b", token="b"))
+    b.add(_job(2, model="a", token="a2"))
+    asked: list[tuple[str, int, int | None]] = []
+
+    def free(model: str, version: int, instances: int | None) -> bool:
+        asked.append((model, version, instances))
+        return model != "busy"
+
+    first = b.take(free)
+    assert first is not None and [j.token for j in first.jobs] == ["a1", "a2"]
+    assert asked == [("busy", 1, 2), ("a", 1, 2)]
+    second = b.take(free)
+    assert second is not None and [j.token for j in second.jobs] == ["b"]
+    assert b.take(free) is None and len(b) == 1  # the busy model's group still waits

@@ -128,6 +128,17 @@ def test_records_in_answers_and_dead_letters_out_and_everything_committed(repo: 
     }
 
 
+def test_a_request_that_finds_the_runs_idle_never_waits_for_the_batching_delay(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+    with serving(repo, kafka, max_batch_delay_ms=600_000.0):  # ten minutes of "company"
+        for i in range(3):  # one at a time: each finds every run slot free
+            _produce(kafka, IN0, 1, first=i)
+            _until(lambda i=i: len(kafka.landed("out")) == i + 1)
+    assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"]
+
+
 def test_offsets_are_committed_only_after_the_answers_are_acknowledged(repo: Path) -> None:
     kafka = FakeKafka()
     kafka.setup = lambda p: setattr(p, "hold_all", True)

@@ -12,11 +12,12 @@ import pytest
 
 from tests.fakes import Clock
 from worker.answers import Outgoing, Slot
-from worker.batching import Batch, Job, RunMode
+from worker.batching import Batch, Batcher, Job, RunMode
 from worker.cache import ResponseCache
 from worker.errors import ModelLoadError, WorkerError
-from worker.inference import Inference
+from worker.inference import NEXT_FREE_MIN_S, Inference
 from worker.kafka import Record
+from worker.model_config import ModelSettings
 from worker.observability import Metrics
 from worker.offsets import OffsetTracker
 
@@ -45,15 +46,31 @@ class FakeCache:
 
 
 class FakePool:
-    def __init__(self) -> None:
+    """Runs each submitted call at once; with ``hold``, only when ``finish`` says (a
+    busy run slot)."""
+
+    def __init__(self, hold: bool = False) -> None:
         self.submitted: list[Future[None]] = []
+        self.batches: list[Batch] = []
+        self.hold = hold
+        self._held: list[tuple[Future[None], Callable[..., None], tuple[Any, ...]]] = []
 
     def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
         future: Future[None] = Future()
         self.submitted.append(future)
+        self.batches.extend(a for a in args if isinstance(a, Batch))
+        if self.hold:
+            self._held.append((future, fn, args))
+            return future
         fn(*args)
         future.set_result(None)
         return future
+
+    def finish(self) -> None:
+        """The oldest held run ends (its done callback frees its slot)."""
+        future, fn, args = self._held.pop(0)
+        fn(*args)
+        future.set_result(None)
 
 
 class FakeAnswers:
@@ -69,10 +86,12 @@ class Rig:
         fail: BaseException | None = None,
         error: WorkerError | None = None,
         inline_below_ms: float = 5.0,
+        slots: int = 1,
+        hold: bool = False,
     ) -> None:
         self.clock = Clock()
         self.cpu = Clock(0.0)
-        self.pool = FakePool()
+        self.pool = FakePool(hold)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.failed: list[tuple[Slot, WorkerError, str | None]] = []
         self.sends = 0
@@ -87,6 +106,7 @@ class Rig:
             failed=lambda slot, exc, model: self.failed.append((slot, exc, model)),
             sent=self._sent,
             max_rows=1024,
+            slots=slots,
             inline_below_ms=inline_below_ms,
             one_cpu_thread=False,
             clock=self.clock.monotonic,
@@ -105,6 +125,13 @@ class Rig:
             jobs.append(Job(slot, "m", 1, RunMode.WHOLE, {"x": x}, 1))
             slots.append(slot)
         return Batch("m", 1, jobs), slots
+
+    def job(self, i: int = 0, model: str = "m") -> Job:
+        """A one-row coalescible request arriving now on the rig's clock."""
+        slot = Slot(Record("in", 0, i, None, b"v", [], None))
+        self.tracker.add("in-0", slot)
+        x = np.full((1, 3), i, np.float32)
+        return Job(slot, model, 1, RunMode.COALESCE, {"x": x}, 1, arrived=self.clock.now)
 
     def inline_batches(self) -> float:
         v = self.metrics.registry.get_sample_value("inference_worker_inline_batches_total")
@@ -182,3 +209,130 @@ def test_a_crash_in_the_runtime_becomes_an_inference_error_of_each_job() -> None
     rig.inference.run(batch)
     ((_, exc, _),) = rig.failed
     assert exc.error_type == "inference-error" and "RuntimeError: segfault-ish" in exc.message
+
+
+# -- dispatch: run at once when a slot is free, coalesce while all are busy ----------------------
+
+DELAY_S = 0.005
+
+
+def _batcher(settings: ModelSettings | None = None) -> Batcher:
+    return Batcher(1024, DELAY_S, settings_for=None if settings is None else lambda _m: settings)
+
+
+def _sizes(rig: Rig) -> list[int]:
+    return [len(b.jobs) for b in rig.pool.batches]
+
+
+def test_a_lone_request_with_a_run_slot_free_runs_at_once_without_the_delay() -> None:
+    rig, batcher = Rig(hold=True), _batcher()
+    for batch in batcher.add(rig.job()):
+        rig.inference.submit(batch)
+    rig.inference.dispatch(batcher)  # no time has passed: the delay is not over
+    assert _sizes(rig) == [1] and len(batcher) == 0
+
+
+def test_what_one_poll_brought_runs_together_when_a_slot_is_free() -> None:
+    rig, batcher = Rig(hold=True), _batcher()
+    for i in range(3):
+        assert batcher.add(rig.job(i)) == []
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [3]
+
+
+def test_requests_arriving_while_every_slot_is_busy_coalesce_until_one_frees() -> None:
+    # Runs take no time on the rig's clock: the delay cannot be what lets them go.
+    rig, batcher = Rig(hold=True, took_s=0.0, inline_below_ms=0.0), _batcher()
+    batcher.add(rig.job(0))
+    rig.inference.dispatch(batcher)  # the one slot is busy from here on
+    for i in (1, 2):
+        batcher.add(rig.job(i))
+        rig.clock.sleep(0.001)
+        rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1] and len(batcher) == 2  # waiting for company: there is some
+    rig.pool.finish()  # the slot frees before the delay is over
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1, 2] and len(batcher) == 0
+
+
+def test_requests_waiting_for_a_busy_slot_go_when_the_delay_passes() -> None:
+    rig, batcher = Rig(hold=True), _batcher()
+    batcher.add(rig.job(0))
+    rig.inference.dispatch(batcher)
+    batcher.add(rig.job(1))
+    rig.clock.sleep(DELAY_S / 2)
+    batcher.add(rig.job(2))
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1]
+    rig.clock.sleep(DELAY_S / 2)  # the older one has waited the whole delay
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1, 2]  # queued behind the busy run, both together
+
+
+def test_a_models_own_delay_bounds_the_wait_for_a_busy_slot() -> None:
+    rig, batcher = Rig(hold=True), _batcher(ModelSettings(max_batch_delay_s=0.050))
+    batcher.add(rig.job(0))
+    rig.inference.dispatch(batcher)
+    batcher.add(rig.job(1))
+    rig.clock.sleep(DELAY_S * 2)  # past the flag's delay, not the model's
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1]
+    rig.clock.sleep(0.050)
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1, 1]
+
+
+def test_a_model_at_its_instances_waits_though_a_pool_thread_is_free() -> None:
+    rig = Rig(hold=True, slots=2, took_s=0.0, inline_below_ms=0.0)
+    batcher = _batcher(ModelSettings(instances=1))
+    batcher.add(rig.job(0))
+    rig.inference.dispatch(batcher)
+    batcher.add(rig.job(1))
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1] and len(batcher) == 1
+    rig.pool.finish()
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1, 1]
+
+
+def test_two_pool_threads_take_two_runs_at_once() -> None:
+    rig, batcher = Rig(hold=True, slots=2), _batcher()
+    batcher.add(rig.job(0))
+    rig.inference.dispatch(batcher)
+    batcher.add(rig.job(1))
+    rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1, 1]
+
+
+def test_an_inline_model_never_waits_for_the_busy_pool() -> None:
+    rig, batcher = Rig(hold=True, took_s=0.001, inline_below_ms=5.0), _batcher()
+    batcher.add(rig.job(0, model="slow"))
+    rig.inference.dispatch(batcher)  # the pool's one slot is busy with "slow"
+    rig.inference.run_s[("m", 1)] = 0.001
+    job = rig.job(1)
+    batcher.add(job)
+    rig.inference.dispatch(batcher)
+    assert rig.inline_batches() == 1 and job.token.out is not None and len(batcher) == 0
+
+
+def test_next_free_is_when_the_run_under_way_should_end_never_sooner_than_a_moment() -> None:
+    rig, batcher = Rig(hold=True, inline_below_ms=0.0), _batcher()
+    assert rig.inference.next_free() is None
+    rig.inference.run_s[("m", 1)] = 0.003
+    batcher.add(rig.job(0))
+    start = rig.clock.now
+    rig.inference.dispatch(batcher)
+    assert rig.inference.next_free() == pytest.approx(start + 0.003, abs=1e-9)
+    rig.clock.sleep(0.010)  # the run is late: look again in a moment, do not spin
+    assert rig.inference.next_free() == pytest.approx(rig.clock.now + NEXT_FREE_MIN_S, abs=1e-9)
+    rig.pool.finish()
+    assert rig.inference.next_free() is None
+
+
+def test_a_forced_dispatch_sends_every_waiting_batch_though_the_slots_are_busy() -> None:
+    rig, batcher = Rig(hold=True), _batcher()
+    batcher.add(rig.job(0))
+    rig.inference.dispatch(batcher)
+    batcher.add(rig.job(1, model="other"))
+    rig.inference.dispatch(batcher, force=True)
+    assert _sizes(rig) == [1, 1] and len(batcher) == 0

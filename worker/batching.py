@@ -10,6 +10,12 @@ A request whose inputs share no batch axis (``Bound.alone``: a ``k``, a target
 shape, a scalar, axis-0 lengths that disagree) runs exactly as sent, in a run
 of its own, never sliced: its outputs need not have a row axis at all.
 
+A coalescing group waits only while there is something to wait for:
+:meth:`Batcher.take` hands out the oldest waiting group whose model has a free
+run slot at once, so a request that finds the runs idle never waits for
+company; what arrives while every slot is busy coalesces until one frees or
+the delay passes (:meth:`Batcher.due`), the rule of Triton's dynamic batcher.
+
 Each model may carry its own settings (:mod:`worker.model_config`), looked up
 per request through ``settings_for`` so that a changed file applies from the
 next batch: ``max_batch_rows`` and ``max_batch_delay_s`` replace the
@@ -115,6 +121,7 @@ class _Group:
     max_rows: int
     delay_s: float
     preferred: tuple[int, ...]
+    instances: int | None = None
     rows: int = 0
 
 
@@ -172,6 +179,7 @@ class Batcher:
                 max_rows,
                 self.max_delay_s if delay is None else delay,
                 settings.preferred_batch_rows,
+                settings.instances,
             )
         group.jobs.append(job)
         group.rows += job.rows
@@ -193,6 +201,18 @@ class Batcher:
             if force or now - g.jobs[0].arrived >= g.delay_s
         ]
         return [self._pop(k) for k in ready]
+
+    def take(self, free: Callable[[str, int, int | None], bool]) -> Batch | None:
+        """The oldest waiting group whose model has a run slot free now, or ``None``.
+
+        ``free(model, version, instances)`` says whether a run of that model
+        could start at once; a group found so runs without waiting out its delay.
+        """
+        for key, g in self._groups.items():
+            first = g.jobs[0]
+            if free(first.model, first.version, g.instances):
+                return self._pop(key)
+        return None
 
     def clear(self) -> None:
         """Drop every queued job (their records are being re-read from Kafka)."""

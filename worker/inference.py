@@ -1,5 +1,14 @@
 """Dispatch and the run: steps 3 and 4 of the loop.
 
+Dispatch never makes a request wait for company it will not get: a waiting
+group runs at once when its model has a run slot free (a pool thread not busy,
+fewer runs of the model than its ``instances``; an inline model always has
+one, the loop's own thread), so a request that finds the runs idle runs as it
+arrives, together with whatever the same poll brought. Only while every slot
+is busy do requests coalesce, until a slot frees (``next_free``, when the
+runs under way should end, bounds the loop's poll wait) or the batching delay
+passes.
+
 A due batch runs on the inference pool (ONNX Runtime releases the GIL), or
 right on the loop's thread when its model's runs are shorter than
 ``--inline-below-ms``: a run that short costs less than handing it to
@@ -24,7 +33,7 @@ from dataclasses import replace
 from typing import Any
 
 from worker.answers import Answers, Slot
-from worker.batching import Batch, run_batch
+from worker.batching import Batch, Batcher, run_batch
 from worker.cache import ResponseCache, SessionCache
 from worker.errors import InferenceError, WorkerError
 from worker.observability import Metrics
@@ -35,13 +44,16 @@ from worker.runtime import RuntimeOptions, Session, device_memory
 from worker.settings import Settings
 from worker.tracing import Tracing
 
-__all__ = ["RUN_TIME_WEIGHT", "Inference", "Loader", "session_cache"]
+__all__ = ["NEXT_FREE_MIN_S", "RUN_TIME_WEIGHT", "Inference", "Loader", "session_cache"]
 
 Loader = Callable[[ModelRef, RuntimeOptions], Session]
 
 log = logging.getLogger(__name__)
 
 RUN_TIME_WEIGHT = 0.2  # of the newest run in the mean run time
+# The shortest poll wait for a run slot to free: a run past its mean is checked
+# on every such turn, not spun on.
+NEXT_FREE_MIN_S = 0.0005
 
 
 class Inference:
@@ -59,6 +71,7 @@ class Inference:
         failed: Callable[[Slot, WorkerError, str | None], None],
         sent: Callable[[], None],
         max_rows: int,
+        slots: int,
         inline_below_ms: float,
         one_cpu_thread: bool,
         tracing: Tracing | None = None,
@@ -70,6 +83,7 @@ class Inference:
         self._responses = responses
         self._failed, self._sent = failed, sent
         self._max_rows = max_rows
+        self._slots = slots  # pool threads: runs at once
         self._inline_below_ms = inline_below_ms
         # ONNX Runtime runs on the calling thread alone (CPU, one intra-op thread).
         self._one_cpu_thread = one_cpu_thread
@@ -81,22 +95,56 @@ class Inference:
         self._run = self._tracing.around_batch(
             self.run, lambda batch: [job.token.trace for job in batch.jobs]
         )
+        # (model, version, start) of each run on the pool; pool threads remove theirs.
+        self._started: dict[Future[None], tuple[str, int, float]] = {}
+
+    def dispatch(self, batcher: Batcher, *, force: bool = False) -> None:
+        """3. Due batches (all of them, forced), then waiting ones while a slot is free."""
+        for batch in batcher.due(self._clock(), force=force):
+            self.submit(batch)
+        while (waiting := batcher.take(self.free)) is not None:
+            self.submit(waiting)
+
+    def inline(self, model: str, version: int) -> bool:
+        """Whether runs of this model version are short enough for the loop's thread."""
+        mean_s = self.run_s.get((model, version))
+        return mean_s is not None and mean_s * 1000 < self._inline_below_ms
+
+    def free(self, model: str, version: int, instances: int | None = None) -> bool:
+        """Whether a run of ``model`` could start now (``instances``: its own limit)."""
+        if self.inline(model, version):
+            return True
+        runs = list(self._started.values())
+        if len(runs) >= self._slots:
+            return False
+        return instances is None or sum(1 for m, _v, _s in runs if m == model) < instances
+
+    def next_free(self) -> float | None:
+        """When the earliest pool run under way should end (its mean run time), or
+        ``None`` with none running; never sooner than a moment from now."""
+        runs = list(self._started.values())
+        if not runs:
+            return None
+        ends = (start + self.run_s.get((m, v), 0.0) for m, v, start in runs)
+        return max(min(ends), self._clock() + NEXT_FREE_MIN_S)
 
     def submit(self, batch: Batch) -> None:
         """3. Run ``batch`` here when its model's runs are short, else on the pool."""
-        mean_s = self.run_s.get((batch.model, batch.version))
-        if mean_s is not None and mean_s * 1000 < self._inline_below_ms:
+        if self.inline(batch.model, batch.version):
             self.metrics.inline_batches.inc()
             try:
                 self._run(batch)
             except Exception as exc:  # as from the pool: the main loop sends the rest
                 log.warning("sending after an inline run failed: %s", exc)
             return
+        start = self._clock()
         future = self._pool.submit(self._run, batch)
         self.running.add(future)
+        self._started[future] = (batch.model, batch.version, start)
         future.add_done_callback(self._finished)
 
     def _finished(self, future: Future[None]) -> None:
+        self._started.pop(future, None)
         self.running.discard(future)
         if not future.cancelled() and future.exception() is not None:
             # answers stay unsent; the main loop sends them

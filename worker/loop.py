@@ -10,9 +10,11 @@ Follow one record down this file:
    with backoff, its partition paused); the record is never dropped. A model
    that is not loaded yet loads on another thread while this one keeps
    polling (paused), so the group never loses the worker.
-3. ``Batcher``: jobs for the same model and row shape are coalesced; due
-   batches go to the inference pool, or run right here when their model's
-   runs are shorter than ``--inline-below-ms`` (``_dispatch``).
+3. ``Batcher``: jobs for the same model and row shape are coalesced while
+   every run slot is busy (a request that finds one free runs at once, with
+   what the same poll brought); batches go to the inference pool, or run right
+   here when their model's runs are shorter than ``--inline-below-ms``
+   (``_dispatch``, :mod:`worker.inference`).
 4. :class:`~worker.inference.Inference` (pool thread; ONNX Runtime releases
    the GIL): one run per batch, outputs split per request and encoded into
    the slot.
@@ -258,6 +260,7 @@ class Worker:
                 failed=self._failed,
                 sent=lambda: committer.send(),
                 max_rows=s.max_batch_rows,
+                slots=s.inference_threads,
                 inline_below_ms=s.inline_below_ms,
                 one_cpu_thread=device == "cpu" and s.intra_op_threads == 1,
                 tracing=self.tracing,
@@ -322,7 +325,8 @@ class Worker:
             while self._deferred:  # polled while a model was loading
                 self._accept(self._deferred.popleft())
             self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
-            # 3. batches whose window closed go to the inference pool
+            # 3. waiting batches run: at once with a slot free, else when it frees or
+            # their window closes
             self._dispatch()
             committer.send()  # 5. dead letters; pool threads send the rest
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
@@ -337,7 +341,9 @@ class Worker:
         txn_due = self._r.committer.sends_on_commit and bool(
             self._r.inference.running or self._tracker.has_due_answers()
         )
-        deadlines = (self._batcher.next_deadline(), self._retries.next_due())
+        # A waiting group runs when a slot frees: look again when the runs should end.
+        free = self._r.inference.next_free() if len(self._batcher) else None
+        deadlines = (self._batcher.next_deadline(), free, self._retries.next_due())
         return poll_wait_s(time.monotonic(), deadlines, txn_answers_due=txn_due)
 
     def _committed(self, records: int) -> None:
@@ -549,9 +555,9 @@ class Worker:
     # -- 3. dispatch (4, the run: worker.inference) ------------------------------
 
     def _dispatch(self, *, force: bool = False) -> None:
-        """Batches whose window closed (all of them, forced) go to their run."""
-        for batch in self._batcher.due(force=force):
-            self._r.inference.submit(batch)
+        """Waiting batches go to their run: at once while a run slot is free, else when
+        their window closes (all of them, forced)."""
+        self._r.inference.dispatch(self._batcher, force=force)
 
     # -- rebalance (RebalanceHandler; called from inside poll) --------------------
 

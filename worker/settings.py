@@ -246,7 +246,8 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(1024, gt=0, json_schema_extra=_meta("batching", metavar="N"))
     """Rows per coalesced run; larger requests are sliced."""
     max_batch_delay_ms: float = Field(5.0, ge=0, json_schema_extra=_meta("batching", metavar="MS"))
-    """How long a request waits for company."""
+    """The longest a request waits for company while every run slot is busy (one that
+    finds a slot free runs at once)."""
     coalesce_below_rows: int = Field(64, gt=0, json_schema_extra=_meta("batching", metavar="N"))
     """Requests with at least this many rows run alone on their zero-copy view;
     copying them into a bigger batch costs more latency than the run it saves."""
