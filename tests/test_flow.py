@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeKafka, FakeProducer
+from worker.answers import RECORD_OVERHEAD
 from worker.demo import write_demo_model
 from worker.errors import FatalError, ModelLoadError
 from worker.kafka import KafkaFailure, TopicPartition
@@ -281,6 +282,66 @@ def test_an_answer_over_the_output_topics_limit_becomes_a_dead_letter(repo: Path
     dead = kafka.landed("in.dlq")
     assert [d.header("request-id") for d in dead] == ["0-0", "0-1"]
     assert {d.header("error-type") for d in dead} == {"too-large"}
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_answers_that_fit_are_batched_within_the_topics_limit(
+    repo: Path, exactly_once: bool
+) -> None:
+    # The broker checks max.message.bytes against a whole batch: answers that each fit
+    # all land when the producer's batches are cut below the smallest limit.
+    kafka = FakeKafka()
+    kafka.admin.limits["out"] = 1000
+    kafka.setup = lambda p: p.max_bytes.update({"out": 1000})
+    _produce(kafka, IN0, 40)
+    with serving(repo, kafka, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 40)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(40)]
+    assert kafka.landed("in.dlq") == []
+    producers = [c for c in kafka.configs if c.client_id.endswith("-producer")]
+    assert producers and all(c.batch_max_bytes == 1000 - RECORD_OVERHEAD for c in producers)
+    refused = [v for p in kafka.producers for v, d in p.sent if d.error is not None]
+    assert refused == []  # no batch was ever over the limit
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_an_answer_refused_with_its_batch_is_sent_again_alone_not_dead_lettered(
+    repo: Path, exactly_once: bool
+) -> None:
+    # The admin does not know the limit (batches are cut at librdkafka's default):
+    # whole batches are refused, each answer then goes alone, and all land.
+    kafka = FakeKafka()
+    kafka.setup = lambda p: p.max_bytes.update({"out": 1000})
+    _produce(kafka, IN0, 40)
+    with serving(repo, kafka, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 40)
+    assert sorted(_ids(kafka, "out"), key=lambda i: int(str(i)[2:])) == [
+        f"0-{i}" for i in range(40)
+    ]
+    assert kafka.landed("in.dlq") == []
+    refused = [v for p in kafka.producers for v, d in p.sent if d.error is not None]
+    assert refused  # batches were refused: the answers went again, alone
+
+
+def test_a_lower_limit_found_by_a_refresh_gets_a_producer_with_smaller_batches(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.answers.METADATA_REFRESH_S", 0.0)  # refresh every turn
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 10)
+    with serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 10)
+        assert len(kafka.producers) == 1
+        # An operator lowers the output topic's limit while the worker serves.
+        kafka.setup = lambda p: p.max_bytes.update({"out": 1000})
+        kafka.admin.limits["out"] = 1000
+        _until(lambda: len(kafka.producers) == 2)
+        assert kafka.producers[0].closed
+        assert kafka.configs[-1].batch_max_bytes == 1000 - RECORD_OVERHEAD
+        _produce(kafka, IN0, 40, first=10)
+        _until(lambda: kafka.group.get(IN0) == 50)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(50)]
+    assert [v for v, d in kafka.producers[1].sent if d.error is not None] == []
 
 
 # -- after an unclean stop ------------------------------------------------------------------------

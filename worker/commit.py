@@ -69,12 +69,15 @@ class Committer(Generic[E]):
         producer: Producer,
         outbox: Outbox[E],
         interval_s: float,
+        *,
+        reopen: Callable[[], Producer] | None = None,
     ) -> None:
         self.tracker = tracker
         self.consumer = consumer
         self.producer = producer
         self.outbox = outbox
         self._interval_s = interval_s
+        self._reopen = reopen
         self.last_commit = time.monotonic()
         # What the group has committed for each partition (ours, or found at assignment).
         self.committed_offsets: dict[TopicPartition, int] = {}
@@ -94,6 +97,19 @@ class Committer(Generic[E]):
 
     def pending(self) -> int:
         return self.tracker.pending()
+
+    def replace_producer(self) -> bool:
+        """A fresh producer (opened by ``reopen``) once every answer sent with this one
+        is acknowledged; False, the old one kept, when some are not yet (or there is
+        nothing to open one with). Called from the loop's thread, between transactions."""
+        if self._reopen is None:
+            return False
+        with self.tracker.lock:  # no answer is sent meanwhile
+            if self.producer.flush(5.0):
+                return False
+            self.producer.close()
+            self.producer = self._reopen()
+        return True
 
     def _due(self, force: bool) -> bool:
         return force or time.monotonic() - self.last_commit >= self._interval_s
@@ -129,8 +145,10 @@ class AtLeastOnce(Committer[E]):
         self.outbox.retire(acked.retired)
         for tp, entry, error in acked.refusals:
             if self.outbox.rescue(entry, error):
-                # Sent again as what the broker takes; its line goes on from here.
-                entry.deliveries = [self.outbox.emit(self.producer, entry)]
+                # Sent again (alone, or as what the broker takes); its line goes on
+                # from here. Under the lock: no answer of another thread joins its batch.
+                with self.tracker.lock:
+                    entry.deliveries = [self.outbox.emit(self.producer, entry)]
                 self.tracker.clear_refusal(tp)
                 continue
             raise FatalError(
@@ -182,8 +200,8 @@ class Transactional(Committer[E]):
         txn_timeout_s: float = 30.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self._reopen = reopen
+        super().__init__(*args, reopen=reopen, **kwargs)
+        self._open_fresh = reopen
         self._txn_timeout_s = txn_timeout_s
         self.aborted = 0
 
@@ -240,7 +258,7 @@ class Transactional(Committer[E]):
             try:
                 self.producer.close()
             finally:
-                self.producer = self._reopen()
+                self.producer = self._open_fresh()
         # Where to read again: what the broker holds as committed (a transaction that
         # returned "committed" while a send failed may or may not have landed), else
         # the first record not yet committed -- never the beginning of the topic.
@@ -287,4 +305,4 @@ def committer_for(
     a failed abort, with exactly-once)."""
     if exactly_once:
         return Transactional(tracker, consumer, producer, outbox, interval_s, reopen=reopen)
-    return AtLeastOnce(tracker, consumer, producer, outbox, interval_s)
+    return AtLeastOnce(tracker, consumer, producer, outbox, interval_s, reopen=reopen)

@@ -149,6 +149,7 @@ class Worker:
         self._partitions = Partitions()
         self._last_lag = 0.0
         self._answers = Answers(settings, self.metrics)
+        self._producer_batch = self._answers.batch_bytes()  # what the producer's batches hold
         self.committed_records = 0
         self._resources: _Resources | None = None  # set by run()
         self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
@@ -184,7 +185,13 @@ class Worker:
     def _open_producer(self) -> Producer:
         s = self.settings
         txn = s.txn_id if s.exactly_once else None
-        producer = self._clients.producer(self._client_config("producer", transactional_id=txn))
+        # Batches within the output and dead-letter topics' limits (read before).
+        self._producer_batch = self._answers.batch_bytes()
+        producer = self._clients.producer(
+            self._client_config(
+                "producer", transactional_id=txn, batch_max_bytes=self._producer_batch
+            )
+        )
         if s.exactly_once:
             # Fences any earlier producer with this id and aborts its open transaction.
             producer.init_transactions()
@@ -228,6 +235,7 @@ class Worker:
             stack.callback(loader.shutdown, wait=False, cancel_futures=True)
             admin = self._clients.admin(self._client_config("admin"))
             stack.callback(admin.close)
+            self._answers.refresh(admin, force=True)
             producer = self._open_producer()
             consumer = self._clients.consumer(self._client_config("consumer", group_id=s.group_id))
             stack.callback(consumer.close)
@@ -255,7 +263,6 @@ class Worker:
             )
             self._resources = _Resources(cache, pool, loader, admin, consumer, committer, inference)
             stack.callback(lambda: committer.producer.close())
-            self._answers.refresh(admin, force=True)
             consumer.subscribe(list(s.input_topics), self)
             self.health.broker_ok = True
             self._install_signal_handlers(stack)
@@ -319,7 +326,15 @@ class Worker:
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
             self._backpressure(consumer)
             self._report_lag(consumer)
-            self._answers.refresh(self._r.admin)
+            self._refresh_limits(committer)
+
+    def _refresh_limits(self, committer: Committer[Slot]) -> None:
+        """The output topics' metadata; a lower size limit than the producer's batches
+        were cut for gets a fresh producer (once what the old one sent is acknowledged)."""
+        self._answers.refresh(self._r.admin)
+        batch = self._answers.batch_bytes()
+        if batch < self._producer_batch and committer.replace_producer():
+            log.info("a topic's max.message.bytes went down: producer batches now %d bytes", batch)
 
     def _poll_wait_s(self) -> float:
         # At-least-once: pool threads send their own answers, so the main thread

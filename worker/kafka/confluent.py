@@ -374,6 +374,9 @@ def _record(m: Any) -> Record:
     )
 
 
+DEFAULT_BATCH_SIZE = 1_000_000  # librdkafka's batch.size
+
+
 class ConfluentProducer:
     def __init__(self, config: ClientConfig, overrides: Mapping[str, str]) -> None:
         self._access = _Access(config)
@@ -393,6 +396,9 @@ class ConfluentProducer:
             conf["transaction.timeout.ms"] = 10_000
         conf.update(for_clients(config.properties, "producer"))
         conf.update(overrides)
+        if config.batch_max_bytes is not None:
+            batch = int(conf.get("batch.size", DEFAULT_BATCH_SIZE))
+            conf["batch.size"] = max(1, min(batch, config.batch_max_bytes))
         self._p = _build(ck.Producer, conf)
         self.transactional = bool(conf.get("transactional.id"))
         _reach(self._p, self._access)

@@ -450,6 +450,9 @@ class KafkaPythonConsumer:
         self._c.close()
 
 
+DEFAULT_BATCH_SIZE = 16384  # kafka-python's batch_size
+
+
 class KafkaPythonProducer:
     def __init__(self, config: ClientConfig, overrides: Mapping[str, str]) -> None:
         base: dict[str, Any] = {
@@ -464,6 +467,9 @@ class KafkaPythonProducer:
             base["transactional_id"] = config.transactional_id
             base["transaction_timeout_ms"] = 10_000
         base.update(kafka_python_config({**config.properties, **overrides}, "producer"))
+        if config.batch_max_bytes is not None:
+            batch = int(base.get("batch_size", DEFAULT_BATCH_SIZE))
+            base["batch_size"] = max(1, min(batch, config.batch_max_bytes))
         self.transactional = bool(base.get("transactional_id"))
         self._p: KafkaProducer = _open(KafkaProducer, base)
 
