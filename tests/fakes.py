@@ -281,7 +281,8 @@ class FakeConsumer:
         self.pauses: list[set[TopicPartition]] = []  # every pause call
         self.resumes: list[set[TopicPartition]] = []  # every resume call
         self.asked: list[list[TopicPartition]] = []  # calls to committed()
-        self.committed_fails: BaseException | None = None
+        self.committed_fails: BaseException | None = None  # raised by every committed()
+        self.committed_errors: list[BaseException] = []  # raised by the next ones, in order
         self.commits: list[tuple[dict[TopicPartition, int], str]] = []
         self.fail: list[BaseException] = []  # raised by the next commits, in order
         self.seeks: list[tuple[TopicPartition, int | None]] = []
@@ -387,6 +388,8 @@ class FakeConsumer:
         self.asked.append(sorted(tps))
         if self.committed_fails is not None:
             raise self.committed_fails
+        if self.committed_errors:
+            raise self.committed_errors.pop(0)
         return {tp: self.group.get(tp) for tp in tps}
 
     def committed_metadata(

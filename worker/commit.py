@@ -31,9 +31,22 @@ from worker.kafka import (
 from worker.offsets import Entry, OffsetTracker
 from worker.recovery import RUNNING
 
-__all__ = ["AtLeastOnce", "Committer", "Outbox", "Transactional", "committer_for"]
+__all__ = [
+    "STABLE_READS",
+    "AtLeastOnce",
+    "Committer",
+    "Outbox",
+    "Transactional",
+    "committer_for",
+]
 
 log = logging.getLogger("worker.commit")
+
+# After an abort, reads of the committed offsets (0.5 s, 1 s, 2 s, 4 s apart) before
+# the worker exits rather than guess where to read again.
+STABLE_READS = 5
+STABLE_BACKOFF_S = 0.5
+_sleep = time.sleep
 
 E = TypeVar("E", bound=Entry)
 E_contra = TypeVar("E_contra", bound=Entry, contravariant=True)
@@ -264,11 +277,7 @@ class Transactional(Committer[E]):
         # the first record not yet committed -- never the beginning of the topic.
         rewind = self.tracker.first_offsets()
         assigned = self.consumer.assignment()
-        try:
-            stable = self.consumer.committed([tp for tp in rewind if tp in assigned])
-        except KafkaFailure as exc:
-            log.warning("committed offsets unknown after the abort (%s)", exc)
-            stable = {}
+        stable = self._stable([tp for tp in rewind if tp in assigned])
         for tp, first in rewind.items():
             if tp in assigned:
                 at = stable.get(tp)
@@ -276,6 +285,25 @@ class Transactional(Committer[E]):
                 if at is not None:
                     self.committed_offsets[tp] = at
         self.tracker.forget(list(rewind))
+
+    def _stable(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """What the broker holds as committed for ``tps``, read again a few times when
+        it cannot say. Never guessed: a transaction whose commit call failed may have
+        landed, and reading from the first uncommitted record would answer it twice."""
+        wait = STABLE_BACKOFF_S
+        for attempt in range(1, STABLE_READS + 1):
+            try:
+                return self.consumer.committed(tps)
+            except KafkaFailure as exc:
+                if attempt == STABLE_READS:
+                    raise FatalError(
+                        f"the committed offsets are unknown after an aborted transaction "
+                        f"({exc}); exiting rather than guess where to read again"
+                    ) from None
+                log.warning("committed offsets unknown after the abort (%s); asking again", exc)
+                _sleep(wait)
+                wait *= 2
+        raise AssertionError("unreachable")
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
         # In-flight work is abandoned: never committed, so the next owner answers it in

@@ -318,7 +318,7 @@ class ConfluentConsumer:
         return {
             TopicPartition(p.topic, p.partition): (
                 p.offset if p.offset >= 0 else None,
-                p.metadata or "",
+                (p.metadata or "").rstrip("\x00"),  # librdkafka may store a trailing NUL
             )
             for p in got
         }

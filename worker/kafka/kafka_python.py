@@ -413,7 +413,10 @@ class KafkaPythonConsumer:
                 got = self._c.committed(KTP(t, p), metadata=True)
             except Errors.KafkaError as exc:
                 raise _failure(exc) from None
-            out[TopicPartition(t, p)] = (None, "") if got is None else (got.offset, got.metadata)
+            if got is None:
+                out[TopicPartition(t, p)] = (None, "")
+            else:  # librdkafka (the other backend) writes metadata with a trailing NUL
+                out[TopicPartition(t, p)] = (got.offset, (got.metadata or "").rstrip("\x00"))
         return out
 
     def watermarks(self, tp: TopicPartition) -> tuple[int, int] | None:
