@@ -47,8 +47,7 @@ def _settings(repo: Path, **overrides: Any) -> Settings:
         metrics_port=0,
         metrics_bind="127.0.0.1",
         device="cpu",
-        drain_timeout_s=10.0,
-        **overrides,
+        **{"drain_timeout_s": 10.0, **overrides},
     )
 
 
@@ -380,6 +379,56 @@ def test_after_a_clean_stop_nothing_runs_alone(repo: Path) -> None:
     with serving(repo, kafka):
         _until(lambda: kafka.group.get(IN0) == 2)
     assert not [m for _, m in kafka.consumer.commits if m.startswith("try:")]
+
+
+class SlowLoader:
+    """The real model; a run whose first input is ``slow_x`` takes ``seconds`` (it
+    starts ``running`` first)."""
+
+    def __init__(self, slow_x: float, seconds: float) -> None:
+        self.slow_x, self.seconds = slow_x, seconds
+        self.running = threading.Event()
+
+    def __call__(self, ref: ModelRef, options: RuntimeOptions) -> Session:
+        session = load_session(ref, options)
+        run = session.run
+
+        def slow_run(feeds: dict[str, np.ndarray]) -> dict[str, object]:
+            if np.isclose(next(iter(feeds.values())).flat[0], self.slow_x):
+                self.running.set()
+                time.sleep(self.seconds)
+            return run(feeds)
+
+        session.run = slow_run  # type: ignore[method-assign]
+        return session
+
+
+def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_0(
+    repo: Path,
+) -> None:
+    # After an unclean stop, record 1 runs alone behind its try marker and takes 8 s;
+    # SIGTERM (stop()) meanwhile: the worker neither waits for it nor charges it a crash
+    # (the try marker is replaced by the last settled offset, clean), and exits 0 soon.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 5)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    loader = SlowLoader(slow_x=0.01, seconds=8.0)
+    started = time.monotonic()
+    with serving(repo, kafka, loader=loader, drain_timeout_s=5.0) as s:
+        assert loader.running.wait(20)
+        assert kafka.consumer.commits[-1] == ({IN0: 1}, try_marker(1, 1))
+        stopped = time.monotonic()
+        s.worker.stop()
+        s.thread.join(20)
+        assert s.done
+        assert time.monotonic() - stopped < 3.0, "the stop waited for the careful run"
+    assert s.error is None and s.rc == 0
+    assert kafka.consumer.commits[-1] == ({IN0: 1}, CLEAN)  # not charged: no try marker left
+    assert _ids(kafka, "out") == ["0-0"]
+    assert kafka.landed("in.dlq") == []
+    assert not [m for o, m in kafka.consumer.commits if m.startswith("try:") and o[IN0] > 1]
+    assert time.monotonic() - started < 30
 
 
 # -- stop -----------------------------------------------------------------------------------------

@@ -357,17 +357,27 @@ class Worker:
     def _accept(self, record: Record) -> None:
         if self._partitions.has_unchecked:
             self._check_assigned()
+        careful = self._partitions.careful(record.tp)
+        if careful is not None and careful.covers(record.offset):
+            self._settle_before(record.tp, record.offset)
+            if self._stopping.is_set():
+                # Not started: left for the next owner, which reads it from the offset
+                # committed (clean) by the drain.
+                log.debug("%s: stopping; left for after the restart", record.where)
+                return
+            self._run_carefully(self._slot(record), careful)
+            return
+        if careful is not None:
+            self._partitions.set_careful(record.tp, None)
+            log.info("%s[%d]: back to normal", record.topic, record.partition)
+        self._admit(self._slot(record))
+
+    def _slot(self, record: Record) -> Slot:
+        """The record's place in its partition's line, its bytes in the budget."""
         slot = Slot(record)
         self._tracker.add(record.tp, slot)
         self._budget.polled(slot.nbytes)
-        careful = self._partitions.careful(record.tp)
-        if careful is not None:
-            if careful.covers(record.offset):
-                self._run_carefully(slot, careful)
-                return
-            self._partitions.set_careful(record.tp, None)
-            log.info("%s[%d]: back to normal", record.topic, record.partition)
-        self._admit(slot)
+        return slot
 
     def _admit(self, slot: Slot) -> None:
         """Decode and bind a slot's request and hand it to the batcher (or fail it)."""
@@ -496,7 +506,6 @@ class Worker:
         alone: if it takes the process down, the next owner reads how often it did."""
         consumer = self._r.consumer
         tp, offset = slot.record.tp, slot.record.offset
-        self._settle_before(tp, offset)
         attempt = careful.attempt(offset)
         if careful.give_up(offset):
             slot.out = self._answers.dead_letter(
@@ -513,14 +522,30 @@ class Worker:
         self._admit(slot)
         self._dispatch(force=True)
         Deadline(self.settings.drain_timeout_s).wait(
-            lambda: slot.out is not None or self._retries.waiting(slot), 0.001
+            lambda: slot.out is not None
+            or self._retries.waiting(slot)
+            or self._stopping.is_set(),
+            0.001,
         )
         self.health.beat()
+        if slot.out is None and self._stopping.is_set() and not self._retries.waiting(slot):
+            # A stop (SIGTERM) during a careful run: the run is abandoned, not charged.
+            # Its line holds nothing else (what came before is settled): the drain
+            # commits the last settled offset as clean over its try marker.
+            log.warning(
+                "%s: stopping during its careful run; abandoned (answered after the "
+                "restart, not counted as a crash)",
+                slot.where,
+            )
+            self._tracker.forget([tp])
 
     def _settle_before(self, tp: TopicPartition, offset: int) -> None:
-        """Answer and commit every record of ``tp`` before ``offset`` (bounded)."""
+        """Answer and commit every record of ``tp`` before ``offset`` (bounded; a stop
+        ends the wait)."""
 
         def settled() -> bool:
+            if self._stopping.is_set():
+                return True  # the drain settles what it can
             first = self._tracker.first_offsets().get(tp)
             return first is None or first >= offset
 
