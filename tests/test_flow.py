@@ -403,6 +403,31 @@ class SlowLoader:
         return session
 
 
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_careful_record_that_outlives_the_drain_timeout_is_waited_for(
+    repo: Path, exactly_once: bool
+) -> None:
+    # After an unclean stop, record 0 runs 3 s alone, --drain-timeout 1: the try marker
+    # of record 1 must not be committed past it (a crash then would lose record 0).
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 4)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    loader = SlowLoader(slow_x=0.0, seconds=3.0)
+    with serving(repo, kafka, loader=loader, drain_timeout_s=1.0, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 4)
+        _until(lambda: not kafka.consumer.paused)  # the careful wait's pause is released
+        assert IN0 in kafka.consumer.pauses[0]  # paused while record 0 ran
+    assert _ids(kafka, "out") == ["0-0", "0-1", "0-2", "0-3"]
+    commits = [(o[IN0], m) for o, m in kafka.consumer.commits if IN0 in o]
+    markers = [(o, m) for o, m in commits if m.startswith("try:")]
+    assert markers == [(i, try_marker(i, 1)) for i in range(4)]
+    for i in range(1, 4):
+        # Record i-1 settled: its partition moved to i, clean, right before i's marker.
+        at = commits.index((i, try_marker(i, 1)))
+        assert commits[at - 1] == (i, CLEAN), commits
+
+
 def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_0(
     repo: Path,
 ) -> None:

@@ -78,7 +78,7 @@ from worker.lifecycle import Deadline, install_stop_signals
 from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.oip import oip_app
-from worker.partitions import BACKPRESSURE, DRAINING, LOADING, RETRY, Partitions
+from worker.partitions import BACKPRESSURE, CAREFUL, DRAINING, LOADING, RETRY, Partitions
 from worker.recovery import CLEAN, LATEST_RESETS, RUNNING, Careful, plan, try_marker
 from worker.repository import ModelRepository
 from worker.retries import Retries
@@ -502,8 +502,10 @@ class Worker:
             )
 
     def _run_carefully(self, slot: Slot, careful: Careful) -> None:
-        """Commit everything before this record, then ``try:<offset>:<n>``, then run it
-        alone: if it takes the process down, the next owner reads how often it did."""
+        """Everything before this record is settled: commit ``try:<offset>:<n>``, run it
+        alone and wait until it is settled (however long it runs), then commit
+        ``offset + 1`` as clean. If it takes the process down, the next owner reads how
+        often it did; a record never waits behind a marker that is not its own."""
         consumer = self._r.consumer
         tp, offset = slot.record.tp, slot.record.offset
         attempt = careful.attempt(offset)
@@ -516,19 +518,19 @@ class Worker:
                 ),
                 model_header(slot.record),
             )
+        else:
+            with _logged(KafkaFailure, f"{slot.where}: try marker"):
+                consumer.commit({tp: offset}, try_marker(offset, attempt))
+            self._admit(slot)
+            self._dispatch(force=True)
+        if self._settle_before(tp, offset + 1):
+            if slot.out is not None and tp in self._partitions:
+                # Settled: its marker goes before anything else runs.
+                with _logged(KafkaFailure, f"{slot.where}: settled marker"):
+                    consumer.commit({tp: offset + 1}, CLEAN)
+                    self._r.committer.found(tp, offset + 1)
             return
-        with _logged(KafkaFailure, f"{slot.where}: try marker"):
-            consumer.commit({tp: offset}, try_marker(offset, attempt))
-        self._admit(slot)
-        self._dispatch(force=True)
-        Deadline(self.settings.drain_timeout_s).wait(
-            lambda: slot.out is not None
-            or self._retries.waiting(slot)
-            or self._stopping.is_set(),
-            0.001,
-        )
-        self.health.beat()
-        if slot.out is None and self._stopping.is_set() and not self._retries.waiting(slot):
+        if slot.out is None and slot.live and not self._retries.waiting(slot):
             # A stop (SIGTERM) during a careful run: the run is abandoned, not charged.
             # Its line holds nothing else (what came before is settled): the drain
             # commits the last settled offset as clean over its try marker.
@@ -539,17 +541,34 @@ class Worker:
             )
             self._tracker.forget([tp])
 
-    def _settle_before(self, tp: TopicPartition, offset: int) -> None:
-        """Answer and commit every record of ``tp`` before ``offset`` (bounded; a stop
-        ends the wait)."""
+    def _settle_before(self, tp: TopicPartition, offset: int) -> bool:
+        """Answer and commit every record of ``tp`` before ``offset``, however long that
+        takes; meanwhile every partition is paused (records polled before the pause wait
+        in the deferred list), the group protocol and health go on. False when a stop
+        ended the wait first."""
 
         def settled() -> bool:
-            if self._stopping.is_set():
-                return True  # the drain settles what it can
             first = self._tracker.first_offsets().get(tp)
             return first is None or first >= offset
 
-        self._pump(settled, Deadline(self.settings.drain_timeout_s), flush_s=0.05)
+        if settled():
+            return True
+        consumer, committer = self._r.consumer, self._r.committer
+        consumer.pause(self._partitions.hold(consumer.assignment(), CAREFUL))
+        try:
+            while not settled() and not self._stopping.is_set():
+                self._retry_due(consumer)
+                self._dispatch(force=True)
+                committer.send()
+                committer.producer.flush(0.05)
+                self._committed(committer.commit(force=True))
+                self.health.beat()
+                if not settled():
+                    self._deferred.extend(consumer.poll(POLL_RECORDS, 0.01))
+        finally:
+            released = self._partitions.release(self._partitions.held(CAREFUL), CAREFUL)
+            consumer.resume(released & consumer.assignment())
+        return settled()
 
     def _pump(
         self,
