@@ -407,6 +407,7 @@ def _assert_rewound(rig: Rig, c: Transactional) -> None:
     """Aborted and rewound to the first uncommitted record of every assigned line."""
     assert c.aborted == 1
     assert sorted(rig.consumer.seeks) == [(A, 2), (B, 0)]  # C is not assigned: not sought
+    assert c.epochs == {A: 1, B: 1, C: 1}  # what was polled of them before is stale
     assert rig.tracker.first_offsets() == {}  # every line forgotten, re-read from Kafka
     assert c.pending() == 0 and rig.tracker.inflight_bytes == 0
     assert c.committed_offsets == {A: 2}

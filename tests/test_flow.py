@@ -20,7 +20,7 @@ from tests.fakes import FakeKafka, FakeProducer
 from worker.answers import RECORD_OVERHEAD
 from worker.demo import write_demo_model
 from worker.errors import FatalError, ModelLoadError
-from worker.kafka import KafkaFailure, TopicPartition
+from worker.kafka import KafkaFailure, TopicPartition, TransactionFailed
 from worker.loop import Worker
 from worker.protocol import encode_request
 from worker.recovery import CLEAN, RUNNING, try_marker
@@ -426,6 +426,34 @@ def test_a_careful_record_that_outlives_the_drain_timeout_is_waited_for(
         # Record i-1 settled: its partition moved to i, clean, right before i's marker.
         at = commits.index((i, try_marker(i, 1)))
         assert commits[at - 1] == (i, CLEAN), commits
+
+
+def test_after_an_abort_in_careful_mode_the_rewound_partitions_polled_records_are_dropped(
+    repo: Path,
+) -> None:
+    # The first transaction (record 0's answer, committed while the careful loop settles
+    # it) aborts: the partition is rewound to 0 while records 1..5 of the same poll are
+    # still in hand. They must be dropped (read again after the seek), no marker
+    # committed for a slot no longer live, and each record answered once, in order.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 6)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    first = [True]
+
+    def setup(p: FakeProducer) -> None:
+        if first[0]:
+            p.fail["commit_transaction"] = TransactionFailed("abortable", name="_ABORTED")
+            first[0] = False
+
+    kafka.setup = setup
+    with serving(repo, kafka, exactly_once=True):
+        _until(lambda: kafka.group.get(IN0) == 6)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(6)]
+    assert (IN0, 0) in kafka.consumer.seeks
+    markers = [o[IN0] for o, m in kafka.consumer.commits if m.startswith("try:")]
+    assert markers == sorted(markers) and markers[0] == 0, markers  # none past the rewind
+    assert markers.count(1) == 1
 
 
 def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_0(

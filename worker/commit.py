@@ -94,6 +94,9 @@ class Committer(Generic[E]):
         self.last_commit = time.monotonic()
         # What the group has committed for each partition (ours, or found at assignment).
         self.committed_offsets: dict[TopicPartition, int] = {}
+        # Bumped for each partition a transaction abort rewinds: records polled before
+        # (in a poll batch, deferred, waiting for a retry) are read again, not run.
+        self.epochs: dict[TopicPartition, int] = {}
 
     def found(self, tp: TopicPartition, offset: int) -> None:
         """The group's committed offset of ``tp``, read (or committed) at assignment."""
@@ -279,6 +282,7 @@ class Transactional(Committer[E]):
         assigned = self.consumer.assignment()
         stable = self._stable([tp for tp in rewind if tp in assigned])
         for tp, first in rewind.items():
+            self.epochs[tp] = self.epochs.get(tp, 0) + 1
             if tp in assigned:
                 at = stable.get(tp)
                 self.consumer.seek(tp, first if at is None else at)

@@ -144,7 +144,9 @@ class Worker:
         self._tracker: OffsetTracker[TopicPartition, Slot] = OffsetTracker()
         # Transient failures waiting for their next try: (due, slot); pool threads add.
         self._retries = Retries(settings.retry_attempts, settings.retry_backoff_ms / 1000)
-        self._deferred: deque[Record] = deque()  # polled while a model loaded
+        # Polled while a model loaded or a careful record ran, with the epoch of their
+        # partition then (Committer.epochs: a rewind makes them stale).
+        self._deferred: deque[tuple[Record, int]] = deque()
         self._budget = Budget(settings.max_inflight_bytes)
         self._partitions = Partitions()
         self._last_lag = 0.0
@@ -315,10 +317,13 @@ class Worker:
                 self._committed(committer.commit(force=True))
             else:
                 room = self._budget.poll_records(self._tracker.inflight_bytes)
-                for record in consumer.poll(room, self._poll_wait_s()):
-                    self._accept(record)  # 2. decode, bind, batch (or dead-letter)
+                records = consumer.poll(room, self._poll_wait_s())
+                epochs = dict(committer.epochs)
+                for record in records:
+                    # 2. decode, bind, batch (or dead-letter)
+                    self._accept(record, epochs.get(record.tp, 0))
             while self._deferred:  # polled while a model was loading
-                self._accept(self._deferred.popleft())
+                self._accept(*self._deferred.popleft())
             self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
             # 3. batches whose window closed go to the inference pool
             self._dispatch()
@@ -354,18 +359,33 @@ class Worker:
 
     # -- 2. decode -------------------------------------------------------------
 
-    def _accept(self, record: Record) -> None:
+    def _stale(self, record: Record, epoch: int) -> bool:
+        """Polled before an abort rewound its partition: it is read again after the seek."""
+        if self._r.committer.epochs.get(record.tp, 0) == epoch:
+            return False
+        log.debug("%s: polled before its partition was rewound; dropped", record.where)
+        return True
+
+    def _defer(self, records: list[Record]) -> None:
+        epochs = self._r.committer.epochs
+        self._deferred.extend((r, epochs.get(r.tp, 0)) for r in records)
+
+    def _accept(self, record: Record, epoch: int) -> None:
+        if self._stale(record, epoch):
+            return
         if self._partitions.has_unchecked:
             self._check_assigned()
         careful = self._partitions.careful(record.tp)
         if careful is not None and careful.covers(record.offset):
             self._settle_before(record.tp, record.offset)
+            if self._stale(record, epoch):
+                return
             if self._stopping.is_set():
                 # Not started: left for the next owner, which reads it from the offset
                 # committed (clean) by the drain.
                 log.debug("%s: stopping; left for after the restart", record.where)
                 return
-            self._run_carefully(self._slot(record), careful)
+            self._run_carefully(self._slot(record), careful, epoch)
             return
         if careful is not None:
             self._partitions.set_careful(record.tp, None)
@@ -424,7 +444,7 @@ class Worker:
         try:
             while not future.done():
                 self.health.beat()
-                self._deferred.extend(consumer.poll(POLL_RECORDS, 0.05))
+                self._defer(consumer.poll(POLL_RECORDS, 0.05))
         finally:
             loaded = self._partitions.release(self._partitions.held(LOADING), LOADING)
             consumer.resume(loaded & consumer.assignment())
@@ -456,7 +476,7 @@ class Worker:
     def _retry_due(self, consumer: Consumer) -> None:
         due, waiting = self._retries.take_due()
         for slot in due:
-            if slot.out is None and slot.record.tp in self._tracker.partitions():
+            if slot.out is None and slot.live and slot.record.tp in self._tracker.partitions():
                 self._admit(slot)
         # A partition with a record waiting for its retry takes nothing new meanwhile.
         assigned = consumer.assignment()
@@ -501,7 +521,7 @@ class Worker:
                 careful.until,
             )
 
-    def _run_carefully(self, slot: Slot, careful: Careful) -> None:
+    def _run_carefully(self, slot: Slot, careful: Careful, epoch: int) -> None:
         """Everything before this record is settled: commit ``try:<offset>:<n>``, run it
         alone and wait until it is settled (however long it runs), then commit
         ``offset + 1`` as clean. If it takes the process down, the next owner reads how
@@ -524,7 +544,8 @@ class Worker:
             self._admit(slot)
             self._dispatch(force=True)
         if self._settle_before(tp, offset + 1):
-            if slot.out is not None and tp in self._partitions:
+            live = self._r.committer.epochs.get(tp, 0) == epoch  # not rewound meanwhile
+            if live and slot.out is not None and tp in self._partitions:
                 # Settled: its marker goes before anything else runs.
                 with _logged(KafkaFailure, f"{slot.where}: settled marker"):
                     consumer.commit({tp: offset + 1}, CLEAN)
@@ -564,7 +585,7 @@ class Worker:
                 self._committed(committer.commit(force=True))
                 self.health.beat()
                 if not settled():
-                    self._deferred.extend(consumer.poll(POLL_RECORDS, 0.01))
+                    self._defer(consumer.poll(POLL_RECORDS, 0.01))
         finally:
             released = self._partitions.release(self._partitions.held(CAREFUL), CAREFUL)
             consumer.resume(released & consumer.assignment())
