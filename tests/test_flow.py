@@ -456,6 +456,28 @@ def test_after_an_abort_in_careful_mode_the_rewound_partitions_polled_records_ar
     assert markers.count(1) == 1
 
 
+def test_a_careful_records_try_marker_is_committed_only_once_its_model_is_loaded(
+    repo: Path,
+) -> None:
+    # A death while the model loads (an OOM kill) must charge no record a crash.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    at_load: list[list[str]] = []
+
+    def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
+        at_load.append([m for _, m in kafka.consumer.commits if m.startswith("try:")])
+        return load_session(ref, options)
+
+    with serving(repo, kafka, loader=loader):
+        _until(lambda: kafka.group.get(IN0) == 2)
+    assert at_load[0] == []  # no marker while the model loaded
+    markers = [(o, m) for o, m in kafka.consumer.commits if m.startswith("try:")]
+    assert markers == [({IN0: i}, try_marker(i, 1)) for i in range(2)]
+    assert _ids(kafka, "out") == ["0-0", "0-1"]
+
+
 def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_0(
     repo: Path,
 ) -> None:

@@ -399,8 +399,10 @@ class Worker:
         self._budget.polled(slot.nbytes)
         return slot
 
-    def _admit(self, slot: Slot) -> None:
-        """Decode and bind a slot's request and hand it to the batcher (or fail it)."""
+    def _admit(self, slot: Slot, before_run: Callable[[], None] | None = None) -> None:
+        """Decode and bind a slot's request and hand it to the batcher (or fail it);
+        ``before_run`` is called once its model is loaded and its request decoded,
+        right before it goes to the batcher (a careful record's try marker)."""
         record = slot.record
         model: str | None = None
         try:
@@ -423,6 +425,8 @@ class Worker:
                 slot.request = slot.bound = None
                 return
         job = Job.for_request(slot, model, version, signature, bound)
+        if before_run is not None:
+            before_run()
         for batch in self._batcher.add(job):
             self._r.inference.submit(batch)
 
@@ -477,7 +481,7 @@ class Worker:
         due, waiting = self._retries.take_due()
         for slot in due:
             if slot.out is None and slot.live and slot.record.tp in self._tracker.partitions():
-                self._admit(slot)
+                self._admit(slot, self._try_marker(slot))
         # A partition with a record waiting for its retry takes nothing new meanwhile.
         assigned = consumer.assignment()
         new = self._partitions.hold(waiting & assigned, RETRY)
@@ -539,9 +543,7 @@ class Worker:
                 model_header(slot.record),
             )
         else:
-            with _logged(KafkaFailure, f"{slot.where}: try marker"):
-                consumer.commit({tp: offset}, try_marker(offset, attempt))
-            self._admit(slot)
+            self._admit(slot, self._try_marker(slot))
             self._dispatch(force=True)
         if self._settle_before(tp, offset + 1):
             live = self._r.committer.epochs.get(tp, 0) == epoch  # not rewound meanwhile
@@ -561,6 +563,21 @@ class Worker:
                 slot.where,
             )
             self._tracker.forget([tp])
+
+    def _try_marker(self, slot: Slot) -> Callable[[], None] | None:
+        """For a careful record: commit ``try:<offset>:<n>`` (called right before it runs,
+        its model loaded: a death while loading charges no record)."""
+        tp, offset = slot.record.tp, slot.record.offset
+        careful = self._partitions.careful(tp)
+        if careful is None or not careful.covers(offset):
+            return None
+        marker = try_marker(offset, careful.attempt(offset))
+
+        def commit() -> None:
+            with _logged(KafkaFailure, f"{slot.where}: try marker"):
+                self._r.consumer.commit({tp: offset}, marker)
+
+        return commit
 
     def _settle_before(self, tp: TopicPartition, offset: int) -> bool:
         """Answer and commit every record of ``tp`` before ``offset``, however long that
