@@ -539,7 +539,6 @@ def test_an_abort_exits_when_the_broker_never_says_what_is_committed(
     assert sum(naps) < 30
 
 
-
 def test_every_abort_is_counted_and_logged_with_its_cause(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
