@@ -131,3 +131,62 @@ def test_killed_twice_while_a_record_runs_long_nothing_is_lost(
         )
         assert sorted(header(r, "request-id") for r in late) == sorted(want), "duplicates"
     assert consume(kafka_bootstrap, f"{requests}.dlq", 1, timeout=2) == []
+
+
+def test_sigterm_during_a_careful_run_exits_0_and_charges_no_crash(
+    kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, tmp_path: Path
+) -> None:
+    # kill -9 while r-0 runs; the restart runs r-0 alone (try:0:1); SIGTERM meanwhile
+    # (a rolling update): exit 0 at once, and offset 0 committed clean over the marker.
+    repo = tmp_path / "models"
+    write_demo_model(repo)
+    requests, outputs = new_topic(), new_topic()
+    value, headers = encode_request(
+        {"x": np.full((1, 784), SLOW_X, np.float32)}, format="msgpack", model="mnist-mlp"
+    )
+    produce(kafka_bootstrap, requests, [(b"k0", value, headers)])
+    args = [
+        "--bootstrap-servers", kafka_bootstrap,
+        "--input-topic", requests,
+        "--output-topic", outputs,
+        "--model-repository", str(repo),
+        "--group-id", group_id,
+        "--metrics-port", "0",
+        "--device", "cpu",
+        "--drain-timeout", "5",
+        *(f"--kafka-option={k}={v}" for k, v in FAST_GROUP.items()),
+    ]  # fmt: skip
+    for run in (1, 2):
+        log = tmp_path / f"worker-{run}.log"
+        proc = _worker(args, log)
+        try:
+            _wait(lambda log=log: _ran(log), 60, f"r-0 never ran in run {run}")
+        finally:
+            if run == 1:
+                proc.kill()
+                proc.wait(30)
+    assert "try:0:1" in _metadata(kafka_bootstrap, group_id, requests)
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(30)
+    took = time.monotonic() - stopped
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
+    assert took < SLOW_S, f"the stop waited {took:.1f} s for the careful run"
+    assert _metadata(kafka_bootstrap, group_id, requests) == "0:clean"
+
+
+def _ran(log: Path) -> bool:
+    return log.exists() and "slow row" in log.read_text(errors="replace")
+
+
+def _metadata(bootstrap: str, group: str, topic: str) -> str:
+    """``<offset>:<metadata>`` the group committed for partition 0 of ``topic``."""
+    from kafka import KafkaConsumer
+    from kafka.structs import TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        got = consumer.committed(TopicPartition(topic, 0), metadata=True)
+    finally:
+        consumer.close()
+    return "" if got is None else f"{got.offset}:{(got.metadata or '').rstrip(chr(0))}"
