@@ -317,7 +317,10 @@ def _call(fn: Callable[..., T], *args: Any) -> T | BaseException:
 def _kafka_offsets(
     offsets: Mapping[TopicPartition, int], metadata: str = ""
 ) -> dict[KTP, OffsetAndMetadata]:
-    return {KTP(t, p): OffsetAndMetadata(o, metadata, -1) for (t, p), o in offsets.items()}
+    # Written as librdkafka writes it, with a trailing NUL: confluent-kafka reads
+    # metadata as a C string, and without one it reads past the end (seen: 'cleanV').
+    written = metadata + "\x00" if metadata else ""
+    return {KTP(t, p): OffsetAndMetadata(o, written, -1) for (t, p), o in offsets.items()}
 
 
 class KafkaPythonConsumer:
