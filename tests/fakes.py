@@ -93,7 +93,12 @@ class FakeProducer:
         self.records: list[Sent] = []
         self.refuse: dict[bytes, BaseException] = {}  # value -> the error its delivery gets
         self.refuse_topic: dict[str, BaseException] = {}  # topic -> the error of every send
-        self.max_bytes: dict[str, int] = {}  # topic -> larger values are refused as too large
+        # topic -> its max.message.bytes: the broker checks it against each whole batch
+        # (a record batch: what one poll/flush delivers to one partition, in order, cut at
+        # ``batch_size`` like librdkafka's batch.size) and refuses every record of a
+        # batch over it as too large.
+        self.max_bytes: dict[str, int] = {}
+        self.batch_size = 1_000_000  # librdkafka's default batch.size
         self.hold: set[bytes] = set()  # values whose delivery never comes back
         self.hold_all = False  # no delivery comes back while set
         self.fail: dict[str, BaseException] = {}  # step -> raised on its next call
@@ -119,10 +124,28 @@ class FakeProducer:
         return self.hold_all or s.value in self.hold
 
     def _error(self, s: Sent) -> BaseException | None:
-        limit = self.max_bytes.get(s.topic)
-        if limit is not None and len(s.value) > limit:
-            return KafkaFailure("message too large", name="MSG_SIZE_TOO_LARGE")
         return self.refuse_topic.get(s.topic, self.refuse.get(s.value))
+
+    def _too_large(self, due: list[Sent]) -> set[int]:
+        """The ids of the records in ``due`` whose batch the broker refuses as too large."""
+        refused: set[int] = set()
+        lines: dict[tuple[str, int | None], list[Sent]] = {}
+        for s in due:
+            lines.setdefault((s.topic, s.partition), []).append(s)
+        for (topic, _), line in lines.items():
+            limit = self.max_bytes.get(topic)
+            if limit is None:
+                continue
+            batch: list[Sent] = []
+            for s in [*line, None]:
+                size = sum(len(b.value) for b in batch)
+                if s is None or (batch and size + len(s.value) > self.batch_size):
+                    if size > limit:
+                        refused.update(id(b) for b in batch)
+                    batch = []
+                if s is not None:
+                    batch.append(s)
+        return refused
 
     def _resolve(self, timeout_s: float, *, all_of_them: bool) -> int:
         """Acknowledge what is due, waiting up to ``timeout_s`` (for one, or for all)."""
@@ -131,6 +154,7 @@ class FakeProducer:
             with self.lock:
                 now = self.clock.monotonic()
                 resolved, left, next_due = 0, 0, None
+                due: list[Sent] = []
                 for s in self.records:
                     if s.delivery.done:
                         continue
@@ -139,7 +163,12 @@ class FakeProducer:
                         if not self._held(s):
                             next_due = s.due if next_due is None else min(next_due, s.due)
                         continue
+                    due.append(s)
+                too_large = self._too_large(due)
+                for s in due:
                     error = self._error(s)
+                    if id(s) in too_large:
+                        error = KafkaFailure("message too large", name="MSG_SIZE_TOO_LARGE")
                     s.delivery.resolve(error)
                     resolved += 1
                     if error is None and not self.in_txn:
@@ -252,7 +281,8 @@ class FakeConsumer:
         self.pauses: list[set[TopicPartition]] = []  # every pause call
         self.resumes: list[set[TopicPartition]] = []  # every resume call
         self.asked: list[list[TopicPartition]] = []  # calls to committed()
-        self.committed_fails: BaseException | None = None
+        self.committed_fails: BaseException | None = None  # raised by every committed()
+        self.committed_errors: list[BaseException] = []  # raised by the next ones, in order
         self.commits: list[tuple[dict[TopicPartition, int], str]] = []
         self.fail: list[BaseException] = []  # raised by the next commits, in order
         self.seeks: list[tuple[TopicPartition, int | None]] = []
@@ -358,6 +388,8 @@ class FakeConsumer:
         self.asked.append(sorted(tps))
         if self.committed_fails is not None:
             raise self.committed_fails
+        if self.committed_errors:
+            raise self.committed_errors.pop(0)
         return {tp: self.group.get(tp) for tp in tps}
 
     def committed_metadata(
@@ -422,6 +454,8 @@ class FakeKafka:
         p = FakeProducer(
             self.group, f"p{len(self.producers) + 1}", clock=self.clock, latency_s=self.latency_s
         )
+        if config.batch_max_bytes is not None:
+            p.batch_size = min(p.batch_size, config.batch_max_bytes)
         self.setup(p)
         self.producers.append(p)
         return p

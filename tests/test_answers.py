@@ -111,11 +111,27 @@ def test_emit_drops_the_value_of_a_dead_letter_over_its_topics_limit() -> None:
     assert sent.value == b"" and sent.header("value-omitted") == "5000"
 
 
-def test_rescue_turns_a_refused_response_into_a_dead_letter_and_learns_the_limit() -> None:
+def test_a_response_refused_with_its_batch_is_sent_again_alone_and_nothing_is_learnt() -> None:
+    a, p, slot = _answers(), FakeProducer({}), _slot()
+    slot.out = _response(slot, 500)
+    assert a.rescue(slot, TOO_LARGE) is True
+    assert slot.out.topic == "out" and slot.out.ok  # not called too large yet
+    assert a.size_limits == {}
+    a.emit(p, slot)
+    # what was sent before goes first, and nothing joins it before it is acknowledged
+    assert p.calls == ["flush", "send", "flush"]
+    other = _slot(offset=4)
+    other.out = _response(other, 10)
+    a.emit(p, other)  # others are sent as usual
+    assert p.calls[3:] == ["send"]
+
+
+def test_rescue_turns_a_response_refused_alone_into_a_dead_letter_and_learns_the_limit() -> None:
     a, p, slot = _answers(), FakeProducer({}), _slot()
     slot.out = _response(slot, 500)
     size = record_size(slot.out)
-    assert a.rescue(slot, TOO_LARGE) is True
+    assert a.rescue(slot, TOO_LARGE) is True  # with its batch: sent again alone
+    assert a.rescue(slot, TOO_LARGE) is True  # alone: too large
     assert slot.out.topic == "in.dlq" and slot.out.ok is False
     assert a.size_limits["out"] == size - 1
     # the same record read again (exactly-once rewinds): dead-lettered before sending
@@ -128,8 +144,11 @@ def test_rescue_turns_a_refused_response_into_a_dead_letter_and_learns_the_limit
 def test_rescue_drops_a_refused_dead_letters_value_once_then_gives_up() -> None:
     a, slot = _answers(), _slot(value=b"r" * 50)
     slot.out = a.dead_letter(slot, DecodeError("bad"), None)
+    assert a.rescue(slot, TOO_LARGE) is True  # with its batch: sent again alone
+    assert slot.out.value == b"r" * 50
     assert a.rescue(slot, TOO_LARGE) is True
     assert slot.out.value == b"" and dict(slot.out.headers)["value-omitted"] == b"50"
+    assert a.rescue(slot, TOO_LARGE) is True  # the value-less letter, alone
     assert a.rescue(slot, TOO_LARGE) is False
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 import pytest
 
 from tests.fakes import FakeConsumer, FakeProducer, Group
-from worker.commit import AtLeastOnce, Committer, Transactional, committer_for
+from worker.commit import STABLE_READS, AtLeastOnce, Committer, Transactional, committer_for
 from worker.errors import FatalError
 from worker.kafka import (
     CommitDeferred,
@@ -407,6 +407,7 @@ def _assert_rewound(rig: Rig, c: Transactional) -> None:
     """Aborted and rewound to the first uncommitted record of every assigned line."""
     assert c.aborted == 1
     assert sorted(rig.consumer.seeks) == [(A, 2), (B, 0)]  # C is not assigned: not sought
+    assert c.epochs == {A: 1, B: 1, C: 1}  # what was polled of them before is stale
     assert rig.tracker.first_offsets() == {}  # every line forgotten, re-read from Kafka
     assert c.pending() == 0 and rig.tracker.inflight_bytes == 0
     assert c.committed_offsets == {A: 2}
@@ -507,22 +508,35 @@ def test_an_abort_rewinds_to_what_the_broker_holds_when_the_transaction_landed(
     assert rig.tracker.first_offsets() == {} and c.pending() == 0
 
 
-def test_an_abort_rewinds_to_the_first_uncommitted_records_when_the_broker_cannot_say(
-    rig: Rig, caplog: pytest.LogCaptureFixture
+def test_an_abort_reads_the_committed_offsets_again_until_the_broker_says(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Never a guess: the transaction may have landed although commit_transaction failed.
+    naps: list[float] = []
+    monkeypatch.setattr("worker.commit._sleep", naps.append)
+    c, _ = _abort_scenario(rig)
+    rig.producer.land_then_fail = KafkaFailure("commit timed out")
+    rig.consumer.committed_errors = [KafkaFailure("coordinator not available")] * 2
+    assert c.commit() == 0
+    assert len(rig.consumer.asked) == 3 and len(naps) == 2
+    assert sorted(rig.consumer.seeks) == [(A, 4), (B, 1)]
+    assert c.committed_offsets == {A: 4, B: 1}
+
+
+def test_an_abort_exits_when_the_broker_never_says_what_is_committed(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    naps: list[float] = []
+    monkeypatch.setattr("worker.commit._sleep", naps.append)
     c, _ = _abort_scenario(rig)
     rig.group[A] = 99  # what the broker holds, unread: committed() fails
     rig.consumer.committed_fails = KafkaFailure("coordinator not available")
     rig.producer.fail["commit_transaction"] = TransactionFailed("abortable")
-    with caplog.at_level("WARNING", logger="worker.commit"):
-        assert c.commit() == 0
-    assert sorted(rig.consumer.seeks) == [(A, 2), (B, 0)]
-    assert c.committed_offsets == {A: 2}
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == [
-        "transaction aborted (abortable); rewinding to the first uncommitted records",
-        "committed offsets unknown after the abort (coordinator not available)",
-    ]
+    with pytest.raises(FatalError, match="committed offsets"):
+        c.commit()
+    assert rig.consumer.seeks == []  # no rewind point guessed
+    assert len(rig.consumer.asked) == STABLE_READS
+    assert sum(naps) < 30
 
 
 def test_every_abort_is_counted_and_logged_with_its_cause(

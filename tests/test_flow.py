@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeKafka, FakeProducer
+from worker.answers import RECORD_OVERHEAD
 from worker.demo import write_demo_model
 from worker.errors import FatalError, ModelLoadError
 from worker.kafka import KafkaFailure, TopicPartition, TransactionFailed
@@ -47,8 +48,7 @@ def _settings(repo: Path, **overrides: Any) -> Settings:
         metrics_port=0,
         metrics_bind="127.0.0.1",
         device="cpu",
-        drain_timeout_s=10.0,
-        **overrides,
+        **{"drain_timeout_s": 10.0, **overrides},
     )
 
 
@@ -295,6 +295,66 @@ def test_an_answer_over_the_output_topics_limit_becomes_a_dead_letter(repo: Path
     assert {d.header("error-type") for d in dead} == {"too-large"}
 
 
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_answers_that_fit_are_batched_within_the_topics_limit(
+    repo: Path, exactly_once: bool
+) -> None:
+    # The broker checks max.message.bytes against a whole batch: answers that each fit
+    # all land when the producer's batches are cut below the smallest limit.
+    kafka = FakeKafka()
+    kafka.admin.limits["out"] = 1000
+    kafka.setup = lambda p: p.max_bytes.update({"out": 1000})
+    _produce(kafka, IN0, 40)
+    with serving(repo, kafka, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 40)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(40)]
+    assert kafka.landed("in.dlq") == []
+    producers = [c for c in kafka.configs if c.client_id.endswith("-producer")]
+    assert producers and all(c.batch_max_bytes == 1000 - RECORD_OVERHEAD for c in producers)
+    refused = [v for p in kafka.producers for v, d in p.sent if d.error is not None]
+    assert refused == []  # no batch was ever over the limit
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_an_answer_refused_with_its_batch_is_sent_again_alone_not_dead_lettered(
+    repo: Path, exactly_once: bool
+) -> None:
+    # The admin does not know the limit (batches are cut at librdkafka's default):
+    # whole batches are refused, each answer then goes alone, and all land.
+    kafka = FakeKafka()
+    kafka.setup = lambda p: p.max_bytes.update({"out": 1000})
+    _produce(kafka, IN0, 40)
+    with serving(repo, kafka, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 40)
+    assert sorted(_ids(kafka, "out"), key=lambda i: int(str(i)[2:])) == [
+        f"0-{i}" for i in range(40)
+    ]
+    assert kafka.landed("in.dlq") == []
+    refused = [v for p in kafka.producers for v, d in p.sent if d.error is not None]
+    assert refused  # batches were refused: the answers went again, alone
+
+
+def test_a_lower_limit_found_by_a_refresh_gets_a_producer_with_smaller_batches(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.answers.METADATA_REFRESH_S", 0.0)  # refresh every turn
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 10)
+    with serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 10)
+        assert len(kafka.producers) == 1
+        # An operator lowers the output topic's limit while the worker serves.
+        kafka.setup = lambda p: p.max_bytes.update({"out": 1000})
+        kafka.admin.limits["out"] = 1000
+        _until(lambda: len(kafka.producers) == 2)
+        assert kafka.producers[0].closed
+        assert kafka.configs[-1].batch_max_bytes == 1000 - RECORD_OVERHEAD
+        _produce(kafka, IN0, 40, first=10)
+        _until(lambda: kafka.group.get(IN0) == 50)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(50)]
+    assert [v for v, d in kafka.producers[1].sent if d.error is not None] == []
+
+
 # -- after an unclean stop ------------------------------------------------------------------------
 
 
@@ -331,6 +391,131 @@ def test_after_a_clean_stop_nothing_runs_alone(repo: Path) -> None:
     with serving(repo, kafka):
         _until(lambda: kafka.group.get(IN0) == 2)
     assert not [m for _, m in kafka.consumer.commits if m.startswith("try:")]
+
+
+class SlowLoader:
+    """The real model; a run whose first input is ``slow_x`` takes ``seconds`` (it
+    starts ``running`` first)."""
+
+    def __init__(self, slow_x: float, seconds: float) -> None:
+        self.slow_x, self.seconds = slow_x, seconds
+        self.running = threading.Event()
+
+    def __call__(self, ref: ModelRef, options: RuntimeOptions) -> Session:
+        session = load_session(ref, options)
+        run = session.run
+
+        def slow_run(feeds: dict[str, np.ndarray]) -> dict[str, object]:
+            if np.isclose(next(iter(feeds.values())).flat[0], self.slow_x):
+                self.running.set()
+                time.sleep(self.seconds)
+            return run(feeds)
+
+        session.run = slow_run  # type: ignore[method-assign]
+        return session
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_careful_record_that_outlives_the_drain_timeout_is_waited_for(
+    repo: Path, exactly_once: bool
+) -> None:
+    # After an unclean stop, record 0 runs 3 s alone, --drain-timeout 1: the try marker
+    # of record 1 must not be committed past it (a crash then would lose record 0).
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 4)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    loader = SlowLoader(slow_x=0.0, seconds=3.0)
+    with serving(repo, kafka, loader=loader, drain_timeout_s=1.0, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 4)
+        _until(lambda: not kafka.consumer.paused)  # the careful wait's pause is released
+        assert IN0 in kafka.consumer.pauses[0]  # paused while record 0 ran
+    assert _ids(kafka, "out") == ["0-0", "0-1", "0-2", "0-3"]
+    commits = [(o[IN0], m) for o, m in kafka.consumer.commits if IN0 in o]
+    markers = [(o, m) for o, m in commits if m.startswith("try:")]
+    assert markers == [(i, try_marker(i, 1)) for i in range(4)]
+    for i in range(1, 4):
+        # Record i-1 settled: its partition moved to i, clean, right before i's marker.
+        at = commits.index((i, try_marker(i, 1)))
+        assert commits[at - 1] == (i, CLEAN), commits
+
+
+def test_after_an_abort_in_careful_mode_the_rewound_partitions_polled_records_are_dropped(
+    repo: Path,
+) -> None:
+    # The first transaction (record 0's answer, committed while the careful loop settles
+    # it) aborts: the partition is rewound to 0 while records 1..5 of the same poll are
+    # still in hand. They must be dropped (read again after the seek), no marker
+    # committed for a slot no longer live, and each record answered once, in order.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 6)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    first = [True]
+
+    def setup(p: FakeProducer) -> None:
+        if first[0]:
+            p.fail["commit_transaction"] = TransactionFailed("abortable", name="_ABORTED")
+            first[0] = False
+
+    kafka.setup = setup
+    with serving(repo, kafka, exactly_once=True):
+        _until(lambda: kafka.group.get(IN0) == 6)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(6)]
+    assert (IN0, 0) in kafka.consumer.seeks
+    markers = [o[IN0] for o, m in kafka.consumer.commits if m.startswith("try:")]
+    assert markers == sorted(markers) and markers[0] == 0, markers  # none past the rewind
+    assert markers.count(1) == 1
+
+
+def test_a_careful_records_try_marker_is_committed_only_once_its_model_is_loaded(
+    repo: Path,
+) -> None:
+    # A death while the model loads (an OOM kill) must charge no record a crash.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    at_load: list[list[str]] = []
+
+    def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
+        at_load.append([m for _, m in kafka.consumer.commits if m.startswith("try:")])
+        return load_session(ref, options)
+
+    with serving(repo, kafka, loader=loader):
+        _until(lambda: kafka.group.get(IN0) == 2)
+    assert at_load[0] == []  # no marker while the model loaded
+    markers = [(o, m) for o, m in kafka.consumer.commits if m.startswith("try:")]
+    assert markers == [({IN0: i}, try_marker(i, 1)) for i in range(2)]
+    assert _ids(kafka, "out") == ["0-0", "0-1"]
+
+
+def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_0(
+    repo: Path,
+) -> None:
+    # After an unclean stop, record 1 runs alone behind its try marker and takes 8 s;
+    # SIGTERM (stop()) meanwhile: the worker neither waits for it nor charges it a crash
+    # (the try marker is replaced by the last settled offset, clean), and exits 0 soon.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 5)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    loader = SlowLoader(slow_x=0.01, seconds=8.0)
+    started = time.monotonic()
+    with serving(repo, kafka, loader=loader, drain_timeout_s=5.0) as s:
+        assert loader.running.wait(20)
+        assert kafka.consumer.commits[-1] == ({IN0: 1}, try_marker(1, 1))
+        stopped = time.monotonic()
+        s.worker.stop()
+        s.thread.join(20)
+        assert s.done
+        assert time.monotonic() - stopped < 3.0, "the stop waited for the careful run"
+    assert s.error is None and s.rc == 0
+    assert kafka.consumer.commits[-1] == ({IN0: 1}, CLEAN)  # not charged: no try marker left
+    assert _ids(kafka, "out") == ["0-0"]
+    assert kafka.landed("in.dlq") == []
+    assert not [m for o, m in kafka.consumer.commits if m.startswith("try:") and o[IN0] > 1]
+    assert time.monotonic() - started < 30
 
 
 # -- stop -----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def test_an_unclean_stop_runs_what_follows_one_at_a_time_up_to_the_end() -> None
 def test_the_careful_window_is_bounded() -> None:
     careful = assess(10, RUNNING, 10_000)
     assert careful is not None and careful.until == 10 + CAREFUL_RECORDS
-    unknown_end = assess(10, "", None)
+    unknown_end = assess(10, RUNNING, None)
     assert unknown_end is not None and unknown_end.until == 10 + CAREFUL_RECORDS
 
 

@@ -32,3 +32,15 @@ def test_without_watermarks_at_most_the_careful_window_runs_carefully() -> None:
 
 def test_nothing_after_the_committed_offset_needs_no_care() -> None:
     assert plan(50, RUNNING, (0, 50)) == Plan()
+
+
+def test_an_operators_offset_reset_leaves_empty_metadata_and_needs_no_care() -> None:
+    # kafka-consumer-groups --reset-offsets commits with no metadata: no worker died.
+    assert plan(7, "", (0, 50)) == Plan()
+
+
+def test_trailing_nuls_librdkafka_writes_are_ignored() -> None:
+    assert plan(7, CLEAN + "\x00", (0, 50)) == Plan()
+    assert plan(7, try_marker(7, 2) + "\x00", (0, 50)) == Plan(careful=Careful(7, 50, 2))
+    assert plan(7, "\x00", (0, 50)) == Plan()
+    assert plan(7, RUNNING + "\x00", (0, 50)) == Plan(careful=Careful(7, 50, 0))

@@ -41,6 +41,7 @@ from worker.settings import Settings
 from worker.tracing import Trace, Tracing
 
 __all__ = [
+    "ALONE_FLUSH_S",
     "METADATA_REFRESH_S",
     "RECORD_OVERHEAD",
     "Answers",
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 # headers, with room to spare), for the check against max.message.bytes.
 RECORD_OVERHEAD = 128
 METADATA_REFRESH_S = 30.0
+# How long sending one answer alone waits for what is before it, then for itself.
+ALONE_FLUSH_S = 30.0
+
+Key = tuple[str, int, int, str]  # input topic, partition, offset; the answer's topic
 
 
 @dataclass(frozen=True)
@@ -155,6 +160,9 @@ class Answers:
         # Answers the broker refused as too large (exactly-once re-reads them after the
         # abort): dead-lettered at once the next time.
         self.refused_large: set[tuple[str, int, int]] = set()
+        # Answers the broker refused with their batch: sent again alone (a batch of
+        # answers that each fit can be over the limit), before any is called too large.
+        self.alone: set[Key] = set()
 
     # -- what a record becomes ---------------------------------------------------
 
@@ -249,6 +257,14 @@ class Answers:
         ours = self.settings.max_message_bytes
         return min(self.size_limits.get(topic, ours), ours)
 
+    def batch_bytes(self) -> int:
+        """The largest record batch the producer may fill: the broker checks a topic's
+        max.message.bytes against the whole batch, so the smallest limit of the output
+        and dead-letter topics, less a batch's overhead."""
+        s = self.settings
+        smallest = min(self.limit(s.output_topic), self.limit(s.dead_letter_topic))
+        return max(1, smallest - RECORD_OVERHEAD)
+
     # -- the committers' outbox --------------------------------------------------------
 
     def emit(self, producer: Producer, slot: Slot) -> Delivery:
@@ -272,15 +288,32 @@ class Answers:
             o = slot.out = omit_value(o)
         r = slot.record
         partition = output_partition(r.partition, o.key, self.partitions.get(o.topic))
-        return producer.send(o.topic, o.value, o.key, o.headers, partition)
+        if (r.topic, r.partition, r.offset, o.topic) not in self.alone:
+            return producer.send(o.topic, o.value, o.key, o.headers, partition)
+        # Refused with its batch before: in a batch of its own this time (what was sent
+        # before it goes first, and nothing joins it before it is acknowledged).
+        producer.flush(ALONE_FLUSH_S)
+        delivery = producer.send(o.topic, o.value, o.key, o.headers, partition)
+        producer.flush(ALONE_FLUSH_S)
+        return delivery
 
     def rescue(self, slot: Slot, error: BaseException) -> bool:
-        """A delivery the broker refused as too large: the answer becomes a dead letter
-        (a dead letter loses its value), and the topic's limit is learnt."""
+        """A delivery the broker refused as too large. Sent with others, it may be its
+        batch that was: it is sent again alone, and nothing is learnt. Refused alone,
+        it is: the answer becomes a dead letter (a dead letter loses its value), and
+        the topic's limit is learnt."""
         if not isinstance(error, KafkaFailure) or not error.too_large:
             return False
         o: Outgoing = slot.out
         r = slot.record
+        key = (r.topic, r.partition, r.offset, o.topic)
+        if key not in self.alone:
+            log.warning(
+                "%s: refused as too large with its batch; sending it again alone", slot.where
+            )
+            self.alone.add(key)
+            return True
+        self.alone.discard(key)
         size = record_size(o)
         self.size_limits[o.topic] = min(self.size_limits.get(o.topic, size), size - 1)
         if o.ok:
@@ -307,6 +340,9 @@ class Answers:
         error type) under its model version, and observe its end-to-end time."""
         now = self._wall_clock()
         for slot in slots:
+            if self.alone and slot.out is not None:
+                r = slot.record
+                self.alone.discard((r.topic, r.partition, r.offset, slot.out.topic))
             if slot.trace is not None:
                 self.tracing.delivered(slot.trace)
             series = slot.series or self.metrics.unknown

@@ -31,9 +31,22 @@ from worker.kafka import (
 from worker.offsets import Entry, OffsetTracker
 from worker.recovery import RUNNING
 
-__all__ = ["AtLeastOnce", "Committer", "Outbox", "Transactional", "committer_for"]
+__all__ = [
+    "STABLE_READS",
+    "AtLeastOnce",
+    "Committer",
+    "Outbox",
+    "Transactional",
+    "committer_for",
+]
 
 log = logging.getLogger("worker.commit")
+
+# After an abort, reads of the committed offsets (0.5 s, 1 s, 2 s, 4 s apart) before
+# the worker exits rather than guess where to read again.
+STABLE_READS = 5
+STABLE_BACKOFF_S = 0.5
+_sleep = time.sleep
 
 E = TypeVar("E", bound=Entry)
 E_contra = TypeVar("E_contra", bound=Entry, contravariant=True)
@@ -69,16 +82,22 @@ class Committer(Generic[E]):
         producer: Producer,
         outbox: Outbox[E],
         interval_s: float,
+        *,
+        reopen: Callable[[], Producer] | None = None,
     ) -> None:
         self.tracker = tracker
         self.consumer = consumer
         self.producer = producer
         self.outbox = outbox
         self._interval_s = interval_s
+        self._reopen = reopen
         self.last_commit = time.monotonic()
         # What the group has committed for each partition (ours, or found at assignment).
         self.committed_offsets: dict[TopicPartition, int] = {}
         self.aborted = 0  # transactions aborted (only a transactional committer has any)
+        # Bumped for each partition a transaction abort rewinds: records polled before
+        # (in a poll batch, deferred, waiting for a retry) are read again, not run.
+        self.epochs: dict[TopicPartition, int] = {}
 
     def found(self, tp: TopicPartition, offset: int) -> None:
         """The group's committed offset of ``tp``, read (or committed) at assignment."""
@@ -95,6 +114,19 @@ class Committer(Generic[E]):
 
     def pending(self) -> int:
         return self.tracker.pending()
+
+    def replace_producer(self) -> bool:
+        """A fresh producer (opened by ``reopen``) once every answer sent with this one
+        is acknowledged; False, the old one kept, when some are not yet (or there is
+        nothing to open one with). Called from the loop's thread, between transactions."""
+        if self._reopen is None:
+            return False
+        with self.tracker.lock:  # no answer is sent meanwhile
+            if self.producer.flush(5.0):
+                return False
+            self.producer.close()
+            self.producer = self._reopen()
+        return True
 
     def _due(self, force: bool) -> bool:
         return force or time.monotonic() - self.last_commit >= self._interval_s
@@ -130,8 +162,10 @@ class AtLeastOnce(Committer[E]):
         self.outbox.retire(acked.retired)
         for tp, entry, error in acked.refusals:
             if self.outbox.rescue(entry, error):
-                # Sent again as what the broker takes; its line goes on from here.
-                entry.deliveries = [self.outbox.emit(self.producer, entry)]
+                # Sent again (alone, or as what the broker takes); its line goes on
+                # from here. Under the lock: no answer of another thread joins its batch.
+                with self.tracker.lock:
+                    entry.deliveries = [self.outbox.emit(self.producer, entry)]
                 self.tracker.clear_refusal(tp)
                 continue
             raise FatalError(
@@ -183,8 +217,8 @@ class Transactional(Committer[E]):
         txn_timeout_s: float = 30.0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self._reopen = reopen
+        super().__init__(*args, reopen=reopen, **kwargs)
+        self._open_fresh = reopen
         self._txn_timeout_s = txn_timeout_s
 
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
@@ -240,24 +274,40 @@ class Transactional(Committer[E]):
             try:
                 self.producer.close()
             finally:
-                self.producer = self._reopen()
+                self.producer = self._open_fresh()
         # Where to read again: what the broker holds as committed (a transaction that
         # returned "committed" while a send failed may or may not have landed), else
         # the first record not yet committed -- never the beginning of the topic.
         rewind = self.tracker.first_offsets()
         assigned = self.consumer.assignment()
-        try:
-            stable = self.consumer.committed([tp for tp in rewind if tp in assigned])
-        except KafkaFailure as exc:
-            log.warning("committed offsets unknown after the abort (%s)", exc)
-            stable = {}
+        stable = self._stable([tp for tp in rewind if tp in assigned])
         for tp, first in rewind.items():
+            self.epochs[tp] = self.epochs.get(tp, 0) + 1
             if tp in assigned:
                 at = stable.get(tp)
                 self.consumer.seek(tp, first if at is None else at)
                 if at is not None:
                     self.committed_offsets[tp] = at
         self.tracker.forget(list(rewind))
+
+    def _stable(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """What the broker holds as committed for ``tps``, read again a few times when
+        it cannot say. Never guessed: a transaction whose commit call failed may have
+        landed, and reading from the first uncommitted record would answer it twice."""
+        wait = STABLE_BACKOFF_S
+        for attempt in range(1, STABLE_READS + 1):
+            try:
+                return self.consumer.committed(tps)
+            except KafkaFailure as exc:
+                if attempt == STABLE_READS:
+                    raise FatalError(
+                        f"the committed offsets are unknown after an aborted transaction "
+                        f"({exc}); exiting rather than guess where to read again"
+                    ) from None
+                log.warning("committed offsets unknown after the abort (%s); asking again", exc)
+                _sleep(wait)
+                wait *= 2
+        raise AssertionError("unreachable")
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
         # In-flight work is abandoned: never committed, so the next owner answers it in
@@ -287,4 +337,4 @@ def committer_for(
     a failed abort, with exactly-once)."""
     if exactly_once:
         return Transactional(tracker, consumer, producer, outbox, interval_s, reopen=reopen)
-    return AtLeastOnce(tracker, consumer, producer, outbox, interval_s)
+    return AtLeastOnce(tracker, consumer, producer, outbox, interval_s, reopen=reopen)

@@ -80,7 +80,7 @@ from worker.lifecycle import Deadline, install_stop_signals
 from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.oip import oip_app
-from worker.partitions import BACKPRESSURE, DRAINING, LOADING, RETRY, Partitions
+from worker.partitions import BACKPRESSURE, CAREFUL, DRAINING, LOADING, RETRY, Partitions
 from worker.recovery import CLEAN, LATEST_RESETS, RUNNING, Careful, plan, try_marker
 from worker.repository import ModelRepository
 from worker.retries import Retries
@@ -151,11 +151,14 @@ class Worker:
         self._tracker: OffsetTracker[TopicPartition, Slot] = OffsetTracker()
         # Transient failures waiting for their next try: (due, slot); pool threads add.
         self._retries = Retries(settings.retry_attempts, settings.retry_backoff_ms / 1000)
-        self._deferred: deque[Record] = deque()  # polled while a model loaded
+        # Polled while a model loaded or a careful record ran, with the epoch of their
+        # partition then (Committer.epochs: a rewind makes them stale).
+        self._deferred: deque[tuple[Record, int]] = deque()
         self._budget = Budget(settings.max_inflight_bytes)
         self._partitions = Partitions()
         self._last_lag = 0.0
         self._answers = Answers(settings, self.metrics, tracing=self.tracing)
+        self._producer_batch = self._answers.batch_bytes()  # what the producer's batches hold
         self.committed_records = 0
         self._resources: _Resources | None = None  # set by run()
         self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
@@ -192,7 +195,13 @@ class Worker:
     def _open_producer(self) -> Producer:
         s = self.settings
         txn = s.txn_id if s.exactly_once else None
-        producer = self._clients.producer(self._client_config("producer", transactional_id=txn))
+        # Batches within the output and dead-letter topics' limits (read before).
+        self._producer_batch = self._answers.batch_bytes()
+        producer = self._clients.producer(
+            self._client_config(
+                "producer", transactional_id=txn, batch_max_bytes=self._producer_batch
+            )
+        )
         if s.exactly_once:
             # Fences any earlier producer with this id and aborts its open transaction.
             producer.init_transactions()
@@ -237,6 +246,7 @@ class Worker:
             stack.callback(loader.shutdown, wait=False, cancel_futures=True)
             admin = self._clients.admin(self._client_config("admin"))
             stack.callback(admin.close)
+            self._answers.refresh(admin, force=True)
             producer = self._open_producer()
             consumer = self._clients.consumer(self._client_config("consumer", group_id=s.group_id))
             stack.callback(consumer.close)
@@ -267,7 +277,6 @@ class Worker:
             )
             self._resources = _Resources(cache, pool, loader, admin, consumer, committer, inference)
             stack.callback(lambda: committer.producer.close())
-            self._answers.refresh(admin, force=True)
             consumer.subscribe(list(s.input_topics), self)
             self.health.broker_ok = True
             self._install_signal_handlers(stack)
@@ -320,10 +329,13 @@ class Worker:
                 self._committed(committer.commit(force=True))
             else:
                 room = self._budget.poll_records(self._tracker.inflight_bytes)
-                for record in consumer.poll(room, self._poll_wait_s()):
-                    self._accept(record)  # 2. decode, bind, batch (or dead-letter)
+                records = consumer.poll(room, self._poll_wait_s())
+                epochs = dict(committer.epochs)
+                for record in records:
+                    # 2. decode, bind, batch (or dead-letter)
+                    self._accept(record, epochs.get(record.tp, 0))
             while self._deferred:  # polled while a model was loading
-                self._accept(self._deferred.popleft())
+                self._accept(*self._deferred.popleft())
             self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
             # 3. waiting batches run: at once with a slot free, else when it frees or
             # their window closes
@@ -332,7 +344,15 @@ class Worker:
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
             self._backpressure(consumer)
             self._report_lag(consumer)
-            self._answers.refresh(self._r.admin)
+            self._refresh_limits(committer)
+
+    def _refresh_limits(self, committer: Committer[Slot]) -> None:
+        """The output topics' metadata; a lower size limit than the producer's batches
+        were cut for gets a fresh producer (once what the old one sent is acknowledged)."""
+        self._answers.refresh(self._r.admin)
+        batch = self._answers.batch_bytes()
+        if batch < self._producer_batch and committer.replace_producer():
+            log.info("a topic's max.message.bytes went down: producer batches now %d bytes", batch)
 
     def _poll_wait_s(self) -> float:
         # At-least-once: pool threads send their own answers, so the main thread
@@ -354,23 +374,50 @@ class Worker:
 
     # -- 2. decode -------------------------------------------------------------
 
-    def _accept(self, record: Record) -> None:
+    def _stale(self, record: Record, epoch: int) -> bool:
+        """Polled before an abort rewound its partition: it is read again after the seek."""
+        if self._r.committer.epochs.get(record.tp, 0) == epoch:
+            return False
+        log.debug("%s: polled before its partition was rewound; dropped", record.where)
+        return True
+
+    def _defer(self, records: list[Record]) -> None:
+        epochs = self._r.committer.epochs
+        self._deferred.extend((r, epochs.get(r.tp, 0)) for r in records)
+
+    def _accept(self, record: Record, epoch: int) -> None:
+        if self._stale(record, epoch):
+            return
         if self._partitions.has_unchecked:
             self._check_assigned()
+        careful = self._partitions.careful(record.tp)
+        if careful is not None and careful.covers(record.offset):
+            self._settle_before(record.tp, record.offset)
+            if self._stale(record, epoch):
+                return
+            if self._stopping.is_set():
+                # Not started: left for the next owner, which reads it from the offset
+                # committed (clean) by the drain.
+                log.debug("%s: stopping; left for after the restart", record.where)
+                return
+            self._run_carefully(self._slot(record), careful, epoch)
+            return
+        if careful is not None:
+            self._partitions.set_careful(record.tp, None)
+            log.info("%s[%d]: back to normal", record.topic, record.partition)
+        self._admit_first(self._slot(record))
+
+    def _slot(self, record: Record) -> Slot:
+        """The record's place in its partition's line, its bytes in the budget."""
         slot = Slot(record)
         self._tracker.add(record.tp, slot)
         self._budget.polled(slot.nbytes)
-        careful = self._partitions.careful(record.tp)
-        if careful is not None:
-            if careful.covers(record.offset):
-                self._run_carefully(slot, careful)
-                return
-            self._partitions.set_careful(record.tp, None)
-            log.info("%s[%d]: back to normal", record.topic, record.partition)
-        self._admit_first(slot)
+        return slot
 
-    def _admit(self, slot: Slot) -> None:
-        """Decode and bind a slot's request and hand it to the batcher (or fail it)."""
+    def _admit(self, slot: Slot, before_run: Callable[[], None] | None = None) -> None:
+        """Decode and bind a slot's request and hand it to the batcher (or fail it);
+        ``before_run`` is called once its model is loaded and its request decoded,
+        right before it goes to the batcher (a careful record's try marker)."""
         record = slot.record
         model: str | None = None
         try:
@@ -394,6 +441,8 @@ class Worker:
                 slot.request = slot.bound = None
                 return
         job = Job.for_request(slot, model, version, signature, bound)
+        if before_run is not None:
+            before_run()
         for batch in self._batcher.add(job):
             self._r.inference.submit(batch)
 
@@ -415,7 +464,7 @@ class Worker:
         try:
             while not future.done():
                 self.health.beat()
-                self._deferred.extend(consumer.poll(POLL_RECORDS, 0.05))
+                self._defer(consumer.poll(POLL_RECORDS, 0.05))
         finally:
             loaded = self._partitions.release(self._partitions.held(LOADING), LOADING)
             consumer.resume(loaded & consumer.assignment())
@@ -447,8 +496,8 @@ class Worker:
     def _retry_due(self, consumer: Consumer) -> None:
         due, waiting = self._retries.take_due()
         for slot in due:
-            if slot.out is None and slot.record.tp in self._tracker.partitions():
-                self._admit(slot)
+            if slot.out is None and slot.live and slot.record.tp in self._tracker.partitions():
+                self._admit(slot, self._try_marker(slot))
         # A partition with a record waiting for its retry takes nothing new meanwhile.
         assigned = consumer.assignment()
         new = self._partitions.hold(waiting & assigned, RETRY)
@@ -492,12 +541,13 @@ class Worker:
                 careful.until,
             )
 
-    def _run_carefully(self, slot: Slot, careful: Careful) -> None:
-        """Commit everything before this record, then ``try:<offset>:<n>``, then run it
-        alone: if it takes the process down, the next owner reads how often it did."""
+    def _run_carefully(self, slot: Slot, careful: Careful, epoch: int) -> None:
+        """Everything before this record is settled: commit ``try:<offset>:<n>``, run it
+        alone and wait until it is settled (however long it runs), then commit
+        ``offset + 1`` as clean. If it takes the process down, the next owner reads how
+        often it did; a record never waits behind a marker that is not its own."""
         consumer = self._r.consumer
         tp, offset = slot.record.tp, slot.record.offset
-        self._settle_before(tp, offset)
         attempt = careful.attempt(offset)
         if careful.give_up(offset):
             slot.out = self._answers.dead_letter(
@@ -508,24 +558,71 @@ class Worker:
                 ),
                 model_header(slot.record),
             )
+        else:
+            self._admit_first(slot, self._try_marker(slot))
+            self._dispatch(force=True)
+        if self._settle_before(tp, offset + 1):
+            live = self._r.committer.epochs.get(tp, 0) == epoch  # not rewound meanwhile
+            if live and slot.out is not None and tp in self._partitions:
+                # Settled: its marker goes before anything else runs.
+                with _logged(KafkaFailure, f"{slot.where}: settled marker"):
+                    consumer.commit({tp: offset + 1}, CLEAN)
+                    self._r.committer.found(tp, offset + 1)
             return
-        with _logged(KafkaFailure, f"{slot.where}: try marker"):
-            consumer.commit({tp: offset}, try_marker(offset, attempt))
-        self._admit(slot)
-        self._dispatch(force=True)
-        Deadline(self.settings.drain_timeout_s).wait(
-            lambda: slot.out is not None or self._retries.waiting(slot), 0.001
-        )
-        self.health.beat()
+        if slot.out is None and slot.live and not self._retries.waiting(slot):
+            # A stop (SIGTERM) during a careful run: the run is abandoned, not charged.
+            # Its line holds nothing else (what came before is settled): the drain
+            # commits the last settled offset as clean over its try marker.
+            log.warning(
+                "%s: stopping during its careful run; abandoned (answered after the "
+                "restart, not counted as a crash)",
+                slot.where,
+            )
+            self._tracker.forget([tp])
 
-    def _settle_before(self, tp: TopicPartition, offset: int) -> None:
-        """Answer and commit every record of ``tp`` before ``offset`` (bounded)."""
+    def _try_marker(self, slot: Slot) -> Callable[[], None] | None:
+        """For a careful record: commit ``try:<offset>:<n>`` (called right before it runs,
+        its model loaded: a death while loading charges no record)."""
+        tp, offset = slot.record.tp, slot.record.offset
+        careful = self._partitions.careful(tp)
+        if careful is None or not careful.covers(offset):
+            return None
+        marker = try_marker(offset, careful.attempt(offset))
+
+        def commit() -> None:
+            with _logged(KafkaFailure, f"{slot.where}: try marker"):
+                self._r.consumer.commit({tp: offset}, marker)
+
+        return commit
+
+    def _settle_before(self, tp: TopicPartition, offset: int) -> bool:
+        """Answer and commit every record of ``tp`` before ``offset``, however long that
+        takes; meanwhile every partition is paused (records polled before the pause wait
+        in the deferred list), the group protocol and health go on. False when a stop
+        ended the wait first."""
 
         def settled() -> bool:
             first = self._tracker.first_offsets().get(tp)
             return first is None or first >= offset
 
-        self._pump(settled, Deadline(self.settings.drain_timeout_s), flush_s=0.05)
+        if settled():
+            return True
+        consumer, committer = self._r.consumer, self._r.committer
+        consumer.pause(self._partitions.hold(consumer.assignment(), CAREFUL))
+        try:
+            while not settled() and not self._stopping.is_set():
+                self._retry_due(consumer)
+                self._dispatch(force=True)
+                committer.send()
+                committer.producer.flush(0.05)
+                self._committed(committer.commit(force=True))
+                self.health.beat()
+                if not settled():
+                    self._defer(consumer.poll(POLL_RECORDS, 0.01))
+        finally:
+            released = self._partitions.release(self._partitions.held(CAREFUL), CAREFUL)
+            consumer.resume(released & consumer.assignment())
+        return settled()
 
     def _pump(
         self,

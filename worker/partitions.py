@@ -3,7 +3,8 @@
 A partition pauses for one or more reasons -- :data:`BACKPRESSURE` (it holds
 the most bytes of a spent in-flight budget), :data:`RETRY` (a record of it
 waits for its next try), :data:`LOADING` (a model loads, the loop polls only
-to stay in its group), :data:`DRAINING` (the worker stops) -- and resumes
+to stay in its group), :data:`CAREFUL` (a record runs alone after an unclean
+stop, likewise), :data:`DRAINING` (the worker stops) -- and resumes
 when its last reason goes, so one rule never undoes another's pause.
 :meth:`Partitions.hold` and :meth:`Partitions.release` return the partitions
 to pause or resume; the loop tells the consumer. A partition whose last owner
@@ -25,11 +26,20 @@ from dataclasses import dataclass, field
 from worker.kafka import TopicPartition
 from worker.recovery import Careful
 
-__all__ = ["BACKPRESSURE", "DRAINING", "LOADING", "RETRY", "PartitionState", "Partitions"]
+__all__ = [
+    "BACKPRESSURE",
+    "CAREFUL",
+    "DRAINING",
+    "LOADING",
+    "RETRY",
+    "PartitionState",
+    "Partitions",
+]
 
 BACKPRESSURE = "backpressure"
 RETRY = "retry"
 LOADING = "loading"
+CAREFUL = "careful"
 DRAINING = "draining"
 
 

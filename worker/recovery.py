@@ -24,6 +24,7 @@ __all__ = [
     "Careful",
     "Plan",
     "assess",
+    "clean_metadata",
     "plan",
     "try_marker",
 ]
@@ -33,6 +34,11 @@ RUNNING = "run"
 CAREFUL_RECORDS = 500  # after an unclean stop, at most this many records run one at a time
 CRASH_LIMIT = 3  # crashes on one record (the unnoticed first one included) before it is dropped
 LATEST_RESETS = ("latest", "largest", "end")  # auto.offset.reset values that start at the end
+
+
+def clean_metadata(metadata: str | None) -> str:
+    """Commit metadata as written: librdkafka stores it with a trailing NUL."""
+    return (metadata or "").rstrip("\x00")
 
 
 def try_marker(offset: int, attempt: int) -> str:
@@ -64,8 +70,12 @@ class Careful:
 
 
 def assess(committed: int | None, metadata: str, high_watermark: int | None) -> Careful | None:
-    """What a new owner must do with a partition, from its committed offset and metadata."""
-    if committed is None or metadata == CLEAN:
+    """What a new owner must do with a partition, from its committed offset and metadata.
+
+    Empty metadata is an operator's commit (kafka-consumer-groups --reset-offsets):
+    no worker died mid-stream. Trailing NULs (librdkafka writes one) are ignored."""
+    metadata = clean_metadata(metadata)
+    if committed is None or metadata in (CLEAN, ""):
         return None
     high = committed + CAREFUL_RECORDS if high_watermark is None else high_watermark
     if high <= committed:

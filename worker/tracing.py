@@ -100,7 +100,7 @@ class Tracing:
 
     # -- per record ------------------------------------------------------------------
 
-    def around_decode(self, admit: Callable[[Any], None]) -> Callable[[Any], None]:
+    def around_decode(self, admit: Callable[..., None]) -> Callable[..., None]:
         """``admit`` (a record's decode) inside its ``decode`` span, current meanwhile
         (for logs); ``admit`` itself when tracing is off, so that costs nothing.
 
@@ -110,9 +110,9 @@ class Tracing:
         if not self.enabled:
             return admit
 
-        def traced(slot: Any) -> None:
+        def traced(slot: Any, *args: Any) -> None:
             with self._decoding(slot):
-                admit(slot)
+                admit(slot, *args)
 
         return traced
 

@@ -133,7 +133,14 @@ class KafkaFailure(Exception):
         return self.name in _TOO_LARGE
 
 
-_TOO_LARGE = {"MSG_SIZE_TOO_LARGE", "MessageSizeTooLargeError", "RecordTooLargeError"}
+# The record (or, unseen from here, its batch) over the limit; the batch over the limit.
+_TOO_LARGE = {
+    "MSG_SIZE_TOO_LARGE",
+    "MessageSizeTooLargeError",
+    "RecordTooLargeError",
+    "RECORD_LIST_TOO_LARGE",
+    "RecordListTooLargeError",
+}
 
 
 class CommitDeferred(KafkaFailure):
@@ -224,6 +231,10 @@ class ClientConfig:
     group_id: str | None = None
     transactional_id: str | None = None
     max_message_bytes: int = 16 * 1024 * 1024
+    # The producer's batches stay within this (batch.size, kafka-python's batch_size):
+    # the broker checks a topic's max.message.bytes against a whole batch, so a batch
+    # of answers that each fit is refused when it does not.
+    batch_max_bytes: int | None = None
     properties: Mapping[str, str] = field(default_factory=dict, repr=False)
     # librdkafka's default is 5 minutes: a topic created after start would wait that long.
     metadata_max_age_ms: int = 30_000

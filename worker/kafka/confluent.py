@@ -325,7 +325,7 @@ class ConfluentConsumer:
         return {
             TopicPartition(p.topic, p.partition): (
                 p.offset if p.offset >= 0 else None,
-                p.metadata or "",
+                (p.metadata or "").rstrip("\x00"),  # librdkafka may store a trailing NUL
             )
             for p in got
         }
@@ -381,6 +381,9 @@ def _record(m: Any) -> Record:
     )
 
 
+DEFAULT_BATCH_SIZE = 1_000_000  # librdkafka's batch.size
+
+
 class ConfluentProducer:
     def __init__(self, config: ClientConfig, overrides: Mapping[str, str]) -> None:
         self._access = _Access(config)
@@ -401,6 +404,9 @@ class ConfluentProducer:
         conf.update(for_clients(config.properties, "producer"))
         conf.update(overrides)
         _statistics(conf, config)
+        if config.batch_max_bytes is not None:
+            batch = int(conf.get("batch.size", DEFAULT_BATCH_SIZE))
+            conf["batch.size"] = max(1, min(batch, config.batch_max_bytes))
         self._p = _build(ck.Producer, conf)
         self.transactional = bool(conf.get("transactional.id"))
         _reach(self._p, self._access)

@@ -238,7 +238,10 @@ def _call(fn: Callable[..., T], *args: Any) -> T | BaseException:
 def _kafka_offsets(
     offsets: Mapping[TopicPartition, int], metadata: str = ""
 ) -> dict[KTP, OffsetAndMetadata]:
-    return {KTP(t, p): OffsetAndMetadata(o, metadata, -1) for (t, p), o in offsets.items()}
+    # Written as librdkafka writes it, with a trailing NUL: confluent-kafka reads
+    # metadata as a C string, and without one it reads past the end (seen: 'cleanV').
+    written = metadata + "\x00" if metadata else ""
+    return {KTP(t, p): OffsetAndMetadata(o, written, -1) for (t, p), o in offsets.items()}
 
 
 class KafkaPythonConsumer:
@@ -334,7 +337,10 @@ class KafkaPythonConsumer:
                 got = self._c.committed(KTP(t, p), metadata=True)
             except Errors.KafkaError as exc:
                 raise _failure(exc) from None
-            out[TopicPartition(t, p)] = (None, "") if got is None else (got.offset, got.metadata)
+            if got is None:
+                out[TopicPartition(t, p)] = (None, "")
+            else:  # librdkafka (the other backend) writes metadata with a trailing NUL
+                out[TopicPartition(t, p)] = (got.offset, (got.metadata or "").rstrip("\x00"))
         return out
 
     def watermarks(self, tp: TopicPartition) -> tuple[int, int] | None:
@@ -371,6 +377,9 @@ class KafkaPythonConsumer:
         self._c.close()
 
 
+DEFAULT_BATCH_SIZE = 16384  # kafka-python's batch_size
+
+
 class KafkaPythonProducer:
     def __init__(self, config: ClientConfig, overrides: Mapping[str, str]) -> None:
         base: dict[str, Any] = {
@@ -385,6 +394,9 @@ class KafkaPythonProducer:
             base["transactional_id"] = config.transactional_id
             base["transaction_timeout_ms"] = 10_000
         base.update(kafka_python_config({**config.properties, **overrides}, "producer"))
+        if config.batch_max_bytes is not None:
+            batch = int(base.get("batch_size", DEFAULT_BATCH_SIZE))
+            base["batch_size"] = max(1, min(batch, config.batch_max_bytes))
         self.transactional = bool(base.get("transactional_id"))
         self._p: KafkaProducer = _open(KafkaProducer, base)
 
