@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from worker.cli import parse_settings
 from worker.observability import DEFAULT_METRICS_PORT, Metrics
 
 if sys.version_info >= (3, 11):
@@ -154,6 +155,31 @@ def test_overlay_renders(overlay: str) -> None:
     docs = _rendered(overlay)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "ServiceAccount"} <= kinds
+
+
+@pytest.mark.parametrize("overlay", _OVERLAY_PARAMS)
+def test_the_config_file_is_one_the_worker_accepts(overlay: str, tmp_path: Path) -> None:
+    """The mounted config.toml, under the env ConfigMap's WORKER_* variables, parsed by
+    the worker's own `--config` reader (an unknown key or a bad value would exit 2)."""
+    docs = _rendered(overlay)
+    container = _container(docs)
+    (mount,) = (m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_DIR)
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = (v for v in pod["volumes"] if v["name"] == mount["name"])
+    (data,) = (d["data"] for d in docs
+               if d["kind"] == "ConfigMap" and d["metadata"]["name"] == volume["configMap"]["name"])
+    config = tmp_path / "config.toml"
+    config.write_text(data["config.toml"])
+    name = container["envFrom"][0]["configMapRef"]["name"]
+    (env,) = (d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name)
+    # The repository exists only in the pod: the one setting given here instead.
+    settings = parse_settings(["--config", str(config)], {**env, "WORKER_MODEL_REPOSITORY": "."})
+    for key, value in _config_file(docs).items():
+        plain = isinstance(value, (str, int, float, bool)) and hasattr(settings, key)
+        if plain and key != "model_repository" and f"WORKER_{key.upper()}" not in env:
+            actual = getattr(settings, key)
+            same = value == actual if isinstance(value, (int, float)) else str(value) == str(actual)
+            assert same, key
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
