@@ -486,6 +486,9 @@ class ConfluentAdmin:
         conf.pop("message.max.bytes")
         conf.pop("topic.metadata.refresh.interval.ms")
         self._a = _build(AdminClient, conf)
+        # The first client the worker opens: a refused login or TLS handshake is named
+        # here at once, not after the topic-config reads time out.
+        _reach(self._a, access)
 
     def partitions(self, topic: str) -> int | None:
         try:
