@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.cli import parse_settings
+from worker.cli import _exit_now_if_stuck, parse_settings
 from worker.errors import FatalError
 from worker.loop import Worker
 from worker.observability import configure_logging
@@ -76,4 +76,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Leave as the console script does: without waiting for a model run still busy.
+    sys.exit(_exit_now_if_stuck(main(sys.argv[1:])))
