@@ -24,7 +24,9 @@ __all__ = [
     "model_input",
     "parse_shape",
     "read_file",
+    "read_table",
     "synthetic",
+    "table_source",
 ]
 
 FILE_TYPES = (".npy", ".parquet", ".arrow", ".feather", ".csv")
@@ -189,16 +191,25 @@ def read_file(path: Path, spec: InputSpec, key_column: str | None = None) -> Sou
             if data.ndim == 0:
                 raise UsageError(f"--from {str(path)!r}: a scalar, expected rows on axis 0")
             return _fit(Source(data, None, str(path)), spec)
-        table = _read_table(path, suffix)
+        table = read_table(path)
     except UsageError:
         raise
     except (OSError, ValueError, pa.ArrowException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--from {str(path)!r}: cannot read it: {first}") from exc
-    return _fit(_from_table(table, spec, key_column, str(path)), spec)
+    return table_source(table, spec, str(path), key_column)
 
 
-def _read_table(path: Path, suffix: str) -> pa.Table:
+def table_source(
+    table: pa.Table, spec: InputSpec, desc: str, key_column: str | None = None
+) -> Source:
+    """The rows of a table read by :func:`read_table`, shaped for ``spec``."""
+    return _fit(_from_table(table, spec, key_column, desc), spec)
+
+
+def read_table(path: Path) -> pa.Table:
+    """A .parquet, .csv, .feather or .arrow file (IPC file or stream format) as a table."""
+    suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

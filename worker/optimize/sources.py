@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
 from worker.errors import WorkerError
 from worker.optimize.errors import RequestError, one_line
@@ -59,10 +58,10 @@ def read_sample(path: Path, signature: Signature, model: str | None = None) -> S
     names = [s.name for s in signature.inputs]
     if suffix in (".npy", ".npz"):
         return Sample(_numpy(path, names), str(path))
-    table = _table(path, suffix)
+    table = _table(path)
     if set(table.column_names) >= _RECORDING_COLUMNS:
         return _recording(path, table, signature, model)
-    return _publish_source(path, signature)
+    return _publish_source(path, table, signature)
 
 
 def _numpy(path: Path, names: list[str]) -> dict[str, np.ndarray]:
@@ -82,23 +81,11 @@ def _numpy(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _table(path: Path, suffix: str) -> pa.Table:
+def _table(path: Path) -> pa.Table:
+    from producers.sources import read_table
+
     try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-        if suffix == ".csv":
-            import pyarrow.csv as pcsv
-
-            return pcsv.read_csv(path)
-        # .arrow/.feather: the IPC file format (record writes it) or the stream format.
-        try:
-            with ipc.open_file(path) as reader:
-                return reader.read_all()
-        except pa.ArrowInvalid:
-            with ipc.open_stream(path) as reader:
-                return reader.read_all()
+        return read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise RequestError("sample", f"cannot read {path}: {one_line(exc)}") from None
 
@@ -150,10 +137,10 @@ def _recording(path: Path, table: pa.Table, signature: Signature, model: str | N
     return Sample(arrays, description)
 
 
-def _publish_source(path: Path, signature: Signature) -> Sample:
-    """Rows read as ``inference-producer publish --from`` reads them (one input)."""
+def _publish_source(path: Path, table: pa.Table, signature: Signature) -> Sample:
+    """Rows taken as ``inference-producer publish --from`` takes them (one input)."""
     from producers.errors import UsageError
-    from producers.sources import InputSpec, read_file
+    from producers.sources import InputSpec, table_source
 
     if len(signature.inputs) != 1:
         names = [s.name for s in signature.inputs]
@@ -164,7 +151,7 @@ def _publish_source(path: Path, signature: Signature) -> Sample:
         )
     spec = signature.inputs[0]
     try:
-        source = read_file(path, InputSpec(spec.name, spec.dtype, spec.row_shape))
+        source = table_source(table, InputSpec(spec.name, spec.dtype, spec.row_shape), str(path))
     except UsageError as exc:
         raise RequestError("sample", str(exc).removeprefix("--from ")) from None
     return Sample({spec.name: source.data}, str(path))
