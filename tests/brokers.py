@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.harness import go_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "kafka-local"
 # The Kafka version is written once: docker-compose.yml's x-kafka-image.
@@ -377,16 +379,7 @@ def toxiproxy() -> Iterator[Toxiproxy]:
     import urllib.error
     import urllib.request
 
-    built = subprocess.run(
-        [str(ROOT / "scripts" / "toxiproxy"), "install"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    if built.returncode != 0:
-        raise RuntimeError(f"scripts/toxiproxy install failed:\n{built.stderr[-3000:]}")
-    binary = built.stdout.strip().splitlines()[-1]
+    binary = go_tool("toxiproxy")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])

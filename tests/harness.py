@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,19 @@ from worker.observability import Metrics
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@cache
+def go_tool(name: str) -> str:
+    """The path of a Go command the tests use (promtool, helm, toxiproxy), built once by
+    ``scripts/go-tool NAME install`` into a cache outside the repository."""
+    built = subprocess.run(
+        [str(ROOT / "scripts" / "go-tool"), name, "install"],
+        capture_output=True, text=True, timeout=3600, check=False,
+    )
+    if built.returncode != 0:
+        raise RuntimeError(f"scripts/go-tool {name} install failed:\n{built.stderr[-3000:]}")
+    return built.stdout.strip().splitlines()[-1]
 
 
 def settings(

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
+from tests.harness import go_tool
 from tests.test_deploy import _exposed_metric_names, _metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +44,8 @@ ALERTS = {
 }
 
 
-@cache
 def promtool() -> str:
-    built = subprocess.run(
-        [str(ROOT / "scripts" / "promtool"), "install"],
-        capture_output=True, text=True, timeout=3600, check=False,
-    )
-    if built.returncode != 0:
-        pytest.fail(f"scripts/promtool install failed:\n{built.stderr[-3000:]}")
-    return built.stdout.strip()
+    return go_tool("promtool")
 
 
 def run_promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

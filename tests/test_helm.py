@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.harness import go_tool
 from tests.test_deploy import K8S_VERSIONS, _config, _config_file, _is_crd, _one, _rendered
 
 if sys.version_info >= (3, 11):
@@ -41,15 +41,8 @@ PAIRS: dict[str, dict[str, Any]] = {
 }
 
 
-@cache
 def helm() -> str:
-    built = subprocess.run(
-        [str(ROOT / "scripts" / "helm"), "install"],
-        capture_output=True, text=True, timeout=3600, check=False,
-    )
-    if built.returncode != 0:
-        pytest.fail(f"scripts/helm install failed:\n{built.stderr[-3000:]}")
-    return built.stdout.strip()
+    return go_tool("helm")
 
 
 def run_helm(*args: str, values: dict[str, Any] | None = None,

@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from tests.harness import (
-    ROOT,
     consume,
     consume_ids,
     demo_requests,
+    go_tool,
     produce,
     settings,
     worker_thread,
@@ -192,12 +192,7 @@ def test_no_created_series(served: str) -> None:
 
 
 def _promtool() -> Path:
-    """promtool, built once by ``scripts/promtool install`` (cached outside the repository)."""
-    built = subprocess.run(
-        [str(ROOT / "scripts" / "promtool"), "install"], capture_output=True, text=True
-    )
-    assert built.returncode == 0, f"scripts/promtool install failed:\n{built.stderr[-3000:]}"
-    return Path(built.stdout.strip())
+    return Path(go_tool("promtool"))
 
 
 @pytest.mark.kafka
