@@ -35,6 +35,9 @@ from tests.harness import demo_requests, worker_process
 pytestmark = pytest.mark.kafka
 
 RATE = 100  # records per second published
+# The longest kill -> restart -> commits-again cycle seen on 2 cores: a stream of many
+# kills must still be arriving at the last one (else the last kills are not mid-stream).
+KILL_CYCLE_S = 8
 QUICK_GROUP = ["session.timeout.ms=6000", "heartbeat.interval.ms=500"]
 
 
@@ -107,7 +110,7 @@ def _kill_mid_stream(
     first run alone, so it must have exactly one answer: a restart that ignored the
     committed offsets would answer it again.
     """
-    n = 300 + 150 * kills
+    n = 300 + (150 if kills == 1 else RATE * KILL_CYCLE_S) * kills
     requests, outputs = new_topic(partitions=2), new_topic(partitions=2)
     txn = f"{group}-txn" if exactly_once else None
     args = _args(bootstrap, requests, outputs, repo, group, client, txn)
