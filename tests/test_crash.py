@@ -205,6 +205,7 @@ def test_kill_9_mid_stream_then_restart_nothing_lost(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # a 163 s stream and 20 restarts (kafka-python's take longest)
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
 def test_kill_9_mid_stream_20_times(
     kafka_bootstrap: str,
