@@ -440,6 +440,36 @@ def test_a_careful_record_that_outlives_the_drain_timeout_is_waited_for(
         assert commits[at - 1] == (i, CLEAN), commits
 
 
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_careful_record_revoked_and_reassigned_mid_run_is_never_committed_unanswered(
+    repo: Path, exactly_once: bool
+) -> None:
+    # After an unclean stop, record 0 runs alone; the group takes its partition away and
+    # gives it back while it runs (its work is abandoned). The partition's offset must not
+    # move past record 0 before its answer has landed (a crash then would lose it).
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    loader = SlowLoader(slow_x=0.0, seconds=1.0)
+    landed_at_commit: list[tuple[int, str, list[str | None]]] = []
+    commit = kafka.consumer.commit
+
+    def watched(offsets: Any, metadata: str = "") -> None:
+        if IN0 in offsets:
+            landed_at_commit.append((offsets[IN0], metadata, _ids(kafka, "out")))
+        commit(offsets, metadata)
+
+    kafka.consumer.commit = watched  # type: ignore[method-assign]
+    with serving(repo, kafka, loader=loader, exactly_once=exactly_once):
+        assert loader.running.wait(10)
+        kafka.consumer.rebalance("revoke", [IN0])
+        kafka.consumer.rebalance("assign", [IN0])
+        _until(lambda: kafka.group.get(IN0) == 2 and {"0-0", "0-1"} <= set(_ids(kafka, "out")))
+    for offset, metadata, landed in landed_at_commit:
+        assert offset == 0 or "0-0" in landed, (offset, metadata, landed_at_commit)
+
+
 def test_after_an_abort_in_careful_mode_the_rewound_partitions_polled_records_are_dropped(
     repo: Path,
 ) -> None:

@@ -95,8 +95,9 @@ class Committer(Generic[E]):
         # What the group has committed for each partition (ours, or found at assignment).
         self.committed_offsets: dict[TopicPartition, int] = {}
         self.aborted = 0  # transactions aborted (only a transactional committer has any)
-        # Bumped for each partition a transaction abort rewinds: records polled before
-        # (in a poll batch, deferred, waiting for a retry) are read again, not run.
+        # Bumped for each partition a transaction abort rewinds or the group takes away:
+        # records polled before (in a poll batch, deferred, waiting for a retry) are
+        # read again (after the seek, or by whoever owns the partition next), not run.
         self.epochs: dict[TopicPartition, int] = {}
 
     def found(self, tp: TopicPartition, offset: int) -> None:
@@ -104,9 +105,12 @@ class Committer(Generic[E]):
         self.committed_offsets[tp] = offset
 
     def forget(self, tps: Collection[TopicPartition]) -> None:
-        """``tps`` were given up: their committed offsets are another owner's now."""
+        """``tps`` were given up: their committed offsets are another owner's now, and
+        records polled from them before are stale (given back at once, they are
+        fetched again from the committed offset)."""
         for tp in tps:
             self.committed_offsets.pop(tp, None)
+            self.epochs[tp] = self.epochs.get(tp, 0) + 1
 
     def clean_offsets(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         """The committed offsets of ``tps``, to commit again as "clean" on the way out."""
