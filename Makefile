@@ -61,16 +61,19 @@ toxiproxy:
 	@scripts/toxiproxy install >/dev/null
 
 # Prometheus' promtool (the alerting rules' unit tests, the compose Prometheus
-# config) and Helm (the chart's lint, template and install), each built once
-# with `go install` into ~/.cache (a few minutes cold on two cores).
-.PHONY: promtool helm
+# config), Helm (the chart's lint, template and install) and Docker Compose
+# (`docker-compose config` on docker-compose.yml), each built once with Go into
+# ~/.cache (a few minutes cold on two cores).
+.PHONY: promtool helm compose
 promtool:
 	@scripts/promtool install >/dev/null
 helm:
 	@scripts/helm install >/dev/null
+compose:
+	@scripts/go-tool compose install >/dev/null
 
 # lint first: a lint error fails the run before the slow tests start.
-test: lint kafka-jars kubectl toxiproxy promtool helm
+test: lint kafka-jars kubectl toxiproxy promtool helm compose
 	$(PY) -m pytest -m "not slow and not k8s" --durations=25 $(PYTEST_ARGS)
 
 test-slow: install kafka-jars toxiproxy

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @cache
 def go_tool(name: str) -> str:
-    """The path of a Go command the tests use (promtool, helm, toxiproxy), built once by
+    """The path of a Go command the tests use (promtool, helm, toxiproxy, compose), built once by
     ``scripts/go-tool NAME install`` into a cache outside the repository."""
     built = subprocess.run(
         [str(ROOT / "scripts" / "go-tool"), name, "install"],
