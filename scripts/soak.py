@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,13 +124,15 @@ class WorkerProcess:
                 self.proc.kill()
 
 
-def start_worker(bootstrap: str, topic: str, repo: Path, logdir: Path, name: str) -> WorkerProcess:
+def start_worker(
+    bootstrap: str, topic: str, repo: Path, logdir: Path, name: str, extra: Sequence[str] = ()
+) -> WorkerProcess:
     port = _free_port()
     log = logdir / f"{name}.log"
     args = [sys.executable, "-m", "worker.cli", "run", "--bootstrap-servers", bootstrap]
     args += ["--input-topic", topic, "--output-topic", f"{topic}.out", "--model-repository"]
     args += [str(repo), "--default-model", "mnist-mlp", "--group-id", f"{topic}-g"]
-    args += ["--metrics-port", str(port), "--device", "cpu", "--log-level", "WARNING"]
+    args += ["--metrics-port", str(port), "--device", "cpu", "--log-level", "WARNING", *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     worker = WorkerProcess(proc, port, log)

@@ -779,6 +779,21 @@ def test_dashboard_splits_per_model_panels_by_version() -> None:
     assert "model" in variables
 
 
+def test_dashboard_picture_fills_in_every_variable() -> None:
+    """scripts/dashboard_picture.py asks Prometheus the panels' queries with each
+    dashboard variable filled in; a variable it does not know would reach Prometheus
+    as a parse error (and a panel drawn as "No data")."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import dashboard_picture
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    for expr in _dashboard_exprs():
+        assert "$" not in dashboard_picture._query(expr), expr
+    assert (ROOT / "docs" / "images" / "dashboard.png").stat().st_size > 0
+    assert "](images/dashboard.png)" in (ROOT / "docs" / "deploy.md").read_text()
+
+
 # ---------------------------------------------------------------- docs
 
 
