@@ -167,6 +167,19 @@ class Resources:
             metrics=metrics,
         )
         return cls(
-            cache, pool, loader, admin, consumer, committer, connections, partitions,
-            retries, deferred, batcher, inference, intake, careful, flow,
-        )  # fmt: skip
+            cache=cache,
+            pool=pool,
+            loader=loader,
+            admin=admin,
+            consumer=consumer,
+            committer=committer,
+            connections=connections,
+            partitions=partitions,
+            retries=retries,
+            deferred=deferred,
+            batcher=batcher,
+            inference=inference,
+            intake=intake,
+            careful=careful,
+            flow=flow,
+        )
