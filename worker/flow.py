@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from worker.partitions import BACKPRESSURE, Partitions
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for the annotations: the rules above run without any of them
     from worker.batching import Batcher
     from worker.commit import Committer
     from worker.inference import Inference
