@@ -16,13 +16,11 @@ import pytest
 
 from tests import modelzoo
 from tests.harness import consume_ids, produce, settings, worker_thread
+from worker.flow import PAUSE_AFTER_S, POLL_RECORDS
 from worker.observability import Metrics
 from worker.protocol import encode_request
 
 pytestmark = pytest.mark.kafka
-
-POLL_RECORDS = 500  # worker/loop.py asks the client for at most this many records a poll
-PAUSE_AFTER_S = 1.0  # worker/loop.py _PAUSE_AFTER_S
 
 
 def test_a_budget_spent_for_a_second_pauses_partitions_then_they_resume_bounded(

@@ -1,21 +1,28 @@
-"""Flow control (worker.flow) and per-partition state (worker.partitions): plain rules."""
+"""Flow control (worker.flow) and per-partition state (worker.partitions): plain rules,
+and FlowControl applying them to a fake consumer."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from tests.fakes import Clock
+from tests.fakes import Clock, FakeConsumer
 from worker.flow import (
+    LAG_EVERY_S,
     PAUSE_AFTER_S,
     POLL_RECORDS,
     POLL_WAIT_S,
     TXN_POLL_WAIT_S,
     Budget,
+    FlowControl,
     poll_wait_s,
     to_pause,
     to_resume,
 )
 from worker.kafka import TopicPartition
+from worker.observability import Metrics
+from worker.offsets import Entry, OffsetTracker
 from worker.partitions import BACKPRESSURE, DRAINING, LOADING, RETRY, Partitions
 from worker.recovery import Careful
 
@@ -134,3 +141,154 @@ def test_the_careful_plan_of_a_partition_is_kept_until_cleared() -> None:
     assert p.careful(A) is plan and p.careful(B) is None
     p.set_careful(A, None)
     assert p.careful(A) is None
+
+
+# -- FlowControl: the rules applied to the consumer -----------------------------------------------
+
+
+class _Batcher:
+    def __init__(self) -> None:
+        self.waiting = 0  # groups waiting for a run slot
+        self.deadline: float | None = None
+
+    def __len__(self) -> int:
+        return self.waiting
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+
+class _Rig:
+    """A FlowControl over a fake consumer owning A, B, C, a real tracker and books."""
+
+    def __init__(self, limit: int = 1000, *, txn: bool = False) -> None:
+        self.clock = Clock()
+        self.consumer = FakeConsumer({}, [A, B, C], clock=self.clock)
+        self.tracker: OffsetTracker[TopicPartition, Entry] = OffsetTracker()
+        self.partitions = Partitions()
+        self.metrics = Metrics()
+        self.batcher = _Batcher()
+        self.inference = SimpleNamespace(running=set(), next_free=lambda: None)
+        self.retries = SimpleNamespace(next_due=lambda: None)
+        self.flow = FlowControl(
+            limit,
+            consumer=self.consumer,
+            committer=SimpleNamespace(sends_on_commit=txn),
+            tracker=self.tracker,
+            partitions=self.partitions,
+            batcher=self.batcher,
+            inference=self.inference,
+            retries=self.retries,
+            metrics=self.metrics,
+            clock=self.clock.monotonic,
+        )
+
+    def hold(self, tp: TopicPartition, nbytes: int) -> Entry:
+        entry = Entry(len(self.tracker.bytes_by_partition()), nbytes)
+        self.tracker.add(tp, entry)
+        return entry
+
+    def gauge(self, name: str) -> float | None:
+        return self.metrics.registry.get_sample_value(f"inference_worker_{name}")
+
+
+def test_flow_control_waits_then_pauses_the_fullest_partition_and_resumes_it_when_drained() -> None:
+    rig = _Rig(1000)
+    rig.hold(A, 900)
+    rig.hold(B, 200)
+    assert rig.flow.waiting()  # spent: wait for acknowledgements, pause nothing yet
+    rig.flow.backpressure()
+    assert rig.consumer.paused == set() and rig.gauge("paused_partitions") == 0
+    rig.clock.sleep(PAUSE_AFTER_S)
+    assert not rig.flow.waiting()  # spent for a second: poll again, the fullest paused
+    rig.flow.backpressure()
+    assert rig.consumer.paused == {A} and rig.partitions.held(BACKPRESSURE) == {A}
+    assert rig.gauge("paused_partitions") == 1 and rig.gauge("inflight_bytes") == 1100
+    rig.tracker.forget([A])  # its bytes committed
+    rig.flow.backpressure()
+    assert rig.consumer.paused == set() and rig.consumer.resumes == [{A}]
+    assert rig.partitions.held(BACKPRESSURE) == set() and rig.gauge("paused_partitions") == 0
+
+
+def test_flow_control_keeps_another_reasons_pause_when_backpressure_lets_go() -> None:
+    rig = _Rig(1000)
+    rig.hold(A, 1500)
+    rig.flow.waiting()
+    rig.clock.sleep(PAUSE_AFTER_S)
+    rig.flow.waiting()
+    rig.consumer.pause(rig.partitions.hold([A], RETRY))
+    rig.flow.backpressure()
+    assert rig.partitions.held(BACKPRESSURE) == {A}
+    rig.tracker.forget([A])
+    rig.flow.backpressure()
+    assert rig.consumer.paused == {A}  # still waiting for its retry
+    assert rig.partitions.held(BACKPRESSURE) == set()
+
+
+def test_flow_control_resumes_only_assigned_partitions_and_keeps_the_others_in_its_books() -> None:
+    rig = _Rig(1000)
+    rig.hold(A, 1500)
+    rig.flow.waiting()
+    rig.clock.sleep(PAUSE_AFTER_S)
+    rig.flow.waiting()
+    rig.flow.backpressure()
+    assert rig.consumer.paused == {A}
+    rig.consumer.assigned.discard(A)  # between two rebalance callbacks
+    rig.tracker.forget([A])
+    rig.flow.backpressure()
+    assert rig.consumer.resumes == [] and rig.partitions.held(BACKPRESSURE) == {A}
+
+
+def test_flow_control_polls_no_more_records_than_the_budget_has_room_for() -> None:
+    rig = _Rig(1_000_000)
+    assert rig.flow.poll_records() == POLL_RECORDS
+    rig.flow.budget.polled(1024)
+    rig.hold(A, 1_000_000 - 3 * 1024)
+    assert rig.flow.poll_records() == 3
+
+
+def test_flow_control_waits_for_the_next_deadline_and_briefly_for_a_transaction() -> None:
+    rig = _Rig()
+    assert rig.flow.poll_wait_s() == POLL_WAIT_S
+    rig.retries.next_due = lambda: rig.clock.now + 0.03
+    assert rig.flow.poll_wait_s() == pytest.approx(0.03)
+    rig.batcher.deadline = rig.clock.now + 0.01
+    assert rig.flow.poll_wait_s() == pytest.approx(0.01)
+    rig.inference.running = {object()}  # at-least-once: pool threads send their own
+    assert rig.flow.poll_wait_s() == pytest.approx(0.01)
+    rig.inference.next_free = lambda: rig.clock.now + 0.002
+    assert rig.flow.poll_wait_s() == pytest.approx(0.01)  # no group waits for a slot
+    rig.batcher.waiting = 1
+    assert rig.flow.poll_wait_s() == pytest.approx(0.002)
+    txn = _Rig(txn=True)
+    assert txn.flow.poll_wait_s() == POLL_WAIT_S  # nothing due
+    txn.inference.running = {object()}
+    assert txn.flow.poll_wait_s() == TXN_POLL_WAIT_S
+
+
+def test_flow_control_reports_each_partitions_lag_at_most_every_second() -> None:
+    rig = _Rig()
+    for i in range(5):
+        rig.consumer.append(A, b"x")
+        if i < 2:
+            rig.consumer.append(B, b"x")
+    lag = {"topic": "in", "partition": "0"}
+
+    def gauge() -> float | None:
+        return rig.metrics.registry.get_sample_value("inference_worker_consumer_lag", lag)
+
+    rig.flow.report_lag()
+    assert gauge() == 5
+    assert (
+        rig.metrics.registry.get_sample_value(
+            "inference_worker_consumer_lag", {"topic": "in", "partition": "1"}
+        )
+        == 2
+    )
+    rig.consumer.group[A] = 4
+    rig.clock.sleep(LAG_EVERY_S - 0.01)
+    rig.flow.report_lag()
+    assert gauge() == 5  # not read again yet
+    rig.clock.sleep(0.01)
+    rig.flow.report_lag()
+    assert gauge() == 1

@@ -6,22 +6,37 @@ for no more records than the room left (so one poll does not pause its own
 partitions). At it, the loop stops polling and waits for acknowledgements
 (librdkafka keeps what it prefetched); if that lasts :data:`PAUSE_AFTER_S`,
 the partitions holding the most are paused, and each resumes once it holds
-less than half its share. Plain rules on numbers and an injected clock; the
-loop does the pausing.
+less than half its share. Plain rules on numbers and an injected clock, and
+:class:`FlowControl`, which applies them for the loop: it tells the consumer
+which partitions to pause and resume, how many records to poll and how long
+to wait, and keeps the in-flight and lag gauges.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from worker.partitions import BACKPRESSURE, Partitions
+
+if TYPE_CHECKING:  # for the annotations: the rules above run without any of them
+    from worker.batching import Batcher
+    from worker.commit import Committer
+    from worker.inference import Inference
+    from worker.kafka import Consumer, TopicPartition
+    from worker.observability import Metrics
+    from worker.offsets import OffsetTracker
+    from worker.retries import Retries
 
 __all__ = [
+    "LAG_EVERY_S",
     "PAUSE_AFTER_S",
     "POLL_RECORDS",
     "POLL_WAIT_S",
     "TXN_POLL_WAIT_S",
     "Budget",
+    "FlowControl",
     "poll_wait_s",
     "to_pause",
     "to_resume",
@@ -34,6 +49,7 @@ PAUSE_AFTER_S = 1.0
 POLL_RECORDS = 500  # the most records one poll asks for
 POLL_WAIT_S = 0.1  # the longest a poll waits when nothing else is due
 TXN_POLL_WAIT_S = 0.002  # exactly-once, answers due: the transaction is driven from the loop
+LAG_EVERY_S = 1.0  # how often the consumer-lag gauges are read
 
 P = TypeVar("P")  # a partition
 
@@ -113,3 +129,85 @@ def poll_wait_s(
     if due:
         return max(0.0, min(min(due) - now, POLL_WAIT_S))
     return POLL_WAIT_S
+
+
+class FlowControl:
+    """The rules above applied for the loop, on its thread: the budget, the
+    backpressure pauses (a :data:`~worker.partitions.BACKPRESSURE` reason in
+    :class:`~worker.partitions.Partitions`), the poll wait, the gauges."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        consumer: Consumer,
+        committer: Committer[Any],
+        tracker: OffsetTracker[TopicPartition, Any],
+        partitions: Partitions,
+        batcher: Batcher,
+        inference: Inference,
+        retries: Retries,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budget = Budget(max_bytes, clock=clock)
+        self._consumer, self._committer, self._tracker = consumer, committer, tracker
+        self._partitions, self._batcher, self._inference = partitions, batcher, inference
+        self._retries, self._metrics, self._clock = retries, metrics, clock
+        self._last_lag: float | None = None
+
+    def waiting(self) -> bool:
+        """The budget is spent: wait for acknowledgements instead of polling."""
+        return self.budget.waiting(self._tracker.inflight_bytes)
+
+    def poll_records(self) -> int:
+        return self.budget.poll_records(self._tracker.inflight_bytes)
+
+    def poll_wait_s(self) -> float:
+        """How long the next poll (or wait for acknowledgements) may take."""
+        # At-least-once: pool threads send their own answers, so the main thread
+        # may wait in poll() for records. A transaction is driven from the loop, so
+        # with --exactly-once it checks back often while answers are due.
+        txn_due = self._committer.sends_on_commit and bool(
+            self._inference.running or self._tracker.has_due_answers()
+        )
+        # A waiting group runs when a slot frees: look again when the runs should end.
+        free = self._inference.next_free() if len(self._batcher) else None
+        deadlines = (self._batcher.next_deadline(), free, self._retries.next_due())
+        return poll_wait_s(self._clock(), deadlines, txn_answers_due=txn_due)
+
+    def backpressure(self) -> None:
+        """Pause the partitions holding the most bytes while over the limit; resume each
+        as it drains below half its share."""
+        consumer, parts, tracker = self._consumer, self._partitions, self._tracker
+        limit = self.budget.max_bytes
+        held = tracker.bytes_by_partition()
+        total = tracker.inflight_bytes
+        assigned = consumer.assignment()
+        paused = parts.held(BACKPRESSURE)
+        pause = to_pause(held, total, limit, self.budget.spent_s(), paused) & assigned
+        newly = parts.hold(pause, BACKPRESSURE)
+        if newly:
+            consumer.pause(newly)
+        paused |= pause
+        # Only what really was resumed leaves the set: a partition the client does
+        # not list as assigned right now stays paused in our books and in its.
+        resumed = to_resume(held, total, limit, paused) & assigned
+        freed = parts.release(resumed, BACKPRESSURE)
+        if freed:
+            consumer.resume(freed)
+        paused -= resumed
+        self._metrics.paused_partitions.set(len(paused))
+        self._metrics.inflight_bytes.set(total)
+
+    def report_lag(self) -> None:
+        """The consumer-lag gauges, at most every :data:`LAG_EVERY_S`."""
+        now = self._clock()
+        if self._last_lag is not None and now - self._last_lag < LAG_EVERY_S:
+            return
+        self._last_lag = now
+        for tp in self._consumer.assignment():
+            lag = self._consumer.lag(tp)
+            if lag is not None:
+                labels = {"topic": tp.topic, "partition": str(tp.partition)}
+                self._metrics.consumer_lag.labels(**labels).set(lag)

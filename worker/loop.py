@@ -5,11 +5,12 @@ Follow one record down this file:
 1. ``poll()`` (main thread): the record gets a :class:`Slot` at the back of
    its partition's line in the :class:`~worker.offsets.OffsetTracker`; lines
    keep offset order.
-2. ``_accept``/``_admit``: bytes -> Request -> model inputs. Any error turns
-   the slot into a dead letter on the spot (a transient one is first retried
-   with backoff, its partition paused); the record is never dropped. A model
-   that is not loaded yet loads on another thread while this one keeps
-   polling (paused), so the group never loses the worker.
+2. ``_accept``, then :class:`~worker.intake.Intake`: bytes -> Request ->
+   model inputs. Any error turns the slot into a dead letter on the spot (a
+   transient one is first retried with backoff, its partition paused); the
+   record is never dropped. A model that is not loaded yet loads on another
+   thread while this one keeps polling (paused), so the group never loses
+   the worker.
 3. ``Batcher``: jobs for the same model and row shape are coalesced while
    every run slot is busy (a request that finds one free runs at once, with
    what the same poll brought); batches go to the inference pool, or run right
@@ -27,7 +28,7 @@ Follow one record down this file:
 
 Poison pills: offsets carry a marker in their metadata (:mod:`worker.recovery`).
 A new owner that finds the last one died mid-stream runs the records it was in
-the middle of one at a time (``_run_carefully``); a record that crashes the
+the middle of one at a time (:mod:`worker.careful`); a record that crashes the
 process again and again is dead-lettered after the third crash. The normal
 path pays nothing for it.
 
@@ -35,7 +36,7 @@ Backpressure: when the bytes between steps 1 and 6 reach
 ``--max-inflight-bytes``, the loop stops polling and waits for acknowledgements
 (librdkafka keeps what it prefetched); if that lasts a second, the partitions
 holding the most are paused and the loop polls again, so the consumer stays in
-its group.
+its group (:class:`~worker.flow.FlowControl`).
 """
 
 from __future__ import annotations
@@ -43,74 +44,30 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-import time
-from collections import deque
-from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Collection
+from contextlib import ExitStack
 
-from worker.answers import Answers, Outgoing, Slot, log_fields, model_header
-from worker.batching import Batcher, Job
-from worker.cache import ResponseCache, SessionCache
-from worker.commit import Committer, committer_for
-from worker.errors import (
-    ConfigError,
-    FatalError,
-    InferenceError,
-    WorkerError,
-)
-from worker.flow import POLL_RECORDS, Budget, poll_wait_s, to_pause, to_resume
-from worker.inference import Inference, Loader, session_cache
-from worker.kafka import (
-    KAFKA,
-    Admin,
-    ClientConfig,
-    Clients,
-    Consumer,
-    KafkaFailure,
-    Producer,
-    Record,
-    TopicPartition,
-    fmt_tps,
-)
+from worker.answers import Outgoing, Slot
+from worker.careful import commit_marker
+from worker.commit import Committer
+from worker.errors import ConfigError, FatalError, WorkerError
+from worker.inference import Loader, session_cache
+from worker.kafka import KAFKA, Clients, Consumer, Record, TopicPartition, fmt_tps
 from worker.lifecycle import Deadline, install_stop_signals
 from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.oip import oip_app
-from worker.partitions import BACKPRESSURE, CAREFUL, DRAINING, LOADING, RETRY, Partitions
-from worker.recovery import CLEAN, LATEST_RESETS, RUNNING, Careful, plan, try_marker
+from worker.partitions import DRAINING, RETRY
+from worker.recovery import CLEAN, RUNNING
 from worker.repository import ModelRepository
-from worker.retries import Retries
+from worker.resources import Resources
 from worker.runtime import load_session, resolve_device
 from worker.settings import Settings
-from worker.signature import Signature
 from worker.tracing import Tracing
 
-__all__ = [
-    "FatalError",
-    "Outgoing",
-    "Slot",
-    "Worker",
-    "run_worker",
-]
+__all__ = ["FatalError", "Outgoing", "Slot", "Worker", "run_worker"]
 
 log = logging.getLogger("worker.loop")
-
-
-@dataclass(frozen=True)
-class _Resources:
-    """What exists only while ``run()`` runs (built there, closed by its ExitStack)."""
-
-    cache: SessionCache
-    pool: ThreadPoolExecutor  # inference runs
-    loader: ThreadPoolExecutor  # model loads, off the polling thread
-    admin: Admin
-    consumer: Consumer
-    committer: Committer[Slot]
-    inference: Inference
 
 
 class Worker:
@@ -136,32 +93,15 @@ class Worker:
         self._load = loader
         self.metrics = metrics or Metrics()
         self.tracing = tracing or Tracing.from_environment()
-        self._admit_first = self.tracing.around_decode(self._admit)  # in its decode span
         # Liveness fails when nothing is committed for longer than a session timeout.
         session_s = float(settings.kafka_properties.get("session.timeout.ms", 45_000)) / 1000
         self.health = health or Health(commit_stall_after_s=session_s)
         self.metrics_port: int | None = None
         self._stopping = threading.Event()
         self._closed = threading.Event()  # set once run() has closed every client
-        self._batcher = Batcher(
-            settings.max_batch_rows,
-            settings.max_batch_delay_ms / 1000,
-            settings.coalesce_below_rows,
-        )
         self._tracker: OffsetTracker[TopicPartition, Slot] = OffsetTracker()
-        # Transient failures waiting for their next try: (due, slot); pool threads add.
-        self._retries = Retries(settings.retry_attempts, settings.retry_backoff_ms / 1000)
-        # Polled while a model loaded or a careful record ran, with the epoch of their
-        # partition then (Committer.epochs: a rewind makes them stale).
-        self._deferred: deque[tuple[Record, int]] = deque()
-        self._budget = Budget(settings.max_inflight_bytes)
-        self._partitions = Partitions()
-        self._last_lag = 0.0
-        self._answers = Answers(settings, self.metrics, tracing=self.tracing)
-        self._producer_batch = self._answers.batch_bytes()  # what the producer's batches hold
         self.committed_records = 0
-        self._resources: _Resources | None = None  # set by run()
-        self._responses = ResponseCache(settings.response_cache_size, metrics=self.metrics)
+        self._resources: Resources | None = None  # set by run()
 
     def assignment(self) -> set[TopicPartition]:
         """Partitions this worker owns now (empty before it joined its group)."""
@@ -169,7 +109,7 @@ class Worker:
         return r.consumer.assignment() if r is not None else set()
 
     @property
-    def _r(self) -> _Resources:
+    def _r(self) -> Resources:
         if self._resources is None:
             raise RuntimeError("the worker is not running: call run() first")
         return self._resources
@@ -179,33 +119,6 @@ class Worker:
         self._stopping.set()
 
     # -- setup -----------------------------------------------------------------
-
-    def _client_config(self, role: str, **kwargs: Any) -> ClientConfig:
-        s = self.settings
-        return ClientConfig(
-            bootstrap_servers=s.bootstrap_servers,
-            backend=s.kafka_client,
-            client_id=f"{s.group_id}-{role}",
-            max_message_bytes=s.max_message_bytes,
-            properties=s.kafka_properties,
-            on_stats=self.metrics.kafka_statistics(role),
-            **kwargs,
-        )
-
-    def _open_producer(self) -> Producer:
-        s = self.settings
-        txn = s.txn_id if s.exactly_once else None
-        # Batches within the output and dead-letter topics' limits (read before).
-        self._producer_batch = self._answers.batch_bytes()
-        producer = self._clients.producer(
-            self._client_config(
-                "producer", transactional_id=txn, batch_max_bytes=self._producer_batch
-            )
-        )
-        if s.exactly_once:
-            # Fences any earlier producer with this id and aborts its open transaction.
-            producer.init_transactions()
-        return producer
 
     def run(self, *, count: int | None = None, timeout: float | None = None) -> int:
         """Serve until ``stop()``, or until ``count`` records are committed, or ``timeout`` s."""
@@ -219,65 +132,8 @@ class Worker:
         with ExitStack() as stack:
             stack.callback(self._closed.set)  # the last callback: after every close
             stack.callback(self.tracing.close)
-            repository = ModelRepository(s.model_repository)
-            self._batcher.settings_for = repository.settings  # per-model batching
-            cache = session_cache(s, device, repository, self._load, self.metrics)
-            stack.callback(cache.close)
-            server = stack.enter_context(
-                HealthServer(
-                    s.metrics_port,
-                    self.metrics,
-                    self.health,
-                    bind=s.metrics_bind,
-                    v2=oip_app(repository, self.health),
-                )
-            )
-            self.metrics_port = server.port
-            for name, version in s.preload:
-                try:
-                    cache.preload(name, version)
-                except WorkerError as exc:
-                    raise ConfigError("--preload", f"{name}: {exc}") from None
-            self.health.preloaded = True
-            pool = ThreadPoolExecutor(s.inference_threads, thread_name_prefix="infer")
-            # Never wait for a stuck run on the way out (the CLI exits regardless).
-            stack.callback(pool.shutdown, wait=False, cancel_futures=True)
-            loader = ThreadPoolExecutor(1, thread_name_prefix="load")
-            stack.callback(loader.shutdown, wait=False, cancel_futures=True)
-            admin = self._clients.admin(self._client_config("admin"))
-            stack.callback(admin.close)
-            self._answers.refresh(admin, force=True)
-            producer = self._open_producer()
-            consumer = self._clients.consumer(self._client_config("consumer", group_id=s.group_id))
-            stack.callback(consumer.close)
-            committer = committer_for(
-                s.exactly_once,
-                self._tracker,
-                consumer,
-                producer,
-                self._answers,
-                s.commit_interval_ms / 1000,
-                reopen=self._open_producer,
-            )
-            self.metrics.watch_transactions(lambda: committer.aborted)
-            inference = Inference(
-                cache,
-                pool,
-                metrics=self.metrics,
-                answers=self._answers,
-                tracker=self._tracker,
-                responses=self._responses,
-                failed=self._failed,
-                sent=lambda: committer.send(),
-                max_rows=s.max_batch_rows,
-                slots=s.inference_threads,
-                inline_below_ms=s.inline_below_ms,
-                one_cpu_thread=device == "cpu" and s.intra_op_threads == 1,
-                tracing=self.tracing,
-            )
-            self._resources = _Resources(cache, pool, loader, admin, consumer, committer, inference)
-            stack.callback(lambda: committer.producer.close())
-            consumer.subscribe(list(s.input_topics), self)
+            r = self._resources = self._open(stack, device)
+            r.consumer.subscribe(list(s.input_topics), self)
             self.health.broker_ok = True
             self._install_signal_handlers(stack)
             # Start-up objects (modules, sessions, clients) live as long as the
@@ -295,8 +151,46 @@ class Worker:
                 s.kafka_client,
                 self.metrics_port,
             )
-            self._serve(consumer, committer, count, timeout)
-            return self._drain(consumer, committer)
+            self._serve(r.consumer, r.committer, count, timeout)
+            return self._drain(r.consumer, r.committer)
+
+    def _open(self, stack: ExitStack, device: str) -> Resources:
+        """Start the health server, load what is preloaded, then open the clients and
+        wire the collaborators (:class:`~worker.resources.Resources`); ``stack`` closes each."""
+        s, metrics = self.settings, self.metrics
+        repository = ModelRepository(s.model_repository)
+        cache = session_cache(s, device, repository, self._load, metrics)
+        stack.callback(cache.close)
+        server = stack.enter_context(
+            HealthServer(
+                s.metrics_port,
+                metrics,
+                self.health,
+                bind=s.metrics_bind,
+                v2=oip_app(repository, self.health),
+            )
+        )
+        self.metrics_port = server.port
+        for name, version in s.preload:
+            try:
+                cache.preload(name, version)
+            except WorkerError as exc:
+                raise ConfigError("--preload", f"{name}: {exc}") from None
+        self.health.preloaded = True
+        return Resources.open(
+            stack,
+            s,
+            device=device,
+            cache=cache,
+            repository=repository,
+            clients=self._clients,
+            metrics=metrics,
+            health=self.health,
+            tracing=self.tracing,
+            tracker=self._tracker,
+            stopping=self._stopping,
+            settle_round=lambda: self._round(None, 0.05),
+        )
 
     def _install_signal_handlers(self, stack: ExitStack) -> None:
         install_stop_signals(stack, self.stop, self._closed, self.settings.drain_timeout_s)
@@ -310,6 +204,8 @@ class Worker:
         count: int | None,
         timeout: float | None,
     ) -> None:
+        r = self._r
+        flow, deferred = r.flow, r.deferred
         end = None if timeout is None else Deadline(timeout)
         while not self._stopping.is_set():
             if end is not None and end.passed:
@@ -320,51 +216,30 @@ class Worker:
             # 1. poll: short waits while answers are being computed. With the in-flight
             # budget spent, wait for acknowledgements instead: librdkafka keeps its
             # prefetch, which a pause throws away (partitions pause only when the
-            # budget stays spent, see _backpressure).
-            if self._budget.waiting(self._tracker.inflight_bytes):
-                committer.producer.poll(self._poll_wait_s())
+            # budget stays spent, see FlowControl.backpressure).
+            if flow.waiting():
+                committer.producer.poll(flow.poll_wait_s())
                 # Bytes leave the budget when committed: commit what is acknowledged
                 # now, not at the next interval (at 275 MB/s of requests, 200 ms of
                 # them spend 64 MiB, and every record would wait for the interval).
                 self._committed(committer.commit(force=True))
             else:
-                room = self._budget.poll_records(self._tracker.inflight_bytes)
-                records = consumer.poll(room, self._poll_wait_s())
+                records = consumer.poll(flow.poll_records(), flow.poll_wait_s())
                 epochs = dict(committer.epochs)
                 for record in records:
                     # 2. decode, bind, batch (or dead-letter)
                     self._accept(record, epochs.get(record.tp, 0))
-            while self._deferred:  # polled while a model was loading
-                self._accept(*self._deferred.popleft())
+            while (waited := deferred.take()) is not None:  # polled while a model loaded
+                self._accept(*waited)
             self._retry_due(consumer)  # 2 again, for transient failures whose wait is over
             # 3. waiting batches run: at once with a slot free, else when it frees or
             # their window closes
             self._dispatch()
             committer.send()  # 5. dead letters; pool threads send the rest
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
-            self._backpressure(consumer)
-            self._report_lag(consumer)
-            self._refresh_limits(committer)
-
-    def _refresh_limits(self, committer: Committer[Slot]) -> None:
-        """The output topics' metadata; a lower size limit than the producer's batches
-        were cut for gets a fresh producer (once what the old one sent is acknowledged)."""
-        self._answers.refresh(self._r.admin)
-        batch = self._answers.batch_bytes()
-        if batch < self._producer_batch and committer.replace_producer():
-            log.info("a topic's max.message.bytes went down: producer batches now %d bytes", batch)
-
-    def _poll_wait_s(self) -> float:
-        # At-least-once: pool threads send their own answers, so the main thread
-        # may wait in poll() for records. A transaction is driven from here, so
-        # with --exactly-once it checks back often while answers are due.
-        txn_due = self._r.committer.sends_on_commit and bool(
-            self._r.inference.running or self._tracker.has_due_answers()
-        )
-        # A waiting group runs when a slot frees: look again when the runs should end.
-        free = self._r.inference.next_free() if len(self._batcher) else None
-        deadlines = (self._batcher.next_deadline(), free, self._retries.next_due())
-        return poll_wait_s(time.monotonic(), deadlines, txn_answers_due=txn_due)
+            flow.backpressure()
+            flow.report_lag()
+            r.connections.refresh_limits(r.admin, committer)
 
     def _committed(self, records: int) -> None:
         if records:
@@ -374,294 +249,75 @@ class Worker:
 
     # -- 2. decode -------------------------------------------------------------
 
-    def _stale(self, record: Record, epoch: int) -> bool:
-        """Polled before an abort rewound its partition: it is read again after the seek."""
-        if self._r.committer.epochs.get(record.tp, 0) == epoch:
-            return False
-        log.debug("%s: polled before its partition was rewound; dropped", record.where)
-        return True
-
-    def _defer(self, records: list[Record]) -> None:
-        epochs = self._r.committer.epochs
-        self._deferred.extend((r, epochs.get(r.tp, 0)) for r in records)
-
     def _accept(self, record: Record, epoch: int) -> None:
-        if self._stale(record, epoch):
+        r = self._r
+        if r.deferred.stale(record, epoch):
             return
-        if self._partitions.has_unchecked:
-            self._check_assigned()
-        careful = self._partitions.careful(record.tp)
+        if r.partitions.has_unchecked:
+            r.careful.check_assigned()
+        careful = r.partitions.careful(record.tp)
         if careful is not None and careful.covers(record.offset):
-            self._settle_before(record.tp, record.offset)
-            if self._stale(record, epoch):
+            r.careful.settle_before(record.tp, record.offset)
+            if r.deferred.stale(record, epoch):
                 return
             if self._stopping.is_set():
                 # Not started: left for the next owner, which reads it from the offset
                 # committed (clean) by the drain.
                 log.debug("%s: stopping; left for after the restart", record.where)
                 return
-            self._run_carefully(self._slot(record), careful, epoch)
+            r.careful.run(self._slot(record), careful, epoch)
             return
         if careful is not None:
-            self._partitions.set_careful(record.tp, None)
+            r.partitions.set_careful(record.tp, None)
             log.info("%s[%d]: back to normal", record.topic, record.partition)
-        self._admit_first(self._slot(record))
+        r.intake.admit_first(self._slot(record))
 
     def _slot(self, record: Record) -> Slot:
         """The record's place in its partition's line, its bytes in the budget."""
         slot = Slot(record)
         self._tracker.add(record.tp, slot)
-        self._budget.polled(slot.nbytes)
+        self._r.flow.budget.polled(slot.nbytes)
         return slot
 
-    def _admit(self, slot: Slot, before_run: Callable[[], None] | None = None) -> None:
-        """Decode and bind a slot's request and hand it to the batcher (or fail it);
-        ``before_run`` is called once its model is loaded and its request decoded,
-        right before it goes to the batcher (a careful record's try marker)."""
-        record = slot.record
-        model: str | None = None
-        try:
-            request, model = self._answers.decode(record)
-            signature, version = self._signature(model, request.model_version)
-            slot.series = self.metrics.series(model, version)
-            bound = request.bind(signature)
-        except WorkerError as exc:
-            self._failed(slot, exc, model)
-            return
-        except Exception as exc:
-            self._failed(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
-            return
-        slot.request, slot.bound = request, bound
-        if self._responses.enabled:
-            # A redelivered duplicate (same bytes, same model version) costs a look-up.
-            slot.cache_key = ResponseCache.key(model, version, record.value or b"")
-            cached = self._responses.get(slot.cache_key)
-            if cached is not None:
-                slot.out = self._answers.response(slot, model, version, cached)  # type: ignore[arg-type]
-                slot.request = slot.bound = None
-                return
-        job = Job.for_request(slot, model, version, signature, bound)
-        if before_run is not None:
-            before_run()
-        for batch in self._batcher.add(job):
-            self._r.inference.submit(batch)
-
-    def _signature(self, model: str, version: int | None) -> tuple[Signature, int]:
-        """The model's signature and version; a model not loaded yet loads on the
-        loader thread while this one keeps polling with its partitions paused (a
-        load longer than max.poll.interval.ms must not cost the group membership)."""
-        r = self._r
-        if any(n == model and version in (None, v) for n, v in r.cache.loaded()):
-            with r.cache.acquire(model, version) as session:
-                return session.signature, session.ref.version
-        future = r.loader.submit(self._load_signature, model, version)
-        try:
-            return future.result(timeout=0.05)  # a small model: no pause at all
-        except FutureTimeout:
-            pass
-        consumer = r.consumer
-        consumer.pause(self._partitions.hold(consumer.assignment(), LOADING))
-        try:
-            while not future.done():
-                self.health.beat()
-                self._defer(consumer.poll(POLL_RECORDS, 0.05))
-        finally:
-            loaded = self._partitions.release(self._partitions.held(LOADING), LOADING)
-            consumer.resume(loaded & consumer.assignment())
-        return future.result()
-
-    def _load_signature(self, model: str, version: int | None) -> tuple[Signature, int]:
-        with self._r.cache.acquire(model, version) as session:
-            return session.signature, session.ref.version
-
-    def _failed(self, slot: Slot, exc: WorkerError, model: str | None) -> None:
-        """A transient failure waits and tries again (its partition paused, so order
-        holds); anything else, or the last try, becomes the slot's dead letter."""
-        delay = self._retries.retry(slot, exc)
-        if delay is None:
-            slot.out = self._answers.dead_letter(slot, exc, model)
-            return
-        self.metrics.retries.labels(error_type=exc.error_type).inc()
-        log.warning(
-            "%s: %s (%s); retry %d of %d in %.2f s",
-            slot.where,
-            exc.error_type,
-            exc.message,
-            slot.attempts - 1,
-            self._retries.attempts,
-            delay,
-            extra=log_fields(slot.record),
-        )
-
     def _retry_due(self, consumer: Consumer) -> None:
-        due, waiting = self._retries.take_due()
+        r = self._r
+        due, waiting = r.retries.take_due()
         for slot in due:
             if slot.out is None and slot.live and slot.record.tp in self._tracker.partitions():
-                self._admit(slot, self._try_marker(slot))
+                r.intake.admit(slot, r.careful.try_marker(slot))
         # A partition with a record waiting for its retry takes nothing new meanwhile.
-        assigned = consumer.assignment()
-        new = self._partitions.hold(waiting & assigned, RETRY)
+        assigned, parts = consumer.assignment(), r.partitions
+        new = parts.hold(waiting & assigned, RETRY)
         if new:
             consumer.pause(new)
-        done = self._partitions.release((self._partitions.held(RETRY) - waiting) & assigned, RETRY)
+        done = parts.release((parts.held(RETRY) - waiting) & assigned, RETRY)
         if done:
             consumer.resume(done)
-
-    # -- poison pills ------------------------------------------------------------
-
-    def _check_assigned(self) -> None:
-        """Read the committed metadata of newly assigned partitions (see the docstring)."""
-        consumer, committer = self._r.consumer, self._r.committer
-        assigned = consumer.assignment()
-        tps = [tp for tp in self._partitions.take_unchecked() if tp in assigned]
-        try:
-            committed = consumer.committed_metadata(tps)
-        except KafkaFailure as exc:
-            log.warning("committed offsets unknown (%s): no poison-pill check this time", exc)
-            return
-        latest = self.settings.kafka_properties.get("auto.offset.reset", "") in LATEST_RESETS
-        for tp, (offset, metadata) in committed.items():
-            if offset is not None:
-                committer.found(tp, offset)
-            p = plan(offset, metadata, consumer.watermarks(tp), latest=latest)
-            if p.start is not None:
-                with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
-                    consumer.commit({tp: p.start}, RUNNING)
-                    committer.found(tp, p.start)
-            careful = p.careful
-            if careful is None:
-                continue
-            self._partitions.set_careful(tp, careful)
-            log.warning(
-                "%s[%d]: the last owner stopped mid-stream at offset %d; records up to %d "
-                "run one at a time",
-                tp.topic,
-                tp.partition,
-                offset,
-                careful.until,
-            )
-
-    def _run_carefully(self, slot: Slot, careful: Careful, epoch: int) -> None:
-        """Everything before this record is settled: commit ``try:<offset>:<n>``, run it
-        alone and wait until it is settled (however long it runs), then commit
-        ``offset + 1`` as clean. If it takes the process down, the next owner reads how
-        often it did; a record never waits behind a marker that is not its own."""
-        consumer = self._r.consumer
-        tp, offset = slot.record.tp, slot.record.offset
-        attempt = careful.attempt(offset)
-        if careful.give_up(offset):
-            slot.out = self._answers.dead_letter(
-                slot,
-                InferenceError(
-                    f"crashed the worker {attempt} times (the process died while running "
-                    "it); dead-lettered without running it again"
-                ),
-                model_header(slot.record),
-            )
-        else:
-            self._admit_first(slot, self._try_marker(slot))
-            self._dispatch(force=True)
-        if self._settle_before(tp, offset + 1):
-            live = self._r.committer.epochs.get(tp, 0) == epoch  # not rewound meanwhile
-            if live and slot.out is not None and tp in self._partitions:
-                # Settled: its marker goes before anything else runs.
-                with _logged(KafkaFailure, f"{slot.where}: settled marker"):
-                    consumer.commit({tp: offset + 1}, CLEAN)
-                    self._r.committer.found(tp, offset + 1)
-            return
-        if slot.out is None and slot.live and not self._retries.waiting(slot):
-            # A stop (SIGTERM) during a careful run: the run is abandoned, not charged.
-            # Its line holds nothing else (what came before is settled): the drain
-            # commits the last settled offset as clean over its try marker.
-            log.warning(
-                "%s: stopping during its careful run; abandoned (answered after the "
-                "restart, not counted as a crash)",
-                slot.where,
-            )
-            self._tracker.forget([tp])
-
-    def _try_marker(self, slot: Slot) -> Callable[[], None] | None:
-        """For a careful record: commit ``try:<offset>:<n>`` (called right before it runs,
-        its model loaded: a death while loading charges no record)."""
-        tp, offset = slot.record.tp, slot.record.offset
-        careful = self._partitions.careful(tp)
-        if careful is None or not careful.covers(offset):
-            return None
-        marker = try_marker(offset, careful.attempt(offset))
-
-        def commit() -> None:
-            with _logged(KafkaFailure, f"{slot.where}: try marker"):
-                self._r.consumer.commit({tp: offset}, marker)
-
-        return commit
-
-    def _settle_before(self, tp: TopicPartition, offset: int) -> bool:
-        """Answer and commit every record of ``tp`` before ``offset``, however long that
-        takes; meanwhile every partition is paused (records polled before the pause wait
-        in the deferred list), the group protocol and health go on. False when a stop
-        ended the wait first."""
-
-        def settled() -> bool:
-            first = self._tracker.first_offsets().get(tp)
-            return first is None or first >= offset
-
-        if settled():
-            return True
-        consumer, committer = self._r.consumer, self._r.committer
-        consumer.pause(self._partitions.hold(consumer.assignment(), CAREFUL))
-        try:
-            while not settled() and not self._stopping.is_set():
-                self._retry_due(consumer)
-                self._dispatch(force=True)
-                committer.send()
-                committer.producer.flush(0.05)
-                self._committed(committer.commit(force=True))
-                self.health.beat()
-                if not settled():
-                    self._defer(consumer.poll(POLL_RECORDS, 0.01))
-        finally:
-            released = self._partitions.release(self._partitions.held(CAREFUL), CAREFUL)
-            consumer.resume(released & consumer.assignment())
-        return settled()
-
-    def _pump(
-        self,
-        until: Callable[[], bool],
-        deadline: Deadline,
-        *,
-        flush_s: float,
-        metadata: str = RUNNING,
-        poll: bool = False,
-    ) -> None:
-        """Retry, run, send and commit, forced, until ``until()`` or the deadline; with
-        ``poll``, poll (paused) between rounds so the group protocol goes on."""
-        consumer, committer = self._r.consumer, self._r.committer
-        while not until() and not deadline.passed:
-            self._retry_due(consumer)
-            self._dispatch(force=True)
-            committer.send()
-            committer.producer.flush(deadline.left(flush_s))
-            self._committed(committer.commit(force=True, metadata=metadata))
-            self.health.beat()
-            if poll and not until():
-                for record in consumer.poll(1, 0.01):
-                    # Paused: only a record fetched before the pause; it is not ours
-                    # to answer now (the next owner reads it from the committed offset).
-                    log.debug("%s: left for after the restart", record.where)
 
     # -- 3. dispatch (4, the run: worker.inference) ------------------------------
 
     def _dispatch(self, *, force: bool = False) -> None:
         """Waiting batches go to their run: at once while a run slot is free, else when
         their window closes (all of them, forced)."""
-        self._r.inference.dispatch(self._batcher, force=force)
+        self._r.inference.dispatch(self._r.batcher, force=force)
+
+    def _round(self, deadline: Deadline | None, flush_s: float, metadata: str = RUNNING) -> None:
+        """One forced round (a careful record settling, the drain): due retries, every
+        waiting batch, 5 and 6; the flush waits at most ``flush_s`` (within ``deadline``)."""
+        consumer, committer = self._r.consumer, self._r.committer
+        self._retry_due(consumer)
+        self._dispatch(force=True)
+        committer.send()
+        committer.producer.flush(flush_s if deadline is None else deadline.left(flush_s))
+        self._committed(committer.commit(force=True, metadata=metadata))
+        self.health.beat()
 
     # -- rebalance (RebalanceHandler; called from inside poll) --------------------
 
     def on_assigned(self, tps: list[TopicPartition]) -> None:
         log.info("assigned %s", fmt_tps(tps))
         self.metrics.rebalanced(assigned=tps)
-        self._partitions.assigned(tps)  # checked on this thread before their first record
+        self._r.partitions.assigned(tps)  # checked on this thread before their first record
 
     def on_revoked(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], str]:
         """At-least-once finishes a revoked partition's work (fewer repeats); exactly-once
@@ -689,47 +345,11 @@ class Worker:
         self._forget(tps)
 
     def _forget(self, tps: Collection[TopicPartition]) -> None:
+        r = self._r
         self._tracker.forget(tps)
-        self._partitions.forget(tps)
-        self._r.committer.forget(tps)
-        self._retries.forget(tps)
-
-    # -- backpressure and lag --------------------------------------------------
-
-    def _backpressure(self, consumer: Consumer) -> None:
-        """Pause the partitions holding the most bytes while over the limit; resume each
-        as it drains below half its share."""
-        limit, parts = self.settings.max_inflight_bytes, self._partitions
-        held = self._tracker.bytes_by_partition()
-        total = self._tracker.inflight_bytes
-        assigned = consumer.assignment()
-        paused = parts.held(BACKPRESSURE)
-        pause = to_pause(held, total, limit, self._budget.spent_s(), paused) & assigned
-        newly = parts.hold(pause, BACKPRESSURE)
-        if newly:
-            consumer.pause(newly)
-        paused |= pause
-        # Only what really was resumed leaves the set: a partition the client does
-        # not list as assigned right now stays paused in our books and in its.
-        resumed = to_resume(held, total, limit, paused) & assigned
-        freed = parts.release(resumed, BACKPRESSURE)
-        if freed:
-            consumer.resume(freed)
-        paused -= resumed
-        self.metrics.paused_partitions.set(len(paused))
-        self.metrics.inflight_bytes.set(total)
-
-    def _report_lag(self, consumer: Consumer) -> None:
-        now = time.monotonic()
-        if now - self._last_lag < 1.0:
-            return
-        self._last_lag = now
-        for tp in consumer.assignment():
-            lag = consumer.lag(tp)
-            if lag is not None:
-                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(
-                    lag
-                )
+        r.partitions.forget(tps)
+        r.committer.forget(tps)
+        r.retries.forget(tps)
 
     # -- shutdown --------------------------------------------------------------
 
@@ -739,18 +359,21 @@ class Worker:
         # No new records from here on; poll() still drives the group protocol, so
         # a rebalance under way completes and the last commit can go through.
         assigned = consumer.assignment()
-        self._partitions.hold(assigned, DRAINING)
+        self._r.partitions.hold(assigned, DRAINING)
         consumer.pause(assigned)
         self._dispatch(force=True)
-        self._pump(
-            lambda: not self._tracker.pending(), deadline, flush_s=0.2, metadata=CLEAN, poll=True
-        )
+        while self._tracker.pending() and not deadline.passed:
+            self._round(deadline, 0.2, CLEAN)
+            if self._tracker.pending():
+                for record in consumer.poll(1, 0.01):
+                    # Paused: only a record fetched before the pause; it is not ours
+                    # to answer now (the next owner reads it from the committed offset).
+                    log.debug("%s: left for after the restart", record.where)
         left = self._tracker.pending()
         clean = committer.clean_offsets(consumer.assignment())
         if not left and clean:
             # A clean stop: the next owner need not run anything one at a time.
-            with _logged(KafkaFailure, "the clean-stop marker"):
-                consumer.commit(clean, CLEAN)
+            commit_marker(consumer, clean, CLEAN, "the clean-stop marker")
         if left:
             log.error(
                 "drain timed out: %d polled records left uncommitted (answered after a restart)",
@@ -759,15 +382,6 @@ class Worker:
             return 1
         log.info("drained: everything polled was answered and committed")
         return 0
-
-
-@contextmanager
-def _logged(kind: type[BaseException], what: str) -> Iterator[None]:
-    """Best effort: a failure of ``kind`` is logged, not raised."""
-    try:
-        yield
-    except kind as exc:
-        log.warning("%s failed: %s", what, exc)
 
 
 def run_worker(settings: Settings) -> int:

@@ -1,0 +1,248 @@
+"""Careful mode (worker.careful) on a fake consumer: the plan read at assignment, the try
+markers, a record run alone and settled, a stop during its run."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes import FakeConsumer, RealClock
+from worker.answers import Answers, Slot
+from worker.careful import CarefulMode, commit_marker
+from worker.intake import Deferred
+from worker.kafka import KafkaFailure, Record, TopicPartition
+from worker.observability import Metrics
+from worker.offsets import OffsetTracker
+from worker.partitions import CAREFUL, Partitions
+from worker.recovery import CLEAN, CRASH_LIMIT, RUNNING, Careful, try_marker
+from worker.retries import Retries
+from worker.settings import Settings
+
+A, B, C = (TopicPartition("in", i) for i in range(3))
+
+
+def _record(tp: TopicPartition, offset: int) -> Record:
+    return Record(tp.topic, tp.partition, offset, None, b"v", [], 1)
+
+
+class _Committer:
+    def __init__(self) -> None:
+        self.epochs: dict[TopicPartition, int] = {}
+        self.found_at: dict[TopicPartition, int] = {}
+
+    def found(self, tp: TopicPartition, offset: int) -> None:
+        self.found_at[tp] = offset
+
+
+class _Consumer(FakeConsumer):
+    def __init__(self) -> None:
+        super().__init__({}, [A, B], clock=RealClock())
+        self.metadata_fails: KafkaFailure | None = None
+        self.prefetched: list[Record] = []
+
+    def committed_metadata(self, tps: Any) -> dict[TopicPartition, tuple[int | None, str]]:
+        if self.metadata_fails is not None:
+            raise self.metadata_fails
+        return super().committed_metadata(tps)
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        got, self.prefetched = self.prefetched, []
+        return got + super().poll(max_records, timeout_s)
+
+
+class _Rig:
+    def __init__(self, tmp_path: Path, *, latest: bool = False) -> None:
+        settings = Settings(input_topics=("in",), output_topic="out", model_repository=tmp_path)
+        self.consumer = _Consumer()
+        for tp in (A, B):
+            for _ in range(5):
+                self.consumer.append(tp, b"v")
+        self.committer = _Committer()
+        self.partitions = Partitions()
+        self.tracker: OffsetTracker[TopicPartition, Slot] = OffsetTracker()
+        self.retries = Retries(1, 0.1)
+        self.deferred = Deferred(self.committer)  # type: ignore[arg-type]
+        self.stopping = threading.Event()
+        self.admitted: list[tuple[Slot, Callable[[], None] | None]] = []
+        self.rounds = 0
+        self.on_round: Callable[[], None] = lambda: None
+        self.careful = CarefulMode(
+            consumer=self.consumer,
+            committer=self.committer,  # type: ignore[arg-type]
+            partitions=self.partitions,
+            tracker=self.tracker,
+            retries=self.retries,
+            answers=Answers(settings, Metrics()),
+            admit=lambda slot, before: self.admitted.append((slot, before)),
+            run_now=lambda: None,
+            settle_round=self._round,
+            deferred=self.deferred,
+            stopping=self.stopping,
+            latest=latest,
+        )
+
+    def _round(self) -> None:
+        self.rounds += 1
+        self.on_round()
+
+    def slot(self, tp: TopicPartition, offset: int) -> Slot:
+        slot = Slot(_record(tp, offset))
+        self.tracker.add(tp, slot)
+        return slot
+
+    def settle(self, tp: TopicPartition) -> None:
+        """The next round answers and commits everything of ``tp`` polled so far."""
+        self.on_round = lambda: self.tracker.forget([tp])
+
+
+# -- at assignment --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("latest", "start"), [(False, 0), (True, 5)])
+def test_a_partition_with_nothing_committed_gets_its_start_committed_as_running(
+    tmp_path: Path, latest: bool, start: int
+) -> None:
+    rig = _Rig(tmp_path, latest=latest)
+    rig.partitions.assigned([A])
+    rig.careful.check_assigned()
+    assert rig.consumer.commits == [({A: start}, RUNNING)]
+    assert rig.committer.found_at == {A: start} and rig.partitions.careful(A) is None
+
+
+def test_a_partition_left_mid_stream_is_run_carefully_up_to_its_high_watermark(
+    tmp_path: Path,
+) -> None:
+    rig = _Rig(tmp_path)
+    rig.consumer.commit({A: 2}, try_marker(2, 1))
+    rig.consumer.commit({B: 3}, CLEAN)
+    rig.consumer.commits.clear()
+    rig.partitions.assigned([A, B, C])  # C: no longer assigned by the time it is checked
+    rig.careful.check_assigned()
+    assert rig.partitions.careful(A) == Careful(2, 5, 1)
+    assert rig.partitions.careful(B) is None and C not in rig.committer.found_at
+    assert rig.committer.found_at == {A: 2, B: 3} and rig.consumer.commits == []
+    assert not rig.partitions.has_unchecked
+
+
+def test_unknown_committed_offsets_skip_the_check_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = _Rig(tmp_path)
+    rig.consumer.metadata_fails = KafkaFailure("coordinator moving")
+    rig.partitions.assigned([A])
+    rig.careful.check_assigned()
+    assert rig.consumer.commits == [] and rig.committer.found_at == {}
+    assert "no poison-pill check" in caplog.text
+
+
+def test_a_marker_commit_that_fails_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = _Consumer()
+    consumer.fail.append(KafkaFailure("rebalancing"))
+    caplog.set_level(logging.WARNING, logger="worker.loop")
+    assert not commit_marker(consumer, {A: 3}, CLEAN, "the clean-stop marker")
+    assert "the clean-stop marker failed: rebalancing" in caplog.text
+    assert commit_marker(consumer, {A: 3}, CLEAN, "again")
+    assert consumer.commits == [({A: 3}, CLEAN)]
+
+
+# -- one record at a time -------------------------------------------------------------------------
+
+
+def test_a_covered_records_try_marker_counts_its_crashes(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    rig.partitions.set_careful(A, Careful(2, 5, 1))
+    assert rig.careful.try_marker(Slot(_record(A, 5))) is None  # past the careful range
+    assert rig.careful.try_marker(Slot(_record(B, 2))) is None  # not a careful partition
+    for offset, marker in ((2, "try:2:2"), (3, "try:3:1")):
+        commit = rig.careful.try_marker(Slot(_record(A, offset)))
+        assert commit is not None
+        commit()
+        assert rig.consumer.commits[-1] == ({A: offset}, marker)
+
+
+def test_a_careful_record_runs_behind_its_marker_and_is_committed_clean_once_settled(
+    tmp_path: Path,
+) -> None:
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, 0)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+
+    def answered() -> None:
+        slot.out = object()  # type: ignore[assignment]
+        rig.tracker.forget([A])
+
+    rig.on_round = answered
+    rig.careful.run(slot, careful, 0)
+    [(admitted, before)] = rig.admitted
+    assert admitted is slot and before is not None  # the try marker, called before it runs
+    assert rig.consumer.commits == [({A: 3}, CLEAN)] and rig.committer.found_at == {A: 3}
+
+
+def test_a_record_rewound_while_settling_gets_no_clean_marker(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, 0)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+
+    def rewound() -> None:
+        slot.out = object()  # type: ignore[assignment]
+        rig.committer.epochs[A] = 1
+        rig.tracker.forget([A])
+
+    rig.on_round = rewound
+    rig.careful.run(slot, careful, 0)
+    assert rig.consumer.commits == []
+
+
+def test_a_record_that_crashed_the_worker_enough_is_dead_lettered_unrun(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, CRASH_LIMIT - 1)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+    rig.settle(A)
+    rig.careful.run(slot, careful, 0)
+    assert rig.admitted == []
+    assert slot.out is not None and not slot.out.ok
+    assert (b"crashed the worker %d times" % CRASH_LIMIT) in dict(slot.out.headers)["error-message"]
+    assert rig.consumer.commits == [({A: 3}, CLEAN)]
+
+
+def test_everything_before_a_careful_record_settles_first_with_every_partition_paused(
+    tmp_path: Path,
+) -> None:
+    rig = _Rig(tmp_path)
+    rig.consumer.pause(rig.partitions.hold([B], "retry"))
+    rig.slot(A, 0)
+    polled = _record(B, 9)
+    rig.consumer.prefetched.append(polled)
+    calls: list[int] = []
+
+    def round_() -> None:
+        calls.append(rig.rounds)
+        assert rig.partitions.held(CAREFUL) == {A, B}
+        if rig.rounds == 2:
+            rig.tracker.forget([A])
+
+    rig.on_round = round_
+    assert rig.careful.settle_before(A, 1)
+    assert calls == [1, 2] and rig.consumer.pauses[-1] == {A}
+    assert rig.consumer.resumes == [{A}] and rig.partitions.held(CAREFUL) == set()
+    assert rig.deferred.take() == (polled, 0)  # polled while waiting: for afterwards
+
+
+def test_a_stop_while_settling_abandons_the_careful_record_uncharged(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, 0)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+    rig.on_round = rig.stopping.set  # SIGTERM while it runs
+    rig.careful.run(slot, careful, 0)
+    assert rig.consumer.commits == [] and rig.tracker.pending() == 0

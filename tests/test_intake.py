@@ -1,0 +1,245 @@
+"""Step 2 (worker.intake) on fakes: decode, load, bind, batch; failures; deferred records."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.fakes import FakeConsumer, RealClock
+from worker.answers import Answers, Slot
+from worker.batching import Batch, Batcher
+from worker.cache import ResponseCache
+from worker.errors import DecodeError, InferenceError, ModelLoadError, WorkerError
+from worker.intake import Deferred, Failures, Intake
+from worker.kafka import Record, TopicPartition
+from worker.observability import Metrics
+from worker.partitions import LOADING, RETRY, Partitions
+from worker.protocol import encode_request
+from worker.retries import Retries
+from worker.settings import Settings
+from worker.signature import Signature, TensorSpec
+from worker.tracing import Tracing
+
+A, B = TopicPartition("in", 0), TopicPartition("in", 1)
+SIGNATURE = Signature(
+    inputs=(TensorSpec("x", "tensor(float)", np.dtype("float32"), (None, 3)),), outputs=()
+)
+
+
+def _record(tp: TopicPartition, offset: int, value: bytes = b"", headers: Any = None) -> Record:
+    return Record(tp.topic, tp.partition, offset, None, value, list(headers or []), 1)
+
+
+def _request(tp: TopicPartition, offset: int, model: str = "m") -> Record:
+    value, headers = encode_request(
+        {"x": np.ones((1, 3), np.float32)}, format="msgpack", model=model
+    )
+    return _record(tp, offset, value, headers)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        input_topics=("in",), output_topic="out", model_repository=tmp_path, device="cpu"
+    )
+
+
+# -- deferred records -----------------------------------------------------------------------------
+
+
+def test_deferred_records_come_back_in_order_with_their_epoch_then() -> None:
+    committer = SimpleNamespace(epochs={B: 2})
+    deferred = Deferred(committer)  # type: ignore[arg-type]
+    first, second = _record(A, 0), _record(B, 7)
+    deferred.defer([first, second])
+    committer.epochs[A] = 1  # A rewound after its record was polled
+    assert deferred.take() == (first, 0) and deferred.take() == (second, 2)
+    assert deferred.take() is None
+    assert deferred.stale(first, 0) and not deferred.stale(second, 2)
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def _failures(settings: Settings, attempts: int) -> tuple[Failures, Retries, Metrics]:
+    metrics = Metrics()
+    retries = Retries(attempts, 0.1)
+    return Failures(retries, Answers(settings, metrics), metrics), retries, metrics
+
+
+def test_a_transient_failure_with_tries_left_waits_for_its_retry(settings: Settings) -> None:
+    failed, retries, metrics = _failures(settings, 1)
+    slot = Slot(_record(A, 0))
+    failed(slot, ModelLoadError("still being written"), "m")
+    assert slot.out is None and retries.waiting(slot) and slot.attempts == 2
+    labels = {"error_type": ModelLoadError.error_type}
+    assert metrics.registry.get_sample_value("inference_worker_retries_total", labels) == 1
+    failed(slot, ModelLoadError("still being written"), "m")  # its last try failed too
+    assert slot.out is not None and not slot.out.ok and slot.out.topic == settings.dead_letter_topic
+    assert ("error-attempts", b"2") in slot.out.headers
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> None:
+    failed, retries, _ = _failures(settings, 3)
+    slot = Slot(_record(A, 0))
+    failed(slot, DecodeError("not msgpack"), None)
+    assert slot.out is not None and not slot.out.ok and not retries.waiting(slot)
+
+
+# -- intake ---------------------------------------------------------------------------------------
+
+
+class _Cache:
+    """A session cache whose loads wait for ``release`` (set at once unless a test holds it)."""
+
+    def __init__(self) -> None:
+        self.loaded_models: list[tuple[str, int]] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.loads = 0
+
+    def loaded(self) -> list[tuple[str, int]]:
+        return list(self.loaded_models)
+
+    @contextmanager
+    def acquire(self, model: str, version: int | None) -> Iterator[Any]:
+        if (model, 1) not in self.loaded_models:
+            self.loads += 1
+            self.release.wait(10)
+            self.loaded_models.append((model, 1))
+        yield SimpleNamespace(signature=SIGNATURE, ref=SimpleNamespace(version=1))
+
+
+class _Consumer(FakeConsumer):
+    """Its next poll also returns ``prefetched``, paused or not (as librdkafka's may)."""
+
+    def __init__(self) -> None:
+        super().__init__({}, [A, B], clock=RealClock())
+        self.prefetched: list[Record] = []
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        got, self.prefetched = self.prefetched, []
+        return got + super().poll(max_records, timeout_s)
+
+
+class _Rig:
+    def __init__(self, settings: Settings, *, cached: int = 0) -> None:
+        self.consumer = _Consumer()
+        self.partitions = Partitions()
+        self.committer = SimpleNamespace(epochs={})
+        self.deferred = Deferred(self.committer)  # type: ignore[arg-type]
+        self.cache = _Cache()
+        self.batcher = Batcher(max_rows=1, max_delay_s=1.0)
+        self.submitted: list[Batch] = []
+        self.failures: list[tuple[Slot, WorkerError, str | None]] = []
+        self.beats = 0
+        self.loader = ThreadPoolExecutor(1)
+        self.responses = ResponseCache(cached)
+        self.answers = Answers(settings, Metrics())
+        self.intake = Intake(
+            answers=self.answers,
+            metrics=Metrics(),
+            responses=self.responses,
+            batcher=self.batcher,
+            submit=self.submitted.append,
+            failed=lambda slot, exc, model: self.failures.append((slot, exc, model)),
+            cache=self.cache,  # type: ignore[arg-type]
+            loader=self.loader,
+            consumer=self.consumer,
+            partitions=self.partitions,
+            deferred=self.deferred,
+            beat=self._beat,
+            tracing=Tracing(),
+        )
+
+    def _beat(self) -> None:
+        self.beats += 1
+
+
+@pytest.fixture
+def rig(settings: Settings) -> Iterator[_Rig]:
+    r = _Rig(settings)
+    yield r
+    r.cache.release.set()
+    r.loader.shutdown(wait=True)
+
+
+def test_a_request_is_decoded_bound_and_batched(rig: _Rig) -> None:
+    slot = Slot(_request(A, 0))
+    rig.intake.admit(slot)
+    assert rig.failures == [] and slot.bound is not None and slot.series is not None
+    [batch] = rig.submitted  # max_rows=1: due at once
+    assert batch.model == "m" and batch.version == 1 and batch.jobs[0].token is slot
+
+
+def test_a_record_that_does_not_decode_fails_with_no_model(rig: _Rig) -> None:
+    slot = Slot(_record(A, 0, b"\xc1 not msgpack", [("content-type", b"application/msgpack")]))
+    rig.intake.admit(slot)
+    [(failed, exc, model)] = rig.failures
+    assert failed is slot and isinstance(exc, WorkerError) and model is None
+    assert rig.submitted == [] and len(rig.batcher) == 0
+
+
+def test_an_unexpected_error_fails_the_slot_as_an_inference_error(rig: _Rig) -> None:
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("boom")
+
+    rig.intake.signature = broken  # type: ignore[method-assign]
+    rig.intake.admit(Slot(_request(A, 0)))
+    [(_, exc, model)] = rig.failures
+    assert isinstance(exc, InferenceError) and "RuntimeError: boom" in exc.message
+    assert model == "m"
+
+
+def test_before_run_is_called_once_the_model_is_loaded_right_before_batching(rig: _Rig) -> None:
+    seen: list[tuple[int, int]] = []
+    slot = Slot(_request(A, 0))
+    rig.intake.admit(slot, lambda: seen.append((rig.cache.loads, len(rig.submitted))))
+    assert seen == [(1, 0)] and len(rig.submitted) == 1
+    bad = Slot(_record(A, 1, b"\xc1", [("content-type", b"application/msgpack")]))
+    rig.intake.admit(bad, lambda: seen.append((-1, -1)))
+    assert seen == [(1, 0)]  # a request that fails never gets its marker
+
+
+def test_a_slow_load_pauses_every_partition_keeps_polling_and_defers_what_comes(
+    rig: _Rig,
+) -> None:
+    rig.consumer.pause(rig.partitions.hold([B], RETRY))  # B waits for a retry already
+    prefetched = _record(A, 5, b"fetched before the pause")
+    rig.consumer.prefetched.append(prefetched)
+    rig.cache.release.clear()
+    threading.Timer(0.3, rig.cache.release.set).start()
+    rig.intake.admit(Slot(_request(A, 0)))
+    assert rig.consumer.pauses[-1] == {A}  # B was paused already
+    assert rig.consumer.resumes == [{A}]  # and stays paused for its retry
+    assert rig.partitions.held(LOADING) == set() and rig.partitions.paused(B)
+    assert rig.beats > 0 and len(rig.submitted) == 1
+    assert rig.deferred.take() == (prefetched, 0) and rig.deferred.take() is None
+
+
+def test_a_quick_load_pauses_nothing(rig: _Rig) -> None:
+    rig.intake.admit(Slot(_request(A, 0)))
+    assert rig.consumer.pauses == [] and rig.consumer.resumes == [] and rig.beats == 0
+
+
+def test_a_cached_response_answers_without_a_run(settings: Settings) -> None:
+    rig = _Rig(settings, cached=8)
+    try:
+        first = Slot(_request(A, 0))
+        rig.intake.admit(first)
+        assert first.cache_key is not None and first.out is None
+        rig.responses.put(first.cache_key, {"y": np.zeros((1, 2), np.float32)}, 8)
+        again = Slot(_request(A, 1))
+        rig.intake.admit(again)
+        assert again.out is not None and again.out.ok and again.bound is None
+        assert len(rig.submitted) == 1  # the duplicate never ran
+    finally:
+        rig.loader.shutdown(wait=True)
