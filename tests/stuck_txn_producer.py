@@ -5,8 +5,8 @@ The client is a real ``confluent_kafka.Producer`` (no broker behind it) whose
 transactional calls return at once, except ``CALL``, which ignores its timeout and
 sleeps, as librdkafka#5456 makes ``send_offsets_to_transaction`` do. The backend
 keeps its own code and deadline; only the figures shrink: each call's timeout
-0.2 s, the margin 0.3 s, ``transaction.timeout.ms`` 1000 (librdkafka's least),
-so the deadline is 1.3 s. Runs init, begin, send_offsets, commit, begin, abort,
+0.2 s, the margin 0.3 s, ``transaction.timeout.ms`` 2000, so the deadline is
+2.3 s. Runs init, begin, send_offsets, commit, begin, abort,
 then prints ``done``.
 """
 
@@ -29,7 +29,7 @@ CALLS = (
     "commit_transaction",
     "abort_transaction",
 )
-DEADLINE_S = 1.0 + 0.3  # transaction.timeout.ms (longer than the calls' 0.2 s) + margin
+DEADLINE_S = 2.0 + 0.3  # transaction.timeout.ms (longer than the calls' 0.2 s) + margin
 
 
 def _client(blocks: str, seconds: float) -> type[ck.Producer]:
@@ -67,7 +67,7 @@ def main(blocks: str, seconds: float) -> int:
         txn_deadline_margin_s = 0.3
 
     config = ClientConfig("127.0.0.1:9", transactional_id="stuck-txn")
-    p = Producer(config, {"transaction.timeout.ms": "1000"})
+    p = Producer(config, {"transaction.timeout.ms": "2000"})
     p.init_transactions()
     p.begin_transaction()
     p.send_offsets_to_transaction({TopicPartition("in", 0): 5}, None)
