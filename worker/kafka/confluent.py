@@ -418,8 +418,9 @@ class ConfluentProducer:
     after 60 s without a pass of the loop, and a liveness probe waits for a few
     failures more). Past :func:`txn_deadline_s` (35 s with the defaults)
     the process logs one line naming the call and the issue and exits 1, which is
-    as safe as kill -9 (offsets follow answers); the orchestrator's restart fences
-    the stuck producer and answers what was not committed. The margin,
+    as safe as kill -9 (offsets follow answers); after the orchestrator's restart,
+    ``init_transactions`` aborts what the broker still holds open and the worker
+    answers what was not committed. The margin,
     :data:`TXN_DEADLINE_MARGIN_S`, keeps a call that honours its timeout from being
     taken for stuck: librdkafka checks its timeouts on a timer, and its answer needs
     the caller's thread and the GIL back on a busy host. Remove the deadline once a
