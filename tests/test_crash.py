@@ -386,18 +386,20 @@ def test_partitions_added_while_running_are_consumed_and_committed(
 
 # librdkafka 2.16.0: rd_kafka_send_offsets_to_transaction() ignores the timeout it is
 # given (confluentinc/librdkafka#5456, not fixed in that release), so after the
-# resets the loop thread waits in it for minutes. Meanwhile the worker guarantees what
-# the test after this one checks: a stop signal ends the process within
-# --drain-timeout + 2 s (the stop watchdog), and a restart answers each input once.
+# resets the loop thread waits in it until the backend's deadline ends the process.
+# What the worker guarantees meanwhile, the two tests after this one check.
 _LIBRDKAFKA_5456 = pytest.mark.xfail(
     strict=True,
     reason=(
         "librdkafka#5456: send_offsets_to_transaction() ignores its timeout after "
-        "connection resets, so this process answers nothing more; a stop signal still ends "
-        "it and a restart answers each input once (the next test)"
+        "connection resets, so this process exits 1 at the call's deadline; a stop "
+        "signal ends it sooner, and a restart answers each input once (the next tests)"
     ),
 )
 RESET_DRAIN_S = 5  # --drain-timeout of the reset tests
+# When the librdkafka backend's deadline ends a transactional call that ignored its
+# timeout: max(30 s, the worker's transaction.timeout.ms of 10 s) + 5 s.
+TXN_DEADLINE_S = 35
 
 
 @contextmanager
@@ -538,5 +540,46 @@ def test_exactly_once_connection_resets_then_sigterm_and_restart_each_answer_onc
         twice = [rid for rid, c in ids.items() if c > 1]
         assert not twice, f"read_committed duplicates across the restart: {twice[:5]}"
         print(f"{kafka_client}: first run exit {first_rc} {first_took:.1f} s after SIGTERM")
+        run.stop()
+    assert run.rc == 0, run.log.read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_exactly_once_stuck_call_after_resets_exits_at_its_deadline_and_restart_answers_once(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """librdkafka#5456 as it happens: after the resets the confluent worker's loop waits
+    in ``send_offsets_to_transaction`` past its timeout. The backend's deadline must end
+    the process (exit 1, one line naming the call and the issue) within
+    ``TXN_DEADLINE_S`` and a few seconds of the stream's end, without a stop signal,
+    and a restart must answer each input exactly once for ``read_committed``. This
+    fails the day a librdkafka release fixes the issue: remove the deadline then."""
+    n = 800
+    want = {f"x-{i}" for i in range(n)}
+    with _resets_mid_stream(model_repo, "confluent", tmp_path, n) as run:
+        fed = time.monotonic()
+        # The call may block a while after the stream's end (measured: exit 36-37 s after).
+        try:
+            rc = run.proc.wait(TXN_DEADLINE_S + 30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"still running {TXN_DEADLINE_S + 30} s after the stream ended:\n"
+                + run.log.read_text()[-3000:]
+            ) from None
+        took = time.monotonic() - fed
+        text = run.log.read_text()
+        stuck = [line for line in text.splitlines() if "still blocked" in line]
+        assert rc == 1 and len(stuck) == 1, text[-3000:]
+        assert "send_offsets_to_transaction(reset-in[" in stuck[0], stuck[0]
+        assert f"still blocked {TXN_DEADLINE_S} s" in stuck[0] and "librdkafka#5456" in stuck[0]
+        print(f"exit 1 {took:.1f} s after the stream ended: {stuck[0][-400:]}")
+        run.restart()
+        ids = run.answers(want)
+        assert want <= set(ids), (
+            f"{len(want - set(ids))} unanswered after the restart:\n"
+            + run.log.read_text()[-3000:]
+        )
+        twice = [rid for rid, c in ids.items() if c > 1]
+        assert not twice, f"read_committed duplicates across the restart: {twice[:5]}"
         run.stop()
     assert run.rc == 0, run.log.read_text()[-3000:]

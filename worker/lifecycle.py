@@ -8,6 +8,8 @@ session timeout) would hold the stop past the drain's time. So Python's
 C-level handler also writes the signal to a pipe at once, and a watchdog
 thread ends the process when the drain's time and :data:`STOP_SLACK_S` are
 up, as kill -9 would, which loses nothing: offsets only follow answers.
+:func:`exit_stuck` is that ending, shared with the librdkafka backend's
+deadline on its transactional calls (:mod:`worker.kafka.deadline`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
-__all__ = ["STOP_SLACK_S", "Deadline", "install_stop_signals", "watch_the_drain"]
+__all__ = [
+    "STOP_SLACK_S",
+    "Deadline",
+    "exit_stuck",
+    "install_stop_signals",
+    "watch_the_drain",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +107,21 @@ def watch_the_drain(
             pass
     if not got or closed.wait(drain_timeout_s + STOP_SLACK_S):
         return  # stopped in time (or never asked to)
-    log.error(
-        "still running %g s after the stop signal (--drain-timeout %g): a call into "
-        "the Kafka client is stuck; exiting without waiting for it (what was not "
-        "committed is answered again after a restart)",
-        drain_timeout_s + STOP_SLACK_S,
-        drain_timeout_s,
+    exit_stuck(
+        f"still running {drain_timeout_s + STOP_SLACK_S:g} s after the stop signal "
+        f"(--drain-timeout {drain_timeout_s:g}): a call into the Kafka client is stuck; "
+        "exiting without waiting for it (what was not committed is answered again after "
+        "a restart)",
+        exit_now=exit_now,
     )
+
+
+def exit_stuck(
+    why: str, *, logger: logging.Logger = log, exit_now: Callable[[int], object] = os._exit
+) -> None:
+    """Log ``why`` and end the process at once with status 1, as kill -9 would: the
+    stuck call's thread is never waited for, and nothing is lost, because offsets are
+    committed only after their answers."""
+    logger.error("%s", why)
     logging.shutdown()
     exit_now(1)

@@ -10,10 +10,11 @@ and takes the rest of what is buffered without waiting.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import confluent_kafka as ck
 from confluent_kafka.admin import AdminClient, ConfigResource
@@ -32,6 +33,7 @@ from worker.kafka import (
     fmt_offsets,
     fmt_tps,
 )
+from worker.kafka.deadline import CallDeadline
 from worker.kafka.options import for_clients
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "open_admin",
     "open_consumer",
     "open_producer",
+    "txn_deadline_s",
 ]
 
 log = logging.getLogger("worker.kafka")
@@ -384,7 +387,51 @@ def _record(m: Any) -> Record:
 DEFAULT_BATCH_SIZE = 1_000_000  # librdkafka's batch.size
 
 
+# Every transactional call's timeout, handed to librdkafka.
+TXN_CALL_TIMEOUT_S = 30.0
+# How long past that timeout (or transaction.timeout.ms, when longer) a transactional
+# call may still take before its deadline ends the process (ConfluentProducer).
+TXN_DEADLINE_MARGIN_S = 5.0
+_STUCK = (
+    "librdkafka ignored the call's timeout (librdkafka#5456: after connection resets "
+    "send_offsets_to_transaction can block for minutes; fixed by librdkafka PR #5457, "
+    "not in librdkafka {version}); exiting with status 1, as kill -9 would: offsets "
+    "follow answers, so what was not committed is answered again after a restart"
+)
+
+
+def txn_deadline_s(conf: Mapping[str, Any], call_timeout_s: float, margin_s: float) -> float:
+    """When a transactional call is taken for stuck: past its own timeout and past
+    ``transaction.timeout.ms`` (by then the broker has aborted the transaction, so the
+    call can no longer commit anything), plus ``margin_s``."""
+    txn_timeout_s = int(conf.get("transaction.timeout.ms", 60_000)) / 1000
+    return max(call_timeout_s, txn_timeout_s) + margin_s
+
+
 class ConfluentProducer:
+    """librdkafka's producer; a transactional one runs each transactional call under a
+    :class:`~worker.kafka.deadline.CallDeadline`.
+
+    The deadline is there for librdkafka#5456: after connection resets,
+    ``send_offsets_to_transaction`` may block for minutes whatever its timeout, and
+    the loop's thread with it (no answers, no commits; ``/healthz`` turns 503 only
+    after 60 s without a pass of the loop, and a liveness probe waits for a few
+    failures more). Past :func:`txn_deadline_s` (35 s with the defaults)
+    the process logs one line naming the call and the issue and exits 1, which is
+    as safe as kill -9 (offsets follow answers); after the orchestrator's restart,
+    ``init_transactions`` aborts what the broker still holds open and the worker
+    answers what was not committed. The margin,
+    :data:`TXN_DEADLINE_MARGIN_S`, keeps a call that honours its timeout from being
+    taken for stuck: librdkafka checks its timeouts on a timer, and its answer needs
+    the caller's thread and the GIL back on a busy host. Remove the deadline once a
+    librdkafka release carries the fix (PR #5457).
+    """
+
+    # The client class and the deadline's figures: a subclass may change them.
+    client: ClassVar[type[ck.Producer]] = ck.Producer
+    txn_call_timeout_s: ClassVar[float] = TXN_CALL_TIMEOUT_S
+    txn_deadline_margin_s: ClassVar[float] = TXN_DEADLINE_MARGIN_S
+
     def __init__(self, config: ClientConfig, overrides: Mapping[str, str]) -> None:
         self._access = _Access(config)
         conf: dict[str, Any] = {
@@ -407,8 +454,14 @@ class ConfluentProducer:
         if config.batch_max_bytes is not None:
             batch = int(conf.get("batch.size", DEFAULT_BATCH_SIZE))
             conf["batch.size"] = max(1, min(batch, config.batch_max_bytes))
-        self._p = _build(ck.Producer, conf)
+        self._p = _build(self.client, conf)
         self.transactional = bool(conf.get("transactional.id"))
+        self._deadline: CallDeadline | None = None
+        if self.transactional:
+            self._deadline = CallDeadline(
+                txn_deadline_s(conf, self.txn_call_timeout_s, self.txn_deadline_margin_s),
+                _STUCK.format(version=ck.libversion()[0]),
+            )
         _reach(self._p, self._access)
 
     def send(
@@ -446,9 +499,11 @@ class ConfluentProducer:
 
     # -- transactions -------------------------------------------------------------
 
-    def _txn(self, call: Any, *args: Any) -> None:
+    def _txn(self, name: str, call: Any, *args: Any) -> None:
+        watched = self._deadline.watch(name) if self._deadline else contextlib.nullcontext()
         try:
-            call(*args)
+            with watched:
+                call(*args)
         except ck.KafkaException as exc:
             err = _error_of(exc)
             if err is None:
@@ -459,24 +514,34 @@ class ConfluentProducer:
 
     def init_transactions(self) -> None:
         # Fences any earlier producer with this id and aborts its open transaction.
-        self._txn(self._p.init_transactions, 30)
+        self._txn("init_transactions", self._p.init_transactions, self.txn_call_timeout_s)
 
     def begin_transaction(self) -> None:
-        self._txn(self._p.begin_transaction)
+        self._txn("begin_transaction", self._p.begin_transaction)
 
     def send_offsets_to_transaction(
         self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
     ) -> None:
-        self._txn(self._p.send_offsets_to_transaction, _ctps(offsets, metadata), group_metadata, 30)
+        self._txn(
+            f"send_offsets_to_transaction({fmt_offsets(offsets)})",
+            self._p.send_offsets_to_transaction,
+            _ctps(offsets, metadata),
+            group_metadata,
+            self.txn_call_timeout_s,
+        )
 
     def commit_transaction(self) -> None:
-        self._txn(self._p.commit_transaction, 30)
+        self._txn("commit_transaction", self._p.commit_transaction, self.txn_call_timeout_s)
 
     def abort_transaction(self) -> None:
-        self._txn(self._p.abort_transaction, 30)
+        self._txn("abort_transaction", self._p.abort_transaction, self.txn_call_timeout_s)
 
     def close(self) -> None:
-        self._p.flush(5)
+        try:
+            self._p.flush(5)
+        finally:
+            if self._deadline is not None:
+                self._deadline.close()
 
 
 class ConfluentAdmin:
