@@ -98,6 +98,7 @@ def test_configured_handler_summarises_client_lines(capsys: pytest.CaptureFixtur
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 
 
+@pytest.mark.slow  # the start-up's own 30 s: make test-slow, in CI
 def test_an_unreachable_broker_says_little_then_fails(tmp_path: Path) -> None:
     """Both clients, as subprocesses side by side: the worker's own start-up gives up
     after 30 s; until then at most 5 lines, then the one fatal line and exit 1."""

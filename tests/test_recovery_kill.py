@@ -50,6 +50,7 @@ def _wait(what: Callable[[], bool], timeout: float, why: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # ~35 s a run (two kills, an 8 s record): make test-slow, in CI
 @pytest.mark.parametrize("client", BOTH_CLIENTS)
 @pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
 def test_killed_twice_while_a_record_runs_long_nothing_is_lost(
