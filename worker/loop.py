@@ -81,7 +81,7 @@ from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.oip import oip_app
 from worker.partitions import BACKPRESSURE, CAREFUL, DRAINING, LOADING, RETRY, Partitions
-from worker.recovery import CLEAN, LATEST_RESETS, RUNNING, Careful, plan, try_marker
+from worker.recovery import CLEAN, LATEST_RESETS, Careful, plan, run_marker, try_marker
 from worker.repository import ModelRepository
 from worker.retries import Retries
 from worker.runtime import load_session, resolve_device
@@ -330,6 +330,7 @@ class Worker:
             else:
                 room = self._budget.poll_records(self._tracker.inflight_bytes)
                 records = consumer.poll(room, self._poll_wait_s())
+                committer.saw(records)
                 epochs = dict(committer.epochs)
                 for record in records:
                     # 2. decode, bind, batch (or dead-letter)
@@ -382,6 +383,7 @@ class Worker:
         return True
 
     def _defer(self, records: list[Record]) -> None:
+        self._r.committer.saw(records)
         epochs = self._r.committer.epochs
         self._deferred.extend((r, epochs.get(r.tp, 0)) for r in records)
 
@@ -443,6 +445,8 @@ class Worker:
         job = Job.for_request(slot, model, version, signature, bound)
         if before_run is not None:
             before_run()
+        else:  # the group's run marker reaches it before it runs (worker.recovery)
+            self._r.committer.cover(record.tp, record.offset)
         for batch in self._batcher.add(job):
             self._r.inference.submit(batch)
 
@@ -521,14 +525,14 @@ class Worker:
             return
         latest = self.settings.kafka_properties.get("auto.offset.reset", "") in LATEST_RESETS
         for tp, (offset, metadata) in committed.items():
-            if offset is not None:
-                committer.found(tp, offset)
             p = plan(offset, metadata, consumer.watermarks(tp), latest=latest)
+            careful = p.careful
+            if offset is not None:
+                committer.found(tp, offset, None if careful is None else careful.until - 1)
             if p.start is not None:
                 with _logged(KafkaFailure, f"{tp.topic}[{tp.partition}]: start"):
-                    consumer.commit({tp: p.start}, RUNNING)
+                    consumer.commit({tp: p.start}, run_marker(p.start - 1))
                     committer.found(tp, p.start)
-            careful = p.careful
             if careful is None:
                 continue
             self._partitions.set_careful(tp, careful)
@@ -630,7 +634,7 @@ class Worker:
         deadline: Deadline,
         *,
         flush_s: float,
-        metadata: str = RUNNING,
+        metadata: str | None = None,
         poll: bool = False,
     ) -> None:
         """Retry, run, send and commit, forced, until ``until()`` or the deadline; with
