@@ -374,6 +374,35 @@ def test_after_an_unclean_stop_each_record_runs_alone_behind_a_try_marker(repo: 
     assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"]
 
 
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_no_record_runs_past_the_groups_run_marker(repo: Path, exactly_once: bool) -> None:
+    # A crash while any record runs leaves a marker that reaches it: the next owner runs
+    # everything up to it one at a time. One marker commit reaches the whole poll.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 40)
+    seen: list[tuple[int, str]] = []  # (offset run, the group's metadata then)
+
+    def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
+        session = load_session(ref, options)
+        run = session.run
+
+        def watched(feeds: dict[str, np.ndarray]) -> dict[str, object]:
+            x = next(iter(feeds.values()))
+            for row in x:
+                seen.append((round(float(row[0]) * 100), kafka.consumer.metadata_of[IN0]))
+            return run(feeds)
+
+        session.run = watched  # type: ignore[method-assign]
+        return session
+
+    with serving(repo, kafka, loader=loader, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 40)
+    assert sorted(o for o, _ in seen) == list(range(40))
+    assert all(m.startswith("run:") and int(m[4:]) >= o for o, m in seen), seen
+    at_start = [m for o, m in kafka.consumer.commits if o == {IN0: 0}]
+    assert at_start == ["run:-1", {IN0: "run:39"}]  # the start (nothing ran), then the marker
+
+
 def test_a_record_that_crashed_the_worker_three_times_is_dead_lettered_unrun(repo: Path) -> None:
     kafka = FakeKafka()
     _produce(kafka, IN0, 2)
