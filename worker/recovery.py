@@ -114,7 +114,7 @@ def _int(text: str) -> int | None:
 class Plan:
     """What a new owner does with a partition before its first record."""
 
-    start: int | None = None  # nothing committed yet: commit this offset as "run" now
+    start: int | None = None  # nothing committed yet: commit this offset now (nothing ran)
     careful: Careful | None = None  # the last owner stopped mid-stream
 
 
