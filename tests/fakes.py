@@ -24,10 +24,12 @@ from worker.kafka import (
     Clients,
     Delivery,
     KafkaFailure,
+    Metadata,
     RebalanceHandler,
     Record,
     TopicPartition,
     TransactionFailed,
+    metadata_for,
 )
 
 Group = dict[TopicPartition, int]  # what the broker holds as the group's committed offsets
@@ -109,8 +111,8 @@ class FakeProducer:
         self.land_then_fail: BaseException | None = None
         self.in_txn = False
         self.txn: list[bytes] = []
-        self.txn_offsets: tuple[dict[TopicPartition, int], Any, str] | None = None
-        self.transactions: list[tuple[list[bytes], dict[TopicPartition, int], Any, str]] = []
+        self.txn_offsets: tuple[dict[TopicPartition, int], Any, Metadata] | None = None
+        self.transactions: list[tuple[list[bytes], dict[TopicPartition, int], Any, Metadata]] = []
         self.landed: list[Sent] = []  # acknowledged outside transactions, or committed in one
         self._txn_records: list[Sent] = []
         self.closed = False
@@ -224,7 +226,7 @@ class FakeProducer:
         self.in_txn, self.txn, self.txn_offsets, self._txn_records = True, [], None, []
 
     def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: Metadata = ""
     ) -> None:
         self._step("send_offsets_to_transaction")
         assert self.in_txn
@@ -376,13 +378,13 @@ class FakeConsumer:
         self.resumes.append(set(tps))
         self.paused -= set(tps)
 
-    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None:
         if self.fail:
             raise self.fail.pop(0)
         self.commits.append((dict(offsets), metadata))
         self.group.update(offsets)
         for tp in offsets:
-            self.metadata_of[tp] = metadata
+            self.metadata_of[tp] = metadata_for(metadata, tp)
 
     def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
         self.asked.append(sorted(tps))

@@ -19,7 +19,7 @@ from worker.kafka import KafkaFailure, Record, TopicPartition
 from worker.observability import Metrics
 from worker.offsets import OffsetTracker
 from worker.partitions import CAREFUL, Partitions
-from worker.recovery import CLEAN, CRASH_LIMIT, RUNNING, Careful, try_marker
+from worker.recovery import CLEAN, CRASH_LIMIT, Careful, run_marker, try_marker
 from worker.retries import Retries
 from worker.settings import Settings
 
@@ -34,9 +34,14 @@ class _Committer:
     def __init__(self) -> None:
         self.epochs: dict[TopicPartition, int] = {}
         self.found_at: dict[TopicPartition, int] = {}
+        self.found_last: dict[TopicPartition, int | None] = {}
+        self.seen: list[Record] = []
 
-    def found(self, tp: TopicPartition, offset: int) -> None:
-        self.found_at[tp] = offset
+    def found(self, tp: TopicPartition, offset: int, last: int | None = None) -> None:
+        self.found_at[tp], self.found_last[tp] = offset, last
+
+    def saw(self, records: list[Record]) -> None:
+        self.seen.extend(records)
 
 
 class _Consumer(FakeConsumer):
@@ -110,22 +115,28 @@ def test_a_partition_with_nothing_committed_gets_its_start_committed_as_running(
     rig = _Rig(tmp_path, latest=latest)
     rig.partitions.assigned([A])
     rig.careful.check_assigned()
-    assert rig.consumer.commits == [({A: start}, RUNNING)]
+    assert rig.consumer.commits == [({A: start}, run_marker(start - 1))]  # nothing may run yet
     assert rig.committer.found_at == {A: start} and rig.partitions.careful(A) is None
 
 
-def test_a_partition_left_mid_stream_is_run_carefully_up_to_its_high_watermark(
+def test_a_partition_left_mid_stream_is_run_carefully_up_to_its_marker(
     tmp_path: Path,
 ) -> None:
+    # A: the last owner died running record 2 alone (its try marker): just that record
+    # runs carefully. B: it died serving, its marker reaching 8: records 3..8 run one at
+    # a time, but no further than what the partition holds (its high watermark, 5).
     rig = _Rig(tmp_path)
     rig.consumer.commit({A: 2}, try_marker(2, 1))
-    rig.consumer.commit({B: 3}, CLEAN)
+    rig.consumer.commit({B: 3}, run_marker(8))
     rig.consumer.commits.clear()
     rig.partitions.assigned([A, B, C])  # C: no longer assigned by the time it is checked
     rig.careful.check_assigned()
-    assert rig.partitions.careful(A) == Careful(2, 5, 1)
-    assert rig.partitions.careful(B) is None and C not in rig.committer.found_at
+    assert rig.partitions.careful(A) == Careful(2, 3, 1)
+    assert rig.partitions.careful(B) == Careful(3, 5, 0)
+    assert C not in rig.committer.found_at
     assert rig.committer.found_at == {A: 2, B: 3} and rig.consumer.commits == []
+    # What the group's marker covers is known: nothing past it runs without a new one.
+    assert rig.committer.found_last == {A: 2, B: 4}
     assert not rig.partitions.has_unchecked
 
 

@@ -23,10 +23,12 @@ from worker.kafka import (
     Delivery,
     KafkaFailure,
     Producer,
+    Record,
     TopicPartition,
     TransactionFailed,
 )
 from worker.offsets import Entry, OffsetTracker
+from worker.recovery import CLEAN, RUNNING, run_marker
 
 A = TopicPartition("in", 0)
 B = TopicPartition("in", 1)
@@ -170,7 +172,7 @@ def test_commit_commits_the_acknowledged_offsets_plus_one_and_settles_them(rig: 
     assert rig.tracker.inflight_bytes == 50
     assert c.commit() == 4
     assert rig.producer.calls[-1] == "poll"  # deliveries are read before acknowledging
-    assert rig.consumer.commits == [({A: 103, B: 8}, "run")]
+    assert rig.consumer.commits == [({A: 103, B: 8}, {A: "run", B: "run"})]
     assert rig.retired == a + b
     assert c.committed_offsets == {A: 103, B: 8}
     assert c.pending() == 1 and rig.tracker.inflight_bytes == 10
@@ -193,12 +195,12 @@ def test_commit_waits_for_deliveries_and_keeps_offset_order(rig: Rig) -> None:
     rig.producer.hold = {b"0@1"}
     c.send()
     assert c.commit() == 1
-    assert rig.consumer.commits == [({A: 1}, "run")]
+    assert rig.consumer.commits == [({A: 1}, {A: "run"})]
     assert c.commit() == 0  # 2 and 3 acknowledged, but 1 is not: nothing more
-    assert rig.consumer.commits == [({A: 1}, "run")]
+    assert rig.consumer.commits == [({A: 1}, {A: "run"})]
     rig.producer.hold.clear()
     assert c.commit() == 3
-    assert rig.consumer.commits[-1] == ({A: 4}, "run")
+    assert rig.consumer.commits[-1] == ({A: 4}, {A: "run"})
 
 
 def test_commit_only_when_the_interval_has_passed_or_forced(rig: Rig, clock: list[float]) -> None:
@@ -212,7 +214,7 @@ def test_commit_only_when_the_interval_has_passed_or_forced(rig: Rig, clock: lis
     assert rig.retired == a  # acknowledged all the same
     clock[0] = 1005.0
     assert c.commit() == 2
-    assert rig.consumer.commits == [({A: 2}, "run")]
+    assert rig.consumer.commits == [({A: 2}, {A: "run"})]
     assert c.last_commit == 1005.0
     rig.add(A, range(2, 3))
     c.send()
@@ -237,7 +239,7 @@ def test_a_deferred_commit_keeps_its_offsets_for_the_next_one(rig: Rig, clock: l
     rig.add(A, range(3, 5))
     c.send()
     assert c.commit() == 6
-    assert rig.consumer.commits == [({A: 5, B: 1}, "run")]
+    assert rig.consumer.commits == [({A: 5, B: 1}, {A: "run", B: "run"})]
     assert c.pending() == 0 and c.last_commit == 1002.0
 
 
@@ -276,7 +278,7 @@ def test_a_refused_answer_is_fatal_and_nothing_at_or_after_it_is_ever_committed(
     assert c.commit(force=True) == 2
     c.send()
     assert c.commit(force=True) == 0
-    assert rig.consumer.commits == [({A: 12}, "run")]
+    assert rig.consumer.commits == [({A: 12}, {A: "run"})]
     assert rig.tracker.first_offsets() == {A: 12}
     assert c.pending() == 6  # 12..17 held, never settled
     assert c.revoke([A]) == ({A: 12}, 0)  # the clean offset, not a step further
@@ -467,7 +469,7 @@ def test_an_abort_that_fails_opens_a_fresh_producer(rig: Rig) -> None:
     rig.add(A, range(2, 4))
     assert c.commit() == 2
     new = rig.opened[0]
-    assert new.transactions == [([b"0@2", b"0@3"], {A: 4}, rig.consumer.metadata, "run")]
+    assert new.transactions == [([b"0@2", b"0@3"], {A: 4}, rig.consumer.metadata, {A: "run"})]
     assert len(old.transactions) == 1
 
 
@@ -603,11 +605,11 @@ def test_a_rescued_answer_is_sent_again_and_its_line_goes_on(rig: Rig) -> None:
     # The round that rescues commits up to the refused answer, and the other line.
     assert c.commit() == 3
     assert rig.rescued == [(a[1], big)]
-    assert rig.consumer.commits == [({A: 11, B: 2}, "run")]
+    assert rig.consumer.commits == [({A: 11, B: 2}, {A: "run", B: "run"})]
     assert rig.producer.sent[-1][0] == b"dead-letter@11"
     assert len(a[1].deliveries) == 1 and a[1].deliveries[0] is rig.producer.sent[-1][1]
     assert c.commit() == 3
-    assert rig.consumer.commits[-1] == ({A: 14}, "run")
+    assert rig.consumer.commits[-1] == ({A: 14}, {A: "run"})
     assert rig.retired == [a[0], *rig.retired[1:3], a[1], a[2], a[3]]
 
 
@@ -690,7 +692,7 @@ def test_revoke_leaves_the_other_partitions_offsets_for_the_next_commit(
     ]
     assert c.pending() == 4 + 1
     assert c.commit(force=True) == 3
-    assert rig.consumer.commits == [({B: 3}, "run")]
+    assert rig.consumer.commits == [({B: 3}, {B: "run"})]
 
 
 def test_a_deferred_commit_is_logged_with_its_reason_and_offsets(
@@ -778,3 +780,123 @@ def test_offsets_found_at_assignment_are_committed_again_as_clean_until_forgotte
     assert c.revoke([A, B]) == ({A: 7, B: 3}, 0)
     c.forget([A])
     assert c.clean_offsets([A, B]) == {B: 3}
+
+
+# -- the run marker: the group's metadata reaches every record handed to inference ----------
+
+
+def _polled(tp: TopicPartition, offsets: range) -> list[Record]:
+    return [Record(tp.topic, tp.partition, o, None, b"", [], None) for o in offsets]
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_a_record_past_the_marker_runs_after_a_marker_reaching_the_last_polled(
+    rig: Rig, exactly_once: bool
+) -> None:
+    c = rig.transactional() if exactly_once else rig.at_least_once()
+    c.found(A, 10)
+    c.saw(_polled(A, range(10, 612)))
+    c.cover(A, 10)  # the first record handed over: the marker reaches the whole poll
+    assert rig.consumer.commits == [({A: 10}, {A: run_marker(611)})]
+    assert rig.consumer.metadata_of[A] == "run:611" and rig.group[A] == 10  # nothing settled
+    for o in range(11, 612):
+        c.cover(A, o)  # the rest of the poll is covered: no more commits
+    assert len(rig.consumer.commits) == 1
+    c.saw(_polled(A, range(612, 620)))
+    c.cover(A, 612)
+    assert rig.consumer.commits[-1] == ({A: 10}, {A: run_marker(619)})
+
+
+def test_at_least_once_commits_carry_each_partitions_marker(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.found(A, 100)
+    c.found(B, 7)
+    c.saw(_polled(A, range(100, 700)) + _polled(B, range(7, 9)))
+    c.cover(A, 100)
+    c.cover(B, 7)
+    rig.add(A, range(100, 103))
+    rig.add(B, range(7, 8))
+    c.send()
+    assert c.commit() == 4
+    assert rig.consumer.commits[-1] == ({A: 103, B: 8}, {A: "run:699", B: "run:8"})
+
+
+def test_a_transactions_offsets_carry_each_partitions_marker(rig: Rig) -> None:
+    c = rig.transactional()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 900)))
+    c.cover(A, 0)
+    rig.add(A, range(0, 2))
+    assert c.commit() == 2
+    assert rig.producer.transactions == [
+        ([b"0@0", b"0@1"], {A: 2}, rig.consumer.metadata, {A: "run:899"})
+    ]
+
+
+def test_a_marker_at_assignment_that_reaches_further_is_kept(rig: Rig) -> None:
+    # A careful window up to 49: nothing before 50 needs a new marker.
+    c = rig.at_least_once()
+    c.found(A, 5, last=49)
+    c.saw(_polled(A, range(5, 60)))
+    c.cover(A, 49)
+    assert rig.consumer.commits == []
+    c.cover(A, 50)
+    assert rig.consumer.commits == [({A: 5}, {A: run_marker(59)})]
+
+
+def test_a_cover_commits_only_its_own_partition(rig: Rig) -> None:
+    # Another partition may hold a try marker (a careful record running alone): untouched.
+    c = rig.at_least_once()
+    c.found(A, 3)
+    c.found(B, 0)
+    c.saw(_polled(A, range(3, 10)) + _polled(B, range(0, 5)))
+    c.cover(B, 0)
+    assert rig.consumer.commits == [({B: 0}, {B: run_marker(4)})]
+
+
+def test_without_a_known_committed_offset_no_marker_and_a_bare_run(rig: Rig) -> None:
+    # The committed offsets could not be read at assignment: as an older worker did.
+    c = rig.at_least_once()
+    c.saw(_polled(A, range(0, 5)))
+    c.cover(A, 0)
+    assert rig.consumer.commits == []
+    rig.add(A, range(0, 2))
+    c.send()
+    c.commit()
+    assert rig.consumer.commits == [({A: 2}, {A: RUNNING})]
+
+
+def test_a_marker_that_fails_is_tried_again_by_the_next_record(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 5)))
+    rig.consumer.fail = [KafkaFailure("coordinator moved")]
+    c.cover(A, 0)  # runs all the same; the marker is not there
+    assert rig.consumer.commits == []
+    c.cover(A, 1)
+    assert rig.consumer.commits == [({A: 0}, {A: run_marker(4)})]
+
+
+def test_a_clean_commit_means_a_marker_again_before_the_next_record(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 5)))
+    c.cover(A, 0)
+    rig.add(A, range(0, 2))
+    c.send()
+    c.commit(metadata=CLEAN)
+    assert rig.consumer.commits[-1] == ({A: 2}, CLEAN)
+    c.cover(A, 2)
+    assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4)})
+
+
+def test_a_forgotten_partitions_marker_and_polls_are_forgotten(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 50)))
+    c.cover(A, 0)
+    c.forget([A])
+    c.found(A, 20)  # given back: its records are polled again from 20
+    c.saw(_polled(A, range(20, 25)))
+    c.cover(A, 20)
+    assert rig.consumer.commits[-1] == ({A: 20}, {A: run_marker(24)})

@@ -20,7 +20,7 @@ from tests.fakes import FakeKafka, FakeProducer
 from worker.answers import RECORD_OVERHEAD
 from worker.demo import write_demo_model
 from worker.errors import FatalError, ModelLoadError
-from worker.kafka import KafkaFailure, TopicPartition, TransactionFailed
+from worker.kafka import KafkaFailure, Metadata, TopicPartition, TransactionFailed
 from worker.loop import Worker
 from worker.observability import Metrics
 from worker.protocol import encode_request
@@ -101,6 +101,10 @@ def serving(
         s.worker.stop()
         s.thread.join(30)
         assert s.done, "the worker did not stop within 30 s"
+
+
+def _is_try(metadata: Metadata) -> bool:
+    return isinstance(metadata, str) and metadata.startswith("try:")
 
 
 def _ids(kafka: FakeKafka, topic: str) -> list[str | None]:
@@ -365,9 +369,38 @@ def test_after_an_unclean_stop_each_record_runs_alone_behind_a_try_marker(repo: 
     kafka.consumer.metadata_of[IN0] = RUNNING  # the last owner died mid-stream
     with serving(repo, kafka):
         _until(lambda: kafka.group.get(IN0) == 3)
-    markers = [(o, m) for o, m in kafka.consumer.commits if m.startswith("try:")]
+    markers = [(o, m) for o, m in kafka.consumer.commits if _is_try(m)]
     assert markers == [({IN0: i}, try_marker(i, 1)) for i in range(3)]
     assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"]
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_no_record_runs_past_the_groups_run_marker(repo: Path, exactly_once: bool) -> None:
+    # A crash while any record runs leaves a marker that reaches it: the next owner runs
+    # everything up to it one at a time. One marker commit reaches the whole poll.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 40)
+    seen: list[tuple[int, str]] = []  # (offset run, the group's metadata then)
+
+    def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
+        session = load_session(ref, options)
+        run = session.run
+
+        def watched(feeds: dict[str, np.ndarray]) -> dict[str, object]:
+            x = next(iter(feeds.values()))
+            for row in x:
+                seen.append((round(float(row[0]) * 100), kafka.consumer.metadata_of[IN0]))
+            return run(feeds)
+
+        session.run = watched  # type: ignore[method-assign]
+        return session
+
+    with serving(repo, kafka, loader=loader, exactly_once=exactly_once):
+        _until(lambda: kafka.group.get(IN0) == 40)
+    assert sorted(o for o, _ in seen) == list(range(40))
+    assert all(m.startswith("run:") and int(m[4:]) >= o for o, m in seen), seen
+    at_start = [m for o, m in kafka.consumer.commits if o == {IN0: 0}]
+    assert at_start == ["run:-1", {IN0: "run:39"}]  # the start (nothing ran), then the marker
 
 
 def test_a_record_that_crashed_the_worker_three_times_is_dead_lettered_unrun(repo: Path) -> None:
@@ -390,7 +423,7 @@ def test_after_a_clean_stop_nothing_runs_alone(repo: Path) -> None:
     kafka.consumer.metadata_of[IN0] = CLEAN
     with serving(repo, kafka):
         _until(lambda: kafka.group.get(IN0) == 2)
-    assert not [m for _, m in kafka.consumer.commits if m.startswith("try:")]
+    assert not [m for _, m in kafka.consumer.commits if _is_try(m)]
 
 
 class SlowLoader:
@@ -432,7 +465,7 @@ def test_a_careful_record_that_outlives_the_drain_timeout_is_waited_for(
         assert IN0 in kafka.consumer.pauses[0]  # paused while record 0 ran
     assert _ids(kafka, "out") == ["0-0", "0-1", "0-2", "0-3"]
     commits = [(o[IN0], m) for o, m in kafka.consumer.commits if IN0 in o]
-    markers = [(o, m) for o, m in commits if m.startswith("try:")]
+    markers = [(o, m) for o, m in commits if _is_try(m)]
     assert markers == [(i, try_marker(i, 1)) for i in range(4)]
     for i in range(1, 4):
         # Record i-1 settled: its partition moved to i, clean, right before i's marker.
@@ -493,7 +526,7 @@ def test_after_an_abort_in_careful_mode_the_rewound_partitions_polled_records_ar
         _until(lambda: kafka.group.get(IN0) == 6)
     assert _ids(kafka, "out") == [f"0-{i}" for i in range(6)]
     assert (IN0, 0) in kafka.consumer.seeks
-    markers = [o[IN0] for o, m in kafka.consumer.commits if m.startswith("try:")]
+    markers = [o[IN0] for o, m in kafka.consumer.commits if _is_try(m)]
     assert markers == sorted(markers) and markers[0] == 0, markers  # none past the rewind
     assert markers.count(1) == 1
 
@@ -509,13 +542,13 @@ def test_a_careful_records_try_marker_is_committed_only_once_its_model_is_loaded
     at_load: list[list[str]] = []
 
     def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
-        at_load.append([m for _, m in kafka.consumer.commits if m.startswith("try:")])
+        at_load.append([m for _, m in kafka.consumer.commits if _is_try(m)])
         return load_session(ref, options)
 
     with serving(repo, kafka, loader=loader):
         _until(lambda: kafka.group.get(IN0) == 2)
     assert at_load[0] == []  # no marker while the model loaded
-    markers = [(o, m) for o, m in kafka.consumer.commits if m.startswith("try:")]
+    markers = [(o, m) for o, m in kafka.consumer.commits if _is_try(m)]
     assert markers == [({IN0: i}, try_marker(i, 1)) for i in range(2)]
     assert _ids(kafka, "out") == ["0-0", "0-1"]
 
@@ -544,7 +577,7 @@ def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_
     assert kafka.consumer.commits[-1] == ({IN0: 1}, CLEAN)  # not charged: no try marker left
     assert _ids(kafka, "out") == ["0-0"]
     assert kafka.landed("in.dlq") == []
-    assert not [m for o, m in kafka.consumer.commits if m.startswith("try:") and o[IN0] > 1]
+    assert not [m for o, m in kafka.consumer.commits if _is_try(m) and o[IN0] > 1]
     assert time.monotonic() - started < 30
 
 

@@ -56,7 +56,7 @@ def settings(tmp_path: Path) -> Settings:
 
 
 def test_deferred_records_come_back_in_order_with_their_epoch_then() -> None:
-    committer = SimpleNamespace(epochs={B: 2})
+    committer = SimpleNamespace(epochs={B: 2}, saw=lambda records: None)
     deferred = Deferred(committer)  # type: ignore[arg-type]
     first, second = _record(A, 0), _record(B, 7)
     deferred.defer([first, second])
@@ -134,11 +134,12 @@ class _Rig:
     def __init__(self, settings: Settings, *, cached: int = 0) -> None:
         self.consumer = _Consumer()
         self.partitions = Partitions()
-        self.committer = SimpleNamespace(epochs={})
+        self.committer = SimpleNamespace(epochs={}, saw=lambda records: None)
         self.deferred = Deferred(self.committer)  # type: ignore[arg-type]
         self.cache = _Cache()
         self.batcher = Batcher(max_rows=1, max_delay_s=1.0)
         self.submitted: list[Batch] = []
+        self.covered: list[tuple[TopicPartition, int]] = []
         self.failures: list[tuple[Slot, WorkerError, str | None]] = []
         self.beats = 0
         self.loader = ThreadPoolExecutor(1)
@@ -150,6 +151,7 @@ class _Rig:
             responses=self.responses,
             batcher=self.batcher,
             submit=self.submitted.append,
+            cover=lambda tp, offset: self.covered.append((tp, offset)),
             failed=lambda slot, exc, model: self.failures.append((slot, exc, model)),
             cache=self.cache,  # type: ignore[arg-type]
             loader=self.loader,

@@ -37,11 +37,13 @@ POISON = "r-10"
 N = 30  # requests; request r-<i> holds rows of i / N, so the poison row is all 10 / N
 
 
-def _poisoned_worker(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+def _poisoned_worker(
+    args: list[str], log_path: Path, poison: float = 10 / N
+) -> subprocess.Popen[bytes]:
     """The worker, its sessions aborting the process on the poison request's row."""
     with open(log_path, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "tests.poison_worker", str(10 / N), *args],
+            [sys.executable, "-m", "tests.poison_worker", str(poison), *args],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -155,3 +157,86 @@ def test_a_clean_stop_leaves_nothing_to_run_carefully(
             assert proc.wait(60) == 0
     second = (tmp_path / "second.log").read_text()
     assert "one at a time" not in second, second[-2000:]
+
+
+FAR = 700  # requests; the poison pill among them far past the last commit
+FAR_POISON = 640
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("client", "exactly_once"),
+    [("confluent", False), ("kafka-python", False), ("confluent", True)],
+    ids=["confluent", "kafka-python", "exactly-once-confluent"],
+)
+def test_a_poison_pill_far_past_the_last_commit_crashes_the_worker_at_most_3_times(
+    kafka_bootstrap: str,
+    new_topic: Callable[..., str],
+    group_id: str,
+    tmp_path: Path,
+    client: str,
+    exactly_once: bool,
+) -> None:
+    """The careful window reaches every record handed to inference before the crash,
+    however far past the committed offset (with a fixed window of 500 records the
+    pill at 640 ran outside it after every restart: a crash loop)."""
+    repo = tmp_path / "models"
+    write_demo_model(repo)
+    requests, outputs = new_topic(), new_topic()
+    records = []
+    for i in range(FAR):
+        value, headers = encode_request(
+            {"x": np.full((1, 784), i / FAR, np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id=f"r-{i}",
+        )
+        records.append((f"k{i}".encode(), value, headers))
+    produce(kafka_bootstrap, requests, records)
+    # Nothing committed while serving: the group's offset stays at 0 until the pill.
+    args = [
+        *_args(kafka_bootstrap, requests, outputs, repo, group_id, client),
+        "--commit-interval-ms", "600000",
+        *(["--exactly-once"] if exactly_once else []),
+    ]  # fmt: skip
+    isolation = "read_committed" if exactly_once else "read_uncommitted"
+    poison = f"r-{FAR_POISON}"
+    crashes = 0
+    for attempt in range(6):
+        proc = _poisoned_worker(args, tmp_path / f"worker-{attempt}.log", FAR_POISON / FAR)
+        try:
+            deadline = time.monotonic() + 120
+            while proc.poll() is None and time.monotonic() < deadline:
+                if consume(kafka_bootstrap, f"{requests}.dlq", 1, timeout=0.5):
+                    break
+            if proc.poll() is not None:
+                assert proc.returncode != 0
+                assert committed(kafka_bootstrap, group_id, requests)[0] is not None
+                crashes += 1
+                continue
+            dlq = consume(kafka_bootstrap, f"{requests}.dlq", 1, 30, isolation)
+            want = {f"r-{i}" for i in range(FAR)} - {poison}
+            if exactly_once:
+                # Answers leave in the next transaction, at the interval or the drain: the
+                # records after the pill came in its poll; the drain commits them.
+                time.sleep(1.0)
+            else:
+                consume_ids(kafka_bootstrap, outputs, want, timeout=120)
+            proc.terminate()
+            assert proc.wait(60) == 0
+            answers = consume(kafka_bootstrap, outputs, len(want), 60, isolation, settle=1.0)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
+        break
+    else:
+        pytest.fail(f"still crashing after {crashes} restarts")
+    assert crashes == 3, crashes  # one unnoticed, two careful runs of the pill
+    assert len(dlq) == 1 and header(dlq[0], "request-id") == poison
+    assert "crashed the worker" in (header(dlq[0], "error-message") or "")
+    ids = [header(r, "request-id") for r in answers]
+    assert want <= set(ids)
+    if exactly_once:  # each answer once for read_committed
+        assert len(ids) == len(want), len(ids)
+    assert committed(kafka_bootstrap, group_id, requests) == {0: FAR}

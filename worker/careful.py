@@ -29,7 +29,7 @@ from worker.intake import Deferred
 from worker.kafka import Consumer, KafkaFailure, TopicPartition
 from worker.offsets import OffsetTracker
 from worker.partitions import CAREFUL, Partitions
-from worker.recovery import CLEAN, RUNNING, Careful, plan, try_marker
+from worker.recovery import CLEAN, Careful, plan, run_marker, try_marker
 from worker.retries import Retries
 
 __all__ = ["CarefulMode", "commit_marker"]
@@ -90,14 +90,17 @@ class CarefulMode:
             log.warning("committed offsets unknown (%s): no poison-pill check this time", exc)
             return
         for tp, (offset, metadata) in committed.items():
-            if offset is not None:
-                committer.found(tp, offset)
             p = plan(offset, metadata, consumer.watermarks(tp), latest=self._latest)
+            careful = p.careful
+            if offset is not None:
+                committer.found(tp, offset, None if careful is None else careful.until - 1)
             if p.start is not None and commit_marker(
-                consumer, {tp: p.start}, RUNNING, f"{tp.topic}[{tp.partition}]: start"
+                consumer,
+                {tp: p.start},
+                run_marker(p.start - 1),
+                f"{tp.topic}[{tp.partition}]: start",
             ):
                 committer.found(tp, p.start)
-            careful = p.careful
             if careful is None:
                 continue
             self._partitions.set_careful(tp, careful)

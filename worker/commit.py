@@ -5,6 +5,10 @@ Both have the same small interface, called from the loop's thread:
 ``commit(force)`` makes acknowledged progress durable and returns how many
 records it settled, ``revoke(tps)`` gives the offsets to commit before a
 partition is given up, ``pending()`` counts what is not yet committed.
+``saw(records)`` and ``cover(tp, offset)`` keep the committed metadata ahead
+of inference: no record runs past the ``run:<last>`` marker the group holds
+(:mod:`worker.recovery`), so the next owner after a crash knows how far to
+run one record at a time.
 :func:`committer_for` chooses one, once; what the loop does differently per
 mode it reads from the committer's attributes. What an answer *is* (its
 topic, partition, headers) is the :class:`Outbox`'s business.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from worker.errors import FatalError
@@ -23,13 +27,15 @@ from worker.kafka import (
     Consumer,
     Delivery,
     KafkaFailure,
+    Metadata,
     Producer,
+    Record,
     TopicPartition,
     TransactionFailed,
     fmt_offsets,
 )
 from worker.offsets import Entry, OffsetTracker
-from worker.recovery import RUNNING
+from worker.recovery import RUNNING, run_marker
 
 __all__ = [
     "STABLE_READS",
@@ -99,10 +105,17 @@ class Committer(Generic[E]):
         # records polled before (in a poll batch, deferred, waiting for a retry) are
         # read again (after the seek, or by whoever owns the partition next), not run.
         self.epochs: dict[TopicPartition, int] = {}
+        # The highest offset polled of each partition, and the highest the group's
+        # committed metadata says may have run ("run:<last>"): see cover().
+        self.polled: dict[TopicPartition, int] = {}
+        self.covered: dict[TopicPartition, int] = {}
 
-    def found(self, tp: TopicPartition, offset: int) -> None:
-        """The group's committed offset of ``tp``, read (or committed) at assignment."""
+    def found(self, tp: TopicPartition, offset: int, last: int | None = None) -> None:
+        """The group's committed offset of ``tp``, read (or committed) at assignment or
+        by a marker, and ``last``, the highest offset its metadata says may have run
+        (none after ``offset - 1`` unless given)."""
         self.committed_offsets[tp] = offset
+        self.covered[tp] = offset - 1 if last is None else last
 
     def forget(self, tps: Collection[TopicPartition]) -> None:
         """``tps`` were given up: their committed offsets are another owner's now, and
@@ -110,7 +123,43 @@ class Committer(Generic[E]):
         fetched again from the committed offset)."""
         for tp in tps:
             self.committed_offsets.pop(tp, None)
+            self.polled.pop(tp, None)
+            self.covered.pop(tp, None)
             self.epochs[tp] = self.epochs.get(tp, 0) + 1
+
+    def saw(self, records: Iterable[Record]) -> None:
+        """``records`` were polled: a cover commit reaches the highest of each partition."""
+        polled = self.polled
+        for r in records:
+            if r.offset > polled.get(r.tp, -1):
+                polled[r.tp] = r.offset
+
+    def cover(self, tp: TopicPartition, offset: int) -> None:
+        """The record at ``offset`` of ``tp`` is about to be handed to inference. Unless
+        the group's committed metadata already reaches it, commit ``run:<last>`` first,
+        ``last`` the highest offset of ``tp`` polled, at the committed offset (nothing is
+        settled by it): if the record takes the process down, the next owner runs
+        everything up to it one at a time. One commit per poll that goes past the
+        marker; only ``tp``'s (another partition may hold a careful record's marker).
+        Called from the loop's thread."""
+        if offset <= self.covered.get(tp, offset):
+            return  # covered, or the committed offset is unknown: nothing to commit at
+        last = max(offset, self.polled.get(tp, offset))
+        try:
+            self.consumer.commit({tp: self.committed_offsets[tp]}, {tp: run_marker(last)})
+        except KafkaFailure as exc:
+            # Runs all the same (as under an older marker); the next record tries again.
+            log.warning(
+                "%s[%d]: run marker up to %d not committed: %s", tp.topic, tp.partition, last, exc
+            )
+            return
+        self.covered[tp] = last
+
+    def markers(self, offsets: Collection[TopicPartition]) -> dict[TopicPartition, str]:
+        """Each partition's ``run:<last>``; a bare ``run`` where ``last`` is unknown (the
+        committed offset could not be read at assignment)."""
+        covered = self.covered
+        return {tp: run_marker(covered[tp]) if tp in covered else RUNNING for tp in offsets}
 
     def clean_offsets(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int]:
         """The committed offsets of ``tps``, to commit again as "clean" on the way out."""
@@ -138,10 +187,22 @@ class Committer(Generic[E]):
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
         raise NotImplementedError
 
-    def commit(self, *, force: bool = False, metadata: str = RUNNING) -> int:
-        """``metadata`` goes with the offsets: "run" while serving, "clean" on the way
-        out, so the next owner knows whether the last one died mid-stream."""
+    def commit(self, *, force: bool = False, metadata: str | None = None) -> int:
+        """``metadata`` goes with the offsets: each partition's ``run:<last>`` while
+        serving (None), "clean" on the way out, so the next owner knows whether the
+        last one died mid-stream."""
         raise NotImplementedError
+
+    def _metadata(self, offsets: dict[TopicPartition, int], metadata: str | None) -> Metadata:
+        if metadata is None:
+            return self.markers(offsets)
+        return metadata
+
+    def _committed_as(self, offsets: dict[TopicPartition, int], metadata: str | None) -> None:
+        self.committed_offsets.update(offsets)
+        if metadata is not None:  # "clean": nothing past the offset may run unmarked now
+            for tp, offset in offsets.items():
+                self.covered[tp] = offset - 1
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
         """Offsets to commit before ``tps`` are given up, and how many records they settle."""
@@ -158,7 +219,7 @@ class AtLeastOnce(Committer[E]):
             for _tp, entry in t.sendable(tps):
                 entry.deliveries.append(self.outbox.emit(self.producer, entry))
 
-    def commit(self, *, force: bool = False, metadata: str = RUNNING) -> int:
+    def commit(self, *, force: bool = False, metadata: str | None = None) -> int:
         # 1. Deliveries are reported from the producer's poll.
         self.producer.poll(0)
         # 2. Acknowledged heads become offsets; a refused answer stops its line.
@@ -183,7 +244,7 @@ class AtLeastOnce(Committer[E]):
         if not offsets:
             return 0
         try:
-            self.consumer.commit(offsets, metadata)
+            self.consumer.commit(offsets, self._metadata(offsets, metadata))
         except CommitDeferred as exc:
             # 4. A rebalance or a coordinator move is under way: keep the offsets;
             # the revocation or the next commit sends them.
@@ -191,7 +252,7 @@ class AtLeastOnce(Committer[E]):
             self.tracker.restore(offsets)
             return 0
         self.last_commit = time.monotonic()
-        self.committed_offsets.update(offsets)
+        self._committed_as(offsets, metadata)
         return self.tracker.committed(offsets)
 
     def revoke(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
@@ -228,7 +289,7 @@ class Transactional(Committer[E]):
     def send(self, tps: Collection[TopicPartition] | None = None) -> None:
         """Nothing leaves outside a transaction."""
 
-    def commit(self, *, force: bool = False, metadata: str = RUNNING) -> int:
+    def commit(self, *, force: bool = False, metadata: str | None = None) -> int:
         if not self._due(force):
             return 0
         # 1. The window: every answered record at the head of each line.
@@ -251,7 +312,9 @@ class Transactional(Committer[E]):
             p.flush(self._txn_timeout_s)
             _check(deliveries, "before the commit")
             # 5. The consumer's offsets join the transaction; 6. commit.
-            p.send_offsets_to_transaction(offsets, self.consumer.group_metadata(), metadata)
+            p.send_offsets_to_transaction(
+                offsets, self.consumer.group_metadata(), self._metadata(offsets, metadata)
+            )
             p.commit_transaction()
         except (TransactionFailed, KafkaFailure) as exc:
             # Remembered, so the answer is sent as what the broker takes next time.
@@ -264,7 +327,7 @@ class Transactional(Committer[E]):
         self.tracker.settle_window(window)
         self.outbox.retire([entry for _, entry in window])
         self.last_commit = time.monotonic()
-        self.committed_offsets.update(offsets)
+        self._committed_as(offsets, metadata)
         return len(window)
 
     def _abort(self, exc: BaseException) -> None:

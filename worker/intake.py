@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -28,7 +28,7 @@ from worker.cache import ResponseCache, SessionCache
 from worker.commit import Committer
 from worker.errors import InferenceError, WorkerError
 from worker.flow import POLL_RECORDS
-from worker.kafka import Consumer, Record
+from worker.kafka import Consumer, Record, TopicPartition
 from worker.observability import Metrics
 from worker.partitions import LOADING, Partitions
 from worker.retries import Retries
@@ -62,7 +62,8 @@ class Deferred:
         log.debug("%s: polled before its partition was rewound; dropped", record.where)
         return True
 
-    def defer(self, records: Iterable[Record]) -> None:
+    def defer(self, records: list[Record]) -> None:
+        self._committer.saw(records)  # a cover commit reaches them before they run
         self._records.extend((r, self.epoch(r)) for r in records)
 
     def take(self) -> tuple[Record, int] | None:
@@ -107,6 +108,7 @@ class Intake:
         responses: ResponseCache,
         batcher: Batcher,
         submit: Callable[[Batch], None],
+        cover: Callable[[TopicPartition, int], None],
         failed: Callable[[Slot, WorkerError, str | None], None],
         cache: SessionCache,
         loader: Executor,
@@ -118,6 +120,7 @@ class Intake:
     ) -> None:
         self._answers, self._metrics, self._responses = answers, metrics, responses
         self._batcher, self._submit, self._failed = batcher, submit, failed
+        self._cover = cover
         self._cache, self._loader = cache, loader
         self._consumer, self._partitions, self._deferred = consumer, partitions, deferred
         self._beat = beat
@@ -152,6 +155,8 @@ class Intake:
         job = Job.for_request(slot, model, version, signature, bound)
         if before_run is not None:
             before_run()
+        else:  # the group's run marker reaches it before it runs (worker.recovery)
+            self._cover(record.tp, record.offset)
         for batch in self._batcher.add(job):
             self._submit(batch)
 

@@ -29,8 +29,10 @@ Follow one record down this file:
 Poison pills: offsets carry a marker in their metadata (:mod:`worker.recovery`).
 A new owner that finds the last one died mid-stream runs the records it was in
 the middle of one at a time (:mod:`worker.careful`); a record that crashes the
-process again and again is dead-lettered after the third crash. The normal
-path pays nothing for it.
+process again and again is dead-lettered after the third crash, however far
+past the committed offset: the normal path commits a marker reaching the
+highest polled offset before it hands over a record past the last one (one
+commit per poll that goes past it, ``committer.cover``).
 
 Backpressure: when the bytes between steps 1 and 6 reach
 ``--max-inflight-bytes``, the loop stops polling and waits for acknowledgements
@@ -58,7 +60,7 @@ from worker.observability import Health, HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.oip import oip_app
 from worker.partitions import DRAINING, RETRY
-from worker.recovery import CLEAN, RUNNING
+from worker.recovery import CLEAN
 from worker.repository import ModelRepository
 from worker.resources import Resources
 from worker.runtime import load_session, resolve_device
@@ -225,6 +227,7 @@ class Worker:
                 self._committed(committer.commit(force=True))
             else:
                 records = consumer.poll(flow.poll_records(), flow.poll_wait_s())
+                committer.saw(records)
                 epochs = dict(committer.epochs)
                 for record in records:
                     # 2. decode, bind, batch (or dead-letter)
@@ -301,7 +304,9 @@ class Worker:
         their window closes (all of them, forced)."""
         self._r.inference.dispatch(self._r.batcher, force=force)
 
-    def _round(self, deadline: Deadline | None, flush_s: float, metadata: str = RUNNING) -> None:
+    def _round(
+        self, deadline: Deadline | None, flush_s: float, metadata: str | None = None
+    ) -> None:
         """One forced round (a careful record settling, the drain): due retries, every
         waiting batch, 5 and 6; the flush waits at most ``flush_s`` (within ``deadline``)."""
         consumer, committer = self._r.consumer, self._r.committer

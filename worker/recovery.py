@@ -1,14 +1,18 @@
 """After an unclean stop: which records to run one at a time, and when to give up.
 
 Plain rules, no Kafka inside (the loop does the I/O). Offsets are committed
-with a short metadata string: ``run`` while a worker serves, ``clean`` when it
-stops or hands a partition over in order, ``try:<offset>:<n>`` just before it
-runs the record at ``offset`` alone for the ``n``-th time. A new owner that
-finds anything but ``clean`` knows the last one died mid-stream, perhaps *of*
-one of the records it was running: it runs the records after the committed
-offset one at a time, committing a ``try`` marker before each, so a record
-that takes the process down again is known by its offset and dead-lettered
-after :data:`CRASH_LIMIT` crashes instead of crash-looping the partition.
+with a short metadata string: ``run:<last>`` while a worker serves, where
+``last`` is the highest offset of the partition it may have handed to
+inference (it commits a higher one before it hands over a record past it),
+``clean`` when it stops or hands a partition over in order,
+``try:<offset>:<n>`` just before it runs the record at ``offset`` alone for
+the ``n``-th time. A new owner that finds ``run:<last>`` or ``try`` knows the
+last one died mid-stream, perhaps *of* one of the records it was running: it
+runs the records from the committed offset up to ``last`` (up to ``offset``
+after a ``try``) one at a time, committing a ``try`` marker before each, so a
+record that takes the process down again is known by its offset and
+dead-lettered after :data:`CRASH_LIMIT` crashes instead of crash-looping the
+partition, however far past the committed offset it was.
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ __all__ = [
     "assess",
     "clean_metadata",
     "plan",
+    "run_marker",
     "try_marker",
 ]
 
 CLEAN = "clean"
-RUNNING = "run"
-CAREFUL_RECORDS = 500  # after an unclean stop, at most this many records run one at a time
+RUNNING = "run"  # the marker's prefix; alone, as workers before ``run:<last>`` wrote it
+CAREFUL_RECORDS = 500  # after a bare ``run`` (the last offset unknown), this many run one at a time
 CRASH_LIMIT = 3  # crashes on one record (the unnoticed first one included) before it is dropped
 LATEST_RESETS = ("latest", "largest", "end")  # auto.offset.reset values that start at the end
 
@@ -39,6 +44,11 @@ LATEST_RESETS = ("latest", "largest", "end")  # auto.offset.reset values that st
 def clean_metadata(metadata: str | None) -> str:
     """Commit metadata as written: librdkafka stores it with a trailing NUL."""
     return (metadata or "").rstrip("\x00")
+
+
+def run_marker(last: int) -> str:
+    """Serving; no record of the partition past ``last`` was handed to inference."""
+    return f"{RUNNING}:{last}"
 
 
 def try_marker(offset: int, attempt: int) -> str:
@@ -72,27 +82,39 @@ class Careful:
 def assess(committed: int | None, metadata: str, high_watermark: int | None) -> Careful | None:
     """What a new owner must do with a partition, from its committed offset and metadata.
 
+    ``run:<last>``: the records from ``committed`` up to ``last`` may have run when
+    the last owner died. ``try:<offset>:<n>``: the record at ``offset`` ran alone
+    (nothing after it had run since the careful records before it settled). A bare
+    ``run`` (an older worker's) leaves ``last`` unknown: :data:`CAREFUL_RECORDS`.
     Empty metadata is an operator's commit (kafka-consumer-groups --reset-offsets):
     no worker died mid-stream. Trailing NULs (librdkafka writes one) are ignored."""
     metadata = clean_metadata(metadata)
     if committed is None or metadata in (CLEAN, ""):
         return None
-    high = committed + CAREFUL_RECORDS if high_watermark is None else high_watermark
-    if high <= committed:
-        return None  # nothing after the committed offset: nothing to be careful with
-    crashes = 0
     kind, _, rest = metadata.partition(":")
     at, _, count = rest.partition(":")
+    crashes, until = 0, committed + CAREFUL_RECORDS  # unless the marker says more
     if kind == "try" and at == str(committed) and count.isdigit():
-        crashes = int(count)
-    return Careful(committed, min(high, committed + CAREFUL_RECORDS), crashes)
+        crashes, until = int(count), committed + 1
+    elif kind == RUNNING and (last := _int(rest)) is not None:
+        until = last + 1
+    if high_watermark is not None:
+        until = min(until, high_watermark)  # nothing past the end of the log ran
+    if until <= committed:
+        return None  # nothing after the committed offset ran: nothing to be careful with
+    return Careful(committed, until, crashes)
+
+
+def _int(text: str) -> int | None:
+    digits = text[1:] if text.startswith("-") else text
+    return int(text) if digits.isdigit() else None
 
 
 @dataclass(frozen=True)
 class Plan:
     """What a new owner does with a partition before its first record."""
 
-    start: int | None = None  # nothing committed yet: commit this offset as "run" now
+    start: int | None = None  # nothing committed yet: commit this offset now (nothing ran)
     careful: Careful | None = None  # the last owner stopped mid-stream
 
 

@@ -132,6 +132,7 @@ class Resources:
             responses=responses,
             batcher=batcher,
             submit=inference.submit,
+            cover=committer.cover,
             failed=failed,
             cache=cache,
             loader=loader,

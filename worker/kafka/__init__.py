@@ -45,6 +45,7 @@ __all__ = [
     "Delivery",
     "FatalError",
     "KafkaFailure",
+    "Metadata",
     "Producer",
     "ProducerFenced",
     "RebalanceHandler",
@@ -53,6 +54,7 @@ __all__ = [
     "TransactionFailed",
     "fmt_offsets",
     "fmt_tps",
+    "metadata_for",
     "open_admin",
     "open_consumer",
     "open_producer",
@@ -68,6 +70,13 @@ class TopicPartition(NamedTuple):
 
 
 Headers = list[tuple[Any, bytes | None]]
+
+# What a commit writes beside its offsets: one string for all, or one per partition.
+Metadata = str | Mapping[TopicPartition, str]
+
+
+def metadata_for(metadata: Metadata, tp: TopicPartition) -> str:
+    return metadata if isinstance(metadata, str) else metadata.get(tp, "")
 
 
 @dataclass(slots=True)
@@ -177,7 +186,7 @@ class Consumer(Protocol):
     def assignment(self) -> set[TopicPartition]: ...
     def pause(self, tps: Collection[TopicPartition]) -> None: ...
     def resume(self, tps: Collection[TopicPartition]) -> None: ...
-    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None: ...
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None: ...
     def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]: ...
     def committed_metadata(
         self, tps: Collection[TopicPartition]
@@ -203,7 +212,7 @@ class Producer(Protocol):
     def init_transactions(self) -> None: ...
     def begin_transaction(self) -> None: ...
     def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: Metadata = ""
     ) -> None: ...
     def commit_transaction(self) -> None: ...
     def abort_transaction(self) -> None: ...

@@ -25,6 +25,7 @@ from worker.kafka import (
     CommitDeferred,
     Delivery,
     KafkaFailure,
+    Metadata,
     ProducerFenced,
     RebalanceHandler,
     Record,
@@ -32,6 +33,7 @@ from worker.kafka import (
     TransactionFailed,
     fmt_offsets,
     fmt_tps,
+    metadata_for,
 )
 from worker.kafka.deadline import CallDeadline
 from worker.kafka.options import for_clients
@@ -160,8 +162,13 @@ def _reach(client: Any, access: _Access, total_s: float = 30.0) -> None:
             )
 
 
-def _ctps(offsets: Mapping[TopicPartition, int], metadata: str = "") -> list[ck.TopicPartition]:
-    return [ck.TopicPartition(t, p, o, metadata=metadata) for (t, p), o in offsets.items()]
+def _ctps(
+    offsets: Mapping[TopicPartition, int], metadata: Metadata = ""
+) -> list[ck.TopicPartition]:
+    return [
+        ck.TopicPartition(tp.topic, tp.partition, o, metadata=metadata_for(metadata, tp))
+        for tp, o in offsets.items()
+    ]
 
 
 def _tps(partitions: list[ck.TopicPartition]) -> list[TopicPartition]:
@@ -290,7 +297,7 @@ class ConfluentConsumer:
 
     # -- offsets ---------------------------------------------------------------------
 
-    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None:
         try:
             result = self._c.commit(offsets=_ctps(offsets, metadata), asynchronous=False)
         except ck.KafkaException as exc:
@@ -520,7 +527,7 @@ class ConfluentProducer:
         self._txn("begin_transaction", self._p.begin_transaction)
 
     def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: Metadata = ""
     ) -> None:
         self._txn(
             f"send_offsets_to_transaction({fmt_offsets(offsets)})",

@@ -41,6 +41,7 @@ from worker.kafka import (
     CommitDeferred,
     Delivery,
     KafkaFailure,
+    Metadata,
     ProducerFenced,
     RebalanceHandler,
     Record,
@@ -49,6 +50,7 @@ from worker.kafka import (
     fmt_offsets,
     fmt_tps,
     kafka_python_patches,
+    metadata_for,
 )
 from worker.kafka.options import kafka_python_config
 
@@ -236,12 +238,18 @@ def _call(fn: Callable[..., T], *args: Any) -> T | BaseException:
 
 
 def _kafka_offsets(
-    offsets: Mapping[TopicPartition, int], metadata: str = ""
+    offsets: Mapping[TopicPartition, int], metadata: Metadata = ""
 ) -> dict[KTP, OffsetAndMetadata]:
+    return {
+        KTP(*tp): OffsetAndMetadata(o, _written(metadata_for(metadata, tp)), -1)
+        for tp, o in offsets.items()
+    }
+
+
+def _written(metadata: str) -> str:
     # Written as librdkafka writes it, with a trailing NUL: confluent-kafka reads
     # metadata as a C string, and without one it reads past the end (seen: 'cleanV').
-    written = metadata + "\x00" if metadata else ""
-    return {KTP(t, p): OffsetAndMetadata(o, written, -1) for (t, p), o in offsets.items()}
+    return metadata + "\x00" if metadata else ""
 
 
 class KafkaPythonConsumer:
@@ -310,7 +318,7 @@ class KafkaPythonConsumer:
         if tps:
             self._c.resume(*(KTP(t, p) for t, p in tps))
 
-    def commit(self, offsets: Mapping[TopicPartition, int], metadata: str = "") -> None:
+    def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None:
         try:
             self._c.commit(_kafka_offsets(offsets, metadata))
         except _DEFERRED as exc:
@@ -455,7 +463,7 @@ class KafkaPythonProducer:
         self._txn(self._p.begin_transaction)
 
     def send_offsets_to_transaction(
-        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: str = ""
+        self, offsets: Mapping[TopicPartition, int], group_metadata: Any, metadata: Metadata = ""
     ) -> None:
         self._txn(
             self._p.send_offsets_to_transaction, _kafka_offsets(offsets, metadata), group_metadata
