@@ -413,6 +413,7 @@ class WorkerProcess:
     model: str
     group: str
     extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # over this process's environment
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
     _log: IO[bytes] | None = None
@@ -436,8 +437,9 @@ class WorkerProcess:
         # A file, not a pipe: a chatty worker must never block on a full pipe.
         self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log
-        )
+            args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log,
+            env={**os.environ, **self.env} if self.env else None,
+        )  # fmt: skip
         return self
 
     def alive(self) -> bool:
