@@ -28,7 +28,7 @@ from worker.kafka import (
     TransactionFailed,
 )
 from worker.offsets import Entry, OffsetTracker
-from worker.recovery import CLEAN, MARKER_LEAD, RUNNING, run_marker
+from worker.recovery import CLEAN, RUNNING, run_marker
 
 A = TopicPartition("in", 0)
 B = TopicPartition("in", 1)
@@ -796,17 +796,15 @@ def test_a_record_past_the_marker_runs_after_a_marker_reaching_the_last_polled(
     c = rig.transactional() if exactly_once else rig.at_least_once()
     c.found(A, 10)
     c.saw(_polled(A, range(10, 612)))
-    c.cover(A, 10)  # the first record handed over: the marker reaches past the whole poll
-    assert rig.consumer.commits == [({A: 10}, {A: run_marker(611 + MARKER_LEAD)})]
-    assert rig.consumer.metadata_of[A] == run_marker(611 + MARKER_LEAD)
-    assert rig.group[A] == 10  # nothing settled
-    c.saw(_polled(A, range(612, 612 + MARKER_LEAD)))
-    for o in range(11, 612 + MARKER_LEAD):
-        c.cover(A, o)  # the rest of the poll and MARKER_LEAD more: no more commits
+    c.cover(A, 10)  # the first record handed over: the marker reaches the whole poll
+    assert rig.consumer.commits == [({A: 10}, {A: run_marker(611)})]
+    assert rig.consumer.metadata_of[A] == "run:611" and rig.group[A] == 10  # nothing settled
+    for o in range(11, 612):
+        c.cover(A, o)  # the rest of the poll is covered: no more commits
     assert len(rig.consumer.commits) == 1
-    c.saw(_polled(A, range(612 + MARKER_LEAD, 620 + MARKER_LEAD)))
-    c.cover(A, 612 + MARKER_LEAD)
-    assert rig.consumer.commits[-1] == ({A: 10}, {A: run_marker(619 + 2 * MARKER_LEAD)})
+    c.saw(_polled(A, range(612, 620)))
+    c.cover(A, 612)
+    assert rig.consumer.commits[-1] == ({A: 10}, {A: run_marker(619)})
 
 
 def test_at_least_once_commits_carry_each_partitions_marker(rig: Rig) -> None:
@@ -820,8 +818,7 @@ def test_at_least_once_commits_carry_each_partitions_marker(rig: Rig) -> None:
     rig.add(B, range(7, 8))
     c.send()
     assert c.commit() == 4
-    markers = {A: run_marker(699 + MARKER_LEAD), B: run_marker(8 + MARKER_LEAD)}
-    assert rig.consumer.commits[-1] == ({A: 103, B: 8}, markers)
+    assert rig.consumer.commits[-1] == ({A: 103, B: 8}, {A: "run:699", B: "run:8"})
 
 
 def test_a_transactions_offsets_carry_each_partitions_marker(rig: Rig) -> None:
@@ -832,7 +829,7 @@ def test_a_transactions_offsets_carry_each_partitions_marker(rig: Rig) -> None:
     rig.add(A, range(0, 2))
     assert c.commit() == 2
     assert rig.producer.transactions == [
-        ([b"0@0", b"0@1"], {A: 2}, rig.consumer.metadata, {A: run_marker(899 + MARKER_LEAD)})
+        ([b"0@0", b"0@1"], {A: 2}, rig.consumer.metadata, {A: "run:899"})
     ]
 
 
@@ -844,7 +841,7 @@ def test_a_marker_at_assignment_that_reaches_further_is_kept(rig: Rig) -> None:
     c.cover(A, 49)
     assert rig.consumer.commits == []
     c.cover(A, 50)
-    assert rig.consumer.commits == [({A: 5}, {A: run_marker(59 + MARKER_LEAD)})]
+    assert rig.consumer.commits == [({A: 5}, {A: run_marker(59)})]
 
 
 def test_a_cover_commits_only_its_own_partition(rig: Rig) -> None:
@@ -854,7 +851,7 @@ def test_a_cover_commits_only_its_own_partition(rig: Rig) -> None:
     c.found(B, 0)
     c.saw(_polled(A, range(3, 10)) + _polled(B, range(0, 5)))
     c.cover(B, 0)
-    assert rig.consumer.commits == [({B: 0}, {B: run_marker(4 + MARKER_LEAD)})]
+    assert rig.consumer.commits == [({B: 0}, {B: run_marker(4)})]
 
 
 def test_without_a_known_committed_offset_no_marker_and_a_bare_run(rig: Rig) -> None:
@@ -877,7 +874,7 @@ def test_a_marker_that_fails_is_tried_again_by_the_next_record(rig: Rig) -> None
     c.cover(A, 0)  # runs all the same; the marker is not there
     assert rig.consumer.commits == []
     c.cover(A, 1)
-    assert rig.consumer.commits == [({A: 0}, {A: run_marker(4 + MARKER_LEAD)})]
+    assert rig.consumer.commits == [({A: 0}, {A: run_marker(4)})]
 
 
 def test_a_clean_commit_means_a_marker_again_before_the_next_record(rig: Rig) -> None:
@@ -890,7 +887,7 @@ def test_a_clean_commit_means_a_marker_again_before_the_next_record(rig: Rig) ->
     c.commit(metadata=CLEAN)
     assert rig.consumer.commits[-1] == ({A: 2}, CLEAN)
     c.cover(A, 2)
-    assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4 + MARKER_LEAD)})
+    assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4)})
 
 
 def test_a_forgotten_partitions_marker_and_polls_are_forgotten(rig: Rig) -> None:
@@ -902,4 +899,4 @@ def test_a_forgotten_partitions_marker_and_polls_are_forgotten(rig: Rig) -> None
     c.found(A, 20)  # given back: its records are polled again from 20
     c.saw(_polled(A, range(20, 25)))
     c.cover(A, 20)
-    assert rig.consumer.commits[-1] == ({A: 20}, {A: run_marker(24 + MARKER_LEAD)})
+    assert rig.consumer.commits[-1] == ({A: 20}, {A: run_marker(24)})

@@ -35,7 +35,7 @@ from worker.kafka import (
     fmt_offsets,
 )
 from worker.offsets import Entry, OffsetTracker
-from worker.recovery import MARKER_LEAD, RUNNING, run_marker
+from worker.recovery import RUNNING, run_marker
 
 __all__ = [
     "STABLE_READS",
@@ -137,15 +137,14 @@ class Committer(Generic[E]):
     def cover(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` of ``tp`` is about to be handed to inference. Unless
         the group's committed metadata already reaches it, commit ``run:<last>`` first,
-        ``last`` the highest offset of ``tp`` polled plus ``MARKER_LEAD``, at the
-        committed offset (nothing is settled by it): if the record takes the process
-        down, the next owner runs everything up to it one at a time. One commit per
-        ``MARKER_LEAD`` records at most; only ``tp``'s (another partition may hold a
-        careful record's marker).
+        ``last`` the highest offset of ``tp`` polled, at the committed offset (nothing is
+        settled by it): if the record takes the process down, the next owner runs
+        everything up to it one at a time. One commit per poll that goes past the
+        marker; only ``tp``'s (another partition may hold a careful record's marker).
         Called from the loop's thread."""
         if offset <= self.covered.get(tp, offset):
             return  # covered, or the committed offset is unknown: nothing to commit at
-        last = max(offset, self.polled.get(tp, offset)) + MARKER_LEAD
+        last = max(offset, self.polled.get(tp, offset))
         try:
             self.consumer.commit({tp: self.committed_offsets[tp]}, {tp: run_marker(last)})
         except KafkaFailure as exc:

@@ -37,11 +37,6 @@ __all__ = [
 CLEAN = "clean"
 RUNNING = "run"  # the marker's prefix; alone, as workers before ``run:<last>`` wrote it
 CAREFUL_RECORDS = 500  # after a bare ``run`` (the last offset unknown), this many run one at a time
-# A run marker reaches this many records past the highest polled: a marker commit (a
-# round trip to the group coordinator, on the loop's thread) every MARKER_LEAD records
-# of a partition at most, not one per poll (a slow stream brings one record a poll);
-# after a crash, at most this many records beyond what was polled run one at a time.
-MARKER_LEAD = CAREFUL_RECORDS
 CRASH_LIMIT = 3  # crashes on one record (the unnoticed first one included) before it is dropped
 LATEST_RESETS = ("latest", "largest", "end")  # auto.offset.reset values that start at the end
 
