@@ -389,7 +389,9 @@ def test_partitions_added_while_running_are_consumed_and_committed(
 # resets the loop thread waits in it until the backend's deadline ends the process.
 # What the worker guarantees meanwhile, the two tests after this one check.
 _LIBRDKAFKA_5456 = pytest.mark.xfail(
-    strict=True,
+    # Not strict: whether librdkafka blocks depends on where the resets catch it; one
+    # run in several passes (seen on a fresh-clone CI run), which is no fix.
+    strict=False,
     reason=(
         "librdkafka#5456: send_offsets_to_transaction() ignores its timeout after "
         "connection resets, so this process exits 1 at the call's deadline; a stop "
