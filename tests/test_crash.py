@@ -463,6 +463,16 @@ class _ResetRun:
             out.settle(2.0)
             return out.ids()
 
+    def assert_each_answered_once(self, want: set[str]) -> None:
+        """After a restart: every one of ``want`` answered, none twice, for read_committed."""
+        ids = self.answers(want)
+        assert want <= set(ids), (
+            f"{len(want - set(ids))} unanswered after the restart:\n"
+            + self.log.read_text()[-3000:]
+        )
+        twice = [rid for rid, c in ids.items() if c > 1]
+        assert not twice, f"read_committed duplicates across the restart: {twice[:5]}"
+
     def stop(self) -> None:
         if self.rc is not None:
             return
@@ -534,13 +544,7 @@ def test_exactly_once_connection_resets_then_sigterm_and_restart_each_answer_onc
         assert run.rc in (0, 1), run.log.read_text()[-3000:]
         first_rc, first_took = run.rc, run.stop_took_s
         run.restart()
-        ids = run.answers(want)
-        assert want <= set(ids), (
-            f"{len(want - set(ids))} unanswered after the restart:\n"
-            + run.log.read_text()[-3000:]
-        )
-        twice = [rid for rid, c in ids.items() if c > 1]
-        assert not twice, f"read_committed duplicates across the restart: {twice[:5]}"
+        run.assert_each_answered_once(want)
         print(f"{kafka_client}: first run exit {first_rc} {first_took:.1f} s after SIGTERM")
         run.stop()
     assert run.rc == 0, run.log.read_text()[-3000:]
@@ -576,12 +580,6 @@ def test_exactly_once_stuck_call_after_resets_exits_at_its_deadline_and_restart_
         assert f"still blocked {TXN_DEADLINE_S} s" in stuck[0] and "librdkafka#5456" in stuck[0]
         print(f"exit 1 {took:.1f} s after the stream ended: {stuck[0][-400:]}")
         run.restart()
-        ids = run.answers(want)
-        assert want <= set(ids), (
-            f"{len(want - set(ids))} unanswered after the restart:\n"
-            + run.log.read_text()[-3000:]
-        )
-        twice = [rid for rid, c in ids.items() if c > 1]
-        assert not twice, f"read_committed duplicates across the restart: {twice[:5]}"
+        run.assert_each_answered_once(want)
         run.stop()
     assert run.rc == 0, run.log.read_text()[-3000:]

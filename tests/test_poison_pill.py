@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -66,6 +67,22 @@ def _args(
     ]  # fmt: skip
 
 
+def _publish(bootstrap: str, topic: str, n: int) -> list[tuple[bytes, bytes, Any]]:
+    """``n`` one-row msgpack requests for the demo MLP, ``r-<i>`` whose row is i / n;
+    returns the records (key, value, headers) as sent."""
+    records = []
+    for i in range(n):
+        value, headers = encode_request(
+            {"x": np.full((1, 784), i / n, np.float32)},
+            format="msgpack",
+            model="mnist-mlp",
+            request_id=f"r-{i}",
+        )
+        records.append((f"k{i}".encode(), value, headers))
+    produce(bootstrap, topic, records)
+    return records
+
+
 @pytest.mark.parametrize("client", BOTH_CLIENTS)
 def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_goes_on(
     kafka_bootstrap: str,
@@ -78,16 +95,7 @@ def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_go
     write_demo_model(repo)
     requests, outputs = new_topic(), new_topic()
     n = N
-    records = []
-    for i in range(n):
-        value, headers = encode_request(
-            {"x": np.full((1, 784), i / n, np.float32)},
-            format="msgpack",
-            model="mnist-mlp",
-            request_id=f"r-{i}",
-        )
-        records.append((f"k{i}".encode(), value, headers))
-    produce(kafka_bootstrap, requests, records)
+    records = _publish(kafka_bootstrap, requests, n)
     args = _args(kafka_bootstrap, requests, outputs, repo, group_id, client)
     crashes = 0
     want = {f"r-{i}" for i in range(n)} - {POISON}
@@ -183,16 +191,7 @@ def test_a_poison_pill_far_past_the_last_commit_crashes_the_worker_at_most_3_tim
     repo = tmp_path / "models"
     write_demo_model(repo)
     requests, outputs = new_topic(), new_topic()
-    records = []
-    for i in range(FAR):
-        value, headers = encode_request(
-            {"x": np.full((1, 784), i / FAR, np.float32)},
-            format="msgpack",
-            model="mnist-mlp",
-            request_id=f"r-{i}",
-        )
-        records.append((f"k{i}".encode(), value, headers))
-    produce(kafka_bootstrap, requests, records)
+    _publish(kafka_bootstrap, requests, FAR)
     # Nothing committed while serving: the group's offset stays at 0 until the pill.
     args = [
         *_args(kafka_bootstrap, requests, outputs, repo, group_id, client),
