@@ -35,7 +35,7 @@ from worker.kafka import (
     fmt_tps,
     metadata_for,
 )
-from worker.kafka.deadline import CallDeadline
+from worker.kafka.deadline import CallDeadline, CallPending, WaitLimit
 from worker.kafka.options import for_clients
 
 __all__ = [
@@ -52,6 +52,10 @@ log = logging.getLogger("worker.kafka")
 # librdkafka's own words (its log lines, the errors poll() hands back): summarised
 # when repeated (worker.observability.RepeatedLines).
 client_log = logging.getLogger("worker.kafka.librdkafka")
+
+# How long the loop waits for a commit before it goes back to polling (the commit goes
+# on meanwhile, and every other commit is deferred until it returns).
+COMMIT_WAIT_S = 5.0
 
 _DEFERRED = {
     ck.KafkaError.REBALANCE_IN_PROGRESS,
@@ -209,6 +213,10 @@ class ConfluentConsumer:
         )
         _statistics(conf, config)
         self._c = _build(ck.Consumer, conf)
+        # librdkafka's synchronous commit has no timeout, and during a rebalance it can
+        # wait for the rebalance callback, which only poll() on the committing thread
+        # serves: the loop waits COMMIT_WAIT_S, then goes back to polling.
+        self._commits = WaitLimit(COMMIT_WAIT_S, "kafka-commit")
         self._handler: RebalanceHandler | None = None
         # Kept from the rebalance callbacks: librdkafka answers assignment() through
         # the group thread's queue, a round trip on every turn of the loop.
@@ -299,7 +307,11 @@ class ConfluentConsumer:
 
     def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None:
         try:
-            result = self._c.commit(offsets=_ctps(offsets, metadata), asynchronous=False)
+            result = self._commits.call(self._commit, _ctps(offsets, metadata))
+        except CallPending as exc:
+            # Deferred: the offsets stay to commit; the commit under way goes on and,
+            # once the rebalance is served, lands or fails (with the old generation).
+            raise CommitDeferred(str(exc), retriable=True, name="COMMIT_PENDING") from None
         except ck.KafkaException as exc:
             err = _error_of(exc)
             if err is None:
@@ -311,6 +323,9 @@ class ConfluentConsumer:
             if tp.error is not None:
                 kind = CommitDeferred if tp.error.code() in _DEFERRED else KafkaFailure
                 raise _failure(tp.error, kind)
+
+    def _commit(self, offsets: list[ck.TopicPartition]) -> Any:
+        return self._c.commit(offsets=offsets, asynchronous=False)
 
     def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
         if not tps:
@@ -368,7 +383,10 @@ class ConfluentConsumer:
         return self._c.consumer_group_metadata()
 
     def close(self) -> None:
-        self._c.close()
+        try:
+            self._c.close()
+        finally:
+            self._commits.close()
 
 
 def _record(m: Any) -> Record:
