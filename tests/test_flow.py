@@ -193,14 +193,20 @@ def test_exactly_once_answers_and_offsets_land_together_in_transactions(repo: Pa
 def test_at_least_once_revocation_commits_what_was_answered(repo: Path) -> None:
     kafka = FakeKafka()
     _produce(kafka, IN0, 4)
-    # No commit comes due while serving: only the revocation can commit the answers.
-    with serving(repo, kafka, commit_interval_ms=600_000):
-        _until(lambda: len(kafka.landed("out")) == 4)
+    _produce(kafka, IN1, 2)
+    # No commit comes due while serving: only the revocations can commit the answers.
+    with serving(repo, kafka, commit_interval_ms=600_000) as s:
+        _until(lambda: len(kafka.landed("out")) == 6)
         assert kafka.group.get(IN0) == 0  # the start, committed at assignment
+        kafka.consumer.rebalance("revoke", [IN1])
+        _until(lambda: IN1 not in kafka.consumer.assigned)
+        assert kafka.consumer.commits[-1] == ({IN1: 2}, CLEAN)
+        assert s.worker.committed_records == 2  # the revocation's records count as committed
         kafka.consumer.rebalance("revoke", [IN0])
         _until(lambda: IN0 not in kafka.consumer.assigned)
         assert kafka.consumer.commits[-1] == ({IN0: 4}, CLEAN)
-    assert kafka.group[IN0] == 4
+        assert s.worker.committed_records == 6
+    assert kafka.group[IN0] == 4 and kafka.group[IN1] == 2
 
 
 def test_exactly_once_revocation_abandons_uncommitted_work_and_commits_nothing(
