@@ -796,8 +796,12 @@ def test_offsets_found_at_assignment_are_committed_again_as_clean_until_forgotte
     c.found(B, 3)
     assert c.clean_offsets([A]) == {A: 7}
     assert c.revoke([A, B]) == ({A: 7, B: 3}, 0)
-    c.forget([A])
+    before = c.epochs.get(A, 0)
+    c.forget([A, C])  # C was never found: nothing to forget but its epoch
     assert c.clean_offsets([A, B]) == {B: 3}
+    once = c.epochs[A]
+    c.forget([A])  # every forget makes the records polled before it stale
+    assert len({before, once, c.epochs[A]}) == 3
 
 
 # -- the run marker: the group's metadata reaches every record handed to inference ----------
@@ -914,6 +918,7 @@ def test_a_forgotten_partitions_marker_and_polls_are_forgotten(rig: Rig) -> None
     c.saw(_polled(A, range(0, 50)))
     c.cover(A, 0)
     c.forget([A])
+    assert c.markers([A]) == {A: RUNNING}  # its last marker is another owner's business
     c.found(A, 20)  # given back: its records are polled again from 20
     c.saw(_polled(A, range(20, 25)))
     c.cover(A, 20)
