@@ -134,6 +134,25 @@ def test_rescue_turns_a_response_refused_alone_into_a_dead_letter_and_learns_the
     assert a.rescue(slot, TOO_LARGE) is True  # alone: too large
     assert slot.out.topic == "in.dlq" and slot.out.ok is False
     assert a.size_limits["out"] == size - 1
+    headers = dict(slot.out.headers)
+    assert headers["error-type"] == b"too-large"
+    assert headers["error-message"] == (
+        f"the response, refused by the broker: {size} bytes, over the limit of {size - 1} "
+        "of topic 'out' (max.message.bytes)"
+    ).encode()
+    # whose answer it was, also when the request named its model in its body
+    bare = Slot(Record("in", 1, 4, b"key", b"req", [], 1_999_000))
+    bare.out = _response(bare, 500)
+    a.rescue(bare, TOO_LARGE)
+    a.rescue(bare, TOO_LARGE)
+    assert ("model", b"m") in bare.out.headers
+    # a limit learnt lower before stays: a refusal only ever lowers it
+    a.size_limits["out"] = size - 50
+    big = _slot(offset=5)
+    big.out = _response(big, 500)
+    a.rescue(big, TOO_LARGE)
+    a.rescue(big, TOO_LARGE)
+    assert a.size_limits["out"] == size - 50
     # the same record read again (exactly-once rewinds): dead-lettered before sending
     again = _slot()
     again.out = _response(again, 10)
