@@ -23,14 +23,19 @@ from worker.offsets import OffsetTracker
 
 
 class FakeSession:
-    def __init__(self, clock: Clock, took_s: float, fail: BaseException | None = None) -> None:
-        self.clock, self.took_s, self.fail = clock, took_s, fail
+    def __init__(
+        self, clock: Clock, took_s: float, fail: BaseException | None = None, labels: bool = False
+    ) -> None:
+        self.clock, self.took_s, self.fail, self.labels = clock, took_s, fail, labels
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         self.clock.sleep(self.took_s)
         if self.fail is not None:
             raise self.fail
-        return {"y": feeds["x"] * 2}
+        out: dict[str, Any] = {"y": feeds["x"] * 2}
+        if self.labels:  # a string output, as ONNX Runtime hands one back: a list
+            out["label"] = ["cat"] * len(feeds["x"])
+        return out
 
 
 class FakeCache:
@@ -88,6 +93,8 @@ class Rig:
         inline_below_ms: float = 5.0,
         slots: int = 1,
         hold: bool = False,
+        responses: int = 0,
+        labels: bool = False,
     ) -> None:
         self.clock = Clock()
         self.cpu = Clock(0.0)
@@ -96,13 +103,14 @@ class Rig:
         self.failed: list[tuple[Slot, WorkerError, str | None]] = []
         self.sends = 0
         self.metrics = Metrics()
+        self.responses = ResponseCache(responses, metrics=self.metrics)
         self.inference = Inference(
-            FakeCache(FakeSession(self.clock, took_s, fail), error),  # type: ignore[arg-type]
+            FakeCache(FakeSession(self.clock, took_s, fail, labels), error),  # type: ignore[arg-type]
             self.pool,
             metrics=self.metrics,
             answers=FakeAnswers(),  # type: ignore[arg-type]
             tracker=self.tracker,
-            responses=ResponseCache(0, metrics=self.metrics),
+            responses=self.responses,
             failed=lambda slot, exc, model: self.failed.append((slot, exc, model)),
             sent=self._sent,
             max_rows=1024,
@@ -336,3 +344,18 @@ def test_a_forced_dispatch_sends_every_waiting_batch_though_the_slots_are_busy()
     batcher.add(rig.job(1, model="other"))
     rig.inference.dispatch(batcher, force=True)
     assert _sizes(rig) == [1, 1] and len(batcher) == 0
+
+
+def test_a_cached_answer_is_kept_at_the_size_of_its_outputs() -> None:
+    # The response cache is bounded in bytes: each answer counts its arrays' bytes,
+    # and a list output (strings) 64 bytes an item.
+    rig = Rig(responses=10, labels=True)
+    batch, slots = rig.batch(2)
+    for i, slot in enumerate(slots):
+        slot.cache_key = b"key-%d" % i
+    rig.inference.submit(batch)
+    assert all(s.out is not None for s in slots)
+    assert len(rig.responses) == 2
+    assert rig.responses.nbytes == 2 * (3 * 4 + 64)  # y: 1x3 float32; label: one string
+    cached = rig.responses.get(b"key-1")
+    assert isinstance(cached, dict) and cached["label"] == ["cat"]
