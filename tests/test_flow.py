@@ -119,8 +119,10 @@ def test_records_in_answers_and_dead_letters_out_and_everything_committed(repo: 
     kafka.admin.partition_counts.update({"out": 2, "in.dlq": 2})
     _produce(kafka, IN0, 5)
     kafka.consumer.append(IN1, b"not a request", b"bad")
-    with serving(repo, kafka):
+    assert Worker(_settings(repo), clients=kafka.clients).assignment() == set()  # not running
+    with serving(repo, kafka) as s:
         _until(lambda: kafka.group.get(IN0) == 5 and kafka.group.get(IN1) == 1)
+        assert s.worker.assignment() == {IN0, IN1}
     assert sorted(_ids(kafka, "out")) == [f"0-{i}" for i in range(5)]
     (dead,) = kafka.landed("in.dlq")
     assert dead.header("error-type") == "decode-error"
