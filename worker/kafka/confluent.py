@@ -258,7 +258,7 @@ class ConfluentConsumer:
         if not offsets:
             return
         try:
-            self.commit(offsets, metadata)
+            self._commit(offsets, metadata, inline=True)
             log.info("revoked %s: committed %s", fmt_tps(tps), fmt_offsets(offsets))
         except KafkaFailure as exc:
             # Answered but not committed: the next owner answers them again
@@ -306,8 +306,20 @@ class ConfluentConsumer:
     # -- offsets ---------------------------------------------------------------------
 
     def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None:
+        """Commit on the commit thread, waiting at most COMMIT_WAIT_S (see __init__)."""
+        self._commit(offsets, metadata, inline=False)
+
+    def _commit(
+        self, offsets: Mapping[TopicPartition, int], metadata: Metadata, *, inline: bool
+    ) -> None:
+        """``inline`` inside a rebalance callback: librdkafka serves a commit made there
+        on the calling thread (from another thread it waits for the callback to
+        return: a commit thread would wait out its limit for nothing)."""
+        ctps = _ctps(offsets, metadata)
         try:
-            result = self._commits.call(self._commit, _ctps(offsets, metadata))
+            result = (
+                self._sync_commit(ctps) if inline else self._commits.call(self._sync_commit, ctps)
+            )
         except CallPending as exc:
             # Deferred: the offsets stay to commit; the commit under way goes on and,
             # once the rebalance is served, lands or fails (with the old generation).
@@ -324,7 +336,7 @@ class ConfluentConsumer:
                 kind = CommitDeferred if tp.error.code() in _DEFERRED else KafkaFailure
                 raise _failure(tp.error, kind)
 
-    def _commit(self, offsets: list[ck.TopicPartition]) -> Any:
+    def _sync_commit(self, offsets: list[ck.TopicPartition]) -> Any:
         return self._c.commit(offsets=offsets, asynchronous=False)
 
     def committed(self, tps: Collection[TopicPartition]) -> dict[TopicPartition, int | None]:
