@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -86,3 +87,22 @@ def test_the_watchdog_ignores_other_signals_and_returns_when_the_pipe_closes() -
     exits, thread = _watch(bytes([signal.SIGCHLD, signal.SIGUSR1]), threading.Event())
     thread.join(5)
     assert exits == [] and not thread.is_alive()
+
+
+def test_the_watchdog_allows_the_drain_its_time_and_the_slack_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A stop whose clients close after --drain-timeout but within the slack is let be...
+    closed = threading.Event()
+    exits, thread = _watch(bytes([signal.SIGTERM]), closed, timeout_s=0.2 + STOP_SLACK_S)
+    time.sleep(0.6)
+    assert thread.is_alive() and exits == []
+    closed.set()
+    thread.join(5)
+    assert exits == []
+    # ...one still running after both is ended, and the line says how long it waited
+    exits, thread = _watch(bytes([signal.SIGTERM]), threading.Event(), timeout_s=0.2 + STOP_SLACK_S)
+    thread.join(10)
+    assert exits == [1]
+    assert f"still running {0.2 + STOP_SLACK_S:g} s after the stop signal" in caplog.text
+    assert "(--drain-timeout 0.2)" in caplog.text
