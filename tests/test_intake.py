@@ -92,6 +92,11 @@ def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> Non
     slot = Slot(_record(A, 0))
     failed(slot, DecodeError("not msgpack"), None)
     assert slot.out is not None and not slot.out.ok and not retries.waiting(slot)
+    assert "model" not in dict(slot.out.headers)
+    # a request whose model was known names it in its dead letter
+    named = Slot(_record(A, 1))
+    failed(named, DecodeError("bad tensor"), "mnist-mlp")
+    assert named.out is not None and dict(named.out.headers)["model"] == b"mnist-mlp"
 
 
 # -- intake ---------------------------------------------------------------------------------------
