@@ -912,6 +912,14 @@ def test_a_clean_commit_means_a_marker_again_before_the_next_record(rig: Rig) ->
     assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4)})
 
 
+def test_a_record_handed_over_before_any_poll_was_seen_is_covered_up_to_itself(rig: Rig) -> None:
+    # no saw() for A: the marker reaches the record itself, not a guess past it
+    c = rig.at_least_once()
+    c.found(A, 0)
+    c.cover(A, 3)
+    assert rig.consumer.commits[-1] == ({A: 0}, {A: run_marker(3)})
+
+
 def test_a_forgotten_partitions_marker_and_polls_are_forgotten(rig: Rig) -> None:
     c = rig.at_least_once()
     c.found(A, 0)
