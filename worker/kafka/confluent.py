@@ -213,10 +213,7 @@ class ConfluentConsumer:
         )
         _statistics(conf, config)
         self._c = _build(ck.Consumer, conf)
-        # librdkafka's synchronous commit has no timeout, and during a rebalance it can
-        # wait for the rebalance callback, which only poll() on the committing thread
-        # serves: the loop waits COMMIT_WAIT_S, then goes back to polling.
-        self._commits = WaitLimit(COMMIT_WAIT_S, "kafka-commit")
+        self._commits = WaitLimit(COMMIT_WAIT_S, "kafka-commit")  # why: deadline.py
         self._handler: RebalanceHandler | None = None
         # Kept from the rebalance callbacks: librdkafka answers assignment() through
         # the group thread's queue, a round trip on every turn of the loop.
@@ -306,7 +303,7 @@ class ConfluentConsumer:
     # -- offsets ---------------------------------------------------------------------
 
     def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None:
-        """Commit on the commit thread, waiting at most COMMIT_WAIT_S (see __init__)."""
+        """Commit on the commit thread, waiting at most COMMIT_WAIT_S."""
         self._commit(offsets, metadata, inline=False)
 
     def _commit(
