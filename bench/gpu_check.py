@@ -5,10 +5,17 @@ wheels) but no package registry, and takes at most 64 MiB of files per call,
 while the onnxruntime-gpu wheel is about 250 MB. So the wheel travels in
 parts:
 
-    # here, once (downloads the wheel, splits it into 61 MiB parts + MANIFEST.json):
+    # here, once (downloads the wheel, splits it into 50 MiB parts + MANIFEST.json,
+    # and fetches the small wheels the machine's image lacks into extra/):
     .venv/bin/python bench/gpu_check.py pack
     # there, one call per part, back to back (the machine keeps /tmp while warm):
     make gpu-check        # carrying MANIFEST.json and the next part each time
+                          # (and extra/ with the first: pack prints each call's carry)
+
+The image (seen on an H100 on 2026-12-06) has numpy, pyarrow, msgpack, onnx
+and scikit-learn but not ``orjson`` and ``pysimdjson`` (``worker.protocol``
+imports both) nor ``skl2onnx`` (the scikit-learn test models): those are the
+``EXTRA_WHEELS``, installed beside onnxruntime-gpu.
 
 Each call copies the parts it carries into ``/tmp/gpu-check/parts`` (each
 checked against the manifest's sha256) and says which are still missing
@@ -26,7 +33,9 @@ wheels. Within 8 minutes it prints one JSON object:
   ``cudnn_conv_algo_search`` mode;
 - ``eviction``: this process's device memory before/after evicting three
   large models through the real ``SessionCache``;
-- ``goals``: worker/raw >= 0.8 at batch 64, eviction returns >= 90%.
+- ``goals``: worker/raw >= 0.8 at batch 64, eviction returns >= 90%;
+- ``gpu_tests``: then ``pytest -m gpu`` in the same environment (``--no-tests``
+  skips it): the tests that skip on a machine without a GPU.
 
 Exit 0 when every correctness check passed (goals are reported, not
 enforced), 1 when one failed or CUDA is unusable, 3 while parts are missing.
@@ -71,10 +80,14 @@ __all__ = [
 
 ORT_GPU_VERSION = "1.31.1"
 """Same as the Dockerfile's ONNXRUNTIME_GPU_VERSION: built against CUDA 13 and cuDNN 9."""
-PART_BYTES = 61 << 20
-"""61 MiB (``split -b 61M``): a part plus this repository stays under a call's 64 MiB."""
+PART_BYTES = 50 << 20
+"""50 MiB: a part plus this repository (3.5 MiB tracked) stays under a call's 64 MiB;
+61 MiB parts did not. The 1.31.1 wheel is five parts."""
 PARTS_DIR = ROOT / ".wheels" / "onnxruntime-gpu"
 STAGE_DIR = Path("/tmp/gpu-check")
+EXTRA_WHEELS = ("orjson", "pysimdjson", "skl2onnx")
+"""Installed beside the wheel, at this environment's versions (see above)."""
+EXTRA = "extra"
 MANIFEST = "MANIFEST.json"
 BUDGET_S = 480.0
 """The whole check, install included: 8 minutes."""
@@ -135,8 +148,29 @@ def _download(version: str, into: Path) -> Path:
 # -- there: stage, assemble, install -----------------------------------------------
 
 
+def _download_extras(into: Path) -> list[Path]:
+    """:data:`EXTRA_WHEELS` at the versions installed here, for the machine's Python."""
+    from importlib.metadata import version
+
+    into.mkdir(parents=True, exist_ok=True)
+    for old in into.glob("*.whl"):
+        old.unlink()
+    for name in EXTRA_WHEELS:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--python-version", "3.12", "--implementation", "cp",
+            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+            "--platform", "manylinux2014_x86_64", "-q", "-d", str(into),
+            f"{name}=={version(name)}",
+        ]  # fmt: skip
+        subprocess.run(cmd, check=True)
+    return sorted(into.glob("*.whl"))
+
+
 def stage(src: Path = PARTS_DIR, stage_dir: Path = STAGE_DIR) -> dict[str, Any]:
     """Copy the carried parts into ``stage_dir/parts``; report what is there and missing.
+
+    Carried extra wheels (``src/extra/*.whl``) are staged in ``stage_dir/extra``.
 
     A carried part whose sha256 is not the manifest's is an error (a broken
     transfer), never staged.
@@ -157,6 +191,9 @@ def stage(src: Path = PARTS_DIR, stage_dir: Path = STAGE_DIR) -> dict[str, Any]:
             tmp = parts_dir / f".{part['name']}.tmp"
             shutil.copyfile(carried, tmp)
             os.replace(tmp, parts_dir / part["name"])
+    for extra in sorted((src / EXTRA).glob("*.whl")):
+        (stage_dir / EXTRA).mkdir(exist_ok=True)
+        shutil.copyfile(extra, stage_dir / EXTRA / extra.name)
     have = [p["name"] for p in manifest["parts"] if (parts_dir / p["name"]).is_file()]
     missing = [p["name"] for p in manifest["parts"] if p["name"] not in have]
     return {"wheel": manifest["wheel"], "staged": have, "missing": missing}
@@ -180,14 +217,22 @@ def assemble(stage_dir: Path = STAGE_DIR) -> Path:
     return wheel
 
 
-def _install(wheel: Path, site: Path) -> None:
-    if site.is_dir() and list(site.glob("onnxruntime_gpu-*.dist-info")):
-        return
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile",
-         "--disable-pip-version-check", "--target", str(site), str(wheel)],
-        check=True,
-    )  # fmt: skip
+def _install(wheel: Path, site: Path, extras: list[Path]) -> list[str]:
+    """The wheel and the staged extras into ``site``; the extras' file names."""
+    if not (site.is_dir() and list(site.glob("onnxruntime_gpu-*.dist-info"))):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+             "--no-compile", "--disable-pip-version-check", "--target", str(site), str(wheel)],
+            check=True,
+        )  # fmt: skip
+    if extras:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+             "--no-compile", "--disable-pip-version-check", "--upgrade", "--target",
+             str(site), *map(str, extras)],
+            check=True,
+        )  # fmt: skip
+    return [e.name for e in extras]
 
 
 def _nvidia_lib_dirs() -> list[str]:
@@ -505,12 +550,12 @@ def _run_check(args: argparse.Namespace) -> int:
             return WAITING
         wheel = assemble(Path(args.stage))
         site = Path(args.stage) / "site"
-        _install(wheel, site)
+        extras = _install(wheel, site, sorted((Path(args.stage) / EXTRA).glob("*.whl")))
         lib_dirs = _nvidia_lib_dirs()
         env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")])
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*lib_dirs, env.get("LD_LIBRARY_PATH", "")])
         install = {"wheel": wheel.name, "sha256_checked": True, "site": str(site),
-                   "nvidia_lib_dirs": lib_dirs}  # fmt: skip
+                   "extras": extras, "nvidia_lib_dirs": lib_dirs}  # fmt: skip
     env["PYTHONUNBUFFERED"] = "1"
     left = args.budget - (time.monotonic() - start)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--device", args.device,
@@ -532,11 +577,37 @@ def _run_check(args: argparse.Namespace) -> int:
                           "stderr_tail": out.stderr[-3000:]}, indent=2))  # fmt: skip
         return 1
     report = {"check": report.pop("check"), "ok": report.pop("ok"), "install": install, **report}
+    if args.device != "cpu" and not args.no_tests:
+        left = args.budget - (time.monotonic() - start)
+        report["gpu_tests"] = _gpu_tests(env, left)
+        report["ok"] = report["ok"] and report["gpu_tests"].get("rc") == 0
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0 if report["ok"] else 1
+
+
+def _gpu_tests(env: dict[str, str], left_s: float) -> dict[str, Any]:
+    """``pytest -m gpu`` (the tests that skip without a GPU) in the check's environment."""
+    if left_s < 30:
+        return {"skipped": f"{left_s:.0f} s of the budget left"}
+    # Only the files that hold such tests: the others import what the image lacks
+    # (pydantic, the Kafka clients) at collection.
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                   if "mark.gpu" in p.read_text())  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           "-rfEs", *files]  # fmt: skip
+    start = time.monotonic()
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=left_s,
+                             check=False, cwd=ROOT)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"rc": None, "error": f"pytest -m gpu outlasted the {left_s:.0f} s left"}
+    lines = out.stdout.strip().splitlines()
+    return {"rc": out.returncode, "summary": lines[-1] if lines else out.stderr[-500:],
+            "failures": [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:20],
+            "seconds": round(time.monotonic() - start, 1)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,9 +619,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default=str(PARTS_DIR), help="where the parts are carried")
     parser.add_argument("--stage", default=str(STAGE_DIR), help="where they gather there")
     parser.add_argument("--part-bytes", type=int, default=PART_BYTES, help=argparse.SUPPRESS)
+    parser.add_argument("--no-extras", action="store_true",
+                        help="pack: skip the extra wheels (EXTRA_WHEELS)")  # fmt: skip
     parser.add_argument("--device", default="cuda:0", help="cpu: smoke test with small sizes")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds, install included")
     parser.add_argument("--out", help="also write the JSON report to this file")
+    parser.add_argument("--no-tests", action="store_true",
+                        help="check: skip pytest -m gpu after the measurements")  # fmt: skip
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -568,10 +643,13 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="ort-gpu-wheel-") as tmp:
             wheel = Path(args.wheel) if args.wheel else _download(args.version, Path(tmp))
             manifest = pack(wheel, Path(args.parts), args.part_bytes)
+        if not args.no_extras:
+            manifest["extras"] = [w.name for w in _download_extras(Path(args.parts) / EXTRA)]
         rel = os.path.relpath(args.parts, ROOT)
         print(json.dumps(manifest, indent=2))
-        for part in manifest["parts"]:
-            print(f'carry: ["{rel}/{MANIFEST}", "{rel}/{part["name"]}"]', file=sys.stderr)
+        for i, part in enumerate(manifest["parts"]):
+            extra = f', "{rel}/{EXTRA}"' if i == 0 and manifest.get("extras") else ""
+            print(f'carry: ["{rel}/{MANIFEST}", "{rel}/{part["name"]}"{extra}]', file=sys.stderr)
         return 0
     return _run_check(args)
 

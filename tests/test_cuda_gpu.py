@@ -56,7 +56,10 @@ def test_zoo_on_cuda_matches_cpu(zoo: ModelRepository, name: str) -> None:
     ref = zoo.resolve(name)
     cpu, gpu = load_session(ref, CPU), load_session(ref, CUDA)
     assert gpu.device == "cuda:0" and gpu.providers[0] == "CUDAExecutionProvider"
-    assert gpu.warmed_up  # a CUDA warm-up failure would have been a load error
+    # Warm-up on CUDA succeeds wherever it does on CPU: a device failure would have
+    # been a load error. Some graphs reject zero feeds on both (``split``: its
+    # ``split`` input of zeros cannot cover one row) and are served anyway.
+    assert gpu.warmed_up == cpu.warmed_up
     feeds = sample_feeds(cpu.signature, rows=ROWS, seed=5)
     want, got = cpu.run(feeds), gpu.run(feeds)
     assert list(got) == list(want)

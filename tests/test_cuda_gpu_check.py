@@ -33,7 +33,15 @@ def test_pack_splits_like_split_b(packed: tuple[Path, bytes, dict]) -> None:
     assert [p["bytes"] for p in manifest["parts"]] == [300, 300, 300, 100]
     assert b"".join((parts / n).read_bytes() for n in names) == data
     assert json.loads((parts / gpu_check.MANIFEST).read_text()) == manifest
-    assert gpu_check.PART_BYTES == 61 << 20  # a part plus the repository under 64 MiB
+
+
+def test_a_part_and_the_repository_fit_one_device_call() -> None:
+    """A device call carries at most 64 MiB: the tracked tree plus one part (and, with
+    the first part, the extra wheels: about 3 MiB). 61 MiB parts did not fit."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")  # fmt: skip
+    tracked = sum((ROOT / f).stat().st_size for f in files if f and (ROOT / f).is_file())
+    assert gpu_check.PART_BYTES + tracked + (4 << 20) <= 64 << 20, tracked
 
 
 def _carry(parts: Path, dest: Path, name: str) -> Path:
@@ -110,3 +118,16 @@ def test_cpu_smoke_run_fills_every_section(tmp_path: Path) -> None:
     assert [r["rows"] for r in report["compute_path"]["results"]] == [1, 2]
     assert [s["loaded"] for s in report["eviction"]["steps"]] == list("abca")
     assert [g["goal"][:6] for g in report["goals"]] == ["worker", "evicti"]
+
+
+def test_carried_extra_wheels_are_staged_for_the_install(
+    tmp_path: Path, packed: tuple[Path, bytes, dict]
+) -> None:
+    parts, _, manifest = packed
+    call = _carry(parts, tmp_path / "call", manifest["parts"][0]["name"])
+    (call / gpu_check.EXTRA).mkdir()
+    (call / gpu_check.EXTRA / "orjson-1-cp312-none-any.whl").write_bytes(b"wheel")
+    stage = tmp_path / "stage"
+    gpu_check.stage(call, stage)
+    gpu_check.stage(_carry(parts, call, manifest["parts"][1]["name"]), stage)  # without it
+    assert [p.name for p in (stage / gpu_check.EXTRA).iterdir()] == ["orjson-1-cp312-none-any.whl"]
