@@ -355,6 +355,31 @@ def _answer(outputs: dict[str, np.ndarray], rows: int, whole: bool = False) -> b
 _RNG = np.random.default_rng(7)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int8, np.int64, np.uint16])
+def test_answers_of_a_seen_size_are_its_header_and_raw_values_in_pyarrows_bytes(
+    dtype: type,
+) -> None:
+    """After the first answer of each row count, an answer is the kept record batch
+    header and the raw values (padded to 8 bytes): still byte for byte pyarrow's
+    stream, at every size, odd byte counts and interleaved sizes included."""
+    from worker.protocol import arrow
+
+    def outputs(rows: int) -> dict[str, np.ndarray]:
+        return {"probs": (_RNG.random((rows, 3)) * 100).astype(dtype),
+                "label": (_RNG.random(rows) * 100).astype(dtype)}  # fmt: skip
+
+    for rows in [1, 5, 1, 7, 5, 64, 7, 0, 64]:
+        out = outputs(rows)
+        assert arrow._encode_response(out, rows, False, None) == _answer(out, rows)
+    layout = arrow._layout((("probs", np.dtype(dtype), (3,)), ("label", np.dtype(dtype), ())),
+                           False)  # fmt: skip
+    assert layout is not None and all(layout.headers[r] for r in (1, 5, 7, 64))
+    # A kept header is what later answers are written with: a wrong one shows.
+    layout.headers[5] = b"not a header"
+    assert arrow._encode_response(outputs(5), 5, False, None).count(b"not a header") == 1
+    del layout.headers[5]
+
+
 @pytest.mark.parametrize("outputs, rows, whole", [
     ({"probs": _RNG.random((16, 10), dtype=np.float32)}, 16, False),
     ({"probs": _RNG.random((16, 10)).astype(np.float64)}, 16, False),  # same name, new dtype
