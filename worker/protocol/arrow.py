@@ -516,7 +516,7 @@ def _encode_numeric(outputs: Outputs, rows: int, whole: bool) -> bytes | None:
     # pyarrow); later answers of that size are the header and their raw buffers.
     body: list[Any] = []
     for flat in flats:
-        data = memoryview(flat).cast("B")
+        data = flat.data.cast("B")
         body.append(data)
         if data.nbytes % 8:
             body.append(_PAD[: 8 - data.nbytes % 8])
