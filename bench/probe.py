@@ -41,7 +41,15 @@ from kafka.admin import KafkaAdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.workloads import Kafka, WorkerProcess, bootstrap_servers, percentiles  # noqa: E402
+from bench.workloads import (  # noqa: E402
+    Kafka,
+    WorkerProcess,
+    bootstrap_servers,
+    minor_faults,
+    percentiles,
+    thread_cpu_seconds,
+    thread_groups,
+)
 from worker.demo import write_demo_model  # noqa: E402
 from worker.protocol import encode_request  # noqa: E402
 
@@ -108,10 +116,13 @@ def _saturation(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, r
     worker = _worker(bootstrap, tin, tout, repo, extra, args.switch_interval)
     spy = None
     try:
-        if args.py_spy is not None:  # the steady state only: from the first commit on
-            deadline = time.monotonic() + 120
-            while not k.committed(group).get(0) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        # The steady state only: from the first commit on (py-spy, the CPU per thread).
+        deadline = time.monotonic() + 120
+        while not k.committed(group).get(0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = k.committed(group).get(0) or 0
+        threads, faults = thread_cpu_seconds(worker.pid), minor_faults(worker.pid)
+        if args.py_spy is not None:
             exe = Path(sys.executable).with_name("py-spy")
             spy = subprocess.Popen([str(exe) if exe.exists() else "py-spy", "record",
                                     "-p", str(worker.pid), "-r", "200", "-f", "raw",
@@ -120,6 +131,8 @@ def _saturation(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, r
         if not k.wait_committed(group, {0: args.messages}, 600, lambda: worker.poll() is None):
             print("the worker did not finish", file=sys.stderr)
             return 1
+        groups = thread_groups(threads, thread_cpu_seconds(worker.pid))
+        faults = minor_faults(worker.pid) - faults
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -130,6 +143,12 @@ def _saturation(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, r
     k.close()
     rate = args.rows * (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000)
     print(f"saturation: {rate:,.0f} rows/s over {len(stamps)} responses {extra}")
+    n = max(1, args.messages - first)
+    print(f"  worker CPU per message over the last {n:,} (from its first commit), per thread:")
+    for name, seconds in sorted(groups.items(), key=lambda x: -x[1]):
+        print(f"    {name:<44} {seconds / n * 1e6:7,.0f} µs")
+    print(f"    {'all':<44} {sum(groups.values()) / n * 1e6:7,.0f} µs")
+    print(f"  minor page faults per message: {faults / n:,.1f}")
     return 0
 
 

@@ -387,6 +387,52 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """utime + stime of ``pid``'s threads so far, summed per thread name. librdkafka names
+    its own (``rdk:main``, ``rdk:broker1``...); Python's threads, and native threads
+    that no one names, keep the process's name, reported as ``""``."""
+    out: dict[str, float] = {}
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return out
+    process = stat[stat.index("(") + 1 : stat.rindex(")")]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        key = "" if name == process else name
+        out[key] = out.get(key, 0.0) + seconds
+    return out
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of ``pid`` so far (every thread): fresh memory touched."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return 0
+
+
+def thread_groups(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds between two :func:`thread_cpu_seconds` readings, per group: librdkafka's
+    broker threads, its other threads, the Python threads (the loop, the inference pool,
+    the metrics server; ONNX Runtime runs on them with one intra-op thread), the rest.
+    A thread that ended between the readings is lost."""
+    groups: dict[str, float] = {}
+    for name, seconds in after.items():
+        group = ("librdkafka broker threads" if name.startswith("rdk:broker")
+                 else "librdkafka other threads" if name.startswith("rdk:")
+                 else "Python threads (loop, inference, metrics)" if name == ""
+                 else "other threads")  # fmt: skip
+        groups[group] = groups.get(group, 0.0) + seconds - before.get(name, 0.0)
+    return groups
+
+
 def percentiles(values: Sequence[float], qs: Sequence[float] = (50, 95, 99)) -> list[float]:
     if not values:
         return [float("nan")] * len(qs)

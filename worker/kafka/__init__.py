@@ -96,10 +96,11 @@ class Record:
     headers: Headers
     timestamp_ms: int | None
     header_error: str | None = None
+    tp: TopicPartition = field(init=False, repr=False, compare=False)
+    """``(topic, partition)``, made once: the loop asks for it several times a record."""
 
-    @property
-    def tp(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
+    def __post_init__(self) -> None:
+        self.tp = TopicPartition(self.topic, self.partition)
 
     @property
     def where(self) -> str:
