@@ -177,10 +177,13 @@ def histograms(metrics: dict[str, float]) -> dict[str, dict[float, float]]:
     """``name -> {le: cumulative count}`` of every ``*_seconds`` histogram, summed over
     its other labels (models, versions), from WorkerProcess.metrics()'s keys."""
     out: dict[str, dict[float, float]] = {}
+    labelled = {k.partition("{")[0] for k in metrics if "," in k.partition("{")[2]}
     for key, value in metrics.items():
         name, _, labels = key.partition("{")
         if not name.endswith("_seconds_bucket"):
             continue
+        if name in labelled and "," not in labels:
+            continue  # WorkerProcess.metrics()'s own sum per `le`: counted in the series
         le = next((x.split("=", 1)[1].strip('"') for x in labels.rstrip("}").split(",")
                    if x.startswith("le=")), None)  # fmt: skip
         if le is None:

@@ -16,7 +16,14 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 import pytest
 
 from tests.fakes import FakeConsumer, FakeProducer, Group
-from worker.commit import STABLE_READS, AtLeastOnce, Committer, Transactional, committer_for
+from worker.commit import (
+    COVER_AHEAD,
+    STABLE_READS,
+    AtLeastOnce,
+    Committer,
+    Transactional,
+    committer_for,
+)
 from worker.errors import FatalError
 from worker.kafka import (
     CommitDeferred,
@@ -819,14 +826,29 @@ def test_a_record_past_the_marker_runs_after_a_marker_reaching_the_last_polled(
     c.found(A, 10)
     c.saw(_polled(A, range(10, 612)))
     c.cover(A, 10)  # the first record handed over: the marker reaches the whole poll
-    assert rig.consumer.commits == [({A: 10}, {A: run_marker(611)})]
-    assert rig.consumer.metadata_of[A] == "run:611" and rig.group[A] == 10  # nothing settled
+    last = 611 + COVER_AHEAD  # and the lead past it
+    assert rig.consumer.commits == [({A: 10}, {A: run_marker(last)})]
+    assert rig.consumer.metadata_of[A] == f"run:{last}" and rig.group[A] == 10  # none settled
     for o in range(11, 612):
         c.cover(A, o)  # the rest of the poll is covered: no more commits
     assert len(rig.consumer.commits) == 1
-    c.saw(_polled(A, range(612, 620)))
-    c.cover(A, 612)
-    assert rig.consumer.commits[-1] == ({A: 10}, {A: run_marker(619)})
+    c.saw(_polled(A, range(612, last + 1)))
+    for o in range(612, last + 1):
+        c.cover(A, o)  # later polls inside the lead: no commit either
+    assert len(rig.consumer.commits) == 1
+    c.saw(_polled(A, range(last + 1, last + 3)))
+    c.cover(A, last + 1)  # past it: a new marker before it runs
+    assert rig.consumer.commits[-1] == ({A: 10}, {A: run_marker(last + 2 + COVER_AHEAD)})
+
+
+def test_the_lead_saves_the_commits_of_a_stream_of_one_record_per_poll(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.found(A, 0)
+    for o in range(10 * COVER_AHEAD):
+        c.saw(_polled(A, range(o, o + 1)))
+        c.cover(A, o)
+    assert len(rig.consumer.commits) == 10  # one per COVER_AHEAD + 1 records, not 640
+    assert 1 <= COVER_AHEAD <= 100  # a longer lead ran innocent records alone after kills
 
 
 def test_at_least_once_commits_carry_each_partitions_marker(rig: Rig) -> None:
@@ -840,7 +862,8 @@ def test_at_least_once_commits_carry_each_partitions_marker(rig: Rig) -> None:
     rig.add(B, range(7, 8))
     c.send()
     assert c.commit() == 4
-    assert rig.consumer.commits[-1] == ({A: 103, B: 8}, {A: "run:699", B: "run:8"})
+    markers = {A: f"run:{699 + COVER_AHEAD}", B: f"run:{8 + COVER_AHEAD}"}
+    assert rig.consumer.commits[-1] == ({A: 103, B: 8}, markers)
 
 
 def test_a_transactions_offsets_carry_each_partitions_marker(rig: Rig) -> None:
@@ -851,7 +874,7 @@ def test_a_transactions_offsets_carry_each_partitions_marker(rig: Rig) -> None:
     rig.add(A, range(0, 2))
     assert c.commit() == 2
     assert rig.producer.transactions == [
-        ([b"0@0", b"0@1"], {A: 2}, rig.consumer.metadata, {A: "run:899"})
+        ([b"0@0", b"0@1"], {A: 2}, rig.consumer.metadata, {A: f"run:{899 + COVER_AHEAD}"})
     ]
 
 
@@ -863,7 +886,7 @@ def test_a_marker_at_assignment_that_reaches_further_is_kept(rig: Rig) -> None:
     c.cover(A, 49)
     assert rig.consumer.commits == []
     c.cover(A, 50)
-    assert rig.consumer.commits == [({A: 5}, {A: run_marker(59)})]
+    assert rig.consumer.commits == [({A: 5}, {A: run_marker(59 + COVER_AHEAD)})]
 
 
 def test_a_cover_commits_only_its_own_partition(rig: Rig) -> None:
@@ -873,7 +896,7 @@ def test_a_cover_commits_only_its_own_partition(rig: Rig) -> None:
     c.found(B, 0)
     c.saw(_polled(A, range(3, 10)) + _polled(B, range(0, 5)))
     c.cover(B, 0)
-    assert rig.consumer.commits == [({B: 0}, {B: run_marker(4)})]
+    assert rig.consumer.commits == [({B: 0}, {B: run_marker(4 + COVER_AHEAD)})]
 
 
 def test_without_a_known_committed_offset_no_marker_and_a_bare_run(rig: Rig) -> None:
@@ -896,7 +919,7 @@ def test_a_marker_that_fails_is_tried_again_by_the_next_record(rig: Rig) -> None
     c.cover(A, 0)  # runs all the same; the marker is not there
     assert rig.consumer.commits == []
     c.cover(A, 1)
-    assert rig.consumer.commits == [({A: 0}, {A: run_marker(4)})]
+    assert rig.consumer.commits == [({A: 0}, {A: run_marker(4 + COVER_AHEAD)})]
 
 
 def test_a_clean_commit_means_a_marker_again_before_the_next_record(rig: Rig) -> None:
@@ -909,15 +932,15 @@ def test_a_clean_commit_means_a_marker_again_before_the_next_record(rig: Rig) ->
     c.commit(metadata=CLEAN)
     assert rig.consumer.commits[-1] == ({A: 2}, CLEAN)
     c.cover(A, 2)
-    assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4)})
+    assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4 + COVER_AHEAD)})
 
 
 def test_a_record_handed_over_before_any_poll_was_seen_is_covered_up_to_itself(rig: Rig) -> None:
-    # no saw() for A: the marker reaches the record itself, not a guess past it
+    # no saw() for A: the marker reaches the record itself and the lead, no guess past it
     c = rig.at_least_once()
     c.found(A, 0)
     c.cover(A, 3)
-    assert rig.consumer.commits[-1] == ({A: 0}, {A: run_marker(3)})
+    assert rig.consumer.commits[-1] == ({A: 0}, {A: run_marker(3 + COVER_AHEAD)})
 
 
 def test_a_forgotten_partitions_marker_and_polls_are_forgotten(rig: Rig) -> None:
@@ -930,4 +953,4 @@ def test_a_forgotten_partitions_marker_and_polls_are_forgotten(rig: Rig) -> None
     c.found(A, 20)  # given back: its records are polled again from 20
     c.saw(_polled(A, range(20, 25)))
     c.cover(A, 20)
-    assert rig.consumer.commits[-1] == ({A: 20}, {A: run_marker(24)})
+    assert rig.consumer.commits[-1] == ({A: 20}, {A: run_marker(24 + COVER_AHEAD)})

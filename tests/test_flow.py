@@ -18,6 +18,7 @@ import pytest
 
 from tests.fakes import FakeKafka, FakeProducer
 from worker.answers import RECORD_OVERHEAD
+from worker.commit import COVER_AHEAD
 from worker.demo import write_demo_model
 from worker.errors import FatalError, ModelLoadError
 from worker.kafka import KafkaFailure, Metadata, TopicPartition, TransactionFailed
@@ -408,7 +409,8 @@ def test_no_record_runs_past_the_groups_run_marker(repo: Path, exactly_once: boo
     assert sorted(o for o, _ in seen) == list(range(40))
     assert all(m.startswith("run:") and int(m[4:]) >= o for o, m in seen), seen
     at_start = [m for o, m in kafka.consumer.commits if o == {IN0: 0}]
-    assert at_start == ["run:-1", {IN0: "run:39"}]  # the start (nothing ran), then the marker
+    # the start (nothing ran), then the marker: the whole poll and the lead
+    assert at_start == ["run:-1", {IN0: f"run:{39 + COVER_AHEAD}"}]
 
 
 def test_a_record_that_crashed_the_worker_three_times_is_dead_lettered_unrun(repo: Path) -> None:

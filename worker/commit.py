@@ -38,6 +38,7 @@ from worker.offsets import Entry, OffsetTracker
 from worker.recovery import RUNNING, run_marker
 
 __all__ = [
+    "COVER_AHEAD",
     "STABLE_READS",
     "AtLeastOnce",
     "Committer",
@@ -52,6 +53,14 @@ log = logging.getLogger("worker.commit")
 # the worker exits rather than guess where to read again.
 STABLE_READS = 5
 STABLE_BACKOFF_S = 0.5
+# How far a run marker reaches past the highest offset polled. A stream that brings a
+# record or two per poll would otherwise wait for one synchronous commit per record
+# before it runs; with the lead it is one per COVER_AHEAD records. After a crash the
+# next owner runs the lead one record at a time only where those records already exist
+# (the careful window stops at the partition's end at assignment, recovery.plan), so on
+# such a stream the lead costs nothing; behind a backlog it adds at most this many
+# records to the careful window (a 500-record lead was too many: docs/performance.md).
+COVER_AHEAD = 64
 _sleep = time.sleep
 
 E = TypeVar("E", bound=Entry)
@@ -137,14 +146,14 @@ class Committer(Generic[E]):
     def cover(self, tp: TopicPartition, offset: int) -> None:
         """The record at ``offset`` of ``tp`` is about to be handed to inference. Unless
         the group's committed metadata already reaches it, commit ``run:<last>`` first,
-        ``last`` the highest offset of ``tp`` polled, at the committed offset (nothing is
-        settled by it): if the record takes the process down, the next owner runs
-        everything up to it one at a time. One commit per poll that goes past the
-        marker; only ``tp``'s (another partition may hold a careful record's marker).
-        Called from the loop's thread."""
+        ``last`` the highest offset of ``tp`` polled plus :data:`COVER_AHEAD`, at the
+        committed offset (nothing is settled by it): if the record takes the process
+        down, the next owner runs everything up to it one at a time. One commit per poll
+        that goes past the marker; only ``tp``'s (another partition may hold a careful
+        record's marker). Called from the loop's thread."""
         if offset <= self.covered.get(tp, offset):
             return  # covered, or the committed offset is unknown: nothing to commit at
-        last = max(offset, self.polled.get(tp, offset))
+        last = max(offset, self.polled.get(tp, offset)) + COVER_AHEAD
         try:
             self.consumer.commit({tp: self.committed_offsets[tp]}, {tp: run_marker(last)})
         except KafkaFailure as exc:

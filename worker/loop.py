@@ -30,9 +30,9 @@ Poison pills: offsets carry a marker in their metadata (:mod:`worker.recovery`).
 A new owner that finds the last one died mid-stream runs the records it was in
 the middle of one at a time (:mod:`worker.careful`); a record that crashes the
 process again and again is dead-lettered after the third crash, however far
-past the committed offset: the normal path commits a marker reaching the
-highest polled offset before it hands over a record past the last one (one
-commit per poll that goes past it, ``committer.cover``).
+past the committed offset: the normal path commits a marker reaching a little
+past the highest polled offset (``COVER_AHEAD``) before it hands over a record
+past the last one (one commit per poll that goes past it, ``committer.cover``).
 
 Backpressure: when the bytes between steps 1 and 6 reach
 ``--max-inflight-bytes``, the loop stops polling and waits for acknowledgements

@@ -3,7 +3,8 @@
 Plain rules, no Kafka inside (the loop does the I/O). Offsets are committed
 with a short metadata string: ``run:<last>`` while a worker serves, where
 ``last`` is the highest offset of the partition it may have handed to
-inference (it commits a higher one before it hands over a record past it),
+inference (it commits a higher one before it hands over a record past it, a
+little past the highest it polled: ``worker.commit.COVER_AHEAD``),
 ``clean`` when it stops or hands a partition over in order,
 ``try:<offset>:<n>`` just before it runs the record at ``offset`` alone for
 the ``n``-th time. A new owner that finds ``run:<last>`` or ``try`` knows the
