@@ -260,6 +260,7 @@ def _timeline(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, rep
                 print(f"the worker did not answer the warm-up: {w.stderr_tail()}", file=sys.stderr)
                 return 1
             before, cpu = w.metrics(), w.cpu_seconds()
+            threads = thread_cpu_seconds(w.proc.pid if w.proc else 0)
             if args.py_spy is not None:
                 exe = Path(sys.executable).with_name("py-spy")
                 spy = subprocess.Popen([str(exe) if exe.exists() else "py-spy", "record",
@@ -273,6 +274,7 @@ def _timeline(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, rep
                 print(f"the worker did not finish: {w.stderr_tail()}", file=sys.stderr)
                 return 1
             cpu = w.cpu_seconds() - cpu
+            groups = thread_groups(threads, thread_cpu_seconds(w.proc.pid if w.proc else 0))
             after = w.metrics()
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
@@ -291,6 +293,8 @@ def _timeline(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, rep
           f"over {len(lat)} answers")
     print(f"  worker CPU (every thread): {cpu / n * 1e6:,.0f} µs per message, "
           f"{cpu / args.seconds:.0%} of a core")
+    for name, seconds in sorted(groups.items(), key=lambda x: -x[1]):
+        print(f"    {name:<44} {seconds / n * 1e6:7,.0f} µs per message")
     print("  /metrics over the paced span:")
     print("\n".join(_series(before, after)))
     if args.py_spy is not None and args.py_spy.exists():
