@@ -131,16 +131,21 @@ def pack(wheel: Path, dest: Path = PARTS_DIR, part_bytes: int = PART_BYTES) -> d
     return manifest
 
 
-def _download(version: str, into: Path) -> Path:
-    """The cp312 manylinux x86_64 wheel (the GPU machine's Python), by pip download."""
+def _pip_download(requirement: str, into: Path) -> None:
+    """One wheel, no dependencies, for the GPU machine's Python (cp312 manylinux x86_64)."""
     cmd = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--python-version", "3.12", "--implementation", "cp",
         "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_27_x86_64",
         "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-        "-d", str(into), f"onnxruntime-gpu=={version}",
+        "-q", "-d", str(into), requirement,
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
+
+
+def _download(version: str, into: Path) -> Path:
+    """The onnxruntime-gpu wheel for the GPU machine's Python, by pip download."""
+    _pip_download(f"onnxruntime-gpu=={version}", into)
     (wheel,) = into.glob(f"onnxruntime_gpu-{version}-*.whl")
     return wheel
 
@@ -156,14 +161,7 @@ def _download_extras(into: Path) -> list[Path]:
     for old in into.glob("*.whl"):
         old.unlink()
     for name in EXTRA_WHEELS:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--python-version", "3.12", "--implementation", "cp",
-            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-            "--platform", "manylinux2014_x86_64", "-q", "-d", str(into),
-            f"{name}=={version(name)}",
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True)
+        _pip_download(f"{name}=={version(name)}", into)
     return sorted(into.glob("*.whl"))
 
 
@@ -219,19 +217,13 @@ def assemble(stage_dir: Path = STAGE_DIR) -> Path:
 
 def _install(wheel: Path, site: Path, extras: list[Path]) -> list[str]:
     """The wheel and the staged extras into ``site``; the extras' file names."""
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+           "--no-compile", "--disable-pip-version-check", "--upgrade",
+           "--target", str(site)]  # fmt: skip
     if not (site.is_dir() and list(site.glob("onnxruntime_gpu-*.dist-info"))):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-             "--no-compile", "--disable-pip-version-check", "--target", str(site), str(wheel)],
-            check=True,
-        )  # fmt: skip
+        subprocess.run([*pip, str(wheel)], check=True)
     if extras:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-             "--no-compile", "--disable-pip-version-check", "--upgrade", "--target",
-             str(site), *map(str, extras)],
-            check=True,
-        )  # fmt: skip
+        subprocess.run([*pip, *map(str, extras)], check=True)
     return [e.name for e in extras]
 
 

@@ -145,11 +145,16 @@ def _saturation(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, r
     print(f"saturation: {rate:,.0f} rows/s over {len(stamps)} responses {extra}")
     n = max(1, args.messages - first)
     print(f"  worker CPU per message over the last {n:,} (from its first commit), per thread:")
-    for name, seconds in sorted(groups.items(), key=lambda x: -x[1]):
-        print(f"    {name:<44} {seconds / n * 1e6:7,.0f} µs")
-    print(f"    {'all':<44} {sum(groups.values()) / n * 1e6:7,.0f} µs")
+    _print_groups(groups, n)
+    print(f"    {'all':<44} {sum(groups.values()) / n * 1e6:7,.0f} µs per message")
     print(f"  minor page faults per message: {faults / n:,.1f}")
     return 0
+
+
+def _print_groups(groups: dict[str, float], n: int) -> None:
+    """CPU per message of each thread group (bench/workloads.py thread_groups), largest first."""
+    for name, seconds in sorted(groups.items(), key=lambda x: -x[1]):
+        print(f"    {name:<44} {seconds / n * 1e6:7,.0f} µs per message")
 
 
 def stage_of(frames: list[str]) -> str:
@@ -293,8 +298,7 @@ def _timeline(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, rep
           f"over {len(lat)} answers")
     print(f"  worker CPU (every thread): {cpu / n * 1e6:,.0f} µs per message, "
           f"{cpu / args.seconds:.0%} of a core")
-    for name, seconds in sorted(groups.items(), key=lambda x: -x[1]):
-        print(f"    {name:<44} {seconds / n * 1e6:7,.0f} µs per message")
+    _print_groups(groups, n)
     print("  /metrics over the paced span:")
     print("\n".join(_series(before, after)))
     if args.py_spy is not None and args.py_spy.exists():

@@ -378,13 +378,24 @@ def rate_from_timestamps(records: Sequence[Any], rows_of: Any) -> float:
     return rows / span if span > 0 else float("nan")
 
 
+def _stat(path: Path) -> tuple[str, list[str]] | None:
+    """A /proc ``stat`` file: the name in parentheses and the fields after it; None when
+    it cannot be read (not Linux, or the process or thread is gone)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` from /proc (every thread, librdkafka's included); NaN elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stat = _stat(Path(f"/proc/{pid}/stat"))
+    return float("nan") if stat is None else _cpu_seconds(stat[1])
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -392,30 +403,22 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
     its own (``rdk:main``, ``rdk:broker1``...); Python's threads, and native threads
     that no one names, keep the process's name, reported as ``""``."""
     out: dict[str, float] = {}
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    process = _stat(Path(f"/proc/{pid}/stat"))
+    if process is None:
         return out
-    process = stat[stat.index("(") + 1 : stat.rindex(")")]
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:
+        stat = _stat(task / "stat")
+        if stat is None:
             continue  # the thread ended meanwhile
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        key = "" if name == process else name
-        out[key] = out.get(key, 0.0) + seconds
+        key = "" if stat[0] == process[0] else stat[0]
+        out[key] = out.get(key, 0.0) + _cpu_seconds(stat[1])
     return out
 
 
 def minor_faults(pid: int) -> int:
     """Minor page faults of ``pid`` so far (every thread): fresh memory touched."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
-    except OSError:
-        return 0
+    stat = _stat(Path(f"/proc/{pid}/stat"))
+    return 0 if stat is None else int(stat[1][7])
 
 
 def thread_groups(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

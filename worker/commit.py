@@ -57,7 +57,7 @@ STABLE_BACKOFF_S = 0.5
 # record or two per poll would otherwise wait for one synchronous commit per record
 # before it runs; with the lead it is one per COVER_AHEAD records. After a crash the
 # next owner runs the lead one record at a time only where those records already exist
-# (the careful window stops at the partition's end at assignment, recovery.plan), so on
+# (the careful window stops at the partition's end at assignment, recovery.assess), so on
 # such a stream the lead costs nothing; behind a backlog it adds at most this many
 # records to the careful window (a 500-record lead was too many: docs/performance.md).
 COVER_AHEAD = 64

@@ -520,15 +520,15 @@ def _encode_numeric(outputs: Outputs, rows: int, whole: bool) -> bytes | None:
         body.append(data)
         if data.nbytes % 8:
             body.append(_PAD[: 8 - data.nbytes % 8])
-    header = layout.headers.get(rows, b"")
-    if header:
+    header = layout.headers.get(rows)
+    if header is not None:
         return b"".join((layout.schema_message, header, *body, _END_OF_STREAM))
     columns = []
     for flat, size in zip(flats, layout.row_sizes, strict=True):
         values = pa.array(flat)  # wraps the buffer, no copy
         columns.append(values if size is None else pa.FixedSizeListArray.from_arrays(values, size))
     message = pa.RecordBatch.from_arrays(columns, schema=layout.storage).serialize().to_pybytes()
-    if header == b"" and len(layout.headers) < _MAX_HEADERS:
+    if rows not in layout.headers and len(layout.headers) < _MAX_HEADERS:
         raw = b"".join(body)
         fits = len(message) > len(raw) and message.endswith(raw)
         layout.headers[rows] = message[: len(message) - len(raw)] if fits else None
