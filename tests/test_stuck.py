@@ -136,11 +136,16 @@ def test_commits_refused_past_the_session_timeout_turn_healthz_503_and_age_grows
     args = ["--bootstrap-servers", kafka_bootstrap, "--input-topic", requests]
     args += ["--output-topic", outputs, "--model-repository", str(model_repo)]
     args += ["--group-id", group_id, "--metrics-port", str(port), "--device", "cpu"]
-    args += ["--kafka-client", kafka_client, "--commit-interval-ms", "100"]
+    # Records must be pending when the rebalance starts: kafka-python fetches nothing
+    # while its group rebalances, so a commit just before that which covers every
+    # polled record leaves nothing pending, and /healthz is rightly 200. Commits 2 s
+    # apart and 50 records a second leave that window ~1% of the time (at 100 ms and
+    # 20 a second the worker held 1-3 records then, and once in CI none).
+    args += ["--kafka-client", kafka_client, "--commit-interval-ms", "2000"]
     args += ["--kafka-option", f"session.timeout.ms={session_s * 1000}"]
     args += ["--kafka-option", "heartbeat.interval.ms=500", "--log-level", "INFO"]
     log = tmp_path / "worker.log"
-    feeder = Feeder(kafka_bootstrap, requests, _requests(2000, "s"), per_s=20)
+    feeder = Feeder(kafka_bootstrap, requests, _requests(4000, "s"), per_s=50)
     feeder.start()
     assert feeder.flowing.wait(30)
     proc = worker_process(args, log_path=log)
@@ -161,6 +166,7 @@ def test_commits_refused_past_the_session_timeout_turn_healthz_503_and_age_grows
                     break
             assert status == 503, f"/healthz stayed {status} ({why}):\n{log.read_text()[-3000:]}"
             assert "commits stalled" in why
+            print(f"{time.monotonic() - stuck_at:.1f} s after the rebalance began: {why}")
             age = _commit_age(port)
             assert age >= session_s, age
             # Nothing is committed meanwhile (whether records are still fetched during a
