@@ -19,6 +19,7 @@ from worker.protocol import (
     encode_request,
     encode_response,
 )
+from worker.protocol import arrow
 from worker.protocol.arrow import write_stream
 from worker.signature import Signature, TensorSpec
 
@@ -412,3 +413,68 @@ def test_numeric_answers_reuse_their_schema_and_write_pyarrows_bytes(
     after = arrow._layout.cache_info()
     assert after.hits + after.misses - before.hits - before.misses == 2  # the fast path ran
     assert after.hits > before.hits  # the second answer reused the first one's schema
+
+
+# -- the kept schema: record batches read against a schema parsed once ------------
+
+
+def _full_reader(value: bytes | memoryview) -> pa.Table:
+    return pa.ipc.open_stream(pa.BufferReader(value)).read_all()
+
+
+def test_a_repeated_schema_is_read_once_and_each_schema_reads_its_own_values() -> None:
+    floats = stream(pa.record_batch([pa.array([1.5, 2.5], pa.float32())], names=["x"]))
+    ints = stream(pa.record_batch([pa.array([7, 8, 9], pa.int64())], names=["x"]))
+    arrow._SCHEMAS.clear()
+    for value in (floats, ints, floats, ints):  # alternating: each its own kept schema
+        table = arrow.read_stream(value)
+        assert table.equals(_full_reader(value))
+        assert table.schema.equals(_full_reader(value).schema, check_metadata=True)
+    assert len(arrow._SCHEMAS) == 2
+    # the short path read them (and without a copy): a view into the value
+    table = arrow._read_known(floats)
+    assert table is not None
+    assert owns_nothing(table.column(0).chunk(0).to_numpy(), floats)
+
+
+def test_the_kept_schemas_are_bounded() -> None:
+    arrow._SCHEMAS.clear()
+    for i in range(arrow._SCHEMAS_KEPT + 5):
+        value = stream(pa.record_batch([pa.array([i], pa.int32())], names=[f"c{i}"]))
+        assert arrow.read_stream(value).column(0).to_pylist() == [i]
+        assert len(arrow._SCHEMAS) <= arrow._SCHEMAS_KEPT
+
+
+@pytest.mark.parametrize(
+    "case", ["several batches", "no batch", "no end marker", "bytes after the end marker"]
+)
+def test_the_short_path_reads_what_the_stream_reader_reads(case: str) -> None:
+    a = pa.record_batch([pa.array([1.0, None, 3.0], pa.float64()), pa.array(["a", "b", None])],
+                        names=["x", "s"])  # fmt: skip
+    value = {
+        "several batches": stream(a, a.slice(1), a.slice(0, 0)),
+        "no batch": b"".join((a.schema.serialize(), arrow._END_OF_STREAM)),
+        "no end marker": b"".join((a.schema.serialize(), a.serialize())),
+        "bytes after the end marker": stream(a) + b"anything at all",
+    }[case]
+    table = arrow._read_known(value)
+    assert table is not None, "the short path gave up"
+    assert table.equals(_full_reader(value))
+
+
+def test_what_the_short_path_leaves_goes_to_the_stream_reader() -> None:
+    # a dictionary batch: only the stream reader applies it
+    cats = pa.array(["a", "b", "a"]).dictionary_encode()
+    value = stream(pa.record_batch([cats], names=["c"]))
+    assert arrow._read_known(value) is None
+    assert arrow.read_stream(value).column(0).to_pylist() == ["a", "b", "a"]
+    # a buffer one byte off 8-byte alignment: the stream reader's alignment option copies
+    good = stream(pa.record_batch([pa.array(np.arange(6, dtype=np.float64))], names=["x"]))
+    shifted = memoryview(b"\0" + good)[1:]
+    assert arrow._read_known(shifted) is None  # type: ignore[arg-type]
+    table = arrow.read_stream(shifted)  # type: ignore[arg-type]
+    assert all(b is None or b.address % 8 == 0 for b in table.column(0).chunk(0).buffers())
+    assert table.column(0).to_pylist() == list(range(6))
+    # bad bytes: the stream reader's error, as before
+    with pytest.raises(WorkerError, match="not a valid Arrow IPC stream"):
+        arrow.read_stream(good[:-20])

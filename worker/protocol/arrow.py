@@ -75,12 +75,56 @@ _READ_OPTIONS = pa.ipc.IpcReadOptions(
 
 def read_stream(value: bytes) -> pa.Table:
     """Bytes -> Table (zero copy), fully validated so later reads cannot overrun."""
+    table = _read_known(value)
+    if table is not None:
+        return table
     try:
         reader = pa.ipc.open_stream(pa.BufferReader(value), options=_READ_OPTIONS)
         table = reader.read_all()
         table.validate(full=True)
     except Exception as exc:  # ArrowInvalid, ArrowIOError, OSError, ...: all bad bytes
         raise DecodeError(f"not a valid Arrow IPC stream: {type(exc).__name__}: {exc}") from exc
+    return table
+
+
+# A producer sends the same schema message before every batch: parsed once, kept by its
+# bytes (at most _SCHEMAS_KEPT distinct ones; all dropped when full).
+_SCHEMAS: dict[bytes, pa.Schema] = {}
+_SCHEMAS_KEPT = 64
+
+
+def _read_known(value: bytes) -> pa.Table | None:
+    """The stream's record batches read against its schema message's parsed schema,
+    skipping the stream reader's set-up and the schema's parsing (about 4 µs of 15 on
+    a 16-row request); None for anything else (a dictionary batch, a buffer that is not
+    8-byte aligned, bad bytes): ``read_stream``'s reader decides those."""
+    try:
+        reader = pa.BufferReader(value)
+        first = pa.ipc.read_message(reader)
+        if first.type != "schema":
+            return None
+        key = first.metadata.to_pybytes()
+        schema = _SCHEMAS.get(key)
+        if schema is None:
+            if len(_SCHEMAS) >= _SCHEMAS_KEPT:
+                _SCHEMAS.clear()
+            schema = _SCHEMAS[key] = pa.ipc.read_schema(first)
+        batches = []
+        while True:
+            try:
+                message = pa.ipc.read_message(reader)
+            except EOFError:  # the end-of-stream marker, or the end of the bytes
+                break
+            if message.type != "record batch":
+                return None
+            batch = pa.ipc.read_record_batch(message, schema)
+            if not all(b is None or b.address % 8 == 0 for c in batch.columns for b in c.buffers()):
+                return None  # the reader's alignment option copies it
+            batches.append(batch)
+        table = pa.Table.from_batches(batches, schema)
+        table.validate(full=True)
+    except Exception:  # bad bytes: the full reader says what is wrong
+        return None
     return table
 
 
