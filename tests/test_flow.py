@@ -575,8 +575,7 @@ def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_
     kafka.consumer.metadata_of[IN0] = RUNNING
     loader = SlowLoader(slow_x=0.01, seconds=8.0)
     started = time.monotonic()
-    # Its model's runs are short enough for the polling thread, but not a careful one's.
-    with serving(repo, kafka, loader=loader, drain_timeout_s=5.0, inline_below_ms=1000) as s:
+    with serving(repo, kafka, loader=loader, drain_timeout_s=5.0) as s:
         assert loader.running.wait(20)
         assert kafka.consumer.commits[-1] == ({IN0: 1}, try_marker(1, 1))
         stopped = time.monotonic()

@@ -79,9 +79,6 @@ class Job:
     feeds: Feeds
     rows: int
     arrived: float = field(default_factory=time.monotonic)
-    guarded: bool = False
-    """Never on the polling thread: a record that may hang or crash the process (careful
-    mode), whose run must leave the loop free to answer a stop signal."""
 
     def __post_init__(self) -> None:
         # Feeds without one shared axis 0 cannot be concatenated or sliced,
@@ -116,10 +113,6 @@ class Batch:
     @property
     def rows(self) -> int:
         return sum(j.rows for j in self.jobs)
-
-    @property
-    def guarded(self) -> bool:
-        return any(j.guarded for j in self.jobs)
 
 
 @dataclass(eq=False)
