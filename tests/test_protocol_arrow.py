@@ -14,12 +14,12 @@ from worker.errors import SchemaMismatch, WorkerError
 from worker.protocol import (
     ARROW,
     Request,
+    arrow,
     decode_request,
     decode_response,
     encode_request,
     encode_response,
 )
-from worker.protocol import arrow
 from worker.protocol.arrow import write_stream
 from worker.signature import Signature, TensorSpec
 
