@@ -377,11 +377,14 @@ def test_ctrl_c_commits_what_was_sent(
     try:
         consume(kafka_bootstrap, source, 5, timeout=60)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 130
+        code = proc.wait(timeout=30)
     finally:
         proc.kill()
         proc.wait()
-    assert proc.stderr is not None and "interrupted" in proc.stderr.read()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert code == 130, err
+    assert "interrupted" in err
     sent = _ids(consume(kafka_bootstrap, source, n, timeout=3))
     assert committed(kafka_bootstrap, group_id, dlq) == {0: len(sent)}  # all, and only, sent
     assert main(args) == 0

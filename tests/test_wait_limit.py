@@ -13,6 +13,7 @@ gets :class:`CallPending` (a deferred commit to the loop) and polls again.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
@@ -121,3 +122,27 @@ def test_a_commit_librdkafka_does_not_answer_is_deferred_and_the_loop_gets_its_t
         blocked.release.set()
         consumer._c = real
         consumer.close()
+
+
+def test_ctrl_c_while_waiting_lets_the_call_finish_so_the_next_one_is_not_refused() -> None:
+    """A tool's Ctrl-C lands while its commit waits on the limit's thread; the tool
+    then commits what it sent. That commit must not be refused as pending
+    (``producers redrive`` exited 1, "the call before is still running")."""
+    limit = WaitLimit(5.0, "kafka-commit")
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    done = threading.Event()
+
+    def slow() -> str:
+        signal.pthread_kill(main, signal.SIGINT)  # a real Ctrl-C, mid-call
+        time.sleep(0.3)
+        done.set()
+        return "late"
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            limit.call(slow)
+        assert done.is_set()  # the interrupt left only once the call returned
+        assert limit.call(str, 7) == "7"
+    finally:
+        limit.close()

@@ -21,6 +21,7 @@ its transactional calls (:mod:`worker.kafka.confluent`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -128,6 +129,13 @@ class WaitLimit:
             raise CallPending(
                 f"{self.name}: no answer within {self.seconds:g} s; the call goes on"
             ) from None
+        except KeyboardInterrupt:
+            # Ctrl-C while waiting: the call goes on regardless, so give it the rest
+            # of its limit before the interrupt leaves. The caller's way out (a tool's
+            # last commit) then finds it returned instead of refused as pending.
+            with contextlib.suppress(FutureTimeout):
+                future.exception(timeout=self.seconds)
+            raise
 
     def close(self) -> None:
         """End the thread once the call under way (if any) returns."""
