@@ -178,6 +178,7 @@ def _committed_at(bootstrap: str, topic: str, offsets: dict[int, int]) -> set[st
         }
 
 
+@pytest.mark.slow  # over 12 s: make test stays under its 10 minutes
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
 def test_kill_9_mid_stream_then_restart_nothing_lost(
     kafka_bootstrap: str,
@@ -286,6 +287,7 @@ def _second_worker_joins_mid_stream(
     return ids
 
 
+@pytest.mark.slow  # over 12 s: make test stays under its 10 minutes
 def test_exactly_once_across_a_rebalance_second_worker_joins_mid_stream(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],
@@ -301,6 +303,7 @@ def test_exactly_once_across_a_rebalance_second_worker_joins_mid_stream(
     assert not twice, f"read_committed duplicates across the rebalance: {twice[:5]}"
 
 
+@pytest.mark.slow  # over 12 s: make test stays under its 10 minutes
 def test_at_least_once_clean_rebalance_repeats_nothing(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],

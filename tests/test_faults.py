@@ -270,6 +270,7 @@ def test_kill_9_at_20_points_exactly_once_no_loss_no_duplicates(
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 12 s: make test stays under its 10 minutes
 def test_rebalance_storm_three_workers_join_and_leave(
     kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, model_repo: Path
 ) -> None:

@@ -83,6 +83,7 @@ def _publish(bootstrap: str, topic: str, n: int) -> list[tuple[bytes, bytes, Any
     return records
 
 
+@pytest.mark.slow  # over 12 s: make test stays under its 10 minutes
 @pytest.mark.parametrize("client", BOTH_CLIENTS)
 def test_a_record_that_crashes_the_process_is_dead_lettered_and_its_partition_goes_on(
     kafka_bootstrap: str,

@@ -122,6 +122,7 @@ def _unsettle(bootstrap: str, group: str, silent_s: int) -> list[socket.socket]:
     return [first, _join_group(bootstrap, group, silent_s * 1000, wait=False)[0]]
 
 
+@pytest.mark.slow  # over 12 s: make test stays under its 10 minutes
 def test_commits_refused_past_the_session_timeout_turn_healthz_503_and_age_grows(
     kafka_bootstrap: str,
     new_topic: Callable[..., str],
