@@ -57,6 +57,19 @@ def test_large_and_fixed_shape_jobs_run_alone() -> None:
     assert len(big.jobs) == len(fixed.jobs) == 1 and len(b) == 0
 
 
+def test_a_careful_records_job_runs_alone_and_leaves_the_waiting_group_waiting() -> None:
+    # After an unclean stop a covered record runs alone: if it takes the process down,
+    # no other request was in its run.
+    b = Batcher(max_rows=1024, max_delay_s=1.0)
+    assert b.add(_job(2, token="a")) == []
+    careful = _job(2, token="careful")
+    careful.guarded = True
+    [alone] = b.add(careful)
+    assert [j.token for j in alone.jobs] == ["careful"] and alone.guarded
+    [waiting] = b.due(now=5.0)
+    assert [j.token for j in waiting.jobs] == ["a"] and not waiting.guarded
+
+
 def test_run_batch_splits_outputs_back_per_job_without_copying_a_single_job() -> None:
     b = Batcher(max_rows=100, max_delay_s=0.0)
     jobs = [_job(r, token=r) for r in (1, 2, 3)]

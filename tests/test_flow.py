@@ -21,6 +21,7 @@ from worker.answers import RECORD_OVERHEAD
 from worker.commit import COVER_AHEAD
 from worker.demo import write_demo_model
 from worker.errors import FatalError, ModelLoadError
+from worker.flow import POLL_RECORDS
 from worker.kafka import KafkaFailure, Metadata, TopicPartition, TransactionFailed
 from worker.loop import Worker
 from worker.observability import Metrics
@@ -575,7 +576,8 @@ def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_
     kafka.consumer.metadata_of[IN0] = RUNNING
     loader = SlowLoader(slow_x=0.01, seconds=8.0)
     started = time.monotonic()
-    with serving(repo, kafka, loader=loader, drain_timeout_s=5.0) as s:
+    # Its model's runs are short enough for the polling thread, but not a careful one's.
+    with serving(repo, kafka, loader=loader, drain_timeout_s=5.0, inline_below_ms=1000) as s:
         assert loader.running.wait(20)
         assert kafka.consumer.commits[-1] == ({IN0: 1}, try_marker(1, 1))
         stopped = time.monotonic()
@@ -589,6 +591,44 @@ def test_a_stop_in_careful_mode_abandons_the_running_record_uncharged_and_exits_
     assert kafka.landed("in.dlq") == []
     assert not [m for o, m in kafka.consumer.commits if _is_try(m) and o[IN0] > 1]
     assert time.monotonic() - started < 30
+
+
+def test_a_careful_records_run_is_awaited_before_anything_is_committed_around_it(
+    repo: Path,
+) -> None:
+    # IN0 answered but not committed yet (commits 10 min apart), then IN1's record 0 runs
+    # alone after an unclean stop (0.3 s). No transaction may commit IN0's answers while
+    # it runs: it would leave record 0 behind its try marker for a second round, where a
+    # death of the process charges it a crash it did not cause.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, POLL_RECORDS + 5)  # the first poll takes IN0's only
+    _produce(kafka, IN1, 2, first=50)
+    kafka.group[IN1] = 0
+    kafka.consumer.metadata_of[IN1] = RUNNING
+    loader = SlowLoader(slow_x=0.5, seconds=0.3)
+    during: list[tuple[int, int]] = []
+    slow_run = loader.__call__
+
+    def watched(ref: ModelRef, options: RuntimeOptions) -> Session:
+        session = slow_run(ref, options)
+        run = session.run
+
+        def counted(feeds: dict[str, np.ndarray]) -> dict[str, object]:
+            before = len(kafka.producer.transactions)
+            out = run(feeds)
+            if np.isclose(next(iter(feeds.values())).flat[0], 0.5):
+                during.append((before, len(kafka.producer.transactions)))
+            return out
+
+        session.run = counted  # type: ignore[method-assign]
+        return session
+
+    with serving(repo, kafka, loader=watched, exactly_once=True, commit_interval_ms=600_000):
+        _until(lambda: kafka.group.get(IN1) == 2 and kafka.group.get(IN0) == POLL_RECORDS + 5)
+    assert len(during) == 1 and during[0][0] == during[0][1], during
+    first = next(t for t in kafka.producer.transactions if IN1 in t[1])
+    assert first[1][IN1] == 1  # record 0 settled in the first transaction holding IN1
+    assert {"1-50", "1-51"} <= set(_ids(kafka, "out"))
 
 
 # -- stop -----------------------------------------------------------------------------------------

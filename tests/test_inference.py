@@ -195,6 +195,17 @@ def test_a_model_whose_runs_are_short_runs_inline_and_a_slow_one_on_the_pool() -
     assert len(rig.pool.submitted) == 1
 
 
+def test_a_careful_records_run_never_takes_the_polling_thread() -> None:
+    # A record that may hang the process (careful mode, after an unclean stop) runs on
+    # the pool however short its model's runs: the loop must stay free for a stop.
+    rig = Rig(took_s=0.002, inline_below_ms=5.0)
+    rig.inference.run_s[("m", 1)] = 0.001
+    batch, _ = rig.batch(2)
+    batch.jobs[1].guarded = True
+    rig.inference.submit(batch)
+    assert len(rig.pool.submitted) == 1 and rig.inline_batches() == 0
+
+
 def test_the_mean_run_time_moves_a_fifth_of_the_way_to_each_new_run() -> None:
     rig = Rig(took_s=0.010)
     rig.inference.run_s[("m", 1)] = 0.020

@@ -79,6 +79,9 @@ class Job:
     feeds: Feeds
     rows: int
     arrived: float = field(default_factory=time.monotonic)
+    guarded: bool = False
+    """Never on the polling thread: a record that may hang or crash the process (careful
+    mode), whose run must leave the loop free to answer a stop signal."""
 
     def __post_init__(self) -> None:
         # Feeds without one shared axis 0 cannot be concatenated or sliced,
@@ -113,6 +116,10 @@ class Batch:
     @property
     def rows(self) -> int:
         return sum(j.rows for j in self.jobs)
+
+    @property
+    def guarded(self) -> bool:
+        return any(j.guarded for j in self.jobs)
 
 
 @dataclass(eq=False)
@@ -164,7 +171,12 @@ class Batcher:
         max_rows = settings.max_batch_rows or self.max_rows
         if not settings.batch_axis:
             job.mode = RunMode.WHOLE  # max_batch_size 0: the model has no batch axis
-        if job.mode != RunMode.COALESCE or job.rows >= self.alone_rows or not settings.coalesce:
+        if (
+            job.mode != RunMode.COALESCE
+            or job.rows >= self.alone_rows
+            or not settings.coalesce
+            or job.guarded  # a careful record runs alone: a crash then charges it only
+        ):
             return [Batch(job.model, job.version, [job], max_rows)]
         key = job.key
         group = self._groups.get(key)

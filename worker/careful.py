@@ -27,14 +27,20 @@ from worker.errors import InferenceError
 from worker.flow import POLL_RECORDS
 from worker.intake import Deferred
 from worker.kafka import Consumer, KafkaFailure, TopicPartition
+from worker.lifecycle import Deadline
 from worker.offsets import OffsetTracker
 from worker.partitions import CAREFUL, Partitions
 from worker.recovery import CLEAN, Careful, plan, run_marker, try_marker
 from worker.retries import Retries
 
-__all__ = ["CarefulMode", "commit_marker"]
+__all__ = ["RUN_WAIT_S", "CarefulMode", "commit_marker"]
 
 log = logging.getLogger("worker.loop")  # a step of the loop logs as the loop
+
+# How long a careful record's own run is awaited before the settling rounds commit
+# around it (CarefulMode._await_answer), and the poll wait meanwhile.
+RUN_WAIT_S = 1.0
+AWAIT_POLL_S = 0.002
 
 
 def commit_marker(
@@ -132,7 +138,7 @@ class CarefulMode:
         else:
             self._admit(slot, self.try_marker(slot))
             self._run_now()
-        if self.settle_before(tp, offset + 1):
+        if self.settle_before(tp, offset + 1, running=slot):
             live = self._committer.epochs.get(tp, 0) == epoch  # not rewound meanwhile
             # Settled: its marker goes before anything else runs.
             if (
@@ -170,11 +176,14 @@ class CarefulMode:
 
         return commit
 
-    def settle_before(self, tp: TopicPartition, offset: int) -> bool:
+    def settle_before(
+        self, tp: TopicPartition, offset: int, *, running: Slot | None = None
+    ) -> bool:
         """Answer and commit every record of ``tp`` before ``offset``, however long that
         takes; meanwhile every partition is paused (records polled before the pause wait
         in the deferred list), the group protocol and health go on. False when a stop
-        ended the wait first."""
+        ended the wait first. ``running``: the careful record just handed to its run,
+        whose answer is awaited first (:meth:`_await_answer`)."""
 
         def settled() -> bool:
             first = self._tracker.first_offsets().get(tp)
@@ -185,6 +194,8 @@ class CarefulMode:
         consumer, parts = self._consumer, self._partitions
         consumer.pause(parts.hold(consumer.assignment(), CAREFUL))
         try:
+            if running is not None:
+                self._await_answer(running)
             while not settled() and not self._stopping.is_set():
                 self._settle_round()
                 if not settled():
@@ -193,3 +204,21 @@ class CarefulMode:
             released = parts.release(parts.held(CAREFUL), CAREFUL)
             consumer.resume(released & consumer.assignment())
         return settled()
+
+    def _await_answer(self, slot: Slot) -> None:
+        """Poll (the partitions paused) until ``slot``'s run has answered it, for at most
+        :data:`RUN_WAIT_S`, before a round commits anything. A round while it still runs
+        commits the other partitions' answers without it (a whole transaction with
+        ``--exactly-once``), and it waits for the round after: twice as long behind its
+        try marker, where a death of the process for any reason charges it a crash. A
+        run longer than the wait (one that hangs) is left to the rounds, which keep
+        committing the rest; a stop, a retry or a revocation ends the wait at once."""
+        deadline = Deadline(RUN_WAIT_S)
+        while (
+            slot.out is None
+            and slot.live
+            and not self._retries.waiting(slot)
+            and not self._stopping.is_set()
+            and not deadline.passed
+        ):
+            self._deferred.defer(self._consumer.poll(POLL_RECORDS, AWAIT_POLL_S))

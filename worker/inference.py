@@ -129,8 +129,9 @@ class Inference:
         return max(min(ends), self._clock() + NEXT_FREE_MIN_S)
 
     def submit(self, batch: Batch) -> None:
-        """3. Run ``batch`` here when its model's runs are short, else on the pool."""
-        if self.inline(batch.model, batch.version):
+        """3. Run ``batch`` here when its model's runs are short (and it is not a careful
+        record's), else on the pool."""
+        if self.inline(batch.model, batch.version) and not batch.guarded:
             self.metrics.inline_batches.inc()
             try:
                 self._run(batch)

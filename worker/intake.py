@@ -154,6 +154,7 @@ class Intake:
                 return
         job = Job.for_request(slot, model, version, signature, bound)
         if before_run is not None:
+            job.guarded = True  # a careful record: off the polling thread
             before_run()
         else:  # the group's run marker reaches it before it runs (worker.recovery)
             self._cover(record.tp, record.offset)
