@@ -140,6 +140,30 @@ def test_a_partition_left_mid_stream_is_run_carefully_up_to_its_marker(
     assert not rig.partitions.has_unchecked
 
 
+def test_after_a_clean_stop_the_watermarks_are_not_asked(tmp_path: Path) -> None:
+    # A clean handover (every rebalance) or an operator's commit: nothing runs carefully
+    # whatever the log holds, so no round trip that waits behind the fetch (0.5 s each).
+    rig = _Rig(tmp_path)
+    asked: list[TopicPartition] = []
+    watermarks = rig.consumer.watermarks
+
+    def counted(tp: TopicPartition) -> tuple[int, int] | None:
+        asked.append(tp)
+        return watermarks(tp)
+
+    rig.consumer.watermarks = counted  # type: ignore[method-assign]
+    rig.consumer.commit({A: 2}, CLEAN + "\x00")  # librdkafka's trailing NUL
+    rig.consumer.commit({B: 3}, "")
+    rig.partitions.assigned([A, B])
+    rig.careful.check_assigned()
+    assert asked == [] and rig.committer.found_at == {A: 2, B: 3}
+    assert rig.partitions.careful(A) is None and rig.partitions.careful(B) is None
+    rig.consumer.commit({A: 2}, run_marker(4))  # mid-stream: asked
+    rig.partitions.assigned([A])
+    rig.careful.check_assigned()
+    assert asked == [A] and rig.partitions.careful(A) == Careful(2, 5, 0)
+
+
 def test_unknown_committed_offsets_skip_the_check_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

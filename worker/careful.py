@@ -30,7 +30,7 @@ from worker.kafka import Consumer, KafkaFailure, TopicPartition
 from worker.lifecycle import Deadline
 from worker.offsets import OffsetTracker
 from worker.partitions import CAREFUL, Partitions
-from worker.recovery import CLEAN, Careful, plan, run_marker, try_marker
+from worker.recovery import CLEAN, Careful, needs_watermarks, plan, run_marker, try_marker
 from worker.retries import Retries
 
 __all__ = ["RUN_WAIT_S", "CarefulMode", "commit_marker"]
@@ -96,7 +96,8 @@ class CarefulMode:
             log.warning("committed offsets unknown (%s): no poison-pill check this time", exc)
             return
         for tp, (offset, metadata) in committed.items():
-            p = plan(offset, metadata, consumer.watermarks(tp), latest=self._latest)
+            marks = consumer.watermarks(tp) if needs_watermarks(offset, metadata) else None
+            p = plan(offset, metadata, marks, latest=self._latest)
             careful = p.careful
             if offset is not None:
                 committer.found(tp, offset, None if careful is None else careful.until - 1)

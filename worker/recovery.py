@@ -30,6 +30,7 @@ __all__ = [
     "Plan",
     "assess",
     "clean_metadata",
+    "needs_watermarks",
     "plan",
     "run_marker",
     "try_marker",
@@ -104,6 +105,14 @@ def assess(committed: int | None, metadata: str, high_watermark: int | None) -> 
     if until <= committed:
         return None  # nothing after the committed offset ran: nothing to be careful with
     return Careful(committed, until, crashes)
+
+
+def needs_watermarks(committed: int | None, metadata: str) -> bool:
+    """Whether :func:`plan` needs the partition's watermarks: not after a clean stop (or
+    an operator's commit), where nothing is run carefully whatever the log holds. Asking
+    costs a broker round trip that waits behind the consumer's fetch: half a second per
+    partition (``fetch.wait.max.ms``) on an idle stream, at every rebalance."""
+    return committed is None or clean_metadata(metadata) not in (CLEAN, "")
 
 
 def _int(text: str) -> int | None:
