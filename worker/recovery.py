@@ -90,9 +90,9 @@ def assess(committed: int | None, metadata: str, high_watermark: int | None) -> 
     ``run`` (an older worker's) leaves ``last`` unknown: :data:`CAREFUL_RECORDS`.
     Empty metadata is an operator's commit (kafka-consumer-groups --reset-offsets):
     no worker died mid-stream. Trailing NULs (librdkafka writes one) are ignored."""
-    metadata = clean_metadata(metadata)
-    if committed is None or metadata in (CLEAN, ""):
+    if committed is None or _stopped_clean(metadata):
         return None
+    metadata = clean_metadata(metadata)
     kind, _, rest = metadata.partition(":")
     at, _, count = rest.partition(":")
     crashes, until = 0, committed + CAREFUL_RECORDS  # unless the marker says more
@@ -112,7 +112,12 @@ def needs_watermarks(committed: int | None, metadata: str) -> bool:
     an operator's commit), where nothing is run carefully whatever the log holds. Asking
     costs a broker round trip that waits behind the consumer's fetch: half a second per
     partition (``fetch.wait.max.ms``) on an idle stream, at every rebalance."""
-    return committed is None or clean_metadata(metadata) not in (CLEAN, "")
+    return committed is None or not _stopped_clean(metadata)
+
+
+def _stopped_clean(metadata: str) -> bool:
+    """``clean``, or empty (an operator's commit): nothing to run carefully."""
+    return clean_metadata(metadata) in (CLEAN, "")
 
 
 def _int(text: str) -> int | None:
