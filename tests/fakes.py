@@ -291,6 +291,7 @@ class FakeConsumer:
         self.metadata = object()
         self.handler: RebalanceHandler | None = None
         self._rebalances: list[tuple[str, list[TopicPartition]]] = []
+        self._late: list[tuple[str, list[TopicPartition]]] = []
         self.polls = 0
         self.closed = False
 
@@ -309,10 +310,12 @@ class FakeConsumer:
             line.append(record)
             return record
 
-    def rebalance(self, kind: str, tps: Collection[TopicPartition]) -> None:
-        """``assign``, ``revoke`` or ``lose`` ``tps`` inside the next ``poll``."""
+    def rebalance(self, kind: str, tps: Collection[TopicPartition], *, late: bool = False) -> None:
+        """``assign``, ``revoke`` or ``lose`` ``tps`` inside the next ``poll``; ``late``:
+        after that poll fetched its records, which it still returns (librdkafka serves a
+        rebalance queued behind fetched messages inside the same ``consume()``)."""
         with self.lock:
-            self._rebalances.append((kind, sorted(tps)))
+            (self._late if late else self._rebalances).append((kind, sorted(tps)))
 
     # -- the Protocol ------------------------------------------------------------
 
@@ -320,9 +323,12 @@ class FakeConsumer:
         self.handler = handler
         self.rebalance("assign", [tp for tp in self.log if tp.topic in topics])
 
-    def _run_rebalances(self) -> None:
+    def _run_rebalances(self, *, late: bool = False) -> None:
         with self.lock:
-            events, self._rebalances = self._rebalances, []
+            if late:
+                events, self._late = self._late, []
+            else:
+                events, self._rebalances = self._rebalances, []
         assert self.handler is not None or not events
         for kind, tps in events:
             assert self.handler is not None
@@ -357,6 +363,7 @@ class FakeConsumer:
                     got.extend(take)
                     self.positions[tp] = at + len(take)
             if got or self.clock.monotonic() >= deadline:
+                self._run_rebalances(late=True)
                 return got
             self.clock.sleep(min(0.005, deadline - self.clock.monotonic()))
 

@@ -226,9 +226,12 @@ class Worker:
                 # them spend 64 MiB, and every record would wait for the interval).
                 self._committed(committer.commit(force=True))
             else:
+                # Epochs from before the poll: a revocation served inside it (librdkafka
+                # returns records fetched ahead of it from the same call) makes the
+                # revoked partitions' records stale; their next owner reads them.
+                epochs = dict(committer.epochs)
                 records = consumer.poll(flow.poll_records(), flow.poll_wait_s())
                 committer.saw(records)
-                epochs = dict(committer.epochs)
                 for record in records:
                     # 2. decode, bind, batch (or dead-letter)
                     self._accept(record, epochs.get(record.tp, 0))
