@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.observability import Health, HealthServer, Metrics
+from worker.health import Health
+from worker.observability import HealthServer, Metrics
 
 
 class Clock:

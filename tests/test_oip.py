@@ -16,7 +16,8 @@ from tritonclient.http import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from tests.modelzoo import write_corrupt, write_iris_logreg, write_mlp, write_two_io
-from worker.observability import Health, HealthServer, Metrics
+from worker.health import Health
+from worker.observability import HealthServer, Metrics
 from worker.oip import SignatureReader, oip_app
 from worker.repository import ModelRepository
 

@@ -53,10 +53,11 @@ from worker.answers import Outgoing, Slot
 from worker.careful import commit_marker
 from worker.commit import Committer
 from worker.errors import ConfigError, FatalError, WorkerError
+from worker.health import Health
 from worker.inference import Loader, session_cache
 from worker.kafka import KAFKA, Clients, Consumer, Record, TopicPartition, fmt_tps
 from worker.lifecycle import Deadline, install_stop_signals
-from worker.observability import Health, HealthServer, Metrics
+from worker.observability import HealthServer, Metrics
 from worker.offsets import OffsetTracker
 from worker.oip import oip_app
 from worker.partitions import DRAINING, RETRY

@@ -37,7 +37,7 @@ from worker.signature import Signature, TensorSpec
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from worker.observability import Health
+    from worker.health import Health
 
 __all__ = ["PLATFORM", "SignatureReader", "oip_app"]
 

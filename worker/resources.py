@@ -22,10 +22,11 @@ from worker.careful import CarefulMode
 from worker.commit import Committer, committer_for
 from worker.connections import Connections
 from worker.flow import FlowControl
+from worker.health import Health
 from worker.inference import Inference
 from worker.intake import Deferred, Failures, Intake
 from worker.kafka import Admin, Clients, Consumer, TopicPartition
-from worker.observability import Health, Metrics
+from worker.observability import Metrics
 from worker.offsets import OffsetTracker
 from worker.partitions import Partitions
 from worker.recovery import LATEST_RESETS
