@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from worker.batching import (
+    ALONE_ROWS,
     Batch,
     Batcher,
     Job,
@@ -25,6 +26,7 @@ from worker.batching import (
 )
 from worker.errors import InferenceError
 from worker.protocol.base import Bound
+from worker.settings import Settings
 from worker.signature import Signature, TensorSpec
 
 Feeds = dict[str, np.ndarray]
@@ -119,11 +121,12 @@ def test_a_job_that_would_overflow_the_group_starts_the_next_one() -> None:
     assert (rest.model, rest.version, rest.jobs) == ("m2", 3, [second])
 
 
-def test_the_default_alone_size_is_64_rows() -> None:
-    b = Batcher(max_rows=1000, max_delay_s=1.0)
-    assert b.add(_job(63)) == []
-    [big] = b.add(_job(64, model="big", version=2))
-    assert (big.model, big.version, big.rows) == ("big", 2, 64)
+def test_the_default_alone_size_is_the_flags_default() -> None:
+    assert ALONE_ROWS == Settings.model_fields["coalesce_below_rows"].default == 1024
+    b = Batcher(max_rows=4000, max_delay_s=1.0)
+    assert b.add(_job(ALONE_ROWS - 1)) == []
+    [big] = b.add(_job(ALONE_ROWS, model="big", version=2))
+    assert (big.model, big.version, big.rows) == ("big", 2, ALONE_ROWS)
 
 
 def test_a_group_is_due_when_its_oldest_job_has_waited_exactly_the_delay() -> None:

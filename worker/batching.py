@@ -38,7 +38,7 @@ from worker.errors import InferenceError, WorkerError
 from worker.model_config import DEFAULT_SETTINGS, ModelSettings
 from worker.signature import DYNAMIC, FIXED, Signature
 
-__all__ = ["Batch", "Batcher", "Job", "RunMode", "run_batch", "run_mode"]
+__all__ = ["ALONE_ROWS", "Batch", "Batcher", "Job", "RunMode", "run_batch", "run_mode"]
 
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, Any]
@@ -132,6 +132,10 @@ class _Group:
     rows: int = 0
 
 
+# ``--coalesce-below-rows``'s default: requests of at least this many rows run alone.
+ALONE_ROWS = 1024
+
+
 class Batcher:
     """Groups jobs by coalescing key; hands out batches when full or due."""
 
@@ -139,7 +143,7 @@ class Batcher:
         self,
         max_rows: int,
         max_delay_s: float,
-        alone_rows: int = 64,
+        alone_rows: int = ALONE_ROWS,
         settings_for: Callable[[str], ModelSettings] | None = None,
     ) -> None:
         self.max_rows = max_rows

@@ -47,6 +47,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - the same parser, before it joined the standard library
     import tomli as tomllib
 
+from worker.batching import ALONE_ROWS
 from worker.errors import ConfigError
 from worker.kafka import BACKENDS
 from worker.observability import DEFAULT_METRICS_PORT
@@ -250,7 +251,7 @@ class Settings(BaseSettings):
     """The longest a request waits for company while every run slot is busy (one that
     finds a slot free runs at once)."""
     coalesce_below_rows: int = Field(
-        1024, gt=0, json_schema_extra=_meta("batching", metavar="N")
+        ALONE_ROWS, gt=0, json_schema_extra=_meta("batching", metavar="N")
     )
     """Requests with at least this many rows run alone on their zero-copy view. Below
     it, requests that arrive together share a run: 64-row ones in runs of up to 1,024
