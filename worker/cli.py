@@ -198,9 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from worker.loop import run_worker
+    from worker.malloc import keep_freed_memory
     from worker.observability import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    keep_freed_memory()  # before the clients' threads allocate their first buffers
     try:
         rc = run_worker(settings)
     except ConfigError as exc:
