@@ -662,8 +662,59 @@ def test_a_stop_drains_commits_everything_as_clean_and_returns_0(repo: Path) -> 
     assert s.rc == 0 and s.error is None
     assert IN0 in kafka.consumer.pauses[-1]  # no new records during the drain
     assert kafka.consumer.commits[-1] == ({IN0: 5}, CLEAN)
+    # The drain's own commit of the answers is clean already, not only the marker after
+    # it: a crash between the two leaves the next owner nothing to run one at a time.
+    assert [c for c in kafka.consumer.commits if c[0] == {IN0: 5}] == [({IN0: 5}, CLEAN)] * 2
     assert _ids(kafka, "out") == [f"0-{i}" for i in range(5)]
     assert kafka.consumer.closed and kafka.producer.closed and kafka.admin.closed
+
+
+def test_a_drain_that_times_out_returns_1_and_leaves_no_clean_marker(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kafka = FakeKafka()
+    kafka.setup = lambda p: setattr(p, "hold_all", True)  # no answer is ever acknowledged
+    _produce(kafka, IN0, 3)
+    with caplog.at_level("INFO", "worker"), serving(repo, kafka, drain_timeout_s=0.5) as s:
+        _until(lambda: kafka.producers and len(kafka.producer.records) == 3)
+    assert s.rc == 1 and s.error is None
+    assert "drain timed out: 3 polled records left uncommitted" in caplog.text
+    assert "drained:" not in caplog.text
+    # The next owner must treat the partition as stopped mid-stream: no clean marker.
+    assert all(metadata != CLEAN for _, metadata in kafka.consumer.commits)
+    assert kafka.group[IN0] == 0
+
+
+def test_a_revocation_whose_answers_do_not_come_in_time_commits_nothing_and_says_so(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kafka = FakeKafka()
+    kafka.setup = lambda p: setattr(p, "hold_all", True)
+    _produce(kafka, IN0, 2)
+    loader = SlowLoader(slow_x=0.0, seconds=1.5)  # record 0 is still running at the revoke
+    settings = {"drain_timeout_s": 0.3, "commit_interval_ms": 50}
+    with caplog.at_level("WARNING", "worker"), serving(repo, kafka, loader=loader, **settings):
+        assert loader.running.wait(10)
+        before = list(kafka.consumer.commits)
+        kafka.consumer.rebalance("revoke", [IN0])
+        _until(lambda: IN0 not in kafka.consumer.assigned)
+        assert kafka.consumer.commits == before  # the next owner answers them
+    assert "revoked in[0]: in-flight work abandoned uncommitted" in caplog.text
+
+
+def test_a_retry_waiting_when_its_partition_is_revoked_is_given_up(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    loader = FlakyLoader(fails=100)
+    with serving(repo, kafka, loader=loader, retry_backoff_ms=400, retry_attempts=5) as s:
+        _until(lambda: loader.calls >= 1)
+        kafka.consumer.rebalance("revoke", [IN0])
+        _until(lambda: IN0 not in kafka.consumer.assigned)
+        calls = loader.calls
+        time.sleep(1.0)  # two backoffs: a retry still scheduled would have run by now
+        assert loader.calls == calls
+    assert s.rc == 0 and s.error is None
+    assert kafka.landed("in.dlq") == [] and kafka.landed("out") == []
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -704,7 +755,9 @@ def test_outcomes_rows_and_times_are_counted_by_model_version_and_error_type(rep
     assert "no-such-model" not in labelled
 
 
-def test_rebalances_and_assigned_partitions_follow_every_callback(repo: Path) -> None:
+def test_rebalances_and_assigned_partitions_follow_every_callback(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     kafka = FakeKafka()
     _produce(kafka, IN0, 1)
     _produce(kafka, IN1, 1)
@@ -715,8 +768,10 @@ def test_rebalances_and_assigned_partitions_follow_every_callback(repo: Path) ->
         kafka.consumer.rebalance("revoke", [IN1])
         _until(lambda: _sample(m, "rebalances_total") == 2)
         assert _sample(m, "assigned_partitions") == 1
-        kafka.consumer.rebalance("lose", [IN0])
-        _until(lambda: _sample(m, "rebalances_total") == 3)
+        with caplog.at_level("WARNING", "worker"):
+            kafka.consumer.rebalance("lose", [IN0])
+            _until(lambda: _sample(m, "rebalances_total") == 3)
+        assert "lost in[0]: in-flight work abandoned" in caplog.text
         assert _sample(m, "assigned_partitions") == 0
         kafka.consumer.rebalance("assign", [IN0, IN1])
         _until(lambda: _sample(m, "rebalances_total") == 4)
