@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -9,27 +10,40 @@ from typing import Any
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.fakes import Clock
 from worker.answers import Outgoing, Slot
 from worker.batching import Batch, Batcher, Job, RunMode
 from worker.cache import ResponseCache
-from worker.errors import ModelLoadError, WorkerError
+from worker.errors import InferenceError, ModelLoadError, WorkerError
 from worker.inference import NEXT_FREE_MIN_S, Inference
 from worker.kafka import Record
 from worker.model_config import ModelSettings
 from worker.observability import Metrics
 from worker.offsets import OffsetTracker
+from worker.tracing import Tracing
 
 
 class FakeSession:
     def __init__(
-        self, clock: Clock, took_s: float, fail: BaseException | None = None, labels: bool = False
+        self,
+        clock: Clock,
+        took_s: float,
+        fail: BaseException | None = None,
+        labels: bool = False,
+        cpu: Clock | None = None,
+        cpu_s: float = 0.0,
     ) -> None:
         self.clock, self.took_s, self.fail, self.labels = clock, took_s, fail, labels
+        self.cpu, self.cpu_s = cpu, cpu_s  # the CPU time a run takes of its thread
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
         self.clock.sleep(self.took_s)
+        if self.cpu is not None:
+            self.cpu.sleep(self.cpu_s)
         if self.fail is not None:
             raise self.fail
         out: dict[str, Any] = {"y": feeds["x"] * 2}
@@ -39,7 +53,7 @@ class FakeSession:
 
 
 class FakeCache:
-    def __init__(self, session: FakeSession | None, error: WorkerError | None = None) -> None:
+    def __init__(self, session: FakeSession | None, error: Exception | None = None) -> None:
         self.session, self.error = session, error
 
     @contextmanager
@@ -89,15 +103,22 @@ class Rig:
         self,
         took_s: float = 0.01,
         fail: BaseException | None = None,
-        error: WorkerError | None = None,
+        error: Exception | None = None,
         inline_below_ms: float = 5.0,
         slots: int = 1,
         hold: bool = False,
         responses: int = 0,
         labels: bool = False,
+        one_cpu_thread: bool = False,
+        cpu_s: float = 0.0,
+        max_rows: int = 1024,
+        cache: Any = None,
+        answers: Any = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.clock = Clock()
-        self.cpu = Clock(0.0)
+        self.cpu = Clock(50.0)
+        session = FakeSession(self.clock, took_s, fail, labels, self.cpu, cpu_s)
         self.pool = FakePool(hold)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.failed: list[tuple[Slot, WorkerError, str | None]] = []
@@ -105,18 +126,19 @@ class Rig:
         self.metrics = Metrics()
         self.responses = ResponseCache(responses, metrics=self.metrics)
         self.inference = Inference(
-            FakeCache(FakeSession(self.clock, took_s, fail, labels), error),  # type: ignore[arg-type]
+            cache or FakeCache(session, error),  # type: ignore[arg-type]
             self.pool,
             metrics=self.metrics,
-            answers=FakeAnswers(),  # type: ignore[arg-type]
+            answers=answers or FakeAnswers(),  # type: ignore[arg-type]
             tracker=self.tracker,
             responses=self.responses,
             failed=lambda slot, exc, model: self.failed.append((slot, exc, model)),
             sent=self._sent,
-            max_rows=1024,
+            max_rows=max_rows,
             slots=slots,
             inline_below_ms=inline_below_ms,
-            one_cpu_thread=False,
+            one_cpu_thread=one_cpu_thread,
+            tracing=tracing,
             clock=self.clock.monotonic,
             cpu_clock=self.cpu.monotonic,
         )
@@ -370,3 +392,151 @@ def test_a_cached_answer_is_kept_at_the_size_of_its_outputs() -> None:
     assert rig.responses.nbytes == 2 * (3 * 4 + 64)  # y: 1x3 float32; label: one string
     cached = rig.responses.get(b"key-1")
     assert isinstance(cached, dict) and cached["label"] == ["cat"]
+
+
+# -- what an operator sees: answers, errors, the learnt run time, spans ---------------------------
+
+
+class _SendFails(Rig):
+    """Handing the answers to the producer fails (a broken producer)."""
+
+    def _sent(self) -> None:
+        raise ConnectionError("producer closed")
+
+
+def test_an_inline_run_that_fails_to_send_is_logged_and_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = _SendFails(took_s=0.001, inline_below_ms=5.0)
+    rig.inference.run_s[("m", 1)] = 0.001
+    batch, slots = rig.batch(1)
+    with caplog.at_level(logging.WARNING, logger="worker.inference"):
+        rig.inference.submit(batch)  # does not raise: the main loop sends the rest
+    assert rig.inline_batches() == 1 and slots[0].out is not None
+    assert [r.getMessage() for r in caplog.records] == [
+        "sending after an inline run failed: producer closed"
+    ]
+
+
+class _Tripling(FakeSession):
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        return {"y": feeds["x"] * 3}
+
+
+class _Versions:
+    """Version 1 doubles, version 2 (the newest: what no version asks for) triples."""
+
+    def __init__(self) -> None:
+        self.sessions = {1: FakeSession(Clock(), 0.001), 2: _Tripling(Clock(), 0.001)}
+
+    @contextmanager
+    def acquire(self, model: str, version: int | None) -> Iterator[FakeSession]:
+        yield self.sessions[2 if version is None else version]
+
+
+class _NamingAnswers(FakeAnswers):
+    """Answers that name the model version they came from, as the real ones do."""
+
+    def response(self, slot: Slot, model: str, version: int, outputs: dict[str, Any]) -> Outgoing:
+        out = super().response(slot, model, version, outputs)
+        return Outgoing(out.topic, out.key, out.value, [("model-version", b"%d" % version)], True)
+
+
+def test_a_batch_of_an_older_version_runs_on_that_version_and_its_answers_name_it() -> None:
+    rig = Rig(cache=_Versions(), answers=_NamingAnswers())
+    batch, slots = rig.batch(2)  # version 1 of "m"
+    rig.inference.run(batch)
+    assert rig.failed == []
+    assert [s.out.value for s in slots] == [
+        np.full((1, 3), 2.0 * i, np.float32).tobytes() for i in range(2)
+    ]
+    assert all(s.out.headers == [("model-version", b"1")] for s in slots)
+
+
+def test_each_run_has_its_own_span_naming_the_model_version() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    rig = Rig(tracing=Tracing(provider))
+    rig.inference.run(rig.batch(2)[0])
+    runs = [s for s in exporter.get_finished_spans() if s.name == "run"]
+    assert [dict(s.attributes or {}) for s in runs] == [{"model": "m", "version": 1}]
+
+
+def test_on_one_cpu_thread_the_run_time_learnt_is_the_runs_own_cpu_time() -> None:
+    # A pool thread's wall time includes its wait for the GIL: not the model's cost.
+    rig = Rig(took_s=0.010, one_cpu_thread=True, cpu_s=0.004)
+    rig.inference.run(rig.batch(1)[0])
+    assert rig.inference.run_s[("m", 1)] == pytest.approx(0.004)
+
+
+def test_a_request_larger_than_max_rows_runs_in_slices_of_max_rows() -> None:
+    rig = Rig(max_rows=2)
+    slot = Slot(Record("in", 0, 0, None, b"v", [], None))
+    rig.tracker.add("in-0", slot)
+    x = np.arange(15, dtype=np.float32).reshape(5, 3)
+    rig.inference.run(Batch("m", 1, [Job(slot, "m", 1, RunMode.COALESCE, {"x": x}, 5)]))
+    assert rig.failed == [] and slot.out is not None and slot.out.value == (x * 2).tobytes()
+    labels = {"model": "m", "version": "1"}
+    count = rig.metrics.registry.get_sample_value("inference_worker_batch_rows_count", labels)
+    total = rig.metrics.registry.get_sample_value("inference_worker_batch_rows_sum", labels)
+    assert (count, total) == (3, 5)  # 2 + 2 + 1 rows
+
+
+def test_a_session_that_cannot_be_had_fails_every_job_as_an_inference_error() -> None:
+    rig = Rig(error=OSError("disk gone"))
+    batch, slots = rig.batch(2)
+    rig.inference.run(batch)
+    assert [(s, e.error_type, e.message, m) for s, e, m in rig.failed] == [
+        (slot, "inference-error", "OSError: disk gone", "m") for slot in slots
+    ]
+    assert rig.sends == 1
+
+
+class _FailsFor(FakeAnswers):
+    """Cannot build the answer of the record at ``offset``."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def response(self, slot: Slot, model: str, version: int, outputs: dict[str, Any]) -> Outgoing:
+        if slot.record.offset == self.offset:
+            raise TypeError("cannot pack object")
+        return super().response(slot, model, version, outputs)
+
+
+def test_an_answer_that_cannot_be_built_fails_its_own_job_only() -> None:
+    rig = Rig(answers=_FailsFor(1))
+    batch, slots = rig.batch(2)
+    rig.inference.run(batch)
+    assert [(s, type(e), e.message, m) for s, e, m in rig.failed] == [
+        (slots[1], InferenceError, "TypeError: cannot pack object", "m")
+    ]
+    assert slots[0].out is not None and slots[1].out is None and rig.sends == 1
+    assert slots[1].request is None and slots[1].bound is None
+
+
+def test_a_cached_answer_counts_64_bytes_for_each_item_of_a_list_output() -> None:
+    rig = Rig(responses=10, labels=True)
+    slot = Slot(Record("in", 0, 0, None, b"v", [], None))
+    rig.tracker.add("in-0", slot)
+    slot.cache_key = b"key"
+    x = np.ones((2, 3), np.float32)
+    rig.inference.run(Batch("m", 1, [Job(slot, "m", 1, RunMode.WHOLE, {"x": x}, 2)]))
+    assert rig.responses.nbytes == 2 * 3 * 4 + 2 * 64  # y: 2x3 float32; label: two strings
+
+
+def test_a_model_with_two_instances_takes_two_runs_at_once_and_no_third() -> None:
+    rig = Rig(hold=True, slots=3, took_s=0.0, inline_below_ms=0.0)
+    batcher = _batcher(ModelSettings(instances=2))
+    for i in range(3):
+        batcher.add(rig.job(i))
+        rig.inference.dispatch(batcher)
+    assert _sizes(rig) == [1, 1] and len(batcher) == 1
+
+
+def test_next_free_of_a_run_whose_mean_is_not_known_yet_is_in_a_moment() -> None:
+    rig, batcher = Rig(hold=True, inline_below_ms=0.0), _batcher()
+    batcher.add(rig.job(0))  # the model's first run: no mean run time yet
+    rig.inference.dispatch(batcher)
+    assert rig.inference.next_free() == pytest.approx(rig.clock.now + NEXT_FREE_MIN_S, abs=1e-9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -85,6 +86,23 @@ def test_a_transient_failure_with_tries_left_waits_for_its_retry(settings: Setti
     failed(slot, ModelLoadError("still being written"), "m")  # its last try failed too
     assert slot.out is not None and not slot.out.ok and slot.out.topic == settings.dead_letter_topic
     assert ("error-attempts", b"2") in slot.out.headers
+
+
+def test_a_retry_is_logged_with_the_record_its_error_and_which_try_comes_when(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    failed, _, _ = _failures(settings, 2)
+    slot = Slot(_record(A, 7))
+    with caplog.at_level(logging.WARNING, logger="worker.loop"):
+        failed(slot, ModelLoadError("still being written"), "m")
+        failed(slot, ModelLoadError("still being written"), "m")
+    assert [r.getMessage() for r in caplog.records] == [
+        "in[0]@7: model-load-error (still being written); retry 1 of 2 in 0.10 s",
+        "in[0]@7: model-load-error (still being written); retry 2 of 2 in 0.20 s",
+    ]
+    # the JSON log names the record in its own fields
+    first = caplog.records[0]
+    assert (first.topic, first.partition, first.offset) == ("in", 0, 7)  # type: ignore[attr-defined]
 
 
 def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> None:
