@@ -197,14 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
 
-    from worker.loop import run_worker
+    from worker.loop import Worker
     from worker.malloc import keep_freed_memory
     from worker.observability import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     keep_freed_memory()  # before the clients' threads allocate their first buffers
     try:
-        rc = run_worker(settings)
+        rc = Worker(settings).run()
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         rc = 2

@@ -68,7 +68,7 @@ from worker.runtime import load_session, resolve_device
 from worker.settings import Settings
 from worker.tracing import Tracing
 
-__all__ = ["FatalError", "Outgoing", "Slot", "Worker", "run_worker"]
+__all__ = ["FatalError", "Outgoing", "Slot", "Worker"]
 
 log = logging.getLogger("worker.loop")
 
@@ -391,7 +391,3 @@ class Worker:
             return 1
         log.info("drained: everything polled was answered and committed")
         return 0
-
-
-def run_worker(settings: Settings) -> int:
-    return Worker(settings).run()
