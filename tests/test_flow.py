@@ -109,6 +109,10 @@ def _is_try(metadata: Metadata) -> bool:
     return isinstance(metadata, str) and metadata.startswith("try:")
 
 
+def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records]
+
+
 def _ids(kafka: FakeKafka, topic: str) -> list[str | None]:
     return [s.header("request-id") for s in kafka.landed(topic)]
 
@@ -286,12 +290,19 @@ class FlakyLoader:
         return load_session(ref, options)
 
 
-def test_a_retry_that_succeeds_answers_and_holds_its_partition_meanwhile(repo: Path) -> None:
+def test_a_retry_that_succeeds_answers_and_holds_its_partition_meanwhile(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     kafka = FakeKafka()
     _produce(kafka, IN0, 1)
     loader = FlakyLoader(fails=1)
-    with serving(repo, kafka, loader=loader, retry_backoff_ms=50):
+    with (
+        caplog.at_level("WARNING", "worker"),
+        serving(repo, kafka, loader=loader, retry_backoff_ms=50),
+    ):
         _until(lambda: kafka.group.get(IN0) == 1)
+    # the flag's backoff, in seconds
+    assert any(m.endswith("; retry 1 of 3 in 0.05 s") for m in _messages(caplog)), caplog.text
     assert _ids(kafka, "out") == ["0-0"] and kafka.landed("in.dlq") == []
     assert loader.calls == 2
     assert any(IN0 in p for p in kafka.consumer.pauses)  # nothing new while waiting
@@ -654,12 +665,15 @@ def test_a_careful_records_run_is_awaited_before_anything_is_committed_around_it
 # -- stop -----------------------------------------------------------------------------------------
 
 
-def test_a_stop_drains_commits_everything_as_clean_and_returns_0(repo: Path) -> None:
+def test_a_stop_drains_commits_everything_as_clean_and_returns_0(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     kafka = FakeKafka(latency_s=0.3)  # acknowledgements still on their way at the stop
     _produce(kafka, IN0, 5)
-    with serving(repo, kafka, commit_interval_ms=600_000) as s:
+    with caplog.at_level("INFO", "worker"), serving(repo, kafka, commit_interval_ms=600_000) as s:
         _until(lambda: kafka.producers and len(kafka.producer.records) == 5)
     assert s.rc == 0 and s.error is None
+    assert "drained: everything polled was answered and committed" in _messages(caplog)
     assert IN0 in kafka.consumer.pauses[-1]  # no new records during the drain
     assert kafka.consumer.commits[-1] == ({IN0: 5}, CLEAN)
     # The drain's own commit of the answers is clean already, not only the marker after
@@ -678,8 +692,10 @@ def test_a_drain_that_times_out_returns_1_and_leaves_no_clean_marker(
     with caplog.at_level("INFO", "worker"), serving(repo, kafka, drain_timeout_s=0.5) as s:
         _until(lambda: kafka.producers and len(kafka.producer.records) == 3)
     assert s.rc == 1 and s.error is None
-    assert "drain timed out: 3 polled records left uncommitted" in caplog.text
-    assert "drained:" not in caplog.text
+    assert "drain timed out: 3 polled records left uncommitted (answered after a restart)" in (
+        _messages(caplog)
+    )
+    assert not any(m.startswith("drained") for m in _messages(caplog))
     # The next owner must treat the partition as stopped mid-stream: no clean marker.
     assert all(metadata != CLEAN for _, metadata in kafka.consumer.commits)
     assert kafka.group[IN0] == 0
@@ -699,7 +715,7 @@ def test_a_revocation_whose_answers_do_not_come_in_time_commits_nothing_and_says
         kafka.consumer.rebalance("revoke", [IN0])
         _until(lambda: IN0 not in kafka.consumer.assigned)
         assert kafka.consumer.commits == before  # the next owner answers them
-    assert "revoked in[0]: in-flight work abandoned uncommitted" in caplog.text
+    assert "revoked in[0]: in-flight work abandoned uncommitted" in _messages(caplog)
 
 
 def test_a_retry_waiting_when_its_partition_is_revoked_is_given_up(repo: Path) -> None:
@@ -715,6 +731,19 @@ def test_a_retry_waiting_when_its_partition_is_revoked_is_given_up(repo: Path) -
         assert loader.calls == calls
     assert s.rc == 0 and s.error is None
     assert kafka.landed("in.dlq") == [] and kafka.landed("out") == []
+
+
+def test_a_clean_stop_marker_that_fails_is_logged_and_the_stop_stays_clean(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    with caplog.at_level("WARNING", "worker"), serving(repo, kafka, commit_interval_ms=20) as s:
+        _until(lambda: kafka.group.get(IN0) == 2)
+        kafka.consumer.fail = [KafkaFailure("coordinator moved")]  # the marker's commit
+    assert s.rc == 0 and s.error is None  # every answer was committed before it
+    assert "the clean-stop marker failed: coordinator moved" in _messages(caplog)
+    assert kafka.consumer.fail == []
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -771,7 +800,7 @@ def test_rebalances_and_assigned_partitions_follow_every_callback(
         with caplog.at_level("WARNING", "worker"):
             kafka.consumer.rebalance("lose", [IN0])
             _until(lambda: _sample(m, "rebalances_total") == 3)
-        assert "lost in[0]: in-flight work abandoned" in caplog.text
+        assert "lost in[0]: in-flight work abandoned" in _messages(caplog)
         assert _sample(m, "assigned_partitions") == 0
         kafka.consumer.rebalance("assign", [IN0, IN1])
         _until(lambda: _sample(m, "rebalances_total") == 4)

@@ -76,6 +76,22 @@ def test_a_stalled_loop_is_503_with_its_reason(health: Health, clock: Clock, por
     assert _get(port, "/healthz")[0] == 200
 
 
+def test_each_limit_is_reached_at_exactly_its_seconds(health: Health, clock: Clock) -> None:
+    # The clock starts at a whole number of seconds, so the sums below are exact.
+    health.beat()
+    clock.advance(60.0)
+    assert health.liveness() == "poll loop stalled: no pass for 60.0 s (limit 60 s)"
+    health.beat()
+    health.committed()
+    health.set_pending(3)
+    clock.advance(45.0)
+    health.beat()
+    assert health.liveness() == (
+        "commits stalled: 3 records pending and no commit succeeded in the last 45.0 s"
+        " (limit 45 s)"
+    )
+
+
 def test_frozen_commits_while_records_pend_are_503(health: Health, clock: Clock, port: int) -> None:
     """The loop keeps passing (answers flow) but no commit succeeds: a group that never settles."""
     health.committed()
