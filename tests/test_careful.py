@@ -14,6 +14,8 @@ import pytest
 from tests.fakes import FakeConsumer, RealClock
 from worker.answers import Answers, Slot
 from worker.careful import CarefulMode, commit_marker
+from worker.errors import InferenceError
+from worker.flow import POLL_RECORDS
 from worker.intake import Deferred
 from worker.kafka import KafkaFailure, Record, TopicPartition
 from worker.observability import Metrics
@@ -24,6 +26,12 @@ from worker.retries import Retries
 from worker.settings import Settings
 
 A, B, C = (TopicPartition("in", i) for i in range(3))
+
+
+@pytest.fixture(autouse=True)
+def _brief_run_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A careful record's run is awaited 50 ms, not RUN_WAIT_S, before the rounds go on."""
+    monkeypatch.setattr("worker.careful.RUN_WAIT_S", 0.05)
 
 
 def _record(tp: TopicPartition, offset: int) -> Record:
@@ -49,6 +57,7 @@ class _Consumer(FakeConsumer):
         super().__init__({}, [A, B], clock=RealClock())
         self.metadata_fails: KafkaFailure | None = None
         self.prefetched: list[Record] = []
+        self.poll_args: list[tuple[int, float]] = []  # every poll's (max_records, timeout_s)
 
     def committed_metadata(self, tps: Any) -> dict[TopicPartition, tuple[int | None, str]]:
         if self.metadata_fails is not None:
@@ -56,6 +65,8 @@ class _Consumer(FakeConsumer):
         return super().committed_metadata(tps)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        self.poll_args.append((max_records, timeout_s))
+        assert len(self.poll_args) < 500, "polled without end (a wait that never ends)"
         got, self.prefetched = self.prefetched, []
         return got + super().poll(max_records, timeout_s)
 
@@ -93,6 +104,7 @@ class _Rig:
 
     def _round(self) -> None:
         self.rounds += 1
+        assert self.rounds < 500, "rounds without end (a wait that never ends)"
         self.on_round()
 
     def slot(self, tp: TopicPartition, offset: int) -> Slot:
@@ -241,12 +253,32 @@ def test_a_record_that_crashed_the_worker_enough_is_dead_lettered_unrun(tmp_path
     rig = _Rig(tmp_path)
     careful = Careful(2, 5, CRASH_LIMIT - 1)
     rig.partitions.set_careful(A, careful)
-    slot = rig.slot(A, 2)
-    rig.settle(A)
+    slot = Slot(Record("in", 0, 2, None, b"v", [("model", b"mnist-mlp")], 1))
+    rig.tracker.add(A, slot)
+    polls_at_round: list[int] = []
+
+    def settled() -> None:
+        polls_at_round.append(len(rig.consumer.poll_args))
+        rig.tracker.forget([A])
+
+    rig.on_round = settled
     rig.careful.run(slot, careful, 0)
     assert rig.admitted == []
+    assert polls_at_round == [0]  # answered already: its round comes at once, no run awaited
     assert slot.out is not None and not slot.out.ok
-    assert (b"crashed the worker %d times" % CRASH_LIMIT) in dict(slot.out.headers)["error-message"]
+    headers = slot.out.headers
+    assert dict(headers)["error-message"] == (
+        b"crashed the worker %d times (the process died while running it); "
+        b"dead-lettered without running it again" % CRASH_LIMIT
+    )
+    # as every dead letter: the original headers, what went wrong, where, and the model
+    assert headers[0] == ("model", b"mnist-mlp")
+    assert headers[-4:] == [
+        ("source-topic", b"in"),
+        ("source-partition", b"0"),
+        ("source-offset", b"2"),
+        ("model", b"mnist-mlp"),
+    ]
     assert rig.consumer.commits == [({A: 3}, CLEAN)]
 
 
@@ -258,17 +290,20 @@ def test_everything_before_a_careful_record_settles_first_with_every_partition_p
     rig.slot(A, 0)
     polled = _record(B, 9)
     rig.consumer.prefetched.append(polled)
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []  # (the round, the polls before it)
 
     def round_() -> None:
-        calls.append(rig.rounds)
+        calls.append((rig.rounds, len(rig.consumer.poll_args)))
+        assert rig.rounds <= 2, "a round after everything was settled"
         assert rig.partitions.held(CAREFUL) == {A, B}
         if rig.rounds == 2:
             rig.tracker.forget([A])
 
     rig.on_round = round_
     assert rig.careful.settle_before(A, 1)
-    assert calls == [1, 2] and rig.consumer.pauses[-1] == {A}
+    assert calls == [(1, 0), (2, 1)] and rig.consumer.pauses[-1] == {A}
+    # between the rounds (not after the last) a brief poll keeps the group protocol going
+    assert rig.consumer.poll_args == [(POLL_RECORDS, 0.01)]
     assert rig.consumer.resumes == [{A}] and rig.partitions.held(CAREFUL) == set()
     assert rig.deferred.take() == (polled, 0)  # polled while waiting: for afterwards
 
@@ -281,3 +316,152 @@ def test_a_stop_while_settling_abandons_the_careful_record_uncharged(tmp_path: P
     rig.on_round = rig.stopping.set  # SIGTERM while it runs
     rig.careful.run(slot, careful, 0)
     assert rig.consumer.commits == [] and rig.tracker.pending() == 0
+
+
+def test_nothing_pending_before_the_offset_is_settled_at_once(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    rig.slot(B, 0)  # another partition's record does not count
+    assert rig.careful.settle_before(A, 3) is True
+    assert rig.rounds == 0 and rig.consumer.pauses == [] and rig.consumer.poll_args == []
+
+
+def _stop_after(rig: _Rig, rounds: int, each: Callable[[], None] = lambda: None) -> None:
+    """Each round does ``each``; the ``rounds``-th also stops the worker (a test that
+    would otherwise wait for ever ends, and fails on what it asserts)."""
+
+    def round_() -> None:
+        each()
+        if rig.rounds >= rounds:
+            rig.stopping.set()
+
+    rig.on_round = round_
+
+
+def test_a_record_at_the_offset_is_not_waited_for(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    first = rig.slot(A, 0)
+    rig.slot(A, 1)  # unanswered: not before the offset settled
+    _stop_after(rig, 3, lambda: rig.tracker.settle_window([(A, first)]))
+    assert rig.careful.settle_before(A, 1) is True
+    assert rig.rounds == 1 and not rig.stopping.is_set()
+
+
+def test_a_careful_record_waits_for_its_own_settling_only(tmp_path: Path) -> None:
+    # what follows it in its line is not its business: its clean marker goes at once
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, 0)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+    rig.slot(A, 3)
+
+    def answered() -> None:
+        if slot.live:
+            slot.out = object()  # type: ignore[assignment]
+            rig.tracker.settle_window([(A, slot)])
+
+    _stop_after(rig, 3, answered)
+    rig.careful.run(slot, careful, 0)
+    assert rig.consumer.commits == [({A: 3}, CLEAN)] and rig.committer.found_at == {A: 3}
+    assert rig.rounds == 1
+
+
+def test_a_settled_marker_that_fails_is_logged_and_nothing_is_taken_as_committed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, 0)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+
+    def answered() -> None:
+        slot.out = object()  # type: ignore[assignment]
+        rig.tracker.forget([A])
+
+    rig.on_round = answered
+    rig.consumer.fail.append(KafkaFailure("rebalancing"))
+    with caplog.at_level(logging.WARNING, logger="worker.loop"):
+        rig.careful.run(slot, careful, 0)
+    assert rig.consumer.commits == [] and rig.committer.found_at == {}
+    assert [r.getMessage() for r in caplog.records] == [
+        "in[0]@2: settled marker failed: rebalancing"
+    ]
+
+
+def test_a_try_marker_that_fails_is_logged_with_its_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = _Rig(tmp_path)
+    rig.partitions.set_careful(A, Careful(2, 5, 0))
+    commit = rig.careful.try_marker(Slot(_record(A, 2)))
+    assert commit is not None
+    rig.consumer.fail.append(KafkaFailure("coordinator moved"))
+    with caplog.at_level(logging.WARNING, logger="worker.loop"):
+        commit()  # runs all the same
+    assert rig.consumer.commits == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "in[0]@2: try marker failed: coordinator moved"
+    ]
+
+
+def test_a_stop_during_the_careful_run_is_logged_as_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, 0)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+    rig.on_round = rig.stopping.set
+    with caplog.at_level(logging.WARNING, logger="worker.loop"):
+        rig.careful.run(slot, careful, 0)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "in[0]@2: stopping during its careful run; abandoned (answered after the "
+            "restart, not counted as a crash)",
+        )
+    ]
+    assert rig.tracker.pending() == 0
+
+
+@pytest.mark.parametrize("state", ["answered", "waiting for its retry"])
+def test_a_stop_while_a_careful_record_is_not_running_abandons_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, state: str
+) -> None:
+    # Answered (the drain commits it) or waiting for a retry: not "abandoned".
+    rig = _Rig(tmp_path)
+    careful = Careful(2, 5, 0)
+    rig.partitions.set_careful(A, careful)
+    slot = rig.slot(A, 2)
+    if state == "answered":
+        slot.out = object()  # type: ignore[assignment]
+    else:
+        assert rig.retries.retry(slot, InferenceError("out of memory")) is not None
+    polls_at_round: list[int] = []
+
+    def stop() -> None:
+        polls_at_round.append(len(rig.consumer.poll_args))
+        rig.stopping.set()
+
+    rig.on_round = stop
+    with caplog.at_level(logging.WARNING, logger="worker.loop"):
+        rig.careful.run(slot, careful, 0)
+    assert polls_at_round == [0]  # no run to await: the round comes at once
+    assert [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()] == []
+    assert rig.tracker.pending() == 1 and rig.consumer.commits == []
+
+
+def test_a_running_careful_record_is_awaited_for_a_while_before_a_round(tmp_path: Path) -> None:
+    rig = _Rig(tmp_path)
+    slot = rig.slot(A, 2)
+    polls_at_round: list[int] = []
+
+    def answered() -> None:
+        polls_at_round.append(len(rig.consumer.poll_args))
+        slot.out = object()  # type: ignore[assignment]
+        rig.tracker.forget([A])
+
+    rig.on_round = answered
+    assert rig.careful.settle_before(A, 3, running=slot)
+    # never answered: polled (briefly, many times) for the wait, then the rounds go on
+    assert polls_at_round[0] == len(rig.consumer.poll_args) > 1
+    assert all(max_records == POLL_RECORDS for max_records, _ in rig.consumer.poll_args)

@@ -451,13 +451,21 @@ def test_a_refused_send_aborts_before_the_commit_and_rewinds(rig: Rig) -> None:
     _assert_rewound(rig, c)
 
 
-def test_a_send_unacknowledged_at_the_commit_aborts_and_rewinds(rig: Rig) -> None:
+def test_a_send_unacknowledged_at_the_commit_aborts_and_rewinds(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
     c, _ = _abort_scenario(rig)
     rig.producer.lenient = True
     rig.producer.hold = {b"1@0"}
-    assert c.commit() == 0
+    with caplog.at_level("WARNING", logger="worker.commit"):
+        assert c.commit() == 0
     assert rig.producer.calls[-2:] == ["flush", "abort_transaction"]
+    assert rig.producer.timeouts[-1] == ("flush", 30.0)  # waited 30 s for it, no longer
     _assert_rewound(rig, c)
+    assert [r.getMessage() for r in caplog.records] == [
+        "transaction aborted (a send of the transaction is unacknowledged before the commit); "
+        "rewinding to the first uncommitted records"
+    ]
 
 
 def test_a_fresh_producer_replaces_the_old_only_once_everything_sent_is_acknowledged(
@@ -536,7 +544,7 @@ def test_an_abort_rewinds_to_what_the_broker_holds_when_the_transaction_landed(
 
 
 def test_an_abort_reads_the_committed_offsets_again_until_the_broker_says(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Never a guess: the transaction may have landed although commit_transaction failed.
     naps: list[float] = []
@@ -544,10 +552,14 @@ def test_an_abort_reads_the_committed_offsets_again_until_the_broker_says(
     c, _ = _abort_scenario(rig)
     rig.producer.land_then_fail = KafkaFailure("commit timed out")
     rig.consumer.committed_errors = [KafkaFailure("coordinator not available")] * 2
-    assert c.commit() == 0
+    with caplog.at_level("WARNING", logger="worker.commit"):
+        assert c.commit() == 0
     assert len(rig.consumer.asked) == 3 and naps == [0.5, 1.0]  # the wait doubles
     assert sorted(rig.consumer.seeks) == [(A, 4), (B, 1)]
     assert c.committed_offsets == {A: 4, B: 1}
+    asking = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
+    unknown = "committed offsets unknown after the abort (coordinator not available)"
+    assert asking == [f"{unknown}; asking again"] * 2
 
 
 def test_an_abort_exits_when_the_broker_never_says_what_is_committed(
@@ -811,6 +823,39 @@ def test_offsets_found_at_assignment_are_committed_again_as_clean_until_forgotte
     assert len({before, once, c.epochs[A]}) == 3
 
 
+def test_every_rewind_and_every_forget_gives_a_partition_an_epoch_it_never_had(
+    rig: Rig,
+) -> None:
+    # Records polled under an earlier epoch are stale: an epoch that came back (an abort
+    # undoing a forget, or two aborts alike) would let them run after the rewind.
+    c = rig.transactional()
+    seen = [c.epochs.get(A, 0)]
+    for step in ("abort", "forget", "abort", "abort", "forget", "forget", "abort"):
+        if step == "abort":
+            rig.add(A, range(0, 1))
+            rig.producer.fail["begin_transaction"] = KafkaFailure("broker down")
+            assert c.commit() == 0
+        else:
+            c.forget([A])
+        seen.append(c.epochs.get(A, 0))
+    assert c.aborted == 4
+    assert len(set(seen)) == len(seen), seen
+
+
+def test_a_transactional_committer_takes_its_arguments_by_name(rig: Rig) -> None:
+    c: Transactional[Entry] = Transactional(
+        tracker=rig.tracker,
+        consumer=rig.consumer,
+        producer=rig.producer,
+        outbox=rig,
+        interval_s=NEVER,
+        reopen=rig.reopen,
+    )
+    rig.add(A, range(0, 1))
+    assert c.commit() == 0  # the interval given by name: not due
+    assert c.commit(force=True) == 1 and rig.producer.transactions[0][1] == {A: 1}
+
+
 # -- the run marker: the group's metadata reaches every record handed to inference ----------
 
 
@@ -911,13 +956,19 @@ def test_without_a_known_committed_offset_no_marker_and_a_bare_run(rig: Rig) -> 
     assert rig.consumer.commits == [({A: 2}, {A: RUNNING})]
 
 
-def test_a_marker_that_fails_is_tried_again_by_the_next_record(rig: Rig) -> None:
+def test_a_marker_that_fails_is_tried_again_by_the_next_record(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
     c = rig.at_least_once()
     c.found(A, 0)
     c.saw(_polled(A, range(0, 5)))
     rig.consumer.fail = [KafkaFailure("coordinator moved")]
-    c.cover(A, 0)  # runs all the same; the marker is not there
+    with caplog.at_level("WARNING", logger="worker.commit"):
+        c.cover(A, 0)  # runs all the same; the marker is not there
     assert rig.consumer.commits == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"in[0]: run marker up to {4 + COVER_AHEAD} not committed: coordinator moved"
+    ]
     c.cover(A, 1)
     assert rig.consumer.commits == [({A: 0}, {A: run_marker(4 + COVER_AHEAD)})]
 
@@ -933,6 +984,36 @@ def test_a_clean_commit_means_a_marker_again_before_the_next_record(rig: Rig) ->
     assert rig.consumer.commits[-1] == ({A: 2}, CLEAN)
     c.cover(A, 2)
     assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4 + COVER_AHEAD)})
+
+
+def test_a_clean_transaction_means_a_marker_again_before_the_next_record(rig: Rig) -> None:
+    c = rig.transactional()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 5)))
+    c.cover(A, 0)
+    rig.add(A, range(0, 2))
+    assert c.commit(metadata=CLEAN) == 2
+    assert rig.producer.transactions[-1][1:] == ({A: 2}, rig.consumer.metadata, CLEAN)
+    c.cover(A, 2)
+    assert rig.consumer.commits[-1] == ({A: 2}, {A: run_marker(4 + COVER_AHEAD)})
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_after_a_clean_commit_the_marker_says_what_ran_as_found_at_assignment(
+    rig: Rig, exactly_once: bool
+) -> None:
+    # committed clean at 2: records up to 1 ran, as if offset 2 had been found clean
+    c = rig.transactional() if exactly_once else rig.at_least_once()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 5)))
+    c.cover(A, 0)
+    rig.add(A, range(0, 2))
+    c.send()
+    assert c.commit(metadata=CLEAN) == 2
+    assert c.markers([A]) == {A: run_marker(1)}
+    fresh = rig.at_least_once()
+    fresh.found(A, 2)
+    assert fresh.markers([A]) == c.markers([A])
 
 
 def test_a_record_handed_over_before_any_poll_was_seen_is_covered_up_to_itself(rig: Rig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from tests.fakes import Clock
-from worker.lifecycle import STOP_SLACK_S, Deadline, watch_the_drain
+from worker.lifecycle import STOP_SLACK_S, Deadline, exit_stuck, watch_the_drain
 
 
 def test_a_deadline_counts_down_on_its_clock_and_caps_what_is_left() -> None:
@@ -72,7 +73,49 @@ def test_the_watchdog_ends_the_process_when_a_stop_overruns_the_drain(
     exits, thread = _watch(bytes([sig]), threading.Event())
     thread.join(5)
     assert exits == [1]
-    assert "a call into the Kafka client is stuck" in caplog.text
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "worker.lifecycle",
+            "ERROR",
+            f"still running {0.05:g} s after the stop signal (--drain-timeout "
+            f"{0.05 - STOP_SLACK_S:g}): a call into the Kafka client is stuck; exiting "
+            "without waiting for it (what was not committed is answered again after a "
+            "restart)",
+        )
+    ]
+
+
+def test_the_watchdog_sees_the_signal_at_once_with_the_pipe_still_open(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The wakeup pipe stays open while the process lives: one byte must be enough.
+    read_fd, write_fd = os.pipe()
+    exits: list[int] = []
+    thread = threading.Thread(
+        target=watch_the_drain,
+        args=(read_fd, threading.Event(), 0.05 - STOP_SLACK_S),
+        kwargs={"exit_now": exits.append},
+        daemon=True,
+    )
+    thread.start()
+    try:
+        os.write(write_fd, bytes([signal.SIGTERM]))
+        thread.join(2)
+        assert exits == [1] and not thread.is_alive()
+    finally:
+        os.close(write_fd)
+
+
+def test_exit_stuck_logs_its_reason_as_it_is_and_exits_1(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exits: list[int] = []
+    why = "send_offsets_to_transaction(in[0]@7) still blocked 35 s: 100% stuck"
+    exit_stuck(why, logger=logging.getLogger("worker.kafka"), exit_now=exits.append)
+    assert exits == [1]
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("worker.kafka", "ERROR", why)
+    ]
 
 
 def test_the_watchdog_lets_a_stop_that_closed_in_time_be() -> None:
