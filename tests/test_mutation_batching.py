@@ -25,6 +25,7 @@ from worker.batching import (
     run_mode,
 )
 from worker.errors import InferenceError
+from worker.model_config import ModelSettings
 from worker.protocol.base import Bound
 from worker.settings import Settings
 from worker.signature import Signature, TensorSpec
@@ -274,3 +275,42 @@ def test_rows_mode_runs_one_row_at_a_time(rows: int) -> None:
     [r] = run_batch(_double, Batch("m", 1, [_job(rows, mode=RunMode.ROWS)]), 100, sizes.append)
     assert sizes == [1] * rows
     assert isinstance(r, dict) and r["y"].shape == (rows, 3)
+
+
+# -- per-model settings ----------------------------------------------------------------------
+
+
+def _per_model(**models: ModelSettings) -> Batcher:
+    """A Batcher of 8 rows whose models carry their own settings (any other: KeyError)."""
+    return Batcher(max_rows=8, max_delay_s=1.0, settings_for=lambda model: models[model])
+
+
+def test_each_model_gets_its_own_settings_by_name() -> None:
+    b = _per_model(small=ModelSettings(max_batch_rows=2), big=ModelSettings(max_batch_rows=6))
+    # "small" fills its 2 rows at once; "big" waits for more.
+    [full] = b.add(_job(2, model="small"))
+    assert (full.model, full.max_rows) == ("small", 2)
+    assert b.add(_job(2, model="big")) == []
+    [due] = b.due(force=True)
+    assert (due.model, due.max_rows) == ("big", 6)
+
+
+def test_a_model_without_a_batch_axis_runs_each_request_whole_never_sliced() -> None:
+    b = _per_model(m=ModelSettings(batch_axis=False))
+    job = _job(20)  # more rows than the Batcher's 8
+    [batch] = b.add(job)
+    assert job.mode == RunMode.WHOLE
+    sizes: list[int] = []
+    [r] = run_batch(_double, batch, 8, sizes.append)
+    assert sizes == [20]  # one run on the request as sent
+    assert isinstance(r, dict) and r["y"].shape == (20, 3)
+
+
+def test_a_request_run_alone_is_sliced_at_its_models_max_rows() -> None:
+    b = _per_model(m=ModelSettings(max_batch_rows=2, coalesce=False))
+    [batch] = b.add(_job(5))
+    assert batch.max_rows == 2
+    sizes: list[int] = []
+    [r] = run_batch(_double, batch, 8, sizes.append)  # 8: the flags' max rows
+    assert sizes == [2, 2, 1]
+    assert isinstance(r, dict) and r["y"].shape == (5, 3)

@@ -8,6 +8,7 @@ from worker.recovery import (
     CRASH_LIMIT,
     RUNNING,
     assess,
+    clean_metadata,
     run_marker,
     try_marker,
 )
@@ -72,3 +73,12 @@ def test_markers_are_what_the_broker_stores() -> None:
     assert run_marker(42) == "run:42"
     # far below the broker's offset.metadata.max.bytes (4096 by default)
     assert len(try_marker(2**63 - 1, 99)) < 100 and len(run_marker(2**63 - 1)) < 100
+
+
+def test_only_the_trailing_nuls_librdkafka_writes_are_ignored() -> None:
+    assert clean_metadata("clean\x00") == CLEAN and clean_metadata(None) == ""
+    assert assess(5, "clean\x00", 10) is None
+    # Metadata that only ends like a marker is someone else's: the window stays careful.
+    assert clean_metadata("cleanX\x00") == "cleanX"
+    careful = assess(5, "cleanX\x00", 10)
+    assert careful is not None and (careful.start, careful.until) == (5, 10)
