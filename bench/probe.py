@@ -97,6 +97,14 @@ def _worker(
     )  # fmt: skip
 
 
+def _peak_rss(pid: int) -> int | None:
+    """The process's VmHWM: the kernel's high-water mark of its resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def _read(consumer: KafkaConsumer, n: int, timeout: float) -> list[Any]:
     out: list[Any] = []
     deadline = time.monotonic() + timeout
@@ -133,6 +141,7 @@ def _saturation(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, r
             return 1
         groups = thread_groups(threads, thread_cpu_seconds(worker.pid))
         faults = minor_faults(worker.pid) - faults
+        peak = _peak_rss(worker.pid)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -148,6 +157,8 @@ def _saturation(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, r
     _print_groups(groups, n)
     print(f"    {'all':<44} {sum(groups.values()) / n * 1e6:7,.0f} µs per message")
     print(f"  minor page faults per message: {faults / n:,.1f}")
+    if peak is not None:
+        print(f"  peak RSS: {peak / 2**20:,.0f} MiB")
     return 0
 
 
