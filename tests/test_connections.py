@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,11 @@ from worker.settings import Settings
 
 
 def _connections(
-    tmp_path: Path, kafka: FakeKafka, clock: Clock | None = None, **overrides: Any
+    tmp_path: Path,
+    kafka: FakeKafka,
+    clock: Clock | None = None,
+    metrics: Metrics | None = None,
+    **overrides: Any,
 ) -> tuple[Connections, Answers]:
     settings = Settings(
         input_topics=("in",),
@@ -27,14 +32,16 @@ def _connections(
         kafka_properties={"linger.ms": "3"},
         **overrides,
     )
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     answers = Answers(settings, metrics, clock=(clock or Clock()).monotonic)
     return Connections(settings, kafka.clients, metrics, answers), answers
 
 
 def test_each_client_is_named_for_its_role_with_the_workers_settings(tmp_path: Path) -> None:
     kafka = FakeKafka()
-    connections, _ = _connections(tmp_path, kafka)
+    connections, _ = _connections(
+        tmp_path, kafka, kafka_client="kafka-python", max_message_bytes=2_000_000
+    )
     assert connections.consumer() is kafka.consumer and connections.admin() is kafka.admin
     consumer, admin = kafka.configs
     assert (consumer.client_id, consumer.group_id) == ("g-consumer", "g")
@@ -42,7 +49,27 @@ def test_each_client_is_named_for_its_role_with_the_workers_settings(tmp_path: P
     for config in (consumer, admin):
         assert config.bootstrap_servers == "broker:9093"
         assert config.properties == {"linger.ms": "3"}
+        assert (config.backend, config.max_message_bytes) == ("kafka-python", 2_000_000)
         assert config.on_stats is not None
+
+
+def test_each_clients_librdkafka_statistics_go_to_the_gauges_of_its_role(tmp_path: Path) -> None:
+    kafka, metrics = FakeKafka(), Metrics()
+    connections, _ = _connections(tmp_path, kafka, metrics=metrics)
+    connections.consumer()
+    connections.producer()
+    consumer, producer = kafka.configs
+    assert consumer.on_stats is not None and producer.on_stats is not None
+    fetched = {"in": {"partitions": {"0": {"partition": 0, "fetchq_cnt": 7}}}}
+    consumer.on_stats(json.dumps({"type": "consumer", "topics": fetched}))
+    producer.on_stats(json.dumps({"type": "producer", "msg_cnt": 3, "msg_size": 300}))
+
+    def gauge(name: str, client: str) -> float | None:
+        return metrics.registry.get_sample_value(f"inference_worker_{name}", {"client": client})
+
+    assert gauge("kafka_fetch_queue_messages", "consumer") == 7
+    assert gauge("kafka_producer_queue_messages", "producer") == 3
+    assert gauge("kafka_producer_queue_bytes", "producer") == 300
 
 
 @pytest.mark.parametrize("exactly_once", [False, True])
@@ -100,7 +127,10 @@ def test_a_lower_topic_limit_gets_a_fresh_producer(
     caplog.set_level(logging.INFO, logger="worker.loop")
     connections.refresh_limits(admin, committer)  # type: ignore[arg-type]
     assert committer.asked == 1
-    assert f"producer batches now {30_000 - RECORD_OVERHEAD} bytes" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "worker.loop"] == [
+        "a topic's max.message.bytes went down: producer batches now "
+        f"{30_000 - RECORD_OVERHEAD} bytes"
+    ]
 
 
 def test_a_lower_limit_asks_again_while_the_old_producer_is_kept(tmp_path: Path) -> None:

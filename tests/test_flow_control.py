@@ -72,12 +72,28 @@ def test_to_pause_picks_the_fullest_until_half_the_limit_is_left() -> None:
     assert to_pause(held, 1000, 1000, PAUSE_AFTER_S, ()) == set()  # at the limit, not over
 
 
+def test_to_pause_picks_the_fullest_whatever_order_the_partitions_come_in() -> None:
+    held = {A: 100, B: 300, C: 600}
+    assert to_pause(held, 1000, 800, PAUSE_AFTER_S, ()) == {C}
+    assert to_pause(held, 1000, 400, PAUSE_AFTER_S, ()) == {B, C}
+
+
 def test_to_resume_frees_those_under_half_their_share_or_all_under_half_the_limit() -> None:
     held = {A: 300, B: 100}
     assert to_resume(held, 1000, 1000, {A, B}) == set()  # not under the limit
     assert to_resume(held, 900, 1000, {A, B}) == {B}  # share: 1000 / (2 * 2) = 250
     assert to_resume(held, 499, 1000, {A, B}) == {A, B}
     assert to_resume(held, 10, 1000, set()) == set()
+
+
+def test_to_resume_at_its_edges() -> None:
+    # Exactly half the limit is not under it: only the partitions under half their share.
+    assert to_resume({A: 300, B: 200}, 500, 1000, {A, B}) == {B}
+    assert to_resume({A: 250, B: 300}, 600, 1000, {A, B}) == set()  # at its share: not under
+    assert to_resume({A: 300}, 600, 1000, {A, B}) == {B}  # B holds nothing any more
+    assert to_resume({A: 300}, 600, 1000, {A}) == {A}  # alone: its share is 1000 / 2
+    # A tiny limit: the share is one byte; what holds it stays paused, what holds none goes.
+    assert to_resume({A: 1, C: 2}, 3, 4, {A, B}) == {B}
 
 
 def test_a_poll_waits_until_the_next_deadline_at_most_the_longest_wait() -> None:
@@ -208,6 +224,23 @@ def test_flow_control_waits_then_pauses_the_fullest_partition_and_resumes_it_whe
     rig.flow.backpressure()
     assert rig.consumer.paused == set() and rig.consumer.resumes == [{A}]
     assert rig.partitions.held(BACKPRESSURE) == set() and rig.gauge("paused_partitions") == 0
+
+
+def test_flow_control_resumes_a_drained_partition_though_the_others_keep_the_total_up() -> None:
+    rig = _Rig(1000)
+    rig.hold(A, 900)
+    rig.hold(B, 200)
+    rig.flow.waiting()
+    rig.clock.sleep(PAUSE_AFTER_S)
+    rig.flow.waiting()
+    rig.flow.backpressure()
+    assert rig.consumer.paused == {A}
+    rig.tracker.forget([A])  # its bytes committed; a little more came in before the pause
+    rig.hold(A, 100)
+    rig.hold(C, 500)  # 800 in flight: over half the limit, A under its share (500)
+    rig.flow.backpressure()
+    assert rig.consumer.resumes == [{A}] and rig.partitions.held(BACKPRESSURE) == set()
+    assert rig.gauge("paused_partitions") == 0 and rig.gauge("inflight_bytes") == 800
 
 
 def test_flow_control_keeps_another_reasons_pause_when_backpressure_lets_go() -> None:

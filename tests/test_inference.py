@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,12 +19,16 @@ from tests.fakes import Clock
 from worker.answers import Outgoing, Slot
 from worker.batching import Batch, Batcher, Job, RunMode
 from worker.cache import ResponseCache
+from worker.demo import write_demo_model
 from worker.errors import InferenceError, ModelLoadError, WorkerError
-from worker.inference import NEXT_FREE_MIN_S, Inference
+from worker.inference import NEXT_FREE_MIN_S, Inference, session_cache
 from worker.kafka import Record
 from worker.model_config import ModelSettings
 from worker.observability import Metrics
 from worker.offsets import OffsetTracker
+from worker.repository import ModelRef, ModelRepository
+from worker.runtime import RuntimeOptions
+from worker.settings import Settings
 from worker.tracing import Tracing
 
 
@@ -115,11 +120,12 @@ class Rig:
         cache: Any = None,
         answers: Any = None,
         tracing: Tracing | None = None,
+        pool: Any = None,
     ) -> None:
         self.clock = Clock()
         self.cpu = Clock(50.0)
         session = FakeSession(self.clock, took_s, fail, labels, self.cpu, cpu_s)
-        self.pool = FakePool(hold)
+        self.pool = pool or FakePool(hold)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.failed: list[tuple[Slot, WorkerError, str | None]] = []
         self.sends = 0
@@ -540,3 +546,136 @@ def test_next_free_of_a_run_whose_mean_is_not_known_yet_is_in_a_moment() -> None
     batcher.add(rig.job(0))  # the model's first run: no mean run time yet
     rig.inference.dispatch(batcher)
     assert rig.inference.next_free() == pytest.approx(rig.clock.now + NEXT_FREE_MIN_S, abs=1e-9)
+
+
+# -- a run on the pool that fails, the process span, the session cache's wiring -------------------
+
+
+class _CatchingPool(FakePool):
+    """Runs each call at once and keeps what it raised in its future, as a thread pool does."""
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        future: Future[None] = Future()
+        self.submitted.append(future)
+        try:
+            fn(*args)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+        return future
+
+
+def test_a_pool_run_that_fails_to_send_is_logged_and_a_good_one_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="worker.inference"):
+        good = Rig(pool=_CatchingPool())
+        good.inference.submit(good.batch(1)[0])
+        assert len(good.pool.submitted) == 1 and caplog.records == []
+        rig = _SendFails(pool=_CatchingPool())
+        batch, slots = rig.batch(1)
+        rig.inference.submit(batch)  # on the pool: its first run
+    assert len(rig.pool.submitted) == 1 and slots[0].out is not None
+    assert [r.getMessage() for r in caplog.records] == [
+        "sending from the inference pool failed: producer closed"
+    ]
+    assert rig.inference.running == set() and rig.inference.next_free() is None
+
+
+def test_with_tracing_a_submitted_batch_runs_inside_its_process_span() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    rig = Rig(tracing=Tracing(provider))
+    batch, slots = rig.batch(2)
+    rig.inference.submit(batch)
+    assert all(s.out is not None for s in slots) and rig.failed == []
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    process = spans["process"]
+    assert (process.attributes or {})["messaging.batch.message_count"] == 2
+    assert spans["run"].parent is not None
+    assert spans["run"].parent.span_id == process.context.span_id
+
+
+class _Loaded:
+    """What the loader hands back: a session of ``ref`` loaded with ``options``."""
+
+    def __init__(self, ref: ModelRef, options: RuntimeOptions) -> None:
+        self.ref, self.options, self.device = ref, options, options.device
+        self.nbytes = 1000
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _settings(repo: Path, **overrides: Any) -> Settings:
+    return Settings(
+        input_topics=("in",), output_topic="out", model_repository=repo, metrics_port=0, **overrides
+    )
+
+
+def test_the_session_cache_loads_with_the_settings_runtime_options_and_limits(
+    tmp_path: Path,
+) -> None:
+    write_demo_model(tmp_path)
+    s = _settings(
+        tmp_path,
+        intra_op_threads=3,
+        optimized_dir=tmp_path / "optimized",
+        cuda_mem_limit=2**30,
+        max_batch_rows=64,
+        cudnn_conv_algo_search="EXHAUSTIVE",
+        cache_max_models=2,
+        cache_max_bytes=10**6,
+        retry_backoff_ms=500,
+    )
+    loaded: list[_Loaded] = []
+
+    def load(ref: ModelRef, options: RuntimeOptions) -> Any:
+        loaded.append(_Loaded(ref, options))
+        return loaded[-1]
+
+    metrics = Metrics()
+    cache = session_cache(s, "cpu", ModelRepository(tmp_path), load, metrics)
+    with cache.acquire("mnist-mlp", 1):
+        pass
+    [session] = loaded
+    assert session.options == RuntimeOptions(
+        device="cpu",
+        intra_op_threads=3,
+        optimized_dir=tmp_path / "optimized",
+        cuda_mem_limit=2**30,
+        warmup_max_rows=64,
+        cudnn_conv_algo_search="EXHAUSTIVE",
+    )
+    assert (cache.max_models, cache.max_bytes, cache.retry_after_s) == (2, 10**6, 0.5)
+    misses = metrics.registry.get_sample_value("inference_worker_model_cache_misses_total")
+    assert misses == 1
+
+
+def test_on_cuda_an_eviction_reads_the_device_memory_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_demo_model(tmp_path, version=1)
+    write_demo_model(tmp_path, version=2)
+
+    def device_memory(device: str) -> tuple[int | None, str]:
+        return (123_456, "process") if device == "cuda:0" else (None, "cpu")
+
+    monkeypatch.setattr("worker.inference.device_memory", device_memory)
+    metrics = Metrics()
+    cache = session_cache(
+        _settings(tmp_path, cache_max_models=1),
+        "cuda:0",
+        ModelRepository(tmp_path),
+        lambda ref, options: _Loaded(ref, options),  # type: ignore[arg-type,return-value]
+        metrics,
+    )
+    with cache.acquire("mnist-mlp", 1):
+        pass
+    assert metrics.registry.get_sample_value("inference_worker_device_memory_bytes") == 0
+    with cache.acquire("mnist-mlp", 2):  # the one model there is room for: 1 goes
+        pass
+    assert metrics.registry.get_sample_value("inference_worker_device_memory_bytes") == 123_456
