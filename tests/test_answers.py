@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from opentelemetry.context import Context
@@ -26,7 +28,7 @@ from worker.answers import (
 from worker.errors import DecodeError, ModelNotFound, TooLarge
 from worker.kafka import KafkaFailure, Record
 from worker.observability import Metrics
-from worker.protocol import encode_request
+from worker.protocol import Bound, encode_request
 from worker.settings import Settings
 from worker.tracing import Trace, Tracing
 
@@ -436,3 +438,88 @@ def test_decode_holds_requests_to_the_request_limits() -> None:
                 1,
             )
         )
+
+
+def test_decode_reads_the_model_from_the_header_and_a_json_id_from_the_key() -> None:
+    record = _request_record(None)  # the body names no model
+    record = Record("in", 0, 5, None, record.value, [*record.headers, ("model", b"hdr")], 1)
+    assert _answers().decode(record)[1] == "hdr"
+    value, headers = encode_request({"x": np.zeros((1, 3), np.float32)}, format="json", model="m")
+    keyed = Record("in", 0, 5, b"key-id", value, list(headers), 1)
+    assert _answers().decode(keyed)[0].request_id == "key-id"  # as in MLServer
+
+
+def test_decode_without_any_model_says_how_to_name_one() -> None:
+    with pytest.raises(ModelNotFound) as caught:
+        _answers().decode(_request_record(None))
+    assert caught.value.message == (
+        "no model named: expected a `model` header or body field "
+        "(or a worker started with --default-model)"
+    )
+
+
+def test_decode_holds_requests_to_the_request_byte_limit() -> None:
+    record = _request_record("m")
+    size = len(record.value or b"")
+    assert _answers(max_request_bytes=size).decode(record)[1] == "m"
+    with pytest.raises(TooLarge, match=f"{size} bytes, over the limit of {size - 1}"):
+        _answers(max_request_bytes=size - 1).decode(record)
+
+
+def _decoded(a: Answers, passthrough: object = None) -> Slot:
+    """A slot whose request (offset 5, id r-1) is decoded and bound, as intake leaves it."""
+    value, headers = encode_request(
+        {"x": np.zeros((1, 3), np.float32)},
+        format="msgpack",
+        model="m",
+        request_id="r-1",
+        passthrough=passthrough,
+    )
+    slot = Slot(Record("in", 0, 5, b"key", value, list(headers), 1))
+    slot.request, _ = a.decode(slot.record)
+    slot.bound = Bound(feeds={}, rows=1, passthrough=passthrough)
+    return slot
+
+
+def test_a_response_names_its_model_version_and_source_and_carries_the_passthrough() -> None:
+    a = _answers()
+    slot = _decoded(a, passthrough={"trace": [1, "a"]})
+    out = a.response(slot, "m", 2, {"y": np.array([[1.5]], np.float32)})
+    assert (out.topic, out.key, out.ok) == ("out", b"key", True)
+    body = msgpack.unpackb(out.value, raw=False)
+    assert (body["id"], body["model"], body["model_version"]) == ("r-1", "m", 2)
+    assert body["passthrough"] == {"trace": [1, "a"]}
+    headers = dict(out.headers)
+    assert (headers["model"], headers["model-version"]) == (b"m", b"2")
+    assert (headers["source-topic"], headers["source-partition"]) == (b"in", b"0")
+    assert headers["source-offset"] == b"5"
+
+
+def test_a_response_is_written_in_the_configured_output_format() -> None:
+    a = _answers(output_format="json")
+    out = a.response(_decoded(a), "m", 2, {"y": np.array([[1.5]], np.float32)})
+    assert dict(out.headers)["content-type"] == b"application/json"
+    assert json.loads(out.value)["model_version"] == "2"
+
+
+def test_a_slot_never_decoded_has_no_response() -> None:
+    with pytest.raises(ValueError, match=r"^in\[1\]@3: no request to answer$"):
+        _answers().response(_slot(), "m", 1, {})
+
+
+def test_a_traced_response_carries_its_produce_span_naming_the_model_version() -> None:
+    exporter = InMemorySpanExporter()
+    a = _traced(exporter)
+    slot = _decoded(a)
+    slot.trace = Trace(Context(), None)
+    slot.out = a.response(slot, "m", 2, {"y": np.array([[1.5]], np.float32)})
+    headers = dict(slot.out.headers)
+    assert headers["model-version"] == b"2" and headers["source-offset"] == b"5"
+    a.retire([slot])
+    (span,) = exporter.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert (attributes["topic"], attributes["partition"], attributes["offset"]) == ("in", 0, 5)
+    assert (attributes["model"], attributes["version"]) == ("m", 2)
+    traceparent = headers["traceparent"]
+    assert traceparent is not None
+    assert int(traceparent.decode().split("-")[2], 16) == span.context.span_id

@@ -13,12 +13,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.fakes import FakeConsumer, RealClock
 from worker.answers import Answers, Slot
 from worker.batching import Batch, Batcher
 from worker.cache import ResponseCache
 from worker.errors import DecodeError, InferenceError, ModelLoadError, WorkerError
+from worker.flow import POLL_RECORDS
 from worker.intake import Deferred, Failures, Intake
 from worker.kafka import Record, TopicPartition
 from worker.observability import Metrics
@@ -39,9 +43,11 @@ def _record(tp: TopicPartition, offset: int, value: bytes = b"", headers: Any = 
     return Record(tp.topic, tp.partition, offset, None, value, list(headers or []), 1)
 
 
-def _request(tp: TopicPartition, offset: int, model: str = "m") -> Record:
+def _request(
+    tp: TopicPartition, offset: int, model: str = "m", version: int | None = None, x: float = 1.0
+) -> Record:
     value, headers = encode_request(
-        {"x": np.ones((1, 3), np.float32)}, format="msgpack", model=model
+        {"x": np.full((1, 3), x, np.float32)}, format="msgpack", model=model, model_version=version
     )
     return _record(tp, offset, value, headers)
 
@@ -121,24 +127,27 @@ def test_a_permanent_failure_is_dead_lettered_at_once(settings: Settings) -> Non
 
 
 class _Cache:
-    """A session cache whose loads wait for ``release`` (set at once unless a test holds it)."""
+    """A session cache whose loads wait for ``release`` (set at once unless a test holds it);
+    a model's latest version is ``latest``."""
 
     def __init__(self) -> None:
         self.loaded_models: list[tuple[str, int]] = []
         self.release = threading.Event()
         self.release.set()
         self.loads = 0
+        self.latest = 1
 
     def loaded(self) -> list[tuple[str, int]]:
         return list(self.loaded_models)
 
     @contextmanager
     def acquire(self, model: str, version: int | None) -> Iterator[Any]:
-        if (model, 1) not in self.loaded_models:
+        version = self.latest if version is None else version
+        if (model, version) not in self.loaded_models:
             self.loads += 1
             self.release.wait(10)
-            self.loaded_models.append((model, 1))
-        yield SimpleNamespace(signature=SIGNATURE, ref=SimpleNamespace(version=1))
+            self.loaded_models.append((model, version))
+        yield SimpleNamespace(signature=SIGNATURE, ref=SimpleNamespace(version=version))
 
 
 class _Consumer(FakeConsumer):
@@ -147,14 +156,18 @@ class _Consumer(FakeConsumer):
     def __init__(self) -> None:
         super().__init__({}, [A, B], clock=RealClock())
         self.prefetched: list[Record] = []
+        self.max_records: list[int] = []  # what each poll asked for at most
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        self.max_records.append(max_records)
         got, self.prefetched = self.prefetched, []
         return got + super().poll(max_records, timeout_s)
 
 
 class _Rig:
-    def __init__(self, settings: Settings, *, cached: int = 0) -> None:
+    def __init__(
+        self, settings: Settings, *, cached: int = 0, tracing: Tracing | None = None
+    ) -> None:
         self.consumer = _Consumer()
         self.partitions = Partitions()
         self.committer = SimpleNamespace(epochs={}, saw=lambda records: None)
@@ -182,7 +195,7 @@ class _Rig:
             partitions=self.partitions,
             deferred=self.deferred,
             beat=self._beat,
-            tracing=Tracing(),
+            tracing=tracing or Tracing(),
         )
 
     def _beat(self) -> None:
@@ -218,9 +231,11 @@ def test_an_unexpected_error_fails_the_slot_as_an_inference_error(rig: _Rig) -> 
         raise RuntimeError("boom")
 
     rig.intake.signature = broken  # type: ignore[method-assign]
-    rig.intake.admit(Slot(_request(A, 0)))
-    [(_, exc, model)] = rig.failures
-    assert isinstance(exc, InferenceError) and "RuntimeError: boom" in exc.message
+    slot = Slot(_request(A, 0))
+    rig.intake.admit(slot)
+    [(failed, exc, model)] = rig.failures
+    assert failed is slot and isinstance(exc, InferenceError)
+    assert "RuntimeError: boom" in exc.message
     assert model == "m"
 
 
@@ -248,6 +263,7 @@ def test_a_slow_load_pauses_every_partition_keeps_polling_and_defers_what_comes(
     assert rig.partitions.held(LOADING) == set() and rig.partitions.paused(B)
     assert rig.beats > 0 and len(rig.submitted) == 1
     assert rig.deferred.take() == (prefetched, 0) and rig.deferred.take() is None
+    assert set(rig.consumer.max_records) == {POLL_RECORDS}  # polled as the loop does
 
 
 def test_a_quick_load_pauses_nothing(rig: _Rig) -> None:
@@ -265,6 +281,58 @@ def test_a_cached_response_answers_without_a_run(settings: Settings) -> None:
         again = Slot(_request(A, 1))
         rig.intake.admit(again)
         assert again.out is not None and again.out.ok and again.bound is None
+        assert dict(again.out.headers)["model-version"] == b"1"
         assert len(rig.submitted) == 1  # the duplicate never ran
+        other = Slot(_request(A, 2, x=2.0))  # another request to the same model runs
+        rig.intake.admit(other)
+        assert other.out is None and len(rig.submitted) == 2
     finally:
         rig.loader.shutdown(wait=True)
+
+
+def test_a_request_for_a_version_gets_that_version_loaded_or_not(rig: _Rig) -> None:
+    rig.cache.latest = 2
+    rig.cache.loaded_models.append(("m", 2))
+    rig.intake.admit(Slot(_request(A, 0, version=1)))  # not loaded yet: loads it
+    rig.intake.admit(Slot(_request(A, 1, version=1)))  # loaded now, beside the latest
+    rig.intake.admit(Slot(_request(A, 2)))  # no version named: the latest
+    assert [b.version for b in rig.submitted] == [1, 1, 2]
+    assert rig.failures == [] and rig.cache.loads == 1
+
+
+@pytest.mark.parametrize(
+    ("loaded", "version"),
+    [(("other", 1), None), (("m", 2), 1)],
+    ids=["another-model-loaded", "another-version-loaded"],
+)
+def test_a_slow_load_pauses_even_while_another_model_or_version_is_loaded(
+    rig: _Rig, loaded: tuple[str, int], version: int | None
+) -> None:
+    rig.cache.loaded_models.append(loaded)
+    rig.cache.release.clear()
+    threading.Timer(0.2, rig.cache.release.set).start()
+    rig.intake.admit(Slot(_request(A, 0, version=version)))
+    assert rig.consumer.pauses == [{A, B}] and rig.consumer.resumes == [{A, B}]
+    assert rig.beats > 0 and [b.version for b in rig.submitted] == [1]
+
+
+def test_a_traced_record_that_does_not_decode_fails_its_decode_span_names_no_model(
+    settings: Settings,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    rig = _Rig(settings, tracing=Tracing(provider))
+    try:
+        bad = Slot(_record(A, 0, b"\xc1", [("content-type", b"application/msgpack")]))
+        rig.intake.admit_first(bad)
+        rig.intake.admit_first(Slot(_request(A, 1)))
+    finally:
+        rig.loader.shutdown(wait=True)
+    [(failed, _, _)] = rig.failures
+    assert failed is bad and len(rig.submitted) == 1
+    spans = [dict(s.attributes or {}) for s in exporter.get_finished_spans()]
+    assert [(a["offset"], a.get("model"), a.get("version")) for a in spans] == [
+        (0, None, None),
+        (1, "m", "1"),
+    ]

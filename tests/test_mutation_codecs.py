@@ -301,3 +301,16 @@ def test_decode_response_reads_tensors_maps_and_scalars() -> None:
 def test_a_bad_response_is_refused(value: bytes, message: str) -> None:
     with pytest.raises(DecodeError, match=message):
         CODEC.decode_response(value)
+
+
+def test_a_string_tensor_comes_in_as_its_str_values() -> None:
+    arr = wire("s", {"dtype": "string", "shape": [2, 1], "data": [["a"], ["b"]]})
+    assert arr.dtype == object and arr.tolist() == [["a"], ["b"]]
+
+
+def test_a_big_endian_host_gets_bin_data_in_its_native_byte_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("worker.protocol.msgpack._NATIVE_LE", False)
+    arr = wire("x", f32([2], np.array([1.5, -2.0], "<f4").tobytes()))
+    assert arr.dtype == np.dtype("=f4") and arr.tolist() == [1.5, -2.0]
