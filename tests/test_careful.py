@@ -132,7 +132,7 @@ def test_a_partition_with_nothing_committed_gets_its_start_committed_as_running(
 
 
 def test_a_partition_left_mid_stream_is_run_carefully_up_to_its_marker(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A: the last owner died running record 2 alone (its try marker): just that record
     # runs carefully. B: it died serving, its marker reaching 8: records 3..8 run one at
@@ -142,7 +142,8 @@ def test_a_partition_left_mid_stream_is_run_carefully_up_to_its_marker(
     rig.consumer.commit({B: 3}, run_marker(8))
     rig.consumer.commits.clear()
     rig.partitions.assigned([A, B, C])  # C: no longer assigned by the time it is checked
-    rig.careful.check_assigned()
+    with caplog.at_level(logging.WARNING, logger="worker.loop"):
+        rig.careful.check_assigned()
     assert rig.partitions.careful(A) == Careful(2, 3, 1)
     assert rig.partitions.careful(B) == Careful(3, 5, 0)
     assert C not in rig.committer.found_at
@@ -150,6 +151,14 @@ def test_a_partition_left_mid_stream_is_run_carefully_up_to_its_marker(
     # What the group's marker covers is known: nothing past it runs without a new one.
     assert rig.committer.found_last == {A: 2, B: 4}
     assert not rig.partitions.has_unchecked
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            f"in[{tp.partition}]: the last owner stopped mid-stream at offset {offset}; "
+            f"records up to {until} run one at a time",
+        )
+        for tp, offset, until in ((A, 2, 3), (B, 3, 5))
+    ]
 
 
 def test_after_a_clean_stop_the_watermarks_are_not_asked(tmp_path: Path) -> None:
@@ -184,7 +193,24 @@ def test_unknown_committed_offsets_skip_the_check_with_a_warning(
     rig.partitions.assigned([A])
     rig.careful.check_assigned()
     assert rig.consumer.commits == [] and rig.committer.found_at == {}
-    assert "no poison-pill check" in caplog.text
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "committed offsets unknown (coordinator moving): no poison-pill check this time",
+        )
+    ]
+
+
+def test_a_start_that_cannot_be_committed_is_logged_and_not_taken_as_found(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = _Rig(tmp_path)
+    rig.consumer.fail.append(KafkaFailure("rebalancing"))
+    rig.partitions.assigned([A])
+    with caplog.at_level(logging.WARNING, logger="worker.loop"):
+        rig.careful.check_assigned()
+    assert rig.consumer.commits == [] and rig.committer.found_at == {}
+    assert [r.getMessage() for r in caplog.records] == ["in[0]: start failed: rebalancing"]
 
 
 def test_a_marker_commit_that_fails_is_logged_not_raised(
@@ -222,12 +248,17 @@ def test_a_careful_record_runs_behind_its_marker_and_is_committed_clean_once_set
     rig.partitions.set_careful(A, careful)
     slot = rig.slot(A, 2)
 
+    polls_at_round: list[int] = []
+
     def answered() -> None:
+        polls_at_round.append(len(rig.consumer.poll_args))
         slot.out = object()  # type: ignore[assignment]
         rig.tracker.forget([A])
 
     rig.on_round = answered
     rig.careful.run(slot, careful, 0)
+    # still running when handed over: its answer is awaited (polling) before a round
+    assert polls_at_round[0] > 1
     [(admitted, before)] = rig.admitted
     assert admitted is slot and before is not None  # the try marker, called before it runs
     assert rig.consumer.commits == [({A: 3}, CLEAN)] and rig.committer.found_at == {A: 3}

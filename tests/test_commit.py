@@ -805,6 +805,8 @@ def test_the_committer_is_chosen_once_by_the_mode_and_answers_the_loops_question
     assert c.finishes_revoked is not exactly_once
     # a transaction's answers leave only when the loop commits
     assert c.sends_on_commit is exactly_once
+    # a fresh producer comes from the reopen given
+    assert c.replace_producer() is True and c.producer is rig.opened[0]
 
 
 def test_offsets_found_at_assignment_are_committed_again_as_clean_until_forgotten(
@@ -1014,6 +1016,21 @@ def test_after_a_clean_commit_the_marker_says_what_ran_as_found_at_assignment(
     fresh = rig.at_least_once()
     fresh.found(A, 2)
     assert fresh.markers([A]) == c.markers([A])
+
+
+def test_the_marker_reaches_the_highest_offset_ever_polled(rig: Rig) -> None:
+    # the first records of a partition count too; records read again after a rewind
+    # do not lower it
+    c = rig.at_least_once()
+    c.found(A, 0)
+    c.found(B, 0)
+    c.saw(_polled(A, range(0, 2)))
+    c.cover(A, 0)
+    assert rig.consumer.commits[-1] == ({A: 0}, {A: run_marker(1 + COVER_AHEAD)})
+    c.saw(_polled(B, range(0, 50)))
+    c.saw(_polled(B, range(10, 20)))
+    c.cover(B, 10)
+    assert rig.consumer.commits[-1] == ({B: 0}, {B: run_marker(49 + COVER_AHEAD)})
 
 
 def test_a_record_handed_over_before_any_poll_was_seen_is_covered_up_to_itself(rig: Rig) -> None:

@@ -127,7 +127,7 @@ def test_commit_stall_counts_from_when_records_started_waiting(
     health.committed()
     clock.advance(3600)
     health.beat()
-    health.set_pending(3)
+    health.set_pending(1)  # one record is enough to start the clock
     assert health.healthy
     clock.advance(44)
     health.beat()
@@ -138,6 +138,15 @@ def test_commit_stall_counts_from_when_records_started_waiting(
     assert not health.healthy
     health.set_pending(0)  # all committed (or revoked): nothing waits
     assert health.healthy
+
+
+def test_the_worker_loops_limit_is_60_s_without_a_pass_by_default(clock: Clock) -> None:
+    # the loop builds its Health with the commit limit only (the group's session)
+    health = Health(commit_stall_after_s=10.0, clock=clock)
+    clock.advance(59.9)
+    assert health.healthy
+    clock.advance(0.1)
+    assert health.liveness() == "poll loop stalled: no pass for 60.0 s (limit 60 s)"
 
 
 def test_commits_that_never_succeeded_count_from_the_first_pending_record(

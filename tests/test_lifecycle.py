@@ -1,17 +1,31 @@
-"""Deadline and the drain watchdog (worker.lifecycle); test_stuck runs them in a process."""
+"""Deadline, the drain watchdog and the stop signals (worker.lifecycle); test_stuck runs them
+in a worker process."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
 from tests.fakes import Clock
-from worker.lifecycle import STOP_SLACK_S, Deadline, exit_stuck, watch_the_drain
+from worker.lifecycle import (
+    STOP_SLACK_S,
+    Deadline,
+    exit_stuck,
+    install_stop_signals,
+    watch_the_drain,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_deadline_counts_down_on_its_clock_and_caps_what_is_left() -> None:
@@ -149,3 +163,122 @@ def test_the_watchdog_allows_the_drain_its_time_and_the_slack_after_it(
     assert exits == [1]
     assert f"still running {0.2 + STOP_SLACK_S:g} s after the stop signal" in caplog.text
     assert "(--drain-timeout 0.2)" in caplog.text
+
+
+# -- the stop signals, installed for real -----------------------------------------------
+
+
+_STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Before:
+    """A handler for SIGTERM and SIGINT and a wakeup pipe of the test's own, in place
+    before the worker installs its own: ``seen``, the signals it got."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.read_fd, self.wakeup_fd = os.pipe()
+        os.set_blocking(self.wakeup_fd, False)
+
+
+@pytest.fixture
+def before() -> Iterator[_Before]:
+    b = _Before()
+    saved = {sig: signal.signal(sig, lambda s, _: b.seen.append(s)) for sig in _STOPS}
+    saved_fd = signal.set_wakeup_fd(b.wakeup_fd)
+    try:
+        yield b
+    finally:
+        signal.set_wakeup_fd(saved_fd)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        os.close(b.read_fd)
+        os.close(b.wakeup_fd)
+
+
+def _watchdogs(known: Iterable[threading.Thread] = ()) -> list[threading.Thread]:
+    """The drain watchdogs running now, but those ``known`` (started before)."""
+    return [t for t in threading.enumerate() if t.name == "drain-watchdog" and t not in known]
+
+
+def test_stop_signals_call_stop_until_the_stack_undoes_them(before: _Before) -> None:
+    stops: list[str] = []
+    closed = threading.Event()
+    known = _watchdogs()
+    with ExitStack() as stack:
+        stack.callback(closed.set)  # whatever fails, the watchdog never ends the tests
+        install_stop_signals(stack, lambda: stops.append("stop"), closed, 30.0)
+        [watchdog] = _watchdogs(known)
+        assert watchdog.daemon  # it never holds the process's exit
+        for sig in _STOPS:
+            signal.raise_signal(sig)
+        assert stops == ["stop", "stop"] and before.seen == []
+        closed.set()  # the drain closed in time: the watchdog lets it be
+    watchdog.join(2)
+    assert not watchdog.is_alive() and _watchdogs(known) == []
+    # undone: the handlers and the wakeup pipe in place before are back
+    assert signal.set_wakeup_fd(before.wakeup_fd) == before.wakeup_fd
+    for sig in _STOPS:
+        signal.raise_signal(sig)
+    assert before.seen == list(_STOPS) and stops == ["stop", "stop"]
+
+
+def test_the_watchdog_returns_when_the_stack_closes_without_a_stop(before: _Before) -> None:
+    known = _watchdogs()
+    with ExitStack() as stack:
+        install_stop_signals(stack, lambda: None, threading.Event(), 30.0)
+        [watchdog] = _watchdogs(known)
+    watchdog.join(2)
+    assert not watchdog.is_alive()
+
+
+def test_stop_signals_are_left_alone_off_the_main_thread(before: _Before) -> None:
+    # an embedded worker: its owner calls stop()
+    known = _watchdogs()
+    stack = ExitStack()
+    thread = threading.Thread(
+        target=install_stop_signals, args=(stack, lambda: None, threading.Event(), 30.0)
+    )
+    thread.start()
+    thread.join(5)
+    assert _watchdogs(known) == []
+    signal.raise_signal(signal.SIGTERM)
+    assert before.seen == [signal.SIGTERM]
+    stack.close()
+
+
+_STUCK = """
+import logging, sys, threading, time
+from contextlib import ExitStack
+import worker.lifecycle as lifecycle
+lifecycle.STOP_SLACK_S = 0.0
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+with ExitStack() as stack:
+    lifecycle.install_stop_signals(
+        stack, lambda: print("stop", flush=True), threading.Event(), 0.1
+    )
+    print("ready", flush=True)
+    time.sleep(5)  # stuck: the drain never closes the clients
+print("returned", flush=True)
+"""
+
+
+def test_a_stop_signal_that_the_drain_never_follows_ends_the_process() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _STUCK],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 1 and out == "stop\n"
+    assert err.startswith(
+        "ERROR still running 0.1 s after the stop signal (--drain-timeout 0.1): "
+    ), err
