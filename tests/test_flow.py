@@ -6,6 +6,11 @@ and watches what lands on the fake topics and what the fake group commits.
 
 from __future__ import annotations
 
+import http.client
+import json
+import os
+import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +25,7 @@ from tests.fakes import FakeKafka, FakeProducer
 from worker.answers import RECORD_OVERHEAD
 from worker.commit import COVER_AHEAD
 from worker.demo import write_demo_model
-from worker.errors import FatalError, ModelLoadError
+from worker.errors import ConfigError, FatalError, ModelLoadError
 from worker.flow import POLL_RECORDS
 from worker.kafka import KafkaFailure, Metadata, TopicPartition, TransactionFailed
 from worker.loop import Worker
@@ -43,14 +48,17 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(repo: Path, **overrides: Any) -> Settings:
+    defaults: dict[str, Any] = {
+        "input_topics": ("in",),
+        "metrics_bind": "127.0.0.1",
+        "device": "cpu",
+        "drain_timeout_s": 10.0,
+    }
     return Settings(
-        input_topics=("in",),
         output_topic="out",
         model_repository=repo,
         metrics_port=0,
-        metrics_bind="127.0.0.1",
-        device="cpu",
-        **{"drain_timeout_s": 10.0, **overrides},
+        **{**defaults, **overrides},
     )
 
 
@@ -117,6 +125,50 @@ def _ids(kafka: FakeKafka, topic: str) -> list[str | None]:
     return [s.header("request-id") for s in kafka.landed(topic)]
 
 
+def _get(port: int | None, path: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    """GET ``path`` from the worker's metrics server: the status and the body."""
+    assert port is not None
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def _later(when: Callable[[], object], then: Callable[[], None], timeout: float = 20.0) -> None:
+    """``then()`` on another thread once ``when()`` holds (not at all after ``timeout``)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not when():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
+        then()
+
+    threading.Thread(target=watch, name="later", daemon=True).start()
+
+
+def _run_here(worker: Worker, limit_s: float = 20.0, **bounds: Any) -> tuple[int, bool]:
+    """``worker.run(**bounds)`` on this thread (the main one, as the CLI runs it); a
+    timer stops it after ``limit_s``. Returns its status and whether the timer had to."""
+    stopped = threading.Event()
+
+    def stop() -> None:
+        stopped.set()
+        worker.stop()
+
+    timer = threading.Timer(limit_s, stop)
+    timer.start()
+    try:
+        rc = worker.run(**bounds)
+    finally:
+        timer.cancel()
+    return rc, stopped.is_set()
+
+
 # -- records in, answers and dead letters out ----------------------------------------------------
 
 
@@ -125,7 +177,8 @@ def test_records_in_answers_and_dead_letters_out_and_everything_committed(repo: 
     kafka.admin.partition_counts.update({"out": 2, "in.dlq": 2})
     _produce(kafka, IN0, 5)
     kafka.consumer.append(IN1, b"not a request", b"bad")
-    assert Worker(_settings(repo), clients=kafka.clients).assignment() == set()  # not running
+    idle = Worker(_settings(repo), clients=kafka.clients)
+    assert idle.assignment() == set() and idle.metrics_port is None  # not running
     with serving(repo, kafka) as s:
         _until(lambda: kafka.group.get(IN0) == 5 and kafka.group.get(IN1) == 1)
         assert s.worker.assignment() == {IN0, IN1}
@@ -149,6 +202,36 @@ def test_a_request_that_finds_the_runs_idle_never_waits_for_the_batching_delay(
             _produce(kafka, IN0, 1, first=i)
             _until(lambda i=i: len(kafka.landed("out")) == i + 1)
     assert _ids(kafka, "out") == ["0-0", "0-1", "0-2"]
+
+
+def test_requests_polled_while_every_run_slot_is_busy_are_coalesced_into_one_batch(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    loader = SlowLoader(slow_x=0.0, seconds=1.5)  # record 0 holds the only run slot
+    with serving(repo, kafka, loader=loader, max_batch_delay_ms=600_000.0, inline_below_ms=0) as s:
+        assert loader.running.wait(10)
+        for i in range(1, 4):  # one poll each while record 0 runs
+            _produce(kafka, IN0, 1, first=i)
+            _until(lambda i=i: kafka.consumer.positions.get(IN0) == i + 1)
+        _until(lambda: kafka.group.get(IN0) == 4)
+    # record 0's run, then one run of the three that waited for the slot
+    assert _sample(s.worker.metrics, "batch_rows_count", **MV) == 2
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(4)]
+
+
+def test_on_one_cpu_thread_a_run_that_waits_is_timed_by_its_cpu_time_and_goes_inline(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    loader = SlowLoader(slow_x=0.0, seconds=0.3)  # 0.3 s of waiting, no CPU time
+    with serving(repo, kafka, loader=loader, inline_below_ms=50.0) as s:
+        _until(lambda: kafka.group.get(IN0) == 1)
+        _produce(kafka, IN0, 1, first=1)
+        _until(lambda: kafka.group.get(IN0) == 2)
+    assert _sample(s.worker.metrics, "inline_batches_total") == 1  # the second run
 
 
 def test_offsets_are_committed_only_after_the_answers_are_acknowledged(repo: Path) -> None:
@@ -193,6 +276,139 @@ def test_exactly_once_answers_and_offsets_land_together_in_transactions(repo: Pa
     sent = [v for values, *_ in kafka.producer.transactions for v in values]
     assert len(sent) == 4  # every answer and dead letter went out in a transaction
     assert kafka.producer.transactions[-1][1] == {IN0: 4}
+
+
+# -- start-up: the metrics port, readiness, configuration errors ----------------------------------
+
+
+def test_the_metrics_server_listens_on_metrics_bind_only_and_the_serving_line_names_it(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    try:  # the loopback /8 is this host's on Linux, not on every system
+        socket.create_server(("127.0.0.2", 0)).close()
+    except OSError:
+        pytest.skip("127.0.0.2 is not an address of this host")
+    kafka = FakeKafka()
+    more = TopicPartition("more", 0)
+    _produce(kafka, IN0, 1)
+    _produce(kafka, more, 1)
+    with (
+        caplog.at_level("INFO", "worker"),
+        serving(repo, kafka, input_topics=("in", "more"), metrics_bind="127.0.0.2") as s,
+    ):
+        _until(lambda: kafka.group.get(IN0) == 1 and kafka.group.get(more) == 1)
+        port = s.worker.metrics_port
+        assert _get(port, "/healthz", host="127.0.0.2")[0] == 200
+        with pytest.raises(ConnectionRefusedError):
+            _get(port, "/healthz", host="127.0.0.1")  # not every address: only the one asked
+    assert (
+        "serving in,more -> out (dlq in.dlq, group inference-worker, device cpu, "
+        f"client confluent, metrics :{port})"
+    ) in _messages(caplog)
+    assert "assigned in[0], more[0]" in _messages(caplog)
+
+
+def test_ready_once_the_preloads_are_loaded_and_the_broker_answered(repo: Path) -> None:
+    kafka = FakeKafka()
+    loads: list[tuple[str, int, bool]] = []
+
+    def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
+        loads.append((ref.name, ref.version, kafka.consumer.handler is None))
+        return load_session(ref, options)
+
+    with serving(repo, kafka, loader=loader, preload="mnist-mlp") as s:
+        _until(lambda: s.worker.metrics_port is not None or s.done, timeout=10)
+        port = s.worker.metrics_port
+        _until(lambda: _get(port, "/readyz")[0] == 200 or s.done, timeout=10)
+        assert _get(port, "/readyz") == (200, "ready\n")
+        assert _get(port, "/v2/health/ready")[0] == 200
+        # the Open Inference Protocol's metadata, read from the repository
+        status, body = _get(port, "/v2/models/mnist-mlp")
+        assert status == 200 and json.loads(body)["name"] == "mnist-mlp"
+        assert _sample(s.worker.metrics, "model_cache_models") == 1
+    assert s.error is None
+    assert loads == [("mnist-mlp", 1, True)]  # loaded before the group was joined
+
+
+@pytest.mark.parametrize("preload", ["mnist-mlp:7", "no-such-model"])
+def test_a_preload_the_repository_lacks_is_a_config_error_naming_preload(
+    repo: Path, preload: str
+) -> None:
+    with serving(repo, FakeKafka(), preload=preload) as s:
+        _until(lambda: s.done)
+    assert isinstance(s.error, ConfigError), s.error
+    assert s.error.flag == "--preload"
+    name = preload.partition(":")[0]
+    assert s.error.reason.startswith(f"{name}: model {name!r} "), s.error.reason
+
+
+def test_a_device_that_cannot_be_used_is_a_config_error_naming_device(repo: Path) -> None:
+    with serving(repo, FakeKafka(), device="cuda:99") as s:
+        _until(lambda: s.done)
+    assert isinstance(s.error, ConfigError), s.error
+    assert s.error.flag == "--device"
+    # the flag named once, in front: "--device: cuda:99: ..."
+    assert str(s.error).startswith("--device: cuda:99: "), s.error
+    assert str(s.error).count("--device") == 1, s.error
+
+
+def test_liveness_fails_when_commits_stall_for_the_groups_session_timeout(repo: Path) -> None:
+    kafka = FakeKafka()
+    kafka.setup = lambda p: setattr(p, "hold_all", True)  # no answer is acknowledged
+    _produce(kafka, IN0, 2)
+    with serving(repo, kafka, kafka_properties={"session.timeout.ms": "400"}) as s:
+        _until(lambda: kafka.producers and len(kafka.producer.records) == 2)
+        port = s.worker.metrics_port
+        _until(lambda: _get(port, "/healthz")[0] == 503, timeout=5)
+        status, why = _get(port, "/healthz")
+        assert status == 503
+        assert why.startswith("commits stalled: 2 records pending"), why
+        assert why.rstrip().endswith("(limit 0.4 s)"), why
+        kafka.producer.hold_all = False
+        _until(lambda: kafka.group.get(IN0) == 2)
+        assert _get(port, "/healthz")[0] == 200
+
+
+# -- run() on the main thread, as the CLI runs it: its bounds, SIGTERM ----------------------------
+
+
+def test_run_returns_once_count_records_are_committed(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    worker = Worker(_settings(repo), clients=kafka.clients)
+
+    # the rest once the first two are committed: the count spans commits
+    _later(lambda: kafka.group.get(IN0) == 2, lambda: _produce(kafka, IN0, 3, first=2))
+    before = signal.getsignal(signal.SIGTERM)
+    assert _run_here(worker, count=5) == (0, False)  # returned by itself
+    assert worker.committed_records == 5 and kafka.group[IN0] == 5
+    assert signal.getsignal(signal.SIGTERM) is before  # its handlers are undone
+
+
+def test_run_returns_after_timeout_seconds_having_answered_what_it_polled(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    worker = Worker(_settings(repo), clients=kafka.clients)
+    started = time.monotonic()
+    assert _run_here(worker, timeout=0.5) == (0, False)
+    assert time.monotonic() - started >= 0.5
+    assert kafka.group[IN0] == 2 and _ids(kafka, "out") == ["0-0", "0-1"]
+
+
+def test_sigterm_stops_the_worker_which_drains_and_returns_0(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 3)
+    worker = Worker(_settings(repo), clients=kafka.clients)
+    before = signal.getsignal(signal.SIGTERM)
+
+    # SIGTERM once all is committed, and never without the worker's handler in place
+    _later(
+        lambda: kafka.group.get(IN0) == 3 and signal.getsignal(signal.SIGTERM) is not before,
+        lambda: os.kill(os.getpid(), signal.SIGTERM),
+    )
+    assert _run_here(worker) == (0, False)  # stopped by the signal, not by the timer
+    assert kafka.consumer.commits[-1] == ({IN0: 3}, CLEAN)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # -- revocation -----------------------------------------------------------------------------------
@@ -254,6 +470,26 @@ def test_exactly_once_revocation_abandons_uncommitted_work_and_commits_nothing(
     assert kafka.producer.transactions == [] and kafka.landed("out") == []
 
 
+def test_a_revocation_forces_out_the_batches_waiting_for_a_run_slot_and_waits_no_longer(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    loader = SlowLoader(slow_x=0.0, seconds=0.5)  # record 0 holds the only run slot
+    settings = {"max_batch_delay_ms": 600_000.0, "inline_below_ms": 0, "drain_timeout_s": 8.0}
+    with serving(repo, kafka, loader=loader, commit_interval_ms=600_000, **settings):
+        assert loader.running.wait(10)
+        _produce(kafka, IN0, 1, first=1)  # polled while record 0 runs: waits for the slot
+        _until(lambda: kafka.consumer.positions.get(IN0) == 2)
+        started = time.monotonic()
+        kafka.consumer.rebalance("revoke", [IN0])
+        _until(lambda: IN0 not in kafka.consumer.assigned)
+        took = time.monotonic() - started
+        assert kafka.consumer.commits[-1] == ({IN0: 2}, CLEAN)  # both answered and committed
+    assert _ids(kafka, "out") == ["0-0", "0-1"]
+    assert took < 4.0, took  # as soon as they were answered, not after --drain-timeout
+
+
 # -- backpressure ---------------------------------------------------------------------------------
 
 
@@ -271,6 +507,17 @@ def test_backpressure_pauses_the_fullest_partitions_and_resumes_them(repo: Path)
         _until(lambda: kafka.group.get(IN0) == 12 and kafka.group.get(IN1) == 2)
         assert any(IN0 in r for r in kafka.consumer.resumes)
         assert IN0 not in kafka.consumer.paused
+
+
+def test_with_the_budget_spent_acknowledged_answers_are_committed_at_once(repo: Path) -> None:
+    # The loop waiting for acknowledgements on a spent budget commits them as they come,
+    # not at the next --commit-interval (ten minutes here).
+    kafka = FakeKafka(latency_s=0.2)
+    _produce(kafka, IN0, 12)
+    one = len(kafka.consumer.log[IN0][0].value or b"")
+    with serving(repo, kafka, max_inflight_bytes=4 * one, commit_interval_ms=600_000):
+        _until(lambda: kafka.group.get(IN0) == 12, timeout=10)
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(12)]
 
 
 # -- transient failures ---------------------------------------------------------------------------
@@ -319,6 +566,46 @@ def test_a_retry_that_keeps_failing_dead_letters_after_the_last_attempt(repo: Pa
     assert dead.header("error-type") == "model-load-error"
     assert dead.header("error-attempts") == "3"
     assert kafka.landed("out") == []
+
+
+def test_a_partition_waiting_for_a_retry_takes_nothing_new_until_the_retry(repo: Path) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    flaky = FlakyLoader(fails=1)
+    at_load: list[int | None] = []  # IN0's fetch position at each load
+
+    def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
+        at_load.append(kafka.consumer.positions.get(IN0))
+        return flaky(ref, options)
+
+    with serving(repo, kafka, loader=loader, retry_backoff_ms=300):
+        _until(lambda: flaky.calls == 1)
+        _produce(kafka, IN0, 1, first=1)  # comes while record 0 waits for its retry
+        _until(lambda: kafka.group.get(IN0) == 2)
+    assert at_load == [1, 1]  # record 1 was not polled before record 0's retry
+    assert _ids(kafka, "out") == ["0-0", "0-1"]
+
+
+def test_a_record_waiting_for_its_retry_when_a_transaction_aborts_runs_once(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The abort rewinds its partition: the copy waiting for its retry is dropped, and
+    # the record read again after the seek is the one that runs.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 1)
+    kafka.consumer.log[IN1] = []  # assigned, empty for now
+    loader = FlakyLoader(fails=1)
+    with (
+        caplog.at_level("WARNING", "worker"),
+        serving(repo, kafka, loader=loader, exactly_once=True, retry_backoff_ms=1000) as s,
+    ):
+        _until(lambda: any(" retry 1 of 3 " in m for m in _messages(caplog)))
+        kafka.producer.fail["commit_transaction"] = TransactionFailed("abortable", name="_X")
+        kafka.consumer.append(IN1, b"not a request")  # its dead letter's transaction aborts
+        _until(lambda: kafka.group.get(IN0) == 1 and kafka.group.get(IN1) == 1)
+    assert "abort_transaction" in kafka.producer.calls and (IN0, 0) in kafka.consumer.seeks
+    assert _ids(kafka, "out") == ["0-0"]
+    assert _sample(s.worker.metrics, "rows_total", **MV) == 1  # run once, not twice
 
 
 # -- size limits ----------------------------------------------------------------------------------
@@ -466,6 +753,37 @@ def test_after_a_clean_stop_nothing_runs_alone(repo: Path) -> None:
     with serving(repo, kafka):
         _until(lambda: kafka.group.get(IN0) == 2)
     assert not [m for _, m in kafka.consumer.commits if _is_try(m)]
+
+
+def test_a_careful_record_retried_after_a_transient_failure_runs_behind_its_try_marker(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    loader = FlakyLoader(fails=1)  # record 0's first attempt: the model fails to load
+    with serving(repo, kafka, loader=loader, retry_backoff_ms=50):
+        _until(lambda: kafka.group.get(IN0) == 2)
+    assert loader.calls == 2
+    markers = [(o, m) for o, m in kafka.consumer.commits if _is_try(m)]
+    assert markers == [({IN0: i}, try_marker(i, 1)) for i in range(2)]
+    assert _ids(kafka, "out") == ["0-0", "0-1"]
+
+
+def test_past_the_last_owners_run_marker_its_partition_goes_back_to_normal_once(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 4)
+    _produce(kafka, IN1, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = f"{RUNNING}:0"  # it died while record 0 ran
+    with caplog.at_level("INFO", "worker"), serving(repo, kafka):
+        _until(lambda: kafka.group.get(IN0) == 4 and kafka.group.get(IN1) == 2)
+    markers = [(o, m) for o, m in kafka.consumer.commits if _is_try(m)]
+    assert markers == [({IN0: 0}, try_marker(0, 1))]  # only record 0 ran alone
+    assert [m for m in _messages(caplog) if "normal" in m] == ["in[0]: back to normal"]
 
 
 class SlowLoader:
@@ -699,6 +1017,34 @@ def test_a_drain_that_times_out_returns_1_and_leaves_no_clean_marker(
     # The next owner must treat the partition as stopped mid-stream: no clean marker.
     assert all(metadata != CLEAN for _, metadata in kafka.consumer.commits)
     assert kafka.group[IN0] == 0
+
+
+def test_records_of_a_partition_assigned_during_the_drain_are_left_for_after_the_restart(
+    repo: Path,
+) -> None:
+    kafka = FakeKafka()
+    kafka.setup = lambda p: setattr(p, "hold_all", True)  # the drain runs out its time
+    _produce(kafka, IN0, 1)
+    stopping = threading.Event()
+    pause = kafka.consumer.pause
+
+    def paused(tps: Any) -> None:
+        pause(tps)
+        if stopping.is_set():  # the drain's pause: the group assigns IN1 in its next poll
+            kafka.consumer.rebalance("assign", [IN1])
+
+    kafka.consumer.pause = paused  # type: ignore[method-assign]
+    with serving(repo, kafka, drain_timeout_s=0.5) as s:
+        _until(lambda: kafka.producers and len(kafka.producer.records) == 1)
+        _produce(kafka, IN1, 2)
+        stopping.set()
+        s.worker.stop()
+        s.thread.join(20)
+        assert s.done
+    assert s.error is None and s.rc == 1  # IN0's answer was never acknowledged
+    assert IN1 in kafka.consumer.assigned and kafka.consumer.positions[IN1] > 0  # polled
+    assert [r.header("request-id") for r in kafka.producer.records] == ["0-0"]  # not answered
+    assert kafka.group.get(IN1) is None
 
 
 def test_a_revocation_whose_answers_do_not_come_in_time_commits_nothing_and_says_so(

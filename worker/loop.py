@@ -128,8 +128,9 @@ class Worker:
         s = self.settings
         try:
             device = resolve_device(s.device)
-        except ValueError as exc:
-            raise ConfigError("--device", str(exc)) from None
+        except ValueError as exc:  # its text names the flag already: named once
+            reason = str(exc).removeprefix("--device").lstrip(": ")
+            raise ConfigError("--device", reason) from None
         self.metrics.set_build_info(kafka_client=s.kafka_client)
         self._closed.clear()
         with ExitStack() as stack:
