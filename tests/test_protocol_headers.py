@@ -17,6 +17,7 @@ from worker.protocol import (
     encode_request,
     response_headers,
 )
+from worker.protocol.headers import check_names, cut_utf8, media_type, parse_version
 
 X = np.zeros((2, 3), np.float32)
 
@@ -185,3 +186,131 @@ def test_json_answer_adds_cloudevents_headers_only_to_json_answers() -> None:
     as_json = response_headers(request, content_type="application/json", model="m",
                                model_version=1, topic="t", partition=0, offset=0)
     assert [v for k, v in as_json if k == "Ce-Id"] == [b"d"]
+
+
+# -- the header rules one function at a time: names, media type, versions, the 1 KiB cut --
+
+
+def test_check_names_passes_text_names_and_names_the_first_undecodable_one() -> None:
+    check_names([("trace", b"abc"), ("", None), ("Model", b"m")])  # no error
+    name = b"\xff" + b"n" * 100
+    with pytest.raises(DecodeError) as info:
+        check_names([("trace", b"abc"), (name, b"v"), (b"\xfe", b"w")])
+    # The message quotes the name's first 64 bytes, never more.
+    assert str(info.value) == f"header name {name[:64]!r} is not UTF-8 text"
+
+
+def test_a_long_undecodable_request_header_name_is_quoted_up_to_64_bytes() -> None:
+    value, _ = encode_request({"x": X}, format="msgpack")
+    name = b"\xff" + b"n" * 100
+    with pytest.raises(DecodeError) as info:
+        decode_request(value, [(name, b"v")], default_id="d")
+    assert str(info.value) == f"header name {name[:64]!r} is not UTF-8 text"
+
+
+@pytest.mark.parametrize(("raw", "media"), [
+    (b"application/json", "application/json"),
+    (b" Application/JSON ; charset=utf-8; q=1", "application/json"),
+    (b"application/x-msgpack;v=1;w=2", "application/x-msgpack"),
+])  # fmt: skip
+def test_media_type_is_the_lower_case_value_without_parameters(raw: bytes, media: str) -> None:
+    assert media_type([("trace", b"t"), ("CONTENT-TYPE", raw)]) == media
+    assert media_type([("content-type", raw)]) == media
+    assert media_type([("trace", b"t")]) is None
+
+
+def test_an_unknown_content_type_is_a_decode_error_even_when_the_body_sniffs() -> None:
+    value, _ = encode_request({"x": X}, format="msgpack")
+    with pytest.raises(DecodeError, match=r"^unsupported content-type 'text/plain; v=1'"):
+        decode_request(value, [("Content-Type", b"text/plain; v=1")], default_id="d")
+    # The content-type names the format: a msgpack body sent as JSON is not sniffed as msgpack.
+    with pytest.raises(DecodeError):
+        decode_request(value, [("content-type", b"application/json")], default_id="d")
+
+
+@pytest.mark.parametrize(("label", "version"), [
+    ("3", 3), ("v3", 3), ("V3", 3), (" v12 ", 12), ("1", 1), ("v1", 1), ("V1", 1),
+    ("v0.1.0", None), ("0", None), ("v0", None), ("v", None), ("", None), ("vv3", None),
+    ("latest", None), ("v３", None), ("-1", None),
+])  # fmt: skip
+def test_mlserver_version_an_integer_bare_or_after_a_v_else_the_newest(
+    label: str, version: int | None
+) -> None:
+    body = msgpack.packb({"inputs": {}})
+    request = decode_request(body, [("mlserver-version", label.encode())], default_id="d")
+    assert request.model_version == version
+    # The header wins over the body's model_version; a label that names no version leaves it.
+    body = msgpack.packb({"inputs": {}, "model_version": 7})
+    request = decode_request(body, [("MLServer-Version", label.encode())], default_id="d")
+    assert request.model_version == (7 if version is None else version)
+
+
+def test_model_version_wins_over_mlserver_version_which_still_must_be_utf8() -> None:
+    body = msgpack.packb({"inputs": {}})
+    request = decode_request(body, [("model-version", b"4"), ("mlserver-version", b"v9")],
+                             default_id="d")  # fmt: skip
+    assert request.model_version == 4
+    request = decode_request(body, [("mlserver-version", b"v9"), ("model-version", b"4")],
+                             default_id="d")  # fmt: skip
+    assert request.model_version == 4
+
+
+@pytest.mark.parametrize("raw", [b"0", b"-2", b"v3", b"1.5", b"abc", b"", "３".encode()])
+def test_a_bad_model_version_header_is_a_decode_error_that_names_the_header(raw: bytes) -> None:
+    body = msgpack.packb({"inputs": {}})
+    with pytest.raises(DecodeError) as info:
+        decode_request(body, [("Model-Version", raw)], default_id="d")
+    assert str(info.value) == (
+        f"header 'model-version': expected a positive integer model version, "
+        f"got {raw.decode()!r}"
+    )
+
+
+def test_mlserver_model_is_a_synonym_that_model_wins_over() -> None:
+    body = msgpack.packb({"inputs": {}, "model": "body-model"})
+    request = decode_request(body, [("MLServer-Model", b"theirs")], default_id="d")
+    assert request.model == "theirs"
+    request = decode_request(body, [("model", b"ours"), ("mlserver-model", b"theirs")],
+                             default_id="d")  # fmt: skip
+    assert request.model == "ours"
+    request = decode_request(body, [("mlserver-model", b"theirs"), ("model", b"ours")],
+                             default_id="d")  # fmt: skip
+    assert request.model == "ours"
+
+
+@pytest.mark.parametrize(("raw", "version"), [(3, 3), (1, 1), ("7", 7), (" 12 ", 12)])
+def test_parse_version_accepts_positive_integers(raw: object, version: int) -> None:
+    assert parse_version(raw, "here") == version
+
+
+@pytest.mark.parametrize("raw", [True, False, 0, -3, "0", "-3", "abc", "1.5", "３", "", " ",
+                                 2.0, None, [1]])  # fmt: skip
+def test_parse_version_refuses_anything_else_saying_where_and_what(raw: object) -> None:
+    with pytest.raises(DecodeError) as info:
+        parse_version(raw, "msgpack body 'model_version'")
+    assert str(info.value) == (
+        f"msgpack body 'model_version': expected a positive integer model version, got {raw!r}"
+    )
+
+
+@pytest.mark.parametrize(("text", "cut"), [
+    ("x" * 1024, b"x" * 1024),
+    ("x" * 1025, b"x" * 1021 + "…".encode()),
+    ("é" * 512, "é".encode() * 512),
+    ("é" * 2000, "é".encode() * 510 + "…".encode()),  # 1021 bytes would split an é
+    ("€" * 400, "€".encode() * 340 + "…".encode()),
+    ("", b""),
+])  # fmt: skip
+def test_error_message_cut_is_exact(text: str, cut: bytes) -> None:
+    assert cut_utf8(text) == cut
+    headers = dict(dlq_headers([], DecodeError(text), topic="t", partition=0, offset=0,
+                               model=None))  # fmt: skip
+    assert headers["error-message"] == cut
+
+
+def test_an_error_message_that_is_not_valid_unicode_is_still_written() -> None:
+    """A lone surrogate (a JSON body may hold "\\udcff") cannot be UTF-8: it becomes '?'."""
+    error = SchemaMismatch("unknown input '\udcff'")
+    headers = dict(dlq_headers([], error, topic="t", partition=0, offset=0, model=None))
+    assert headers["error-message"] == b"unknown input '?'"
+    assert cut_utf8("\udcff" * 2000) == b"?" * 1021 + "…".encode()
