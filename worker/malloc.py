@@ -12,8 +12,9 @@ process's CPU per message (docs/performance.md).
 
 :func:`keep_freed_memory` raises both thresholds for the whole process
 (``mallopt``), so such blocks come from the heap and go back to it. The process's
-resident size then stays near its peak instead of shrinking between bursts; the
-peak itself does not change. An operator who set glibc's own variables
+resident size then stays near its peak instead of shrinking between bursts, and
+the peak is some tens of MiB higher (what the heaps keep; docs/performance.md).
+An operator who set glibc's own variables
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``'
 ``glibc.malloc`` ones) keeps them: nothing is changed then. On another C library
 (musl, macOS) it does nothing.
@@ -56,7 +57,7 @@ def keep_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # glibc before 2.35 refuses an mmap threshold above 32 MiB: its ceiling then.
+    # An older glibc refuses an mmap threshold above 32 MiB (HEAP_MAX_SIZE / 2): then that.
     mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
     done = bool(mapped) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     if not done:
