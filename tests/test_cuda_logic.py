@@ -23,7 +23,9 @@ from onnx import TensorProto, helper
 
 import worker.runtime as rt
 from tests.modelzoo import write_fixed_batch4, write_mlp
-from worker.errors import InferenceError, ModelLoadError
+from worker.errors import ConfigError, InferenceError, ModelLoadError
+from worker.optimize import pipeline
+from worker.optimize.errors import RequestError
 from worker.repository import ModelRef, ModelRepository
 from worker.runtime import (
     CUDNN_CONV_ALGO_SEARCH,
@@ -93,14 +95,36 @@ def test_auto_follows_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_device("cuda:1") == "cuda:1"
     monkeypatch.setattr(rt, "cuda_probe", lambda device_id=0: "cuDNN missing")
     assert resolve_device("auto") == "cpu"
-    with pytest.raises(ValueError, match=r"^--device cuda: cuDNN missing"):
+    with pytest.raises(ValueError, match=r"^--device: cuda: cuDNN missing"):
         resolve_device("cuda")
+
+
+def test_an_unusable_device_is_a_config_error_naming_the_flag_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rt, "cuda_probe", lambda device_id=0: "cuDNN missing")
+    with pytest.raises(ConfigError) as got:
+        resolve_device("cuda:1")
+    assert (got.value.flag, got.value.reason) == ("--device", "cuda:1: cuDNN missing")
+    with pytest.raises(ConfigError) as bad:
+        resolve_device("tpu")
+    assert str(bad.value) == "--device: expected auto, cpu, cuda or cuda:N, got 'tpu'"
+
+
+def test_the_optimizer_reports_why_its_cuda_target_is_unusable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(rt, "cuda_probe", lambda device_id=0: "cuDNN missing")
+    request = pipeline.OptimizeRequest(repository=tmp_path, model="m", target="cuda")
+    with pytest.raises(RequestError) as got:
+        pipeline._check_request(request)
+    assert (got.value.field, got.value.reason) == ("target", "cuDNN missing")
 
 
 def test_auto_picks_cpu_when_cuda_is_listed_but_broken(cuda_listed_but_broken: None) -> None:
     rt._logged_choice.discard("auto")
     assert resolve_device("auto") == "cpu"
-    with pytest.raises(ValueError, match=r"^--device cuda:0: CUDA device 0 unusable"):
+    with pytest.raises(ValueError, match=r"^--device: cuda:0: CUDA device 0 unusable"):
         resolve_device("cuda:0")
 
 

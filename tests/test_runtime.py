@@ -68,7 +68,7 @@ def test_resolve_device_malformed(spec: str) -> None:
 
 @pytest.mark.skipif(CUDA_USABLE, reason="CUDA is usable here")
 def test_explicit_cuda_without_cuda_is_a_config_error() -> None:
-    with pytest.raises(ValueError, match=r"^--device cuda:1: .*CUDA"):
+    with pytest.raises(ValueError, match=r"^--device: cuda:1: .*CUDA"):
         resolve_device("cuda:1")
 
 

@@ -126,11 +126,7 @@ class Worker:
     def run(self, *, count: int | None = None, timeout: float | None = None) -> int:
         """Serve until ``stop()``, or until ``count`` records are committed, or ``timeout`` s."""
         s = self.settings
-        try:
-            device = resolve_device(s.device)
-        except ValueError as exc:  # its text names the flag already: named once
-            reason = str(exc).removeprefix("--device").lstrip(": ")
-            raise ConfigError("--device", reason) from None
+        device = resolve_device(s.device)  # a ConfigError naming --device
         self.metrics.set_build_info(kafka_client=s.kafka_client)
         self._closed.clear()
         with ExitStack() as stack:

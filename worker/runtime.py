@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from worker.errors import InferenceError, ModelLoadError
+from worker.errors import ConfigError, InferenceError, ModelLoadError
 from worker.model_config import ModelSettings, check_signature
 from worker.repository import ModelRef
 from worker.samples import SampleError, sample_feeds
@@ -291,12 +291,13 @@ def resolve_device(device: str) -> str:
 
     ``auto`` picks CUDA device 0 only when :func:`cuda_probe` succeeds; an
     explicit ``cuda[:N]`` that is not usable is a configuration error. Raises
-    ``ValueError("--device: ...")`` for a malformed or unusable spec.
+    :class:`~worker.errors.ConfigError` (a ``ValueError``) naming ``--device`` for a
+    malformed or unusable spec; its ``reason`` starts with the spec when unusable.
     """
     spec = device.strip().lower() if isinstance(device, str) else ""
     match = _DEVICE_RE.fullmatch(spec)
     if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ConfigError("--device", f"expected auto, cpu, cuda or cuda:N, got {device!r}")
     kind, index = match.group(1), int(match.group(2) or 0)
     if kind == "cpu":
         _log_once(spec, "device: cpu (requested)")
@@ -304,7 +305,7 @@ def resolve_device(device: str) -> str:
     reason = cuda_probe(index)
     if kind == "cuda":
         if reason is not None:
-            raise ValueError(f"--device {device}: {reason}")
+            raise ConfigError("--device", f"{device}: {reason}")
         _log_once(spec, f"device: cuda:{index} (requested)")
         return f"cuda:{index}"
     if reason is None:

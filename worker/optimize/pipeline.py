@@ -64,8 +64,9 @@ def _check_request(request: OptimizeRequest) -> tuple[str, float]:
         raise RequestError("tolerance", f"must be >= 0, got {tolerance!r}")
     try:
         device = resolve_device(request.target)
-    except ValueError as exc:  # "--device cuda: <why>": the why is ours to report
-        raise RequestError("target", str(exc).split(": ", 1)[-1]) from None
+    except ValueError as exc:  # "--device: cuda: <why>": the why is ours to report
+        why = str(exc).split(": ", 1)[-1].removeprefix(f"{request.target}: ")
+        raise RequestError("target", why) from None
     return device, tolerance
 
 
