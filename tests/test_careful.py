@@ -210,12 +210,10 @@ def test_a_start_that_cannot_be_committed_is_logged_and_not_taken_as_found(
     with caplog.at_level(logging.WARNING, logger="worker.loop"):
         rig.careful.check_assigned()
     assert rig.consumer.commits == [] and rig.committer.found_at == {}
-    assert [r.getMessage() for r in caplog.records] == ["in[0]: start failed: rebalancing"]
+    assert caplog.messages == ["in[0]: start failed: rebalancing"]
 
 
-def test_a_marker_commit_that_fails_is_logged_not_raised(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_marker_commit_that_fails_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     consumer = _Consumer()
     consumer.fail.append(KafkaFailure("rebalancing"))
     caplog.set_level(logging.WARNING, logger="worker.loop")
@@ -413,9 +411,7 @@ def test_a_settled_marker_that_fails_is_logged_and_nothing_is_taken_as_committed
     with caplog.at_level(logging.WARNING, logger="worker.loop"):
         rig.careful.run(slot, careful, 0)
     assert rig.consumer.commits == [] and rig.committer.found_at == {}
-    assert [r.getMessage() for r in caplog.records] == [
-        "in[0]@2: settled marker failed: rebalancing"
-    ]
+    assert caplog.messages == ["in[0]@2: settled marker failed: rebalancing"]
 
 
 def test_a_try_marker_that_fails_is_logged_with_its_record(
@@ -429,9 +425,7 @@ def test_a_try_marker_that_fails_is_logged_with_its_record(
     with caplog.at_level(logging.WARNING, logger="worker.loop"):
         commit()  # runs all the same
     assert rig.consumer.commits == []
-    assert [r.getMessage() for r in caplog.records] == [
-        "in[0]@2: try marker failed: coordinator moved"
-    ]
+    assert caplog.messages == ["in[0]@2: try marker failed: coordinator moved"]
 
 
 def test_a_stop_during_the_careful_run_is_logged_as_not_a_crash(

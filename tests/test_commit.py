@@ -462,7 +462,7 @@ def test_a_send_unacknowledged_at_the_commit_aborts_and_rewinds(
     assert rig.producer.calls[-2:] == ["flush", "abort_transaction"]
     assert rig.producer.timeouts[-1] == ("flush", 30.0)  # waited 30 s for it, no longer
     _assert_rewound(rig, c)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert caplog.messages == [
         "transaction aborted (a send of the transaction is unacknowledged before the commit); "
         "rewinding to the first uncommitted records"
     ]
@@ -593,7 +593,7 @@ def test_every_abort_is_counted_and_logged_with_its_cause(
     c.producer.fail["begin_transaction"] = KafkaFailure("broker down")  # type: ignore[attr-defined]
     assert c.commit() == 0
     assert c.aborted == 2
-    assert [r.getMessage() for r in caplog.records][:2] == [
+    assert caplog.messages[:2] == [
         "transaction aborted (a send of the transaction was refused before the commit: "
         "NOT_ENOUGH_REPLICAS); rewinding to the first uncommitted records",
         "abort failed (fenced); starting a fresh producer",
@@ -723,7 +723,7 @@ def test_revoke_leaves_the_other_partitions_offsets_for_the_next_commit(
         rig.producer.hold = {b"0@2", b"1@3"}
         assert c.revoke([A]) == ({}, 0)
     # A flush waits for every partition's answers: B's held one counts too.
-    assert [r.getMessage() for r in caplog.records] == [
+    assert caplog.messages == [
         "revocation: 1 answers unacknowledged after 5 s",
         "revocation: 2 answers unacknowledged after 5 s",
     ]
@@ -746,7 +746,7 @@ def test_a_deferred_commit_is_logged_with_its_reason_and_offsets(
     with caplog.at_level("WARNING", logger="worker.commit"):
         assert c.commit() == 0
         assert c.commit() == 0
-    assert [r.getMessage() for r in caplog.records] == [
+    assert caplog.messages == [
         "commit deferred (REBALANCE_IN_PROGRESS): in[0]@2, in[1]@6",
         "commit deferred (Broker: not coordinator): in[0]@2, in[1]@6",
     ]
@@ -968,7 +968,7 @@ def test_a_marker_that_fails_is_tried_again_by_the_next_record(
     with caplog.at_level("WARNING", logger="worker.commit"):
         c.cover(A, 0)  # runs all the same; the marker is not there
     assert rig.consumer.commits == []
-    assert [r.getMessage() for r in caplog.records] == [
+    assert caplog.messages == [
         f"in[0]: run marker up to {4 + COVER_AHEAD} not committed: coordinator moved"
     ]
     c.cover(A, 1)

@@ -117,10 +117,6 @@ def _is_try(metadata: Metadata) -> bool:
     return isinstance(metadata, str) and metadata.startswith("try:")
 
 
-def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records]
-
-
 def _ids(kafka: FakeKafka, topic: str) -> list[str | None]:
     return [s.header("request-id") for s in kafka.landed(topic)]
 
@@ -304,8 +300,8 @@ def test_the_metrics_server_listens_on_metrics_bind_only_and_the_serving_line_na
     assert (
         "serving in,more -> out (dlq in.dlq, group inference-worker, device cpu, "
         f"client confluent, metrics :{port})"
-    ) in _messages(caplog)
-    assert "assigned in[0], more[0]" in _messages(caplog)
+    ) in caplog.messages
+    assert "assigned in[0], more[0]" in caplog.messages
 
 
 def test_ready_once_the_preloads_are_loaded_and_the_broker_answered(repo: Path) -> None:
@@ -549,7 +545,7 @@ def test_a_retry_that_succeeds_answers_and_holds_its_partition_meanwhile(
     ):
         _until(lambda: kafka.group.get(IN0) == 1)
     # the flag's backoff, in seconds
-    assert any(m.endswith("; retry 1 of 3 in 0.05 s") for m in _messages(caplog)), caplog.text
+    assert any(m.endswith("; retry 1 of 3 in 0.05 s") for m in caplog.messages), caplog.text
     assert _ids(kafka, "out") == ["0-0"] and kafka.landed("in.dlq") == []
     assert loader.calls == 2
     assert any(IN0 in p for p in kafka.consumer.pauses)  # nothing new while waiting
@@ -599,7 +595,7 @@ def test_a_record_waiting_for_its_retry_when_a_transaction_aborts_runs_once(
         caplog.at_level("WARNING", "worker"),
         serving(repo, kafka, loader=loader, exactly_once=True, retry_backoff_ms=1000) as s,
     ):
-        _until(lambda: any(" retry 1 of 3 " in m for m in _messages(caplog)))
+        _until(lambda: any(" retry 1 of 3 " in m for m in caplog.messages))
         kafka.producer.fail["commit_transaction"] = TransactionFailed("abortable", name="_X")
         kafka.consumer.append(IN1, b"not a request")  # its dead letter's transaction aborts
         _until(lambda: kafka.group.get(IN0) == 1 and kafka.group.get(IN1) == 1)
@@ -783,7 +779,7 @@ def test_past_the_last_owners_run_marker_its_partition_goes_back_to_normal_once(
         _until(lambda: kafka.group.get(IN0) == 4 and kafka.group.get(IN1) == 2)
     markers = [(o, m) for o, m in kafka.consumer.commits if _is_try(m)]
     assert markers == [({IN0: 0}, try_marker(0, 1))]  # only record 0 ran alone
-    assert [m for m in _messages(caplog) if "normal" in m] == ["in[0]: back to normal"]
+    assert [m for m in caplog.messages if "normal" in m] == ["in[0]: back to normal"]
 
 
 class SlowLoader:
@@ -991,7 +987,7 @@ def test_a_stop_drains_commits_everything_as_clean_and_returns_0(
     with caplog.at_level("INFO", "worker"), serving(repo, kafka, commit_interval_ms=600_000) as s:
         _until(lambda: kafka.producers and len(kafka.producer.records) == 5)
     assert s.rc == 0 and s.error is None
-    assert "drained: everything polled was answered and committed" in _messages(caplog)
+    assert "drained: everything polled was answered and committed" in caplog.messages
     assert IN0 in kafka.consumer.pauses[-1]  # no new records during the drain
     assert kafka.consumer.commits[-1] == ({IN0: 5}, CLEAN)
     # The drain's own commit of the answers is clean already, not only the marker after
@@ -1011,9 +1007,9 @@ def test_a_drain_that_times_out_returns_1_and_leaves_no_clean_marker(
         _until(lambda: kafka.producers and len(kafka.producer.records) == 3)
     assert s.rc == 1 and s.error is None
     assert "drain timed out: 3 polled records left uncommitted (answered after a restart)" in (
-        _messages(caplog)
+        caplog.messages
     )
-    assert not any(m.startswith("drained") for m in _messages(caplog))
+    assert not any(m.startswith("drained") for m in caplog.messages)
     # The next owner must treat the partition as stopped mid-stream: no clean marker.
     assert all(metadata != CLEAN for _, metadata in kafka.consumer.commits)
     assert kafka.group[IN0] == 0
@@ -1061,7 +1057,7 @@ def test_a_revocation_whose_answers_do_not_come_in_time_commits_nothing_and_says
         kafka.consumer.rebalance("revoke", [IN0])
         _until(lambda: IN0 not in kafka.consumer.assigned)
         assert kafka.consumer.commits == before  # the next owner answers them
-    assert "revoked in[0]: in-flight work abandoned uncommitted" in _messages(caplog)
+    assert "revoked in[0]: in-flight work abandoned uncommitted" in caplog.messages
 
 
 def test_a_retry_waiting_when_its_partition_is_revoked_is_given_up(repo: Path) -> None:
@@ -1088,7 +1084,7 @@ def test_a_clean_stop_marker_that_fails_is_logged_and_the_stop_stays_clean(
         _until(lambda: kafka.group.get(IN0) == 2)
         kafka.consumer.fail = [KafkaFailure("coordinator moved")]  # the marker's commit
     assert s.rc == 0 and s.error is None  # every answer was committed before it
-    assert "the clean-stop marker failed: coordinator moved" in _messages(caplog)
+    assert "the clean-stop marker failed: coordinator moved" in caplog.messages
     assert kafka.consumer.fail == []
 
 
@@ -1146,7 +1142,7 @@ def test_rebalances_and_assigned_partitions_follow_every_callback(
         with caplog.at_level("WARNING", "worker"):
             kafka.consumer.rebalance("lose", [IN0])
             _until(lambda: _sample(m, "rebalances_total") == 3)
-        assert "lost in[0]: in-flight work abandoned" in _messages(caplog)
+        assert "lost in[0]: in-flight work abandoned" in caplog.messages
         assert _sample(m, "assigned_partitions") == 0
         kafka.consumer.rebalance("assign", [IN0, IN1])
         _until(lambda: _sample(m, "rebalances_total") == 4)

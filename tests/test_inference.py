@@ -419,9 +419,7 @@ def test_an_inline_run_that_fails_to_send_is_logged_and_the_loop_goes_on(
     with caplog.at_level(logging.WARNING, logger="worker.inference"):
         rig.inference.submit(batch)  # does not raise: the main loop sends the rest
     assert rig.inline_batches() == 1 and slots[0].out is not None
-    assert [r.getMessage() for r in caplog.records] == [
-        "sending after an inline run failed: producer closed"
-    ]
+    assert caplog.messages == ["sending after an inline run failed: producer closed"]
 
 
 class _Tripling(FakeSession):
@@ -577,9 +575,7 @@ def test_a_pool_run_that_fails_to_send_is_logged_and_a_good_one_is_not(
         batch, slots = rig.batch(1)
         rig.inference.submit(batch)  # on the pool: its first run
     assert len(rig.pool.submitted) == 1 and slots[0].out is not None
-    assert [r.getMessage() for r in caplog.records] == [
-        "sending from the inference pool failed: producer closed"
-    ]
+    assert caplog.messages == ["sending from the inference pool failed: producer closed"]
     assert rig.inference.running == set() and rig.inference.next_free() is None
 
 

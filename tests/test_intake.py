@@ -102,7 +102,7 @@ def test_a_retry_is_logged_with_the_record_its_error_and_which_try_comes_when(
     with caplog.at_level(logging.WARNING, logger="worker.loop"):
         failed(slot, ModelLoadError("still being written"), "m")
         failed(slot, ModelLoadError("still being written"), "m")
-    assert [r.getMessage() for r in caplog.records] == [
+    assert caplog.messages == [
         "in[0]@7: model-load-error (still being written); retry 1 of 2 in 0.10 s",
         "in[0]@7: model-load-error (still being written); retry 2 of 2 in 0.20 s",
     ]

@@ -99,9 +99,7 @@ def test_the_watchdog_ends_the_process_when_a_stop_overruns_the_drain(
     ]
 
 
-def test_the_watchdog_sees_the_signal_at_once_with_the_pipe_still_open(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_the_watchdog_sees_the_signal_at_once_with_the_pipe_still_open() -> None:
     # The wakeup pipe stays open while the process lives: one byte must be enough.
     read_fd, write_fd = os.pipe()
     exits: list[int] = []
