@@ -96,13 +96,11 @@ def _kafka_python_clients(bootstrap: str, group: str) -> tuple[KafkaConsumer, Ka
     return consumer, producer
 
 
-def _rdkafka_clients(
-    bootstrap: str, group: str, consumer_options: dict[str, str] | None = None
-) -> tuple[ck.Consumer, ck.Producer]:
+def _rdkafka_clients(bootstrap: str, group: str) -> tuple[ck.Consumer, ck.Producer]:
     """The worker's librdkafka consumer and producer, built by its own backend (same
-    configuration, plus ``consumer_options``), without the seam's per-record wrapping."""
+    configuration), without the seam's per-record wrapping."""
     config = _config(bootstrap, group, "confluent")
-    consumer = confluent_backend.open_consumer(config, consumer_options or {})._c
+    consumer = confluent_backend.open_consumer(config, {})._c
     producer = confluent_backend.open_producer(config, {})._p
     return consumer, producer
 
@@ -219,8 +217,6 @@ def per_message_app(
     count: int,
     session: ort.InferenceSession,
     timeout: float = 300.0,
-    *,
-    consumer_options: dict[str, str] | None = None,
 ) -> None:
     """A Quix Streams application, as its docs show it, written out on confluent-kafka.
 
@@ -229,10 +225,9 @@ def per_message_app(
     pyarrow, runs the session on it, encodes the answer as Arrow, and the
     producer sends it with the request's headers; every ``commit_interval`` (5 s)
     a checkpoint flushes the producer, checks the deliveries and commits
-    synchronously. The worker's librdkafka settings (plus ``consumer_options``), so only
-    the loop differs.
+    synchronously. The worker's librdkafka settings, so only the loop differs.
     """
-    consumer, producer = _rdkafka_clients(bootstrap, group, consumer_options)
+    consumer, producer = _rdkafka_clients(bootstrap, group)
     consumer.subscribe([in_topic])
     in_name, out_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     processed: dict[tuple[str, int], int] = {}

@@ -86,20 +86,10 @@ TAIL_LEVELS = (("10%", 0.10), ("25%", 0.25), ("50%", 0.50))
 """The tail section's offered loads, as fractions of the per-message app's own maximum."""
 CPU_GOAL = 0.8
 """CPU per message, worker / per-message app: an upper bound."""
-TUNED_ROWS = (64, 256)
-"""The streams that also run the tuned-fetch worker and app (an experiment, not a goal)."""
 BACKENDS = {"worker": "confluent", "worker_kafka_python": "kafka-python"}
-# Not the defaults: librdkafka's fetch queue (64 MiB) kept well below --max-inflight-bytes,
-# a full queue not answered by a 1 s fetch pause, and room enough in flight that the
-# worker's backpressure never pauses (a pause purges librdkafka's prefetched records).
-# See docs/performance.md, "What binds".
-TUNED_OPTIONS = {"queued.max.messages.kbytes": "16384", "fetch.queue.backoff.ms": "10"}
-TUNED_FETCH = [*(x for k, v in TUNED_OPTIONS.items() for x in ("--kafka-option", f"{k}={v}")),
-               "--max-inflight-bytes", str(256 * 2**20)]  # fmt: skip
 WORKERS = {
     "worker": ["--kafka-client", "confluent"],
     "worker_kafka_python": ["--kafka-client", "kafka-python"],
-    "worker_tuned_fetch": ["--kafka-client", "confluent", *TUNED_FETCH],
 }
 
 
@@ -120,7 +110,7 @@ class Plan:
     """Repetitions of the latency and 1-vs-2-worker runs (>= 3)."""
 
 
-FULL = Plan(reps=3, streams=((256, 800), (64, 2400), (16, 4000)), loop_messages=80,
+FULL = Plan(reps=5, streams=((256, 800), (64, 2400), (16, 4000)), loop_messages=80,
             cnn_messages=12, scale_messages=1200, latency_s=4.0, side_reps=3)  # fmt: skip
 QUICK = Plan(reps=3, streams=((256, 300), (64, 800), (16, 1200)), loop_messages=40,
              cnn_messages=4, scale_messages=400, latency_s=3.0, side_reps=3)  # fmt: skip
@@ -129,12 +119,9 @@ QUICK = Plan(reps=3, streams=((256, 300), (64, 800), (16, 1200)), loop_messages=
 LOOPS = {
     "worker": "worker, confluent backend (the default)",
     "worker_kafka_python": "worker, kafka-python backend",
-    "worker_tuned_fetch": "worker, confluent, tuned fetch (16 MiB queue, 10 ms backoff, "
-                          "256 MiB in flight)",
     "rdkafka_drain": "librdkafka drain (worker's confluent clients, no work)",
     "kafka_python_drain": "kafka-python drain (worker's kafka-python clients, no work)",
     "per_message": "per-message librdkafka app (Quix-style, one message at a time)",
-    "per_message_tuned_fetch": "per-message librdkafka app, tuned fetch (16 MiB, 10 ms)",
     "naive": "naive loop, kafka-python (Python rows, JSON out per row)",
     "per_row": "per-row binary loop, kafka-python (batch-1 runs)",
     "raw_ort": "raw ONNX Runtime (same batches, from memory)",
@@ -144,10 +131,6 @@ PAIRS = [
     ("worker", "per_message"),
     ("worker", "rdkafka_drain"),
     ("worker", "raw_ort"),
-    ("worker", "worker_tuned_fetch"),
-    ("worker_tuned_fetch", "per_message_tuned_fetch"),
-    ("per_message_tuned_fetch", "per_message"),
-    ("worker_tuned_fetch", "rdkafka_drain"),
     ("worker", "worker_kafka_python"),
     ("worker_kafka_python", "kafka_python_drain"),
     ("per_message", "rdkafka_drain"),
@@ -256,7 +239,6 @@ class Bench:
         batches = [decode_request(v, h, default_id="b/0/0").bind(sig).feeds for v, h in msgs]
         response = worker_response(session, msgs[0], m.name)
         names = [n for n in LOOPS if (loops or n not in ("naive", "per_row"))
-                 and (rows in TUNED_ROWS or "tuned" not in n)
                  and n not in self.skip]  # fmt: skip
         samples: dict[str, list[float]] = {n: [] for n in names}
         per_run: dict[str, list[float]] = {n: [] for n in WORKERS if n in names}
@@ -281,11 +263,6 @@ class Bench:
             if name == "per_message":
                 return self.kafka_loop(label, m, count, rows, lambda o, g, n: baselines
                                        .per_message_app(bs, topic, o, g, n, session))  # fmt: skip
-            if name == "per_message_tuned_fetch":
-                tuned = dict(TUNED_OPTIONS)
-                return self.kafka_loop(label, m, count, rows, lambda o, g, n: baselines
-                                       .per_message_app(bs, topic, o, g, n, session,
-                                                        consumer_options=tuned))  # fmt: skip
             if name == "naive":
                 return self.kafka_loop(label, m, p.loop_messages, 1, lambda o, g, n: baselines
                                        .naive(bs, topic, o, g, n, session, m.input))  # fmt: skip
@@ -772,9 +749,6 @@ def markdown(results: dict[str, Any]) -> str:
             ("worker_kafka_python_vs_kafka_python_drain",
              "kafka-python worker / kafka-python drain"),
             ("per_message_vs_rdkafka_drain", "per-message app / librdkafka drain"),
-            ("worker_tuned_fetch_vs_per_message_tuned_fetch",
-             "tuned-fetch worker / tuned-fetch per-message app"),
-            ("worker_tuned_fetch_vs_rdkafka_drain", "tuned-fetch worker / librdkafka drain"),
             ("rdkafka_drain_vs_kafka_python_drain", "librdkafka drain / kafka-python drain"),
         ):  # fmt: skip
             if key2 in q:
@@ -921,7 +895,7 @@ def _maxima(results: dict[str, Any], bench: Bench, plan: Plan, repo: Path, k: Ka
     saturation run each) and the response size, for the latency section."""
     st = results.get("streams", {}).get("64")
     if st is None:
-        others = [n for n in LOOPS if n not in BACKENDS]  # the tuned worker too
+        others = [n for n in LOOPS if n not in BACKENDS]
         st = Bench(replace(plan, reps=1), repo, k, bench.models, [*skip, *others]).stream(64, 600)
     return {n: st["rows_per_s"].get(n, float("nan")) for n in BACKENDS}, st["response_bytes"]
 
