@@ -930,13 +930,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-max", type=float, default=None, metavar="ROWS_PER_S",
                         help="the latency section's maximum for both backends, instead of "
                         "measuring it (to compare runs at one offered load)")  # fmt: skip
+    parser.add_argument("--tail-max", type=float, default=None, metavar="ROWS_PER_S",
+                        help="the tail section's per-message app maximum, instead of "
+                        "measuring it (to compare runs at one offered load)")  # fmt: skip
     args = parser.parse_args(argv)
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = set(only) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
     full = (not args.quick and set(only) == set(SECTIONS) and not args.skip
-            and args.latency_max is None)
+            and args.latency_max is None and args.tail_max is None)
     out_dir = args.out or (ROOT / "bench" / "results" if full
                            else Path(tempfile.mkdtemp(prefix="bench-results-")))  # fmt: skip
     plan = QUICK if args.quick else FULL
@@ -950,6 +953,8 @@ def main(argv: list[str] | None = None) -> int:
         command += f" --skip {args.skip}"
     if args.latency_max is not None:
         command += f" --latency-max {args.latency_max:g}"
+    if args.tail_max is not None:
+        command += f" --tail-max {args.tail_max:g}"
     results: dict[str, Any] = {
         "command": command,
         "machine": machine(),
@@ -965,7 +970,9 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(plan, repo, k, build_repository(repo), skip)
             sections: dict[str, Callable[[], Any]] = {
                 "streams": lambda: {str(rows): bench.stream(rows, n) for rows, n in plan.streams},
-                "tail": lambda: bench.tail(_app_max(results, bench, plan, repo, k, skip)),
+                "tail": lambda: bench.tail(
+                    args.tail_max or _app_max(results, bench, plan, repo, k, skip)
+                ),
                 "latency": lambda: bench.latency(
                     *(({n: args.latency_max for n in BACKENDS}, _response_bytes(bench))
                       if args.latency_max else _maxima(results, bench, plan, repo, k, skip))
