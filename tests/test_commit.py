@@ -18,6 +18,7 @@ import pytest
 from tests.fakes import FakeConsumer, FakeProducer, Group
 from worker.commit import (
     COVER_AHEAD,
+    EXTEND_WITHIN,
     STABLE_READS,
     AtLeastOnce,
     Committer,
@@ -896,6 +897,80 @@ def test_the_lead_saves_the_commits_of_a_stream_of_one_record_per_poll(rig: Rig)
         c.cover(A, o)
     assert len(rig.consumer.commits) == 10  # one per COVER_AHEAD + 1 records, not 640
     assert 1 <= COVER_AHEAD <= 100  # a longer lead ran innocent records alone after kills
+
+
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_between_polls_a_marker_the_records_come_near_moves_ahead_of_them(
+    rig: Rig, exactly_once: bool
+) -> None:
+    # One record per poll: extend() between polls keeps the marker ahead, so cover()
+    # never commits on a record's way to inference after the first.
+    c = rig.transactional() if exactly_once else rig.at_least_once()
+    c.found(A, 0)
+    on_the_way, moved = 0, []
+    for o in range(10 * COVER_AHEAD):
+        c.saw(_polled(A, range(o, o + 1)))
+        before = len(rig.consumer.commits)
+        c.cover(A, o)
+        on_the_way += len(rig.consumer.commits) - before
+        before = len(rig.consumer.commits)
+        c.extend([A])
+        moved += [(o, commit) for commit in rig.consumer.commits[before:]]
+    assert on_the_way == 1  # the first record's own marker
+    last = COVER_AHEAD  # the first marker: record 0 and the lead
+    for o, commit in moved:
+        # once the records polled came within EXTEND_WITHIN of the marker, not before;
+        # COVER_AHEAD past the highest polled, never further (the careful window's bound)
+        assert last - o == EXTEND_WITHIN - 1
+        assert commit == ({A: 0}, {A: run_marker(o + COVER_AHEAD)})
+        last = o + COVER_AHEAD
+    assert len(moved) == 10 * COVER_AHEAD // (COVER_AHEAD - EXTEND_WITHIN + 1)
+
+
+def test_a_marker_further_than_extend_within_ahead_stays(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 1)))
+    c.cover(A, 0)  # run:COVER_AHEAD
+    c.saw(_polled(A, range(1, COVER_AHEAD - EXTEND_WITHIN + 1)))
+    c.extend([A])  # exactly EXTEND_WITHIN ahead of the highest polled: kept
+    assert len(rig.consumer.commits) == 1
+    c.saw(_polled(A, range(COVER_AHEAD - EXTEND_WITHIN + 1, COVER_AHEAD - EXTEND_WITHIN + 2)))
+    c.extend([A])
+    last = COVER_AHEAD - EXTEND_WITHIN + 1 + COVER_AHEAD
+    assert rig.consumer.commits[-1] == ({A: 0}, {A: run_marker(last)})
+    assert c.markers([A]) == {A: run_marker(last)}  # the next commits carry it
+
+
+def test_extend_moves_only_the_partitions_it_is_given_with_a_known_marker(rig: Rig) -> None:
+    c = rig.at_least_once()
+    c.found(A, 3)
+    c.found(B, 0)
+    c.saw(_polled(A, range(3, 10)) + _polled(B, range(0, 5)) + _polled(C, range(0, 5)))
+    c.extend([B])  # A is not given (a careful partition, say), C has no marker known
+    assert rig.consumer.commits == [({B: 0}, {B: run_marker(4 + COVER_AHEAD)})]
+    c.extend([A, C])
+    assert rig.consumer.commits[-1] == ({A: 3}, {A: run_marker(9 + COVER_AHEAD)})
+    assert len(rig.consumer.commits) == 2
+    c.extend([A, B, C])  # both far ahead now: nothing to commit
+    assert len(rig.consumer.commits) == 2
+
+
+def test_a_marker_not_moved_ahead_is_left_to_cover(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = rig.at_least_once()
+    c.found(A, 0)
+    c.saw(_polled(A, range(0, 3)))
+    rig.consumer.fail = [KafkaFailure("coordinator moved")]
+    with caplog.at_level("DEBUG", logger="worker.commit"):
+        c.extend([A])
+    assert rig.consumer.commits == []
+    assert caplog.messages == [
+        "run markers not moved ahead (coordinator moved): cover() commits them when due"
+    ]
+    c.cover(A, 0)  # the marker is not there: the record's own commit
+    assert rig.consumer.commits == [({A: 0}, {A: run_marker(2 + COVER_AHEAD)})]
 
 
 def test_at_least_once_commits_carry_each_partitions_marker(rig: Rig) -> None:

@@ -728,6 +728,62 @@ def test_no_record_runs_past_the_groups_run_marker(repo: Path, exactly_once: boo
     assert at_start == ["run:-1", {IN0: f"run:{39 + COVER_AHEAD}"}]
 
 
+@pytest.mark.parametrize("exactly_once", [False, True])
+def test_on_a_trickle_no_record_waits_for_a_run_marker_commit(
+    repo: Path, exactly_once: bool
+) -> None:
+    # One record per poll: the loop moves the marker ahead between polls, while no
+    # record waits, so after the first record none waits for its own marker commit.
+    kafka = FakeKafka()
+    commit = kafka.consumer.commit
+    ran = [0]  # records run so far
+    waited: list[int] = []  # records polled and not run yet when a marker was committed
+    reach: list[tuple[int, int]] = []  # (highest offset polled, the marker's reach)
+
+    def watched(offsets: dict[TopicPartition, int], metadata: Any = "") -> None:
+        if isinstance(metadata, dict) and str(metadata.get(IN0, "")).startswith("run:"):
+            polled = kafka.consumer.positions.get(IN0, 0)
+            waited.append(polled - ran[0])
+            reach.append((polled - 1, int(metadata[IN0][4:])))
+        commit(offsets, metadata)
+
+    def loader(ref: ModelRef, options: RuntimeOptions) -> Session:
+        session = load_session(ref, options)
+        run = session.run
+
+        def counted(feeds: dict[str, np.ndarray]) -> dict[str, object]:
+            ran[0] += len(next(iter(feeds.values())))
+            return run(feeds)
+
+        session.run = counted  # type: ignore[method-assign]
+        return session
+
+    kafka.consumer.commit = watched  # type: ignore[method-assign]
+    n = 2 * COVER_AHEAD
+    with serving(repo, kafka, loader=loader, exactly_once=exactly_once):
+        for i in range(n):
+            _produce(kafka, IN0, 1, first=i)
+            _until(lambda i=i: ran[0] == i + 1)  # type: ignore[misc]
+        _until(lambda: kafka.group.get(IN0) == n)
+    assert waited[0] == 1 and len(waited) > 2  # the first record's marker, then ahead
+    assert waited[1:] == [0] * (len(waited) - 1), waited
+    assert all(last <= polled + COVER_AHEAD for polled, last in reach), reach
+    assert _ids(kafka, "out") == [f"0-{i}" for i in range(n)]
+
+
+def test_a_careful_partitions_marker_is_not_moved_ahead(repo: Path) -> None:
+    # Its marker is the try marker of the record running alone (or what settled): a
+    # marker reaching ahead would replace it, and a crash would not be counted.
+    kafka = FakeKafka()
+    _produce(kafka, IN0, 2)
+    kafka.group[IN0] = 0
+    kafka.consumer.metadata_of[IN0] = RUNNING
+    with serving(repo, kafka, loader=FlakyLoader(fails=1), retry_backoff_ms=50):
+        _until(lambda: kafka.group.get(IN0) == 2)
+    runs = [m[IN0] for _, m in kafka.consumer.commits if isinstance(m, dict) and IN0 in m]
+    assert runs and all(int(m[4:]) <= 1 for m in runs), runs  # none past the records
+
+
 def test_a_record_that_crashed_the_worker_three_times_is_dead_lettered_unrun(repo: Path) -> None:
     kafka = FakeKafka()
     _produce(kafka, IN0, 2)

@@ -39,6 +39,7 @@ from worker.recovery import RUNNING, run_marker
 
 __all__ = [
     "COVER_AHEAD",
+    "EXTEND_WITHIN",
     "STABLE_READS",
     "AtLeastOnce",
     "Committer",
@@ -61,6 +62,10 @@ STABLE_BACKOFF_S = 0.5
 # such a stream the lead costs nothing; behind a backlog it adds at most this many
 # records to the careful window (a 500-record lead was too many: docs/performance.md).
 COVER_AHEAD = 64
+# Between polls, a marker that the records polled have come within this many records of
+# is moved COVER_AHEAD past them (Committer.extend), so on a slow stream no record waits
+# for cover()'s commit on its way to inference: the commit is made while none waits.
+EXTEND_WITHIN = COVER_AHEAD // 4
 _sleep = time.sleep
 
 E = TypeVar("E", bound=Entry)
@@ -163,6 +168,32 @@ class Committer(Generic[E]):
             )
             return
         self.covered[tp] = last
+
+    def extend(self, tps: Iterable[TopicPartition]) -> None:
+        """Between polls, with no record waiting for it: the marker of each of ``tps``
+        whose highest offset polled has come within :data:`EXTEND_WITHIN` of it moves to
+        :data:`COVER_AHEAD` past that offset, in one commit at the committed offsets (as
+        :meth:`cover` does), so the next records find it committed. Only partitions
+        running normally (a careful one's marker is its try marker); one whose committed
+        offset is unknown is left to :meth:`cover`, and so is a failure."""
+        ahead: dict[TopicPartition, int] = {}
+        for tp in tps:
+            polled, covered = self.polled.get(tp), self.covered.get(tp)
+            if polled is None or covered is None:  # found() gives both marker and offset
+                continue
+            if covered - polled < EXTEND_WITHIN:
+                ahead[tp] = polled + COVER_AHEAD
+        if not ahead:
+            return
+        try:
+            self.consumer.commit(
+                {tp: self.committed_offsets[tp] for tp in ahead},
+                {tp: run_marker(last) for tp, last in ahead.items()},
+            )
+        except KafkaFailure as exc:
+            log.debug("run markers not moved ahead (%s): cover() commits them when due", exc)
+            return
+        self.covered.update(ahead)
 
     def markers(self, offsets: Collection[TopicPartition]) -> dict[TopicPartition, str]:
         """Each partition's ``run:<last>``; a bare ``run`` where ``last`` is unknown (the

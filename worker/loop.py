@@ -213,6 +213,7 @@ class Worker:
             if count is not None and self.committed_records >= count:
                 break
             self.health.beat()
+            records: list[Record] = []
             # 1. poll: short waits while answers are being computed. With the in-flight
             # budget spent, wait for acknowledgements instead: librdkafka keeps its
             # prefetch, which a pause throws away (partitions pause only when the
@@ -241,6 +242,8 @@ class Worker:
             self._dispatch()
             committer.send()  # 5. dead letters; pool threads send the rest
             self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
+            if records:  # 7. run markers moved ahead while no record waits for them
+                committer.extend(tp for tp in committer.polled if r.partitions.careful(tp) is None)
             flow.backpressure()
             flow.report_lag()
             r.connections.refresh_limits(r.admin, committer)
