@@ -220,9 +220,10 @@ class Worker:
             # budget stays spent, see FlowControl.backpressure).
             if flow.waiting():
                 committer.producer.poll(flow.poll_wait_s())
-                # Bytes leave the budget when committed: commit what is acknowledged
-                # now, not at the next interval (at 275 MB/s of requests, 200 ms of
-                # them spend 64 MiB, and every record would wait for the interval).
+                # Bytes leave the budget when acknowledged (at-least-once, by this
+                # commit() call) or when their transaction commits (exactly-once):
+                # commit now, not at the next interval (at 275 MB/s of requests, 200 ms
+                # of them spend 64 MiB, and every record would wait for the interval).
                 self._committed(committer.commit(force=True))
             else:
                 # Epochs from before the poll: a revocation served inside it (librdkafka
