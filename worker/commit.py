@@ -160,14 +160,12 @@ class Committer(Generic[E]):
             return  # covered, or the committed offset is unknown: nothing to commit at
         last = max(offset, self.polled.get(tp, offset)) + COVER_AHEAD
         try:
-            self.consumer.commit({tp: self.committed_offsets[tp]}, {tp: run_marker(last)})
+            self._mark({tp: last})
         except KafkaFailure as exc:
             # Runs all the same (as under an older marker); the next record tries again.
             log.warning(
                 "%s[%d]: run marker up to %d not committed: %s", tp.topic, tp.partition, last, exc
             )
-            return
-        self.covered[tp] = last
 
     def extend(self, tps: Iterable[TopicPartition]) -> None:
         """Between polls, with no record waiting for it: the marker of each of ``tps``
@@ -186,14 +184,19 @@ class Committer(Generic[E]):
         if not ahead:
             return
         try:
-            self.consumer.commit(
-                {tp: self.committed_offsets[tp] for tp in ahead},
-                {tp: run_marker(last) for tp, last in ahead.items()},
-            )
+            self._mark(ahead)
         except KafkaFailure as exc:
             log.debug("run markers not moved ahead (%s): cover() commits them when due", exc)
-            return
-        self.covered.update(ahead)
+
+    def _mark(self, lasts: dict[TopicPartition, int]) -> None:
+        """Commit ``run:<last>`` for each partition at its committed offset (nothing is
+        settled by it) in one commit; once it is in, those records are covered. Raises
+        :class:`KafkaFailure`."""
+        self.consumer.commit(
+            {tp: self.committed_offsets[tp] for tp in lasts},
+            {tp: run_marker(last) for tp, last in lasts.items()},
+        )
+        self.covered.update(lasts)
 
     def markers(self, offsets: Collection[TopicPartition]) -> dict[TopicPartition, str]:
         """Each partition's ``run:<last>``; a bare ``run`` where ``last`` is unknown (the

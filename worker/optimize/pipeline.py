@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.errors import InferenceError, ModelLoadError, ModelNotFound
+from worker.errors import ConfigError, InferenceError, ModelLoadError, ModelNotFound
 from worker.optimize import gate
 from worker.optimize.candidates import MODES, TARGETS, build_candidate, check_mode
 from worker.optimize.errors import CandidateError, RequestError, one_line
@@ -64,9 +64,8 @@ def _check_request(request: OptimizeRequest) -> tuple[str, float]:
         raise RequestError("tolerance", f"must be >= 0, got {tolerance!r}")
     try:
         device = resolve_device(request.target)
-    except ValueError as exc:  # "--device: cuda: <why>": the why is ours to report
-        why = str(exc).split(": ", 1)[-1].removeprefix(f"{request.target}: ")
-        raise RequestError("target", why) from None
+    except ConfigError as exc:  # "cuda: <why>": the why is ours to report
+        raise RequestError("target", exc.reason.removeprefix(f"{request.target}: ")) from None
     return device, tolerance
 
 
