@@ -91,6 +91,32 @@ def test_hit_returns_the_same_session_and_counts(tmp_path: Path) -> None:
     assert _metric(metrics, "model_load_seconds_count") == 1
 
 
+def test_peek_answers_a_loaded_session_as_a_hit_and_loads_nothing(tmp_path: Path) -> None:
+    metrics, loader = Metrics(), FakeLoader()
+    cache = SessionCache(_repo(tmp_path, "a", "b"), loader, max_models=2, metrics=metrics)
+    assert cache.peek("a") is None and cache.peek("a", 1) is None  # not loaded: no load either
+    assert loader.calls == [] and _metric(metrics, "model_cache_misses_total") == 0
+    a, b = _use(cache, "a"), _use(cache, "b")
+    assert cache.peek("a") is a and cache.peek("a", 1) is a
+    assert _metric(metrics, "model_cache_hits_total") == 2
+    assert cache.loaded() == [("b", 1), ("a", 1)]  # a peek is a use: A is the newest now
+    assert not b.closed and cache.peek("b") is b
+    with pytest.raises(ModelNotFound):
+        cache.peek("nope")
+
+
+def test_peek_of_a_session_whose_settings_changed_drops_it(tmp_path: Path) -> None:
+    loader = FakeLoader()
+    repo = _repo(tmp_path, "a")
+    repo.rescan_s = 0
+    cache = SessionCache(repo, loader)
+    first = _use(cache, "a")
+    (tmp_path / "a" / "model.toml").write_text("instances = 2\n")
+    assert cache.peek("a") is None  # the next acquire loads it under the new settings
+    assert first.closed and cache.loaded() == []
+    assert _use(cache, "a") is not first and loader.count("a") == 2
+
+
 def test_evicts_least_recently_used_not_first_inserted(tmp_path: Path) -> None:
     metrics, loader = Metrics(), FakeLoader()
     cache = SessionCache(_repo(tmp_path, "a", "b", "c"), loader, max_models=2, metrics=metrics)

@@ -140,6 +140,12 @@ class _Cache:
     def loaded(self) -> list[tuple[str, int]]:
         return list(self.loaded_models)
 
+    def peek(self, model: str, version: int | None) -> Any:
+        version = self.latest if version is None else version
+        if (model, version) not in self.loaded_models:
+            return None
+        return SimpleNamespace(signature=SIGNATURE, ref=SimpleNamespace(version=version))
+
     @contextmanager
     def acquire(self, model: str, version: int | None) -> Iterator[Any]:
         version = self.latest if version is None else version

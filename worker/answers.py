@@ -339,6 +339,7 @@ class Answers:
         """Committed: end each one's trace, count it as answered or dead-lettered (by
         error type) under its model version, and observe its end-to-end time."""
         now = self._wall_clock()
+        answered: dict[ModelSeries, int] = {}  # counted once per series
         for slot in slots:
             if self.alone and slot.out is not None:
                 r = slot.record
@@ -348,10 +349,12 @@ class Answers:
             series = slot.series or self.metrics.unknown
             out = slot.out
             if out is not None and out.ok:
-                series.ok.inc()
+                answered[series] = answered.get(series, 0) + 1
             else:
                 failure = get_header(out.headers, "error-type") if out is not None else None
                 series.failed(failure or "").inc()
             ts = slot.record.timestamp_ms
             if ts and ts > 0:
                 series.end_to_end_seconds.observe(max(0.0, now - ts / 1000))
+        for series, n in answered.items():
+            series.ok.inc(n)

@@ -160,6 +160,29 @@ class SessionCache:
             )
         return entry.session
 
+    def peek(self, name: str, version: int | None = None) -> Session | None:
+        """The loaded session ``acquire`` would hand out, counted as a hit and made the
+        most recent, without a lease (for what a session says of itself: its signature
+        and version); ``None`` when it is not loaded, or its settings changed.
+
+        A request's way in: one resolve and one lock instead of a lease's two.
+        """
+        ref = self.repository.resolve(name, version, verify=False)
+        settings = self.repository.settings(ref.name)
+        stale: _Entry | None = None
+        with self._lock:
+            entry = self._entries.get((ref.name, ref.version))
+            if entry is not None and self._stale_locked(entry, settings):
+                stale, entry = entry, None
+            if entry is not None:
+                self._entries.move_to_end(entry.key)
+                if self._metrics is not None:
+                    self._metrics.model_cache_hits.inc()
+                return entry.session
+        if stale is not None and not stale.orphaned:
+            self._close_all([stale])
+        return None
+
     def loaded(self) -> list[tuple[str, int]]:
         """Keys of the loaded sessions, least recently used first (tests, /metrics)."""
         with self._lock:

@@ -174,6 +174,7 @@ class Inference:
             results = [exc] * len(batch.jobs)
         except Exception as exc:
             results = [InferenceError(f"{type(exc).__name__}: {exc}")] * len(batch.jobs)
+        rows = 0
         for job, result in zip(batch.jobs, results, strict=True):
             slot: Slot = job.token
             try:
@@ -182,7 +183,7 @@ class Inference:
                 slot.out = self._answers.response(slot, batch.model, batch.version, result)
                 # Answers count against --max-inflight-bytes too, until committed.
                 self._tracker.grow(slot, len(slot.out.value))
-                series.rows.inc(job.rows)
+                rows += job.rows
                 if slot.cache_key is not None:
                     self._responses.put(slot.cache_key, result, _nbytes(result))
             except WorkerError as exc:
@@ -191,6 +192,8 @@ class Inference:
                 self._failed(slot, InferenceError(f"{type(exc).__name__}: {exc}"), model)
             finally:
                 slot.request = slot.bound = None  # let the input buffers go
+        if rows:
+            series.rows.inc(rows)  # once per batch
         self._sent()  # 5, from this thread: no wait for the next poll
 
     def _learn(self, key: tuple[str, int], run_s: float) -> None:

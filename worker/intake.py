@@ -165,10 +165,9 @@ class Intake:
         """The model's signature and version; a model not loaded yet loads on the
         loader thread while this one keeps polling with its partitions paused (a
         load longer than max.poll.interval.ms must not cost the group membership)."""
-        cache = self._cache
-        if any(n == model and version in (None, v) for n, v in cache.loaded()):
-            with cache.acquire(model, version) as session:
-                return session.signature, session.ref.version
+        session = self._cache.peek(model, version)
+        if session is not None:
+            return session.signature, session.ref.version
         future = self._loader.submit(self._load, model, version)
         try:
             return future.result(timeout=LOAD_WAIT_S)  # a small model: no pause at all

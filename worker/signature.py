@@ -91,6 +91,10 @@ class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    def __post_init__(self) -> None:
+        # Asked several times per request: worked out once (the fields are frozen).
+        object.__setattr__(self, "_row_axis", _row_axis(self.inputs))
+
     @classmethod
     def from_session(cls, session: Any) -> Signature:
         """Build from an ``onnxruntime.InferenceSession``."""
@@ -112,19 +116,25 @@ class Signature:
         such a model's requests run alone, as sent. An input of unknown rank
         counts as an unnamed dynamic axis.
         """
-        kinds: set[tuple[str, int | str | None]] = set()
-        for spec in self.inputs:
-            if spec.shape is None:
-                kinds.add((DYNAMIC, None))
-            elif not spec.shape:
-                return None  # a scalar has no axis 0 at all
-            elif spec.shape[0] is None:
-                kinds.add((DYNAMIC, spec.axis0_symbol))
-            else:
-                kinds.add((FIXED, spec.shape[0]))
-        if len(kinds) != 1:
-            return None
-        return kinds.pop()
+        row_axis: tuple[str, int | str | None] | None = self._row_axis  # type: ignore[attr-defined]
+        return row_axis
+
+
+def _row_axis(inputs: tuple[TensorSpec, ...]) -> tuple[str, int | str | None] | None:
+    """:meth:`Signature.row_axis` of these inputs."""
+    kinds: set[tuple[str, int | str | None]] = set()
+    for spec in inputs:
+        if spec.shape is None:
+            kinds.add((DYNAMIC, None))
+        elif not spec.shape:
+            return None  # a scalar has no axis 0 at all
+        elif spec.shape[0] is None:
+            kinds.add((DYNAMIC, spec.axis0_symbol))
+        else:
+            kinds.add((FIXED, spec.shape[0]))
+    if len(kinds) != 1:
+        return None
+    return kinds.pop()
 
 
 def format_spec(dtype: np.dtype | str | None, shape: tuple[int | None, ...] | None) -> str:
