@@ -322,6 +322,16 @@ def test_a_slow_load_pauses_even_while_another_model_or_version_is_loaded(
     assert rig.beats > 0 and [b.version for b in rig.submitted] == [1]
 
 
+def test_a_newer_version_than_the_one_loaded_loads_off_the_polling_thread(rig: _Rig) -> None:
+    rig.cache.loaded_models.append(("m", 1))
+    rig.cache.latest = 2  # dropped into the repository while version 1 serves
+    rig.cache.release.clear()
+    threading.Timer(0.2, rig.cache.release.set).start()
+    rig.intake.admit(Slot(_request(A, 0)))  # no version named: the newest, not loaded
+    assert rig.consumer.pauses == [{A, B}] and rig.consumer.resumes == [{A, B}]
+    assert [b.version for b in rig.submitted] == [2]
+
+
 def test_a_traced_record_that_does_not_decode_fails_its_decode_span_names_no_model(
     settings: Settings,
 ) -> None:
