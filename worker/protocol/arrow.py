@@ -111,25 +111,29 @@ def _read_known(value: bytes) -> pa.Table | None:
                 _SCHEMAS.clear()
             schema = _SCHEMAS[key] = pa.ipc.read_schema(first)
         batches = []
+        end = len(value)
         while True:
-            try:
-                message = pa.ipc.read_message(reader)
-            except EOFError:  # the end-of-stream marker, or the end of the bytes
+            at = reader.tell()
+            # The end-of-stream marker (or the pre-1.0 one, or the end of the bytes): seen
+            # here, because read_message's EOFError costs more than reading a batch.
+            if at >= end or value[at : at + 8] == _END_OF_STREAM or value[at : at + 4] == _EOS_OLD:
                 break
+            message = pa.ipc.read_message(reader)
             if message.type != "record batch":
                 return None
             batch = pa.ipc.read_record_batch(message, schema)
             if not all(b is None or b.address % 8 == 0 for c in batch.columns for b in c.buffers()):
                 return None  # the reader's alignment option copies it
+            batch.validate(full=True)  # each batch: what Table.validate(full=True) checks
             batches.append(batch)
         table = pa.Table.from_batches(batches, schema)
-        table.validate(full=True)
     except Exception:  # bad bytes: the full reader says what is wrong
         return None
     return table
 
 
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+_EOS_OLD = b"\x00\x00\x00\x00"  # the end-of-stream marker before format 1.0 (no continuation)
 
 
 def _has_dictionary(typ: pa.DataType) -> bool:
