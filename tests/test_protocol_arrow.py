@@ -446,7 +446,14 @@ def test_the_kept_schemas_are_bounded() -> None:
 
 
 @pytest.mark.parametrize(
-    "case", ["several batches", "no batch", "no end marker", "bytes after the end marker"]
+    "case",
+    [
+        "several batches",
+        "no batch",
+        "no end marker",
+        "bytes after the end marker",
+        "the end marker before format 1.0",
+    ],
 )
 def test_the_short_path_reads_what_the_stream_reader_reads(case: str) -> None:
     a = pa.record_batch([pa.array([1.0, None, 3.0], pa.float64()), pa.array(["a", "b", None])],
@@ -456,6 +463,9 @@ def test_the_short_path_reads_what_the_stream_reader_reads(case: str) -> None:
         "no batch": b"".join((a.schema.serialize(), arrow._END_OF_STREAM)),
         "no end marker": b"".join((a.schema.serialize(), a.serialize())),
         "bytes after the end marker": stream(a) + b"anything at all",
+        "the end marker before format 1.0": b"".join(
+            (a.schema.serialize(), a.serialize(), b"\0\0\0\0", b"anything at all")
+        ),
     }[case]
     table = arrow._read_known(value)
     assert table is not None, "the short path gave up"
