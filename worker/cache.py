@@ -169,19 +169,11 @@ class SessionCache:
         """
         ref = self.repository.resolve(name, version, verify=False)
         settings = self.repository.settings(ref.name)
-        stale: _Entry | None = None
         with self._lock:
-            entry = self._entries.get((ref.name, ref.version))
-            if entry is not None and self._stale_locked(entry, settings):
-                stale, entry = entry, None
-            if entry is not None:
-                self._entries.move_to_end(entry.key)
-                if self._metrics is not None:
-                    self._metrics.model_cache_hits.inc()
-                return entry.session
+            entry, stale = self._hit_locked((ref.name, ref.version), settings)
         if stale is not None and not stale.orphaned:
             self._close_all([stale])
-        return None
+        return None if entry is None else entry.session
 
     def loaded(self) -> list[tuple[str, int]]:
         """Keys of the loaded sessions, least recently used first (tests, /metrics)."""
@@ -219,19 +211,15 @@ class SessionCache:
         key = (ref.name, ref.version)
         victims: list[_Entry] = []
         while True:
-            stale: _Entry | None = None
             with self._lock:
                 if self._closed:
                     raise RuntimeError("session cache is closed")
-                entry = self._entries.get(key)
-                if entry is not None and self._stale_locked(entry, settings):
-                    pin, stale, entry = pin or entry.pinned, entry, None
+                entry, stale = self._hit_locked(key, settings)
+                if stale is not None:
+                    pin = pin or stale.pinned
                 if entry is not None:
-                    self._entries.move_to_end(key)
                     entry.refs += 1
                     entry.pinned = entry.pinned or pin
-                    if self._metrics is not None:
-                        self._metrics.model_cache_hits.inc()
                     return entry
             if stale is not None and not stale.orphaned:
                 self._close_all([stale])
@@ -260,6 +248,22 @@ class SessionCache:
             if flight.error is not None:
                 raise _copy(flight.error)
             # Loaded: loop to take a reference (or load again if already evicted).
+
+    def _hit_locked(
+        self, key: _Key, settings: ModelSettings
+    ) -> tuple[_Entry | None, _Entry | None]:
+        """``(entry, None)`` for a loaded session under ``settings``, counted as a hit and
+        made the most recent; ``(None, stale)`` when its settings changed (removed);
+        ``(None, None)`` when it is not loaded."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None, None
+        if self._stale_locked(entry, settings):
+            return None, entry
+        self._entries.move_to_end(key)
+        if self._metrics is not None:
+            self._metrics.model_cache_hits.inc()
+        return entry, None
 
     def _stale_locked(self, entry: _Entry, settings: ModelSettings) -> bool:
         """True (and the entry removed) when ``settings`` need another session."""

@@ -8,7 +8,7 @@ producer tools) share it without importing each other.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -90,9 +90,12 @@ class TensorSpec:
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Asked several times per request: worked out once from the (frozen) inputs.
+    _row_axis: tuple[str, int | str | None] | None = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        # Asked several times per request: worked out once (the fields are frozen).
         object.__setattr__(self, "_row_axis", _row_axis(self.inputs))
 
     @classmethod
@@ -116,8 +119,7 @@ class Signature:
         such a model's requests run alone, as sent. An input of unknown rank
         counts as an unnamed dynamic axis.
         """
-        row_axis: tuple[str, int | str | None] | None = self._row_axis  # type: ignore[attr-defined]
-        return row_axis
+        return self._row_axis
 
 
 def _row_axis(inputs: tuple[TensorSpec, ...]) -> tuple[str, int | str | None] | None:
