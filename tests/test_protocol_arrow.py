@@ -21,6 +21,7 @@ from worker.protocol import (
     encode_response,
 )
 from worker.protocol.arrow import write_stream
+from worker.protocol.base import Bound, Limits
 from worker.signature import Signature, TensorSpec
 
 
@@ -488,3 +489,148 @@ def test_what_the_short_path_leaves_goes_to_the_stream_reader() -> None:
     # bad bytes: the stream reader's error, as before
     with pytest.raises(WorkerError, match="not a valid Arrow IPC stream"):
         arrow.read_stream(good[:-20])
+
+
+# -- repeated layouts: a header seen before binds views at the kept offsets -----------
+
+
+def _fsl(rows: int, seed: int, width: int = 4) -> pa.RecordBatch:
+    values = np.random.default_rng(seed).random(rows * width, dtype=np.float32)
+    return pa.record_batch([pa.FixedSizeListArray.from_arrays(pa.array(values), width)],
+                           names=["x"])  # fmt: skip
+
+
+def _bound(value: bytes, signature: Signature, limits: Limits | None = None) -> Bound:
+    kw = {} if limits is None else {"limits": limits}
+    return decode_request(value, [], default_id="t/0/0", **kw).bind(signature)
+
+
+def _never(*_args: object) -> None:
+    raise AssertionError("the stream was read the whole way")
+
+
+def test_a_repeated_layout_is_bound_at_the_kept_offsets_without_reading_the_stream(
+    mlp: ort.InferenceSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signature = Signature.from_session(mlp)
+    rng = np.random.default_rng(3)
+    xs = [rng.random((16, 784), dtype=np.float32) for _ in range(3)]
+    values = [encode_request({"x": x}, format="arrow", model="mnist-mlp")[0] for x in xs]
+    arrow._PLANS.clear()
+    first = _bound(values[0], signature)
+    monkeypatch.setattr(arrow, "read_stream", _never)  # the plan's path must not need it
+    for x, value in zip(xs[1:], values[1:], strict=True):
+        bound = _bound(value, signature)
+        np.testing.assert_array_equal(bound.feeds["x"], x)
+        assert owns_nothing(bound.feeds["x"], value)
+        assert (bound.rows, bound.run_rows, bound.alone, bound.passthrough) == (
+            first.rows, first.run_rows, first.alone, None)  # fmt: skip
+        (y,) = mlp.run(None, bound.feeds)
+        np.testing.assert_array_equal(y, mlp.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "several batches",
+        "no end marker",
+        "bytes after the end marker",
+        "the end marker before format 1.0",
+    ],
+)
+def test_a_known_header_with_another_tail_reads_what_the_stream_reader_reads(case: str) -> None:
+    signature = Signature(inputs=(f32("x", None, 4),), outputs=())
+    a, b = _fsl(3, 1), _fsl(3, 2)
+    arrow._PLANS.clear()
+    _bound(stream(a), signature)  # the layout of one 3-row batch, kept
+    assert len(arrow._PLANS) == 1
+    value = {
+        "several batches": stream(a, b),  # the same first header, then a second batch
+        "no end marker": b"".join((a.schema.serialize(), b.serialize())),
+        "bytes after the end marker": stream(b) + b"anything at all",
+        "the end marker before format 1.0": b"".join(
+            (b.schema.serialize(), b.serialize(), b"\0\0\0\0", b"anything at all")
+        ),
+    }[case]
+    assert arrow._head(value) in arrow._PLANS
+    want = np.stack(_full_reader(value).column("x").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(_bound(value, signature).feeds["x"], want)
+
+
+def test_a_known_header_on_a_cut_body_is_bad_bytes() -> None:
+    signature = Signature(inputs=(f32("x", None, 4),), outputs=())
+    arrow._PLANS.clear()
+    _bound(stream(_fsl(8, 1)), signature)
+    cut = stream(_fsl(8, 2))[:-20]  # the header kept, the body short
+    with pytest.raises(WorkerError, match="not a valid Arrow IPC stream"):
+        _bound(cut, signature)
+
+
+def test_a_kept_layout_binds_each_model_its_own_way() -> None:
+    """One header, two models: each model's feeds (or its error) every time, and a
+    layout whose feeds are a copy (the tabular rule) reads each message's own values."""
+    by_name = Signature(inputs=(f32("x", None, 2),), outputs=())
+    stacked = Signature(inputs=(f32("z", None, 2),), outputs=())  # no column "z": stacks a, b
+    other = Signature(inputs=(f32("y", None, 4),), outputs=())
+    arrow._PLANS.clear()
+    for seed in range(3):
+        a = np.random.default_rng(seed).random(5, dtype=np.float32)
+        b = np.random.default_rng(seed + 10).random(5, dtype=np.float32)
+        fsl = pa.FixedSizeListArray.from_arrays(pa.array(np.stack([a, b], 1).reshape(-1)), 2)
+        value = stream(pa.record_batch([fsl], names=["x"]))
+        np.testing.assert_array_equal(_bound(value, by_name).feeds["x"], np.stack([a, b], 1))
+        with pytest.raises(SchemaMismatch, match="missing input 'y'"):
+            _bound(value, other)
+        flat = stream(pa.record_batch([pa.array(a), pa.array(b)], names=["a", "b"]))
+        np.testing.assert_array_equal(_bound(flat, stacked).feeds["z"], np.stack([a, b], 1))
+    assert len(arrow._PLANS) == 2
+
+
+def test_a_kept_layout_keeps_each_messages_passthrough() -> None:
+    signature = Signature(inputs=(f32("x", None, 4),), outputs=())
+    arrow._PLANS.clear()
+    for seed in range(3):
+        batch = _fsl(2, seed)
+        ids = pa.array([seed, seed + 100], pa.int64())
+        value = stream(pa.record_batch([batch.column(0), ids], names=["x", "n"]))
+        bound = _bound(value, signature)
+        assert isinstance(bound.passthrough, pa.Table)
+        assert bound.passthrough.column("n").to_pylist() == [seed, seed + 100]
+
+
+def test_a_kept_layout_still_checks_the_row_limit_and_nulls() -> None:
+    signature = Signature(inputs=(f32("x", None, 4),), outputs=())
+    arrow._PLANS.clear()
+    _bound(stream(_fsl(8, 1)), signature)
+    with pytest.raises(WorkerError, match="rows"):
+        _bound(stream(_fsl(8, 2)), signature, Limits(max_rows=4))
+    holes = pa.array([1.0, None, 3.0, 4.0], pa.float32())
+    value = stream(pa.record_batch([pa.FixedSizeListArray.from_arrays(holes, 4)], names=["x"]))
+    for _ in range(2):
+        with pytest.raises(SchemaMismatch, match="null"):
+            _bound(value, signature)
+
+
+def test_the_kept_layouts_are_bounded() -> None:
+    signature = Signature(inputs=(f32("x", None, 4),), outputs=())
+    arrow._PLANS.clear()
+    for rows in range(1, arrow._PLANS_KEPT + 6):
+        batch = _fsl(rows, rows)
+        bound = _bound(stream(batch), signature)
+        np.testing.assert_array_equal(bound.feeds["x"].reshape(-1), batch.column(0).values)
+        assert len(arrow._PLANS) <= arrow._PLANS_KEPT
+
+
+def test_a_layout_whose_values_decide_the_shape_is_read_every_time() -> None:
+    """pandas' list column: the same header bytes hold equal lists or ragged ones (the
+    offsets are values), so each message is checked, never bound by a kept layout."""
+    signature = Signature(inputs=(f32("x", None, 2),), outputs=())
+    arrow._PLANS.clear()
+    even = stream(pa.record_batch([pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32()))],
+                                  names=["x"]))  # fmt: skip
+    ragged = stream(pa.record_batch([pa.array([[1.0, 2.0, 3.0], [4.0]],
+                                              pa.list_(pa.float32()))], names=["x"]))  # fmt: skip
+    assert arrow._head(even) == arrow._head(ragged)
+    np.testing.assert_array_equal(_bound(even, signature).feeds["x"], [[1, 2], [3, 4]])
+    with pytest.raises(SchemaMismatch, match="ragged"):
+        _bound(ragged, signature)

@@ -136,6 +136,176 @@ _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _EOS_OLD = b"\x00\x00\x00\x00"  # the end-of-stream marker before format 1.0 (no continuation)
 
 
+# -- repeated layouts ----------------------------------------------------------
+#
+# A producer of one model's requests sends the same schema and, for the same row count,
+# the same record batch header on every message: only the body's values change. For a
+# stream of exactly one batch whose columns are all fixed-width numbers (primitives,
+# fixed-size lists, identity-ordered tensors), what the reader and the binding make of it
+# depends on those header bytes and nothing else: every buffer's offset and length, the
+# row count and the null counts are in them, and full validation of such columns reads
+# no values. The first message of a layout goes the whole way (read, full validation,
+# bind) and, where every feed came out a zero-copy view of the record, its offsets are
+# kept; later messages with the same header bytes are views at those offsets.
+
+
+class _Feed(NamedTuple):
+    name: str
+    dtype: np.dtype[Any]
+    offset: int
+    """Bytes from the start of the record value."""
+    size: int
+    """Elements."""
+    shape: tuple[int, ...]
+
+
+class _Binding(NamedTuple):
+    signature: Signature
+    limits: Limits
+    feeds: tuple[_Feed, ...] | None
+    """None: this layout's feeds for this model are not views of the record (a copy,
+    a stacked table): every message is read and bound the whole way."""
+    rows: int
+    run_rows: int | None
+    alone: bool
+
+
+class _Plan:
+    """One stream layout: where its body ends, its rows, and its feeds per model."""
+
+    __slots__ = ("bindings", "end", "rows")
+
+    def __init__(self, end: int, rows: int) -> None:
+        self.end = end
+        self.rows = rows
+        self.bindings: dict[int, _Binding] = {}
+
+    def fits(self, value: bytes) -> bool:
+        """The record ends where this layout's body does (end of stream marker or bytes)."""
+        end = self.end
+        return (
+            end == len(value)
+            or value[end : end + 8] == _END_OF_STREAM
+            or (end < len(value) and value[end : end + 4] == _EOS_OLD)
+        )
+
+    def bind(
+        self, value: bytes, signature: Signature, limits: Limits, table: pa.Table | None = None
+    ) -> Bound:
+        """``value`` bound to ``signature``: views at the kept offsets, or (the first
+        time for this model, or where they do not apply) the whole way."""
+        known = self.bindings.get(id(signature))
+        if known is not None and (known.signature is not signature or known.limits is not limits):
+            known = None
+        if known is not None and known.feeds is not None:
+            feeds = {
+                f.name: np.frombuffer(value, f.dtype, f.size, f.offset).reshape(f.shape)
+                for f in known.feeds
+            }
+            if all(a.flags.aligned for a in feeds.values()):
+                return Bound(feeds=feeds, rows=known.rows, run_rows=known.run_rows,
+                             alone=known.alone)  # fmt: skip
+        bound = _bind(read_stream(value) if table is None else table, signature, limits)
+        if known is None:
+            if len(self.bindings) >= _BINDINGS_KEPT:
+                self.bindings.clear()
+            self.bindings[id(signature)] = _Binding(
+                signature, limits, _views(value, bound), bound.rows, bound.run_rows, bound.alone
+            )
+        return bound
+
+
+_PLANS: dict[bytes, _Plan | None] = {}
+"""Stream layouts by their header bytes (schema and record batch messages up to the
+body); None: a layout that is not one fixed-width batch (read the whole way)."""
+_PLANS_KEPT = 64
+_BINDINGS_KEPT = 16
+_CONTINUATION = b"\xff\xff\xff\xff"
+
+
+def _head(value: bytes) -> bytes | None:
+    """The bytes before the second message's body (schema, then a batch header), or None
+    where the record does not start with two framed messages."""
+    at = 0
+    for _ in range(2):
+        if value[at : at + 4] != _CONTINUATION:
+            return None
+        size = int.from_bytes(value[at + 4 : at + 8], "little", signed=True)
+        if size <= 0 or size % 8:
+            return None
+        at += 8 + size
+    return value[:at] if at <= len(value) else None
+
+
+def _new_plan(value: bytes, head: bytes, table: pa.Table) -> _Plan | None:
+    """The plan of ``value``'s layout, or None where it does not qualify."""
+    if table.num_columns == 0 or not all(_fixed_width(f.type) for f in table.schema):
+        return None
+    try:
+        reader = pa.BufferReader(value)
+        first = pa.ipc.read_message(reader)
+        if first.type != "schema" or (first.body is not None and first.body.size):
+            return None
+        second = pa.ipc.read_message(reader)
+        if second.type != "record batch" or second.body is None:
+            return None
+    except Exception:  # read_stream accepted it; anything odd here: no plan
+        return None
+    end = reader.tell()
+    if end - second.body.size != len(head):
+        return None
+    plan = _Plan(end, table.num_rows)
+    return plan if plan.fits(value) else None
+
+
+def _fixed_width(typ: pa.DataType) -> bool:
+    """A column whose layout its header fixes: numbers, fixed-size lists of them, or
+    identity-ordered tensors of them."""
+    if _is_fixed_shape_tensor(typ):
+        perm = typ.permutation
+        if perm is not None and list(perm) != list(range(len(typ.shape))):
+            return False
+        typ = typ.storage_type
+    while pa.types.is_fixed_size_list(typ):
+        typ = typ.value_type
+    return _is_numeric(typ)
+
+
+def _views(value: bytes, bound: Bound) -> tuple[_Feed, ...] | None:
+    """Where each of ``bound``'s feeds lies in ``value``; None unless every one is a
+    contiguous view of it and nothing passes through."""
+    if bound.passthrough is not None:
+        return None
+    base = np.frombuffer(value, np.uint8).__array_interface__["data"][0]
+    feeds = []
+    for name, arr in bound.feeds.items():
+        if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+            return None
+        offset = arr.__array_interface__["data"][0] - base
+        if offset < 0 or offset + arr.nbytes > len(value) or arr.dtype.kind not in "iuf":
+            return None
+        feeds.append(_Feed(name, arr.dtype, offset, arr.size, arr.shape))
+    return tuple(feeds)
+
+
+def _planned(value: bytes) -> tuple[bytes | None, _Plan | None]:
+    """``value``'s header bytes and the plan kept for them (None: none yet, or none fits)."""
+    head = _head(value)
+    if head is None:
+        return None, None
+    plan = _PLANS.get(head)
+    return head, (plan if plan is not None and plan.fits(value) else None)
+
+
+def _remember(value: bytes, head: bytes, table: pa.Table) -> _Plan | None:
+    if head in _PLANS:
+        return None  # known not to qualify (or not this record: it did not fit)
+    if len(_PLANS) >= _PLANS_KEPT:
+        _PLANS.clear()
+    plan = _PLANS[head] = _new_plan(value, head, table)
+    return plan
+
+
 def _has_dictionary(typ: pa.DataType) -> bool:
     if pa.types.is_dictionary(typ):
         return True
@@ -707,16 +877,26 @@ class ArrowCodec:
         return value[:4] == b"\xff\xff\xff\xff"  # the IPC continuation marker
 
     def decode_request(self, value: bytes, envelope: Envelope, limits: Limits) -> Request:
-        table = read_stream(value)
-        if table.num_rows > limits.max_rows:
-            raise TooLarge("the Arrow table", table.num_rows, limits.max_rows, "rows")
+        head, plan = _planned(value)
+        table = None
+        if plan is None:
+            table = read_stream(value)
+            if head is not None:
+                plan = _remember(value, head, table)
+        rows = plan.rows if plan is not None else table.num_rows  # type: ignore[union-attr]
+        if rows > limits.max_rows:
+            raise TooLarge("the Arrow table", rows, limits.max_rows, "rows")
+        if plan is not None:
+            binder = functools.partial(plan.bind, value, limits=limits, table=table)
+        else:
+            binder = functools.partial(_bind, table, limits=limits)
         return Request(
             format=self.name,
             model=envelope.model,
             model_version=envelope.model_version,
             request_id=envelope.request_id or envelope.default_id,
             headers=envelope.headers,
-            _binder=lambda signature: _bind(table, signature, limits),
+            _binder=binder,
         )
 
     def encode_response(
