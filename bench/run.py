@@ -378,6 +378,8 @@ class Bench:
         got: dict[str, dict[str, list[list[float]]]] = {
             t: {name: [] for name, _ in levels} for t in targets
         }
+        sent: dict[str, dict[str, list[float]]] = {t: {name: [] for name, _ in levels}
+                                                   for t in targets}  # fmt: skip
         for i in range(p.side_reps):
             for target, top in targets.items():
                 log(f"latency rep {i + 1}/{p.side_reps}: {target} (max {top:,.0f} rows/s)")
@@ -392,9 +394,11 @@ class Bench:
                                            ["--response-bytes", str(response_bytes)])  # fmt: skip
 
                 label = f"lat-{target}{i}".replace("_", "-")
-                for name, values in self._paced_run(label, start, msgs, schedule).items():
+                per_level, rates = self._paced_run(label, start, msgs, schedule)
+                for name, values in per_level.items():
                     got[target][name].append(percentiles(values))
-        return _latency_table(targets, levels, got)
+                    sent[target][name].append(rates.get(name, float("nan")) * m.rows_per_message)
+        return _latency_table(targets, levels, got, sent)
 
     def tail(self, app_max: float) -> dict[str, Any]:
         """The worker (confluent) and the per-message app, each its own process, at 10%, 25%
@@ -412,6 +416,8 @@ class Bench:
         got: dict[str, dict[str, list[list[float]]]] = {
             t: {name: [] for name, _ in levels} for t in targets
         }
+        sent: dict[str, dict[str, list[float]]] = {t: {name: [] for name, _ in levels}
+                                                   for t in targets}  # fmt: skip
         schedule = [(name, f * app_max / m.rows_per_message) for name, f in levels]
         names = list(targets)
         for i in range(p.side_reps):
@@ -426,23 +432,28 @@ class Bench:
                                            "per-message", ["--model", str(path)])  # fmt: skip
 
                 label = f"tail-{target}{i}".replace("_", "-")
-                for name, values in self._paced_run(label, start, msgs, schedule).items():
+                per_level, rates = self._paced_run(label, start, msgs, schedule)
+                for name, values in per_level.items():
                     got[target][name].append(percentiles(values))
+                    sent[target][name].append(rates.get(name, float("nan")) * m.rows_per_message)
         return {"rows_per_message": m.rows_per_message, "app_max_rows_per_s": app_max,
-                **_latency_table(targets, levels, got)}  # fmt: skip
+                **_latency_table(targets, levels, got, sent)}  # fmt: skip
 
     def _paced_run(self, label: str, start: Callable[[str, str, str, int], Any],
                    msgs: Sequence[tuple[bytes, list]], schedule: Sequence[tuple[str, float]]
-                   ) -> dict[str, list[float]]:  # fmt: skip
+                   ) -> tuple[dict[str, list[float]], dict[str, float]]:  # fmt: skip
         """One process (``start(in, out, group, total)``) under 20 warm-up messages, then
         each ``(level, messages/s)`` of ``schedule`` for ``plan.latency_s`` seconds:
-        milliseconds from request append to answer, per level (empty after a failure)."""
+        milliseconds from request append to answer, per level (empty after a failure), and
+        the messages/s the broker appended per level (below the schedule's where this
+        machine could not send faster)."""
         warm = 20
         counts = {name: max(1, int(per_s * self.plan.latency_s)) for name, per_s in schedule}
         total = warm + sum(counts.values())
         in_t = self.k.topic(label, append_time=True)
         out_t, group = self.k.topic(f"{label}-out"), self.k.group(label)
         per_level: dict[str, list[float]] = {name: [] for name, _ in schedule}
+        rates: dict[str, float] = {}
         producer = ck.Producer({
             "bootstrap.servers": self.bootstrap, "linger.ms": 0,
             "message.max.bytes": MAX_MESSAGE_BYTES + 65536,
@@ -462,6 +473,10 @@ class Bench:
                     raise RuntimeError(f"{label}: {len(answers)} answers to {total} requests: "
                                        f"{proc.stderr_tail()}")  # fmt: skip
             requests = {_header(r, "seq"): r.timestamp for r in self.k.read(in_t, total)}
+            for name, _ in schedule:
+                stamps = [t for seq, t in requests.items() if seq and seq.startswith(f"{name}-")]
+                span_ms = max(stamps) - min(stamps) if stamps else 0
+                rates[name] = (len(stamps) - 1) * 1000.0 / span_ms if span_ms > 0 else float("nan")
             for r in answers:
                 sent = requests.get(_header(r, "seq"))
                 phase = _header(r, "phase")
@@ -470,10 +485,10 @@ class Bench:
         except Exception as exc:  # one failed run must not cost the whole bench
             log(f"{label} failed: {exc}", force=True)
             self.errors.append(f"{label}: {exc}")
-            per_level = {name: [] for name, _ in schedule}
+            per_level, rates = {name: [] for name, _ in schedule}, {}
         finally:
             self.k.drop(in_t, out_t)
-        return per_level
+        return per_level, rates
 
     # -- 1 vs 2 workers ------------------------------------------------------------
 
@@ -517,7 +532,8 @@ class Bench:
 def _paced(producer: ck.Producer, topic: str, msgs: Sequence[tuple[bytes, list]],
            per_s: float, count: int, phase: bytes) -> None:  # fmt: skip
     """Send ``count`` messages at ``per_s`` a second on a fixed schedule (late sends do not
-    wait for the next slot, so the offered rate holds); each carries ``phase`` and a ``seq``."""
+    wait for the next slot, so the offered rate holds while the machine can send it; with
+    the client's queue full a send waits for room); each carries ``phase`` and a ``seq``."""
     start = time.monotonic()
     for j in range(count):
         delay = start + j / per_s - time.monotonic()
@@ -525,7 +541,12 @@ def _paced(producer: ck.Producer, topic: str, msgs: Sequence[tuple[bytes, list]]
             time.sleep(delay)
         value, headers = msgs[j % len(msgs)]
         seq = f"{phase.decode()}-{j}".encode()
-        producer.produce(topic, value, headers=[*headers, ("phase", phase), ("seq", seq)])
+        while True:
+            try:
+                producer.produce(topic, value, headers=[*headers, ("phase", phase), ("seq", seq)])
+                break
+            except BufferError:  # the client's queue is full: this machine sends no faster
+                producer.poll(0.01)
         producer.poll(0)
 
 
@@ -537,8 +558,10 @@ def _header(record: Any, name: str) -> str | None:
 
 
 def _latency_table(targets: dict[str, float], levels: Sequence[tuple[str, float]],
-                   got: dict[str, dict[str, list[list[float]]]]) -> dict[str, Any]:  # fmt: skip
-    """Medians over repetitions of each target's p50/p95/p99 per level (failed runs left out)."""
+                   got: dict[str, dict[str, list[list[float]]]],
+                   sent: dict[str, dict[str, list[float]]]) -> dict[str, Any]:  # fmt: skip
+    """Medians over repetitions of each target's p50/p95/p99 per level (failed runs left
+    out), and of the rows/s the broker appended (``sent``)."""
     out: dict[str, Any] = {}
     for target, top in targets.items():
         out[target] = {}
@@ -546,6 +569,7 @@ def _latency_table(targets: dict[str, float], levels: Sequence[tuple[str, float]
             reps = [r for r in got[target][name] if r and r[0] == r[0]]
             out[target][name] = {
                 "offered_rows_per_s": fraction * top,
+                "sent_rows_per_s": med(sent[target][name]),
                 "p50_ms": med([r[0] for r in reps]),
                 "p95_ms": med([r[1] for r in reps]),
                 "p99_ms": med([r[2] for r in reps]),
@@ -709,6 +733,14 @@ def _tail_goals(tail: dict[str, Any] | None) -> list[tuple[str, float, str, floa
     return rows
 
 
+def _sent(level: dict[str, Any]) -> str:
+    """The rows/s the broker appended at a level, as a share of the offered load."""
+    sent = level.get("sent_rows_per_s", float("nan"))
+    if sent != sent:
+        return "n/a"
+    return f"{sent / level['offered_rows_per_s']:.0%}"
+
+
 def _fmt(v: float) -> str:
     if v != v:
         return "n/a"
@@ -726,7 +758,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Ratios: median of the per-repetition ratios; best/best: fastest run over fastest "
         "run (the least disturbed by other load on the machine). CPU µs/message: user + "
         "system CPU of the loop's process, every thread (the Kafka client's included, the "
-        "broker's not), per message; the worker's start-up left out.",
+        "broker's not), per message; the worker's start-up left out. Latency tables, sent: "
+        "the rows/s the broker appended, as a share of the offered load (less where the "
+        "load generator, on the same cores, could not send faster).",
     ]
     for key, st in results.get("streams", {}).items():
         r, q, bq = st["rows_per_s"], st["ratios"], st["best_ratios"]
@@ -794,8 +828,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"| MLP {tail['rows_per_message']}-row latency at a fixed offered load (fractions "
             f"of the per-message app's {tail['app_max_rows_per_s']:,.0f} rows/s) "
-            "| offered rows/s | p50 ms | p95 ms | p99 ms |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| offered rows/s | sent | p50 ms | p95 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for name, _ in TAIL_LEVELS:
             for target in ("worker", "per_message"):
@@ -803,7 +837,7 @@ def markdown(results: dict[str, Any]) -> str:
                     x = tail[target][name]
                     lines.append(
                         f"| {LOOPS[target].split(' (')[0]}, at {name} "
-                        f"| {x['offered_rows_per_s']:,.0f} "
+                        f"| {x['offered_rows_per_s']:,.0f} | {_sent(x)} "
                         f"| {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |"
                     )
     if "latency" in results:
@@ -811,8 +845,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             "| MLP 64-row latency, request append to response timestamp | offered rows/s "
-            "| p50 ms | p95 ms | p99 ms |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| sent | p50 ms | p95 ms | p99 ms |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         whose = {"worker": "of its max", "rdkafka_drain": "of the confluent worker's max",
                  "worker_kafka_python": "of its max"}  # fmt: skip
@@ -821,7 +855,7 @@ def markdown(results: dict[str, Any]) -> str:
                 x = lat[target][name]
                 lines.append(
                     f"| {LOOPS[target].split(' (')[0]}, at {name} {whose[target]} "
-                    f"| {x['offered_rows_per_s']:,.0f} "
+                    f"| {x['offered_rows_per_s']:,.0f} | {_sent(x)} "
                     f"| {x['p50_ms']:.0f} | {x['p95_ms']:.0f} | {x['p99_ms']:.0f} |"
                 )
     ref = results.get("kafka_python_reference")
