@@ -123,7 +123,7 @@ def test_a_job_that_would_overflow_the_group_starts_the_next_one() -> None:
 
 
 def test_the_default_alone_size_is_the_flags_default() -> None:
-    assert ALONE_ROWS == Settings.model_fields["coalesce_below_rows"].default == 1024
+    assert ALONE_ROWS == Settings.model_fields["coalesce_below_rows"].default == 256
     b = Batcher(max_rows=4000, max_delay_s=1.0)
     assert b.add(_job(ALONE_ROWS - 1)) == []
     [big] = b.add(_job(ALONE_ROWS, model="big", version=2))

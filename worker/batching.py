@@ -133,7 +133,7 @@ class _Group:
 
 
 # ``--coalesce-below-rows``'s default: requests of at least this many rows run alone.
-ALONE_ROWS = 1024
+ALONE_ROWS = 256
 
 
 class Batcher:
