@@ -111,12 +111,11 @@ def _read_known(value: bytes) -> pa.Table | None:
                 _SCHEMAS.clear()
             schema = _SCHEMAS[key] = pa.ipc.read_schema(first)
         batches = []
-        end = len(value)
         while True:
             at = reader.tell()
             # The end-of-stream marker (or the pre-1.0 one, or the end of the bytes): seen
             # here, because read_message's EOFError costs more than reading a batch.
-            if at >= end or value[at : at + 8] == _END_OF_STREAM or value[at : at + 4] == _EOS_OLD:
+            if _ends_at(value, at):
                 break
             message = pa.ipc.read_message(reader)
             if message.type != "record batch":
@@ -134,6 +133,16 @@ def _read_known(value: bytes) -> pa.Table | None:
 
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _EOS_OLD = b"\x00\x00\x00\x00"  # the end-of-stream marker before format 1.0 (no continuation)
+
+
+def _ends_at(value: bytes, at: int) -> bool:
+    """The stream ends at ``at``: the end of the bytes, or an end-of-stream marker
+    (either form; what follows it is ignored, as the stream reader does)."""
+    return (
+        at >= len(value)
+        or value[at : at + 8] == _END_OF_STREAM
+        or value[at : at + 4] == _EOS_OLD
+    )
 
 
 # -- repeated layouts ----------------------------------------------------------
@@ -182,12 +191,7 @@ class _Plan:
 
     def fits(self, value: bytes) -> bool:
         """The record ends where this layout's body does (end of stream marker or bytes)."""
-        end = self.end
-        return (
-            end == len(value)
-            or value[end : end + 8] == _END_OF_STREAM
-            or (end < len(value) and value[end : end + 4] == _EOS_OLD)
-        )
+        return self.end <= len(value) and _ends_at(value, self.end)
 
     def bind(
         self, value: bytes, signature: Signature, limits: Limits, table: pa.Table | None = None
@@ -262,8 +266,7 @@ def _fixed_width(typ: pa.DataType) -> bool:
     """A column whose layout its header fixes: numbers, fixed-size lists of them, or
     identity-ordered tensors of them."""
     if _is_fixed_shape_tensor(typ):
-        perm = typ.permutation
-        if perm is not None and list(perm) != list(range(len(typ.shape))):
+        if _permuted(typ):
             return False
         typ = typ.storage_type
     while pa.types.is_fixed_size_list(typ):
@@ -338,6 +341,12 @@ def _is_fixed_shape_tensor(typ: pa.DataType) -> bool:
     )
 
 
+def _permuted(typ: pa.BaseExtensionType) -> bool:
+    """An ``arrow.fixed_shape_tensor`` whose values are not stored in row-major order."""
+    perm = typ.permutation
+    return perm is not None and list(perm) != list(range(len(typ.shape)))
+
+
 def _is_numeric(typ: pa.DataType) -> bool:
     return bool(pa.types.is_integer(typ) or pa.types.is_floating(typ))
 
@@ -375,8 +384,7 @@ def _array_tensor(name: str, arr: pa.Array, limits: Limits) -> np.ndarray:
     dims: list[int] = []
     if _is_fixed_shape_tensor(typ):
         dims = list(typ.shape)
-        perm = typ.permutation
-        if perm is not None and list(perm) != list(range(len(dims))):
+        if _permuted(typ):
             check_elements(name, (rows, *dims), limits)
             return np.ascontiguousarray(arr.to_numpy_ndarray())  # permuted layout: copy
         leaf = _fsl_values(arr.storage)  # storage: fixed_size_list<value>[prod(shape)]
