@@ -218,7 +218,8 @@ class Worker:
             # budget spent, wait for acknowledgements instead: librdkafka keeps its
             # prefetch, which a pause throws away (partitions pause only when the
             # budget stays spent, see FlowControl.backpressure).
-            if flow.waiting():
+            waiting = flow.waiting()
+            if waiting:
                 committer.producer.poll(flow.poll_wait_s())
                 # Bytes leave the budget when acknowledged (at-least-once, by this
                 # commit() call) or when their transaction commits (exactly-once):
@@ -242,7 +243,9 @@ class Worker:
             # their window closes
             self._dispatch()
             committer.send()  # 5. dead letters; pool threads send the rest
-            self._committed(committer.commit())  # 6. acknowledged heads (or one transaction)
+            # 6. acknowledged heads (or one transaction); at once on a spent budget, for
+            # what was acknowledged since the commit above frees the budget unseen
+            self._committed(committer.commit(force=waiting))
             if records:  # 7. run markers moved ahead while no record waits for them
                 committer.extend(tp for tp in committer.polled if r.partitions.careful(tp) is None)
             flow.backpressure()

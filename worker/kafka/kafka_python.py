@@ -268,6 +268,7 @@ class KafkaPythonConsumer:
         }
         base.update(kafka_python_config({**config.properties, **overrides}, "consumer"))
         self._c: KafkaConsumer = _open(KafkaConsumer, base)
+        self._poll_failures, self._quiet_until = 0, 0.0
 
     def subscribe(self, topics: list[str], handler: RebalanceHandler) -> None:
         # Learn the topics' partitions before joining: a first JoinGroup without
@@ -292,7 +293,26 @@ class KafkaPythonConsumer:
             return None
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
-        polled = self._c.poll(timeout_ms=timeout_s * 1000, max_records=max_records)
+        try:
+            polled = self._c.poll(timeout_ms=timeout_s * 1000, max_records=max_records)
+        except Errors.KafkaError as exc:
+            if not getattr(exc, "retriable", False):
+                raise
+            # kafka-python raises a connection failure met while it looks for the group
+            # coordinator (librdkafka retries it inside poll): nothing was read, so
+            # nothing is lost; the next poll tries again.
+            self._poll_failures += 1
+            now = time.monotonic()
+            if now >= self._quiet_until:
+                log.warning(
+                    "poll: %s: %s (%d since the last warning); trying again",
+                    type(exc).__name__,
+                    exc,
+                    self._poll_failures,
+                )
+                self._poll_failures, self._quiet_until = 0, now + 5.0
+            time.sleep(min(timeout_s, 0.1))
+            return []
         return [
             Record(
                 r.topic,

@@ -1,0 +1,73 @@
+"""The kafka-python backend's consumer seam (worker/kafka/kafka_python.py), with
+kafka-python's client replaced where the backend opens it.
+
+A connection reset while kafka-python looks for the group coordinator is raised
+out of ``KafkaConsumer.poll`` (librdkafka retries it inside its poll). Seen in CI:
+the careful-mode worker died of it under Toxiproxy's ``reset_peer``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import kafka.errors as Errors
+import pytest
+
+from worker.kafka import ClientConfig, Record
+from worker.kafka import kafka_python as kp
+
+
+class _Client:
+    """Raises each queued exception from ``poll`` in turn, then returns records."""
+
+    def __init__(self, raises: list[Exception]) -> None:
+        self.raises, self.polls = raises, 0
+
+    def poll(self, timeout_ms: float, max_records: int) -> dict[Any, list[Any]]:
+        self.polls += 1
+        if self.raises:
+            raise self.raises.pop(0)
+        record = SimpleNamespace(
+            topic="in", partition=0, offset=7, key=b"k", value=b"v", headers=[], timestamp=5
+        )
+        return {("in", 0): [record]}
+
+
+@pytest.fixture
+def consumer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    def build(raises: list[Exception]) -> tuple[kp.KafkaPythonConsumer, _Client]:
+        client = _Client(raises)
+        monkeypatch.setattr(kp, "_open", lambda cls, config: client)
+        return kp.KafkaPythonConsumer(ClientConfig(group_id="g"), {}), client
+
+    yield build
+
+
+def test_a_connection_reset_in_poll_reads_nothing_and_the_next_poll_reads_on(
+    consumer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    c, client = consumer([Errors.KafkaConnectionError("[Errno 104] Connection reset by peer")])
+    with caplog.at_level(logging.WARNING, logger="worker.kafka"):
+        assert c.poll(10, 0.01) == []
+    assert c.poll(10, 0.01) == [Record("in", 0, 7, b"k", b"v", [], 5)]
+    assert client.polls == 2
+    assert any("KafkaConnectionError" in r.getMessage() for r in caplog.records)
+
+
+def test_retriable_failures_in_a_row_warn_once_not_per_poll(
+    consumer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    c, _ = consumer([Errors.NodeNotReadyError("not ready") for _ in range(20)])
+    with caplog.at_level(logging.WARNING, logger="worker.kafka"):
+        for _ in range(20):
+            assert c.poll(10, 0.0) == []
+    assert len([r for r in caplog.records if "poll:" in r.getMessage()]) == 1
+
+
+def test_a_failure_that_will_not_pass_still_raises(consumer: Any) -> None:
+    c, _ = consumer([Errors.TopicAuthorizationFailedError("denied")])
+    with pytest.raises(Errors.TopicAuthorizationFailedError):
+        c.poll(10, 0.01)
