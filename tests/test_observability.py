@@ -88,11 +88,13 @@ def test_slow_model_pauses_partitions_and_still_answers_everything(
     kafka_bootstrap: str, new_topic: Callable[..., str], group_id: str, tmp_path: Path
 ) -> None:
     repo = tmp_path / "models"
-    # A run that outlasts the second a spent budget waits before partitions pause.
-    path = modelzoo.write_slow(repo, ms_per_run=1500)
+    # A run that outlasts the second a spent budget waits before partitions pause, with
+    # room to spare: a "1,500 ms" run took 1.0 s on one thread here, and on a faster CI
+    # machine every run ended inside the second, so no partition ever paused.
+    path = modelzoo.write_slow(repo, ms_per_run=3000)
     requests, outputs = new_topic(partitions=2), new_topic()
     records, inputs = [], {}
-    for i in range(4):
+    for i in range(3):
         x = np.random.default_rng(i).random((1, 16), dtype=np.float32)
         value, headers = encode_request(
             {"x": x}, format="msgpack", model="slow", request_id=f"p{i}"
