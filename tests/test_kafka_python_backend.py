@@ -16,7 +16,7 @@ from typing import Any
 import kafka.errors as Errors
 import pytest
 
-from worker.kafka import ClientConfig, Record
+from worker.kafka import ClientConfig, Record, TopicPartition
 from worker.kafka import kafka_python as kp
 
 
@@ -71,3 +71,27 @@ def test_a_failure_that_will_not_pass_still_raises(consumer: Any) -> None:
     c, _ = consumer([Errors.TopicAuthorizationFailedError("denied")])
     with pytest.raises(Errors.TopicAuthorizationFailedError):
         c.poll(10, 0.01)
+
+
+def test_pausing_or_resuming_a_partition_revoked_meanwhile_is_no_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # kafka-python changes the assignment on its I/O thread, between the loop's
+    # assignment() and its pause(): its subscription state raises KeyError then.
+    class Assigned:
+        def __init__(self) -> None:
+            self.paused: list[Any] = []
+
+        def pause(self, tp: Any) -> None:
+            if tp.partition == 1:
+                raise KeyError(tp)
+            self.paused.append(tp)
+
+        resume = pause
+
+    client = Assigned()
+    monkeypatch.setattr(kp, "_open", lambda cls, config: client)
+    c = kp.KafkaPythonConsumer(ClientConfig(group_id="g"), {})
+    c.pause([TopicPartition("in", 1), TopicPartition("in", 0)])
+    c.resume([TopicPartition("in", 1), TopicPartition("in", 2)])
+    assert [(tp.topic, tp.partition) for tp in client.paused] == [("in", 0), ("in", 2)]

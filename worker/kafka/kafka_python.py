@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import kafka.errors as Errors
@@ -330,13 +330,18 @@ class KafkaPythonConsumer:
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(tp.topic, tp.partition) for tp in self._c.assignment()}
 
+    # kafka-python changes the assignment on its I/O thread: a partition listed as
+    # assigned a moment ago may be gone (KeyError from its subscription state), and a
+    # partition that is gone needs no pause or resume.
     def pause(self, tps: Collection[TopicPartition]) -> None:
-        if tps:
-            self._c.pause(*(KTP(t, p) for t, p in tps))
+        for t, p in tps:
+            with suppress(KeyError):
+                self._c.pause(KTP(t, p))
 
     def resume(self, tps: Collection[TopicPartition]) -> None:
-        if tps:
-            self._c.resume(*(KTP(t, p) for t, p in tps))
+        for t, p in tps:
+            with suppress(KeyError):
+                self._c.resume(KTP(t, p))
 
     def commit(self, offsets: Mapping[TopicPartition, int], metadata: Metadata = "") -> None:
         try:
