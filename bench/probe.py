@@ -5,6 +5,7 @@ where a message's time and CPU go at a given offered load (the timeline).
     bench/probe.py saturation --messages 5000 -- --coalesce-below-rows 1024
     bench/probe.py saturation --rows 64 --py-spy /tmp/worker.txt -- --kafka-client confluent
     bench/probe.py timeline --rows 16 --rate 228 --py-spy /tmp/spy.txt --py-spy-flag=--gil
+    bench/probe.py timeline --rows 16 --rate 228 --app
 
 The timeline, at ``--rate`` messages/s of ``--rows``-row Arrow requests (LogAppendTime
 input, a paced librdkafka producer): request append -> answer timestamp p50/p99; the
@@ -41,12 +42,14 @@ from kafka.admin import KafkaAdminClient, NewTopic
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.run import BaselineProcess, _header, _paced  # noqa: E402
 from bench.workloads import (  # noqa: E402
     Kafka,
     WorkerProcess,
     bootstrap_servers,
     minor_faults,
     percentiles,
+    process_cpu_seconds,
     thread_cpu_seconds,
     thread_groups,
 )
@@ -259,39 +262,60 @@ def _timeline(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, rep
     per stage, and (``--py-spy``) where its Python threads spend their CPU."""
     import confluent_kafka as ck
 
-    from bench.run import _header, _paced
 
     k = Kafka(bootstrap)
     group, warm = f"g-{tin}", 20
     n = max(1, int(args.rate * args.seconds))
     producer = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 0,
                             "message.max.bytes": 16 << 20})  # fmt: skip
+    who = "the per-message app" if args.app else "the worker"
+    w: WorkerProcess | BaselineProcess
+    if args.app:
+        # It never reaches its count (it would exit before its CPU is read): stopped below.
+        w = BaselineProcess(bootstrap, tin, tout, group, warm + n + 1, "per-message",
+                            ["--model", str(repo / MODEL / "1" / "model.onnx")])  # fmt: skip
+    else:
+        w = WorkerProcess(bootstrap, tin, tout, repo, MODEL, group, extra)
+
+    def answered(count: int, timeout: float) -> bool:
+        # The worker's commits follow its acknowledgements; the app commits every 5 s,
+        # so for it the answers on the output topic count.
+        if not args.app:
+            return k.wait_committed(group, {0: count}, timeout, w.alive)
+        deadline = time.monotonic() + timeout
+        while sum(k.end_offsets(tout).values()) < count:
+            if time.monotonic() > deadline or not w.alive():
+                return False
+            time.sleep(0.05)
+        return True
+
     spy = None
     try:
-        with WorkerProcess(bootstrap, tin, tout, repo, MODEL, group, extra) as w:
+        with w:
             w.wait_ready()
             _paced(producer, tin, [message], 200.0, warm, b"warm")
             producer.flush(30)
-            if not k.wait_committed(group, {0: warm}, 120, w.alive):
-                print(f"the worker did not answer the warm-up: {w.stderr_tail()}", file=sys.stderr)
+            if not answered(warm, 120):
+                print(f"{who} did not answer the warm-up: {w.stderr_tail()}", file=sys.stderr)
                 return 1
-            before, cpu = w.metrics(), w.cpu_seconds()
-            threads = thread_cpu_seconds(w.proc.pid if w.proc else 0)
+            pid = w.proc.pid if w.proc else 0
+            before, cpu = _own_metrics(w), process_cpu_seconds(pid)
+            threads = thread_cpu_seconds(pid)
             if args.py_spy is not None:
                 exe = Path(sys.executable).with_name("py-spy")
                 spy = subprocess.Popen([str(exe) if exe.exists() else "py-spy", "record",
-                                        "-p", str(w.proc.pid if w.proc else 0), "-r", str(SPY_HZ),
+                                        "-p", str(pid), "-r", str(SPY_HZ),
                                         "-f", "raw", "--threads", "--nonblocking",
                                         "-o", str(args.py_spy), *args.py_spy_flag],
                                        stdout=subprocess.DEVNULL)  # fmt: skip
             _paced(producer, tin, [message], args.rate, n, b"paced")
             producer.flush(60)
-            if not k.wait_committed(group, {0: warm + n}, 300, w.alive):
-                print(f"the worker did not finish: {w.stderr_tail()}", file=sys.stderr)
+            if not answered(warm + n, 300):
+                print(f"{who} did not finish: {w.stderr_tail()}", file=sys.stderr)
                 return 1
-            cpu = w.cpu_seconds() - cpu
-            groups = thread_groups(threads, thread_cpu_seconds(w.proc.pid if w.proc else 0))
-            after = w.metrics()
+            cpu = process_cpu_seconds(pid) - cpu
+            groups = thread_groups(threads, thread_cpu_seconds(pid))
+            after = _own_metrics(w)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
@@ -303,24 +327,30 @@ def _timeline(args: argparse.Namespace, bootstrap: str, tin: str, tout: str, rep
             spy.kill()
         k.close()
     p50, _, p99 = percentiles(lat)
-    print(f"timeline: {args.rate:g} messages/s of {args.rows} rows ({args.rate * args.rows:,.0f} "
-          f"rows/s) for {args.seconds:g} s, {extra}")
+    print(f"timeline of {who}: {args.rate:g} messages/s of {args.rows} rows "
+          f"({args.rate * args.rows:,.0f} rows/s) for {args.seconds:g} s, {extra}")
     print(f"  request append -> answer timestamp: p50 {p50:.0f} ms, p99 {p99:.0f} ms "
           f"over {len(lat)} answers")
-    print(f"  worker CPU (every thread): {cpu / n * 1e6:,.0f} µs per message, "
+    print(f"  CPU (every thread): {cpu / n * 1e6:,.0f} µs per message, "
           f"{cpu / args.seconds:.0%} of a core")
     _print_groups(groups, n)
-    print("  /metrics over the paced span:")
-    print("\n".join(_series(before, after)))
+    if not args.app:
+        print("  /metrics over the paced span:")
+        print("\n".join(_series(before, after)))
     if args.py_spy is not None and args.py_spy.exists():
         shares = stage_shares(args.py_spy.read_text())
         total = sum(shares.values()) or 1
-        print(f"  py-spy {' '.join(args.py_spy_flag)}: {total:,} samples at {SPY_HZ} Hz of the "
-              f"worker's Python threads (librdkafka's own threads are not sampled), per stage:")
+        print(f"  py-spy {' '.join(args.py_spy_flag)}: {total:,} samples at {SPY_HZ} Hz of "
+              f"{who}'s Python threads (librdkafka's own threads are not sampled), per stage:")
         for stage, samples in sorted(shares.items(), key=lambda x: -x[1]):
             print(f"    {stage:<36} {samples / total:6.1%}  "
                   f"{samples / SPY_HZ / n * 1e6:6,.0f} µs/message")
     return 0
+
+
+def _own_metrics(w: WorkerProcess | BaselineProcess) -> dict[str, float]:
+    """The worker's /metrics; the per-message app has none."""
+    return w.metrics() if isinstance(w, WorkerProcess) else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,11 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-interval", type=float, default=None, metavar="S",
                         help="run the worker with sys.setswitchinterval(S) (an A/B experiment "
                         "on GIL hand-offs; Python's default is 0.005)")  # fmt: skip
+    parser.add_argument("--app", action="store_true",
+                        help="timeline: the per-message app (bench/baselines.py per-message, "
+                        "the Quix Streams shape) instead of the worker, under the same load")
     parser.add_argument("--py-spy-flag", action="append", default=[], metavar="FLAG",
                         help="extra py-spy record flag, e.g. --py-spy-flag=--gil (repeatable)")
     args = parser.parse_args(own)
     if args.format is None:
         args.format = "arrow" if args.mode == "timeline" else "msgpack"
+    if args.app and (args.mode != "timeline" or args.format != "arrow" or extra):
+        parser.error("--app: the timeline only, of Arrow requests, with no worker flags")
 
     bootstrap = bootstrap_servers()
     run = uuid.uuid4().hex[:8]

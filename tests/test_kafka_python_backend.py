@@ -18,6 +18,7 @@ import pytest
 
 from worker.kafka import ClientConfig, Record, TopicPartition
 from worker.kafka import kafka_python as kp
+from worker.observability import RepeatedLines
 
 
 class _Client:
@@ -50,21 +51,29 @@ def test_a_connection_reset_in_poll_reads_nothing_and_the_next_poll_reads_on(
     consumer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     c, client = consumer([Errors.KafkaConnectionError("[Errno 104] Connection reset by peer")])
-    with caplog.at_level(logging.WARNING, logger="worker.kafka"):
+    with caplog.at_level(logging.WARNING, logger="kafka"):
         assert c.poll(10, 0.01) == []
     assert c.poll(10, 0.01) == [Record("in", 0, 7, b"k", b"v", [], 5)]
     assert client.polls == 2
     assert any("KafkaConnectionError" in r.getMessage() for r in caplog.records)
 
 
-def test_retriable_failures_in_a_row_warn_once_not_per_poll(
+def test_retriable_failures_in_a_row_are_summarised_as_the_clients_own_lines(
     consumer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The worker's log handler carries RepeatedLines (configure_logging): one line, then
+    # one summary per 10 s, for the Kafka clients' loggers.
     c, _ = consumer([Errors.NodeNotReadyError("not ready") for _ in range(20)])
-    with caplog.at_level(logging.WARNING, logger="worker.kafka"):
-        for _ in range(20):
+    now = [0.0]
+    caplog.handler.addFilter(RepeatedLines(clock=lambda: now[0]))
+    with caplog.at_level(logging.WARNING, logger="kafka"):
+        for _ in range(19):
             assert c.poll(10, 0.0) == []
-    assert len([r for r in caplog.records if "poll:" in r.getMessage()]) == 1
+        now[0] = 10.0
+        assert c.poll(10, 0.0) == []
+    lines = [r.getMessage() for r in caplog.records if "poll:" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[1].startswith("19 more in the last 10 s, the latest: poll: NodeNotReadyError")
 
 
 def test_a_failure_that_will_not_pass_still_raises(consumer: Any) -> None:

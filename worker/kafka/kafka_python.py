@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("worker.kafka")
+# In the "kafka" family of loggers (kafka-python's own), whose repeated warnings are
+# summarised every 10 s: what kafka-python raised rather than logged.
+client_log = logging.getLogger("kafka.worker")
 
 T = TypeVar("T")
 
@@ -268,7 +271,6 @@ class KafkaPythonConsumer:
         }
         base.update(kafka_python_config({**config.properties, **overrides}, "consumer"))
         self._c: KafkaConsumer = _open(KafkaConsumer, base)
-        self._poll_failures, self._quiet_until = 0, 0.0
 
     def subscribe(self, topics: list[str], handler: RebalanceHandler) -> None:
         # Learn the topics' partitions before joining: a first JoinGroup without
@@ -300,17 +302,9 @@ class KafkaPythonConsumer:
                 raise
             # kafka-python raises a connection failure met while it looks for the group
             # coordinator (librdkafka retries it inside poll): nothing was read, so
-            # nothing is lost; the next poll tries again.
-            self._poll_failures += 1
-            now = time.monotonic()
-            if now >= self._quiet_until:
-                log.warning(
-                    "poll: %s: %s (%d since the last warning); trying again",
-                    type(exc).__name__,
-                    exc,
-                    self._poll_failures,
-                )
-                self._poll_failures, self._quiet_until = 0, now + 5.0
+            # nothing is lost; the next poll tries again. Logged as the client's own
+            # lines are, so repeats are summarised (observability.RepeatedLines).
+            client_log.warning("poll: %s: %s; trying again", type(exc).__name__, exc)
             time.sleep(min(timeout_s, 0.1))
             return []
         return [
