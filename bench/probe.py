@@ -64,11 +64,13 @@ SPY_HZ = 200
 # that matches names the stage of a sample; the order settles a frame matching two.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("run", ("run (onnxruntime", "worker/runtime.py")),
-    ("encode", ("encode_response", "response_headers", "_response (worker/")),
-    ("decode", ("decode_request", "read_stream", "_bind (worker/protocol", "envelope (worker/")),
+    ("encode", ("encode_response", "response_headers", "_response (worker/", "_arrow_out (")),
+    ("decode", ("decode_request", "read_stream", "_bind (worker/protocol", "envelope (worker/",
+                "_arrow_in (")),
     ("acknowledgement", ("done (worker/kafka", "_acked", "_delivered")),
     ("produce", ("send (worker/kafka", "_emit (worker/", "produce")),
-    ("commit", ("worker/commit.py", "commit (worker/kafka", "worker/offsets.py")),
+    ("commit", ("worker/commit.py", "commit (worker/kafka", "worker/offsets.py",
+                "checkpoint (bench/")),
     ("poll", ("poll (worker/kafka", "_poll_records", "consume")),
     ("wait for company / queue for a run", ("worker/batching.py", "worker/inference.py",
                                             "_submit (worker/", "_admit (worker/")),
