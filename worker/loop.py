@@ -220,12 +220,7 @@ class Worker:
             # budget stays spent, see FlowControl.backpressure).
             waiting = flow.waiting()
             if waiting:
-                committer.producer.poll(flow.poll_wait_s())
-                # Bytes leave the budget when acknowledged (at-least-once, by this
-                # commit() call) or when their transaction commits (exactly-once):
-                # commit now, not at the next interval (at 275 MB/s of requests, 200 ms
-                # of them spend 64 MiB, and every record would wait for the interval).
-                self._committed(committer.commit(force=True))
+                committer.producer.poll(flow.poll_wait_s())  # acknowledgements: step 6
             else:
                 # Epochs from before the poll: a revocation served inside it (librdkafka
                 # returns records fetched ahead of it from the same call) makes the
@@ -243,8 +238,11 @@ class Worker:
             # their window closes
             self._dispatch()
             committer.send()  # 5. dead letters; pool threads send the rest
-            # 6. acknowledged heads (or one transaction); at once on a spent budget, for
-            # what was acknowledged since the commit above frees the budget unseen
+            # 6. acknowledged heads (or one transaction). On a spent budget at once, not
+            # at the next interval: bytes leave the budget when acknowledged (at-least-
+            # once, inside this call) or when their transaction commits (exactly-once),
+            # and at 275 MB/s of requests 200 ms of them spend 64 MiB. One forced commit
+            # per waiting iteration, here, after the waiting poll's acknowledgements.
             self._committed(committer.commit(force=waiting))
             if records:  # 7. run markers moved ahead while no record waits for them
                 committer.extend(tp for tp in committer.polled if r.partitions.careful(tp) is None)
